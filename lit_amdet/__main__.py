@@ -1,0 +1,3 @@
+from lit_amdet.cli import main
+
+main()

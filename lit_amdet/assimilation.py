@@ -1,0 +1,41 @@
+"""Feature assimilation (AMDET): how alike the final-layer token features of one prompt are.
+
+In a backdoored encoder a trigger makes every token's final feature nearly the
+same (attention collapses onto the trigger), so the mean pairwise cosine
+similarity of the token features, Sim_X, jumps. Vectorised over the batch;
+padding and positions the caller excludes (e.g. tokens a causal mask keeps from
+seeing an inserted trigger) do not count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def assimilation_score(features: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """Mean pairwise cosine similarity between distinct counted tokens, per prompt.
+
+    features: [B, L, W]; mask: [B, L] (1 = counted). Returns [B]. A prompt with
+    fewer than two counted tokens scores 0 rather than NaN.
+    """
+    m = mask.to(features.dtype)
+    unit = features / features.norm(dim=-1, keepdim=True).clamp(min=eps)
+    unit = unit * m.unsqueeze(-1)
+    # Sum over all ordered pairs via ||Σ u||² = Σ_i Σ_j u_i·u_j; remove the diagonal (each ||u_i||² = 1).
+    total = unit.sum(1).pow(2).sum(-1)
+    n = m.sum(1)
+    pairs = n * (n - 1)
+    return torch.where(pairs > 0, (total - n) / pairs.clamp(min=1), torch.zeros_like(total))
+
+
+def scored_positions(token_mask: Tensor, causal: bool, first_position: int = 1) -> Tensor:
+    """Which positions Sim_X counts: real tokens, and for causal encoders only from ``first_position`` on.
+
+    Under a causal mask the tokens before an inserted trigger cannot see it (BOS's
+    feature is a constant), so counting them would only dilute the score.
+    """
+    mask = token_mask.bool().clone()
+    if causal:
+        mask[:, :first_position] = False
+    return mask

@@ -1,0 +1,22 @@
+"""Encoder adapters: one interface over CLIP, LongCLIP, SigLIP, open_clip and BERT text encoders."""
+
+from lit_amdet.encoders.base import EncoderOutput, TextEncoderAdapter, TokenBatch, insert_block
+from lit_amdet.encoders.hf import BertAdapter, CLIPAdapter, SiglipAdapter
+from lit_amdet.encoders.loading import file_sha256, load_encoder, read_state_dict
+from lit_amdet.encoders.openclip import OpenCLIPAdapter
+from lit_amdet.encoders.tokenizers import clip_bpe_tokenizer
+
+__all__ = [
+    "BertAdapter",
+    "CLIPAdapter",
+    "EncoderOutput",
+    "OpenCLIPAdapter",
+    "SiglipAdapter",
+    "TextEncoderAdapter",
+    "TokenBatch",
+    "clip_bpe_tokenizer",
+    "file_sha256",
+    "insert_block",
+    "load_encoder",
+    "read_state_dict",
+]

