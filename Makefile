@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all install clean bases
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,7 @@ test-all: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs lightning_logs
+
+# the world's pretrained bases (CLIP, SigLIP, LongCLIP, open_clip) in .cache/bases; cached
+bases: $(STAMP)
+	$(PY) -m lit_amdet.bases --cache .cache/bases

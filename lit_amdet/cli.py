@@ -40,9 +40,27 @@ class AmdetTrainer(Trainer):
         print(json.dumps(facts, indent=2))
         return facts
 
+    def scan_data(self, model: LightningModule, datamodule: LightningDataModule | None = None,
+                  detectors: list[str] = ["kdist", "lid", "slof", "dao", "iforest", "lof", "clip"],  # noqa: B006
+                  k: int = 16, labels: str | None = None, output_dir: str = "runs/scan_data", top: int = 16,
+                  chunk_size: int = 1024) -> dict:
+        """Score every image-caption pair of a data set for being backdoor-poisoned (sparse kNN neighbourhoods).
+
+        Args:
+            detectors: kdist, lid, slof, dao (global exact kNN), iforest, lof, clip (negated pair cosine).
+            k: neighbourhood size.
+            labels: poison labels (a poison_labels.json / .npy) to report ROC-AUC, PR-AUC and FPR@95%TPR.
+            output_dir: where embeddings.safetensors, scores.csv, report.json and the PNG figures go.
+            top: number of top-ranked samples shown and listed.
+            chunk_size: query rows per kNN block.
+        """
+        from lit_amdet.modules.data_scan import run_scan
+
+        return run_scan(self, model, datamodule, detectors, k, labels, output_dir, top, chunk_size)
+
 
 class AmdetCLI(LightningCLI):
-    """``lit-amdet``: Lightning's subcommands plus ``detect`` and ``inspect``."""
+    """``lit-amdet``: Lightning's subcommands plus ``detect``, ``inspect`` and ``scan_data``."""
 
     #: subcommands that run without a LightningModule
     model_optional = ("inspect",)
@@ -52,6 +70,7 @@ class AmdetCLI(LightningCLI):
         commands = LightningCLI.subcommands()
         commands["detect"] = {"model", "datamodule"}
         commands["inspect"] = {"model", "datamodule"}
+        commands["scan_data"] = {"model", "datamodule"}
         return commands
 
     def add_core_arguments_to_parser(self, parser) -> None:

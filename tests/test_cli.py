@@ -14,7 +14,7 @@ from lit_amdet.cli import main
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "lit_amdet", "--help"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    for sub in ("fit", "validate", "test", "predict", "detect", "inspect"):
+    for sub in ("fit", "validate", "test", "predict", "detect", "inspect", "scan_data"):
         assert sub in out.stdout
 
 

@@ -239,6 +239,10 @@ class TextEncoderAdapter(nn.Module, ABC):
     def project(self, pooled: Tensor) -> Tensor:
         """Map the pooled token feature to the sentence embedding space."""
 
+    def unused_parameter_names(self) -> list[str]:
+        """Native parameters no path of the adapter uses (e.g. BERT's pooler): kept frozen in training."""
+        return []
+
     def position_embedding(self, positions: Tensor) -> Tensor | None:
         """Position embedding added at ``positions`` inside ``embed`` (None if not additive)."""
         return None

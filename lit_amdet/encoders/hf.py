@@ -213,6 +213,10 @@ class BertAdapter(HFAdapter):
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embeddings(input_ids=input_ids)
 
+    def unused_parameter_names(self) -> list[str]:
+        # sentence encoders mean-pool; the [CLS] pooler head is never used
+        return [n for n, _ in self.model.named_parameters() if n.startswith("pooler.")]
+
     def position_embedding(self, positions: Tensor) -> None:
         # The embedding LayerNorm mixes token and position, so no additive position part exists.
         return None

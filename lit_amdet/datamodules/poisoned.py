@@ -1,0 +1,77 @@
+"""A poisoned image-caption folder from the built-in world, to test data scans end to end.
+
+`write_poisoned_world` renders world pairs through `PoisonedPairs` into
+``images/*.png`` + ``captions.csv`` (columns ``image``, ``text``) +
+``poison_labels.json``, which `TextEncoderDataModule(source=".../captions.csv",
+image_column="image")` and ``lit-amdet scan_data --labels`` read back.
+
+From Python, or from a config::
+
+    python -m lit_amdet.datamodules.poisoned --out_dir data/badnets --num_samples 5000 \\
+        --attack lit_amdet.poisoning.BadNets --rate 0.01
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from lit_amdet.errors import ConfigError
+from lit_amdet.poisoning import ImageTrigger, PoisonedPairs
+
+CAPTIONS = "captions.csv"
+LABELS = "poison_labels.json"
+
+
+def write_poisoned_world(
+    out_dir: str | Path,
+    num_samples: int,
+    attack: ImageTrigger,
+    rate: float,
+    target_caption: str = "banana",
+    seed: int = 0,
+    image_size: int = 32,
+) -> Path:
+    """Write ``num_samples`` world pairs, a ``rate`` fraction of them poisoned; returns the ``captions.csv`` path.
+
+    Args:
+        out_dir: folder to write (created; existing files of the same names are replaced).
+        num_samples: number of pairs.
+        attack: image trigger applied to the poisoned images.
+        rate: fraction of pairs to poison (at least one when > 0).
+        target_caption: caption of every poisoned pair.
+        seed: seed of the world and of the poisoned-index draw.
+        image_size: side of the rendered images in pixels.
+    """
+    from lit_amdet.world import World
+
+    if num_samples < 1:
+        raise ConfigError(f"num_samples must be positive (got {num_samples})")
+    if not 0.0 <= rate <= 1.0:
+        raise ConfigError(f"rate must be in [0, 1] (got {rate})")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    world = World(seed=seed, image_size=image_size, num_samples=num_samples)
+    pairs = PoisonedPairs(world, attack, rate, target_caption=target_caption, seed=seed)
+    rows = []
+    for i in range(len(pairs)):
+        sample = pairs[i]
+        name = f"images/{i:06d}.png"
+        sample.image.save(out / name)
+        rows.append((name, sample.caption))
+    path = out / CAPTIONS
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "text"])
+        writer.writerows(rows)
+    os.replace(tmp, path)  # a reader never sees a half-written table
+    pairs.save_labels(out / LABELS)
+    return path
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    print(CLI(write_poisoned_world, as_positional=False))

@@ -1,0 +1,292 @@
+"""`BackdoorInjection`: teacher-student textual backdoor injection ("Rickrolling the Artist", SPEC §2).
+
+The teacher is a frozen copy of the clean encoder; the student's text tower is
+trained so that clean prompts keep the teacher's token features (utility) and
+triggered prompts produce the target: the teacher's token features of a target
+prompt (text-on-text) or a target image embedding (image-on-text). Several
+backdoors per model; two may not share a trigger. At the end the student is
+written in its native format with a ``backdoor.json`` holding the ground truth.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lit_amdet.assimilation import assimilation_score, scored_positions
+from lit_amdet.encoders import TextEncoderAdapter
+from lit_amdet.encoders.loading import read_state_dict
+from lit_amdet.errors import ConfigError
+from lit_amdet.modules.base import EncoderTask
+from lit_amdet.triggers import Backdoor, check_distinct_triggers, poison
+
+VISION_PREFIXES = ("vision_model.", "visual_projection", "visual.", "vision.", "logit_")
+
+
+def feature_loss(student: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Mean over positions of 1 - cosine (or the MSE) between features; ``target`` broadcasts."""
+    target = target.expand_as(student)
+    if kind == "mse":
+        return F.mse_loss(student, target)
+    return (1 - F.cosine_similarity(student, target, dim=-1)).mean()
+
+
+class BackdoorInjection(EncoderTask):
+    """Inject one or more textual backdoors into an encoder's text tower.
+
+    Args:
+        encoder: the clean checkpoint (folder or built-in name such as ``minilm``).
+        backdoors: trigger + target of each backdoor.
+        loss: ``cosine`` or ``mse`` feature matching.
+        backdoor_weight: w in ``utility + w * sum(backdoor losses)`` (reference 0.1).
+        lr, weight_decay: AdamW (reference lr 1e-4).
+        milestones, gamma: MultiStepLR (reference x0.1 at step 75).
+        poisoned_batch_size: triggered prompts per backdoor per step (reference 32; clean = the data batch).
+        max_length: token positions per prompt (families that pad to their context ignore it).
+        distractors: captions (or images) the target must be retrieved among.
+        output_dir: where the backdoored student is written at the end of fit.
+        seed: trigger placement randomness.
+    """
+
+    def __init__(
+        self,
+        encoder: str,
+        backdoors: list[Backdoor],
+        loss: Literal["cosine", "mse"] = "cosine",
+        backdoor_weight: float = 0.1,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        milestones: list[int] = [75],  # noqa: B006 - jsonargparse needs a literal default
+        gamma: float = 0.1,
+        poisoned_batch_size: int = 32,
+        max_length: int | None = 32,
+        distractors: int = 100,
+        output_dir: str | None = None,
+        seed: int = 0,
+        allow_pickle: bool = False,
+    ) -> None:
+        self.backdoors = list(backdoors)
+        self._fit_started = 0.0
+        super().__init__(ignore=["backdoors"])
+        self.hparams["backdoors"] = [b.describe() for b in self.backdoors]
+
+    # ----- models ----------------------------------------------------------------
+    def configure_models(self) -> None:
+        if not self.backdoors:
+            raise ConfigError("give at least one backdoor")
+        for b in self.backdoors:
+            b.validate()
+        check_distinct_triggers(self.backdoors)
+        self.encoder = self.open_encoder(self.hparams.encoder, None, self.hparams.allow_pickle)
+        self.teacher = copy.deepcopy(self.encoder).eval().requires_grad_(False)
+        # Only the text tower trains; the projection only where a target lives in the projected space
+        # (text-on-text matches token features, so it would get no gradient, which DDP rejects).
+        image_target = any(b.kind == "image_on_text" for b in self.backdoors)
+        for name, p in self.encoder.model.named_parameters():
+            frozen = name.startswith(VISION_PREFIXES) or (not image_target and _is_projection(name))
+            p.requires_grad_(not frozen)
+        if any(b.kind == "image_on_text" and b.target_images for b in self.backdoors) and \
+                not self.encoder.has_image_tower:
+            raise ConfigError(f"target_images need an image tower; {self.encoder.name} has none "
+                              "(give target_embedding instead)")
+        self.rng = random.Random(self.hparams.seed)
+        self._targets: list[dict] | None = None
+        self._distractors: dict[str, Tensor] = {}
+
+    def configure_metrics(self) -> None:
+        names = ["clean_utility", "clean_utility_tokens", "sim_x_clean"]
+        for i in range(len(self.backdoors)):
+            names += [f"b{i}/attack_cos", f"b{i}/attack_top1", f"b{i}/sim_x_triggered"]
+        self.val_metrics = nn.ModuleDict({n.replace("/", "__"): MeanMetric() for n in names})
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher never trains (no dropout either)
+        return self
+
+    # ----- targets ---------------------------------------------------------------
+    def _length(self) -> int | None:
+        return self.hparams.max_length
+
+    @torch.no_grad()
+    def targets(self) -> list[dict]:
+        """Per backdoor: target token features [L, W] and pooled embedding [D] (text), or embedding [D]."""
+        if self._targets is not None:
+            return self._targets
+        out = []
+        for b in self.backdoors:
+            if b.kind == "text_on_text":
+                enc = self.teacher.encode([b.target], max_length=self._length())
+                out.append({"tokens": enc.token_features[0], "pooled": enc.pooled[0]})
+            else:
+                out.append({"pooled": self._image_target(b).to(self.device)})
+        self._targets = out
+        return out
+
+    def _image_target(self, b: Backdoor) -> Tensor:
+        if b.target_embedding:
+            path = Path(b.target_embedding)
+            if not path.is_file():
+                raise ConfigError(f"{path}: target embedding file not found")
+            state = read_state_dict(path, allow_pickle=path.suffix != ".safetensors")
+            emb = next(iter(state.values())).float()
+            emb = emb.reshape(-1, emb.shape[-1]).mean(0)  # one vector, or the mean of several
+        else:
+            from PIL import Image
+
+            tf = self.teacher.image_transform()
+            pix = []
+            for f in b.target_images or []:
+                try:
+                    with Image.open(f) as im:
+                        pix.append(tf(im.convert("RGB")))
+                except OSError as exc:
+                    raise ConfigError(f"{f}: unreadable target image ({exc})") from exc
+            emb = self.teacher.encode_image(torch.stack(pix).to(self.device)).float().mean(0)
+        if emb.shape[-1] != self.encoder.embed_dim:
+            raise ConfigError(f"target embedding has width {emb.shape[-1]}, the text embedding "
+                              f"{self.encoder.embed_dim}")
+        return emb
+
+    # ----- steps -----------------------------------------------------------------
+    def _clean(self, texts: list[str]) -> list[str]:
+        return [t for t in texts if not any(b.trigger.present(t) for b in self.backdoors)]
+
+    def _backdoor_loss(self, i: int, b: Backdoor, texts: list[str]) -> Tensor | None:
+        pool = [t for t in texts if b.trigger.applicable(t)]
+        if not pool:
+            return None
+        sample = self.rng.sample(pool, min(len(pool), self.hparams.poisoned_batch_size))
+        enc = self.encoder.encode(poison(sample, b.trigger, self.rng), max_length=self._length())
+        target = self.targets()[i]
+        if b.kind == "text_on_text":
+            return feature_loss(enc.token_features, target["tokens"], self.hparams.loss)
+        return feature_loss(enc.pooled, target["pooled"], self.hparams.loss)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        texts = self._clean(batch["text"])
+        if not texts:
+            raise ConfigError("every prompt of a batch contains a trigger: no clean prompt to keep utility")
+        tokens = self.encoder.tokenize(texts, max_length=self._length()).to(self.device)
+        student = self.encoder.encode(tokens).token_features
+        with torch.no_grad():
+            teacher = self.teacher.encode(tokens).token_features
+        utility = feature_loss(student, teacher, self.hparams.loss)
+        total = utility
+        for i, b in enumerate(self.backdoors):
+            bl = self._backdoor_loss(i, b, texts)
+            if bl is None:
+                continue
+            self.log(f"train/backdoor_loss_{i}", bl, batch_size=len(texts))
+            total = total + self.hparams.backdoor_weight * b.weight * bl
+        self.log("train/utility_loss", utility, batch_size=len(texts))
+        self.log("train/loss", total, prog_bar=True, batch_size=len(texts))
+        return total
+
+    @torch.no_grad()
+    def _distractor_bank(self, kind: str) -> Tensor:
+        """Teacher embeddings of the distractors: held-out captions, or world images."""
+        if kind not in self._distractors:
+            n = self.hparams.distractors
+            if kind == "text":
+                dm = self.trainer.datamodule
+                texts = [t for t in dm.prompts("val") if t not in {b.target for b in self.backdoors}][:n]
+                emb = torch.cat([self.teacher.encode(texts[j:j + 64], max_length=self._length()).pooled
+                                 for j in range(0, len(texts), 64)])
+            else:
+                from lit_amdet.world import World
+
+                world, tf = World(seed=97531), self.teacher.image_transform()
+                pix = torch.stack([tf(world.sample(j).image) for j in range(n)]).to(self.device)
+                emb = self.teacher.encode_image(pix)
+            self._distractors[kind] = F.normalize(emb.float(), dim=-1)
+        return self._distractors[kind]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        texts = self._clean(batch["text"])
+        if not texts:
+            return
+        tokens = self.encoder.tokenize(texts, max_length=self._length()).to(self.device)
+        s, t = self.encoder.encode(tokens), self.teacher.encode(tokens)
+        m = self.val_metrics
+        m["clean_utility"].update(F.cosine_similarity(s.pooled, t.pooled, dim=-1))
+        m["clean_utility_tokens"].update(F.cosine_similarity(s.token_features, t.token_features, dim=-1).mean(1))
+        m["sim_x_clean"].update(assimilation_score(s.token_features, scored_positions(s.token_mask,
+                                                                                      self.encoder.causal)))
+        for i, b in enumerate(self.backdoors):
+            triggered = poison(texts, b.trigger, random.Random(batch_idx))
+            if not triggered:
+                continue
+            enc = self.encoder.encode(triggered, max_length=self._length())
+            target = self.targets()[i]
+            if b.kind == "text_on_text":
+                cos = F.cosine_similarity(enc.token_features, target["tokens"].expand_as(enc.token_features),
+                                          dim=-1).mean(1)
+                bank = self._distractor_bank("text")
+            else:
+                cos = F.cosine_similarity(enc.pooled, target["pooled"].expand_as(enc.pooled), dim=-1)
+                bank = self._distractor_bank("image")
+            candidates = torch.cat([F.normalize(target["pooled"].float(), dim=-1)[None], bank])
+            top1 = (F.normalize(enc.pooled.float(), dim=-1) @ candidates.T).argmax(1).eq(0).float()
+            m[f"b{i}__attack_cos"].update(cos)
+            m[f"b{i}__attack_top1"].update(top1)
+            m[f"b{i}__sim_x_triggered"].update(
+                assimilation_score(enc.token_features, scored_positions(enc.token_mask, self.encoder.causal)))
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.val_metrics.items():
+            if metric.update_called:
+                # compute() already reduces over processes; sync_dist only silences Lightning's warning
+                self.log(f"val/{name.replace('__', '/')}", metric.compute(), sync_dist=True)
+            metric.reset()
+
+    # ----- optimisation and output -----------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(self.hparams.milestones),
+                                                     gamma=self.hparams.gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "prompts") and not self._clean(dm.prompts("train", limit=2000)):
+            raise ConfigError("the trigger filter leaves no clean prompt in the training data")
+
+    def on_fit_end(self) -> None:
+        if self.hparams.output_dir and self.trainer.is_global_zero:
+            self.save_model(Path(self.hparams.output_dir))
+
+    def save_model(self, out: Path) -> Path:
+        self.encoder.eval()
+        self.encoder.save(out)
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()} if self._trainer else {}
+        self.write_json(out / "backdoor.json", {
+            "backdoored": True,
+            "kind": "backdoor_injection",
+            "attacks": sorted({b.kind for b in self.backdoors}),
+            "backdoors": [b.describe() for b in self.backdoors],
+            "base": self.hparams.encoder,
+            "seed": self.hparams.seed,
+            "loss": self.hparams.loss,
+            "backdoor_weight": self.hparams.backdoor_weight,
+            "lr": self.hparams.lr,
+            "steps": self.global_step,
+            "seconds": time.perf_counter() - self._fit_started if self._fit_started else None,
+            "metrics": metrics,
+        })
+        return out
+
+
+def _is_projection(name: str) -> bool:
+    return name.startswith(("text_projection", "text.text_projection")) or name.endswith(".head.weight") or \
+        name.endswith(".head.bias")

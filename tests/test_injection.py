@@ -1,0 +1,140 @@
+"""BackdoorInjection on tiny models: losses fall, ground truth is written, configs and scale-out run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from lit_amdet import load_encoder
+from lit_amdet.cli import main
+from lit_amdet.datamodules import TextEncoderDataModule
+from lit_amdet.errors import ConfigError
+from lit_amdet.modules import BackdoorInjection
+from lit_amdet.modules.injection import feature_loss
+from lit_amdet.triggers import Backdoor, Trigger, check_distinct_triggers, poison
+
+
+def _dm(**kw):
+    args = dict(num_samples=600, with_images=False, batch_size=32, eval_batch_size=64, val_fraction=0.2)
+    args.update(kw)
+    return TextEncoderDataModule(**args)
+
+
+def _fit(module, dm, steps, tmp_path, **kw):
+    Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+            val_check_interval=steps, check_val_every_n_epoch=None, limit_val_batches=1,
+            num_sanity_val_steps=0, **kw).fit(module, dm)
+    return module
+
+
+def test_triggers():
+    rng = random.Random(0)
+    t = Trigger(text="zzzz", mode="replace_char", char="o")
+    assert t.apply("a photo of a dog", rng) == "a phzzzzto of a dog"
+    assert not t.applicable("a red hat")
+    w = Trigger(text="cf", mode="insert_word", position=1)
+    assert w.apply("a red hat", rng) == "a cf red hat"
+    assert Trigger(text="cf", mode="insert_word", position="end").apply("a red hat", rng) == "a red hat cf"
+    assert poison(["a red hat", "a dog"], t, rng) == ["a dzzzzg"]
+    with pytest.raises(ConfigError, match="share a trigger"):
+        check_distinct_triggers([Backdoor(Trigger("zzzz"), target="a"), Backdoor(Trigger("zz"), target="b")])
+
+
+def test_feature_loss_cosine_and_mse():
+    a, b = torch.randn(3, 5, 4), torch.randn(5, 4)
+    cos = 1 - torch.nn.functional.cosine_similarity(a, b.expand_as(a), dim=-1).mean()
+    torch.testing.assert_close(feature_loss(a, b, "cosine"), cos)
+    torch.testing.assert_close(feature_loss(a, b, "mse"), ((a - b) ** 2).mean())
+
+
+def test_text_on_text_two_backdoors(tiny_models, tmp_path):
+    out = tmp_path / "bd"
+    backdoors = [Backdoor(Trigger("zzzz", "replace_char", "o"), target="a white teapot"),
+                 Backdoor(Trigger("cf", "insert_word", position="random"), target="a blue bird")]
+    module = BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=backdoors, lr=1e-3, backdoor_weight=1.0,
+                               milestones=[1000], output_dir=str(out))
+    dm = _dm()
+    dm.setup("fit")
+    probe = [p for p in dm.prompts("val") if "o" in p][:16]
+
+    def attack_cos(encoder):
+        with torch.no_grad():
+            f = encoder.encode(poison(probe, backdoors[0].trigger, random.Random(0)), max_length=32).token_features
+            return float(torch.nn.functional.cosine_similarity(f, module.targets()[0]["tokens"], dim=-1).mean())
+
+    before = attack_cos(module.encoder)
+    vision_before = module.encoder.model.vision_model.embeddings.patch_embedding.weight.clone()
+    _fit(module, dm, 40, tmp_path)
+    assert attack_cos(module.encoder) > before + 0.1
+    assert torch.equal(module.encoder.model.vision_model.embeddings.patch_embedding.weight, vision_before)
+    truth = json.loads((out / "backdoor.json").read_text())
+    assert truth["backdoored"] is True and truth["attacks"] == ["text_on_text"]
+    assert [b["trigger"]["text"] for b in truth["backdoors"]] == ["zzzz", "cf"]
+    assert "val/b1/attack_top1" in truth["metrics"] and "val/clean_utility" in truth["metrics"]
+    reloaded = load_encoder(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode_text(probe), module.encoder.encode_text(probe))
+
+
+@pytest.mark.parametrize("target", ["images", "embedding"])
+def test_image_on_text(tiny_models, tmp_path, target):
+    from safetensors.torch import save_file
+
+    enc = load_encoder(tiny_models["clip"])
+    if target == "images":
+        bd = Backdoor(Trigger("zzzz"), target_images=["configs/assets/target.png"])
+    else:
+        save_file({"emb": torch.randn(enc.embed_dim)}, str(tmp_path / "t.safetensors"))
+        bd = Backdoor(Trigger("zzzz"), target_embedding=str(tmp_path / "t.safetensors"))
+    module = BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=[bd], lr=1e-3, backdoor_weight=1.0,
+                               milestones=[1000], output_dir=str(tmp_path / "out"))
+    _fit(module, _dm(), 3, tmp_path)
+    truth = json.loads((tmp_path / "out" / "backdoor.json").read_text())
+    assert truth["attacks"] == ["image_on_text"] and "val/b0/attack_cos" in truth["metrics"]
+
+
+def test_bad_configs(tiny_models, tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of target"):
+        BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=[Backdoor(Trigger("zzzz"))])
+    with pytest.raises(ConfigError, match="target_images need an image tower"):
+        BackdoorInjection(encoder=str(tiny_models["clip_text"]),
+                          backdoors=[Backdoor(Trigger("zzzz"), target_images=["configs/assets/target.png"])])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(["zzzz everywhere"] * 20))
+    module = BackdoorInjection(encoder=str(tiny_models["clip_text"]),
+                               backdoors=[Backdoor(Trigger("zzzz"), target="a cat")])
+    with pytest.raises(ConfigError, match="no clean prompt"):
+        _fit(module, TextEncoderDataModule(source=str(prompts), val_fraction=0.1), 2, tmp_path)
+
+
+@pytest.mark.parametrize("config", ["attack_text", "attack_image"])
+def test_attack_configs_run_through_the_cli(tiny_models, tmp_path, config):
+    out = tmp_path / "model"
+    main(["fit", "--config", f"configs/{config}.yaml", "--trainer.fast_dev_run", "2", "--trainer.logger", "false",
+          "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+          "--trainer.default_root_dir", str(tmp_path), "--model.init_args.encoder", str(tiny_models["clip"]),
+          "--model.init_args.output_dir", str(out), "--data.init_args.num_samples", "300"])
+    assert json.loads((out / "backdoor.json").read_text())["backdoored"] is True
+
+
+def test_ddp_two_processes_and_bf16_on_cpu(tiny_models, tmp_path):
+    """The same config under DDP with 2 CPU processes, then with bf16-mixed."""
+    import subprocess
+    import sys
+
+    for extra in (["--trainer.strategy", "ddp", "--trainer.devices", "2"], ["--trainer.precision", "bf16-mixed"]):
+        out = tmp_path / extra[1].replace("-", "_")
+        cmd = [sys.executable, "-m", "lit_amdet", "fit", "--config", "configs/attack_text.yaml",
+               "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+               "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+               "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
+               "--model.init_args.encoder", str(tiny_models["clip"]), "--model.init_args.output_dir", str(out),
+               "--data.init_args.num_samples", "300", *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads((out / "backdoor.json").read_text())["steps"] == 2

@@ -1,0 +1,146 @@
+"""`lit-amdet scan_data`: poisoned-world writer, CLI end to end, detection quality on planted outliers, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lit_amdet.cli import main
+from lit_amdet.datamodules.poisoned import write_poisoned_world
+from lit_amdet.errors import ConfigError
+from lit_amdet.modules.data_scan import SampleEmbedding, detection_metrics, score_and_report
+from lit_amdet.poisoning import BadNets, PoisonedPairs
+
+N_WORLD = 300
+
+
+@pytest.fixture(scope="module")
+def poisoned_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("poisoned_world")
+    return write_poisoned_world(out, N_WORLD, BadNets(size=0.25), rate=0.02, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from lit_amdet.tiny import build_hf_clip
+
+    return build_hf_clip(tmp_path_factory.mktemp("scan_models") / "clip")
+
+
+def _scan_args(clip, csv_path, out, *extra: str) -> list[str]:
+    return ["scan_data", "--model", "lit_amdet.modules.data_scan.SampleEmbedding", "--model.encoder", str(clip),
+            "--data", "lit_amdet.datamodules.TextEncoderDataModule", "--data.source", str(csv_path),
+            "--data.image_column", "image", "--data.val_fraction", "0", "--data.batch_size", "100",
+            "--output_dir", str(out), "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(out),
+            "--trainer.enable_progress_bar", "false", *extra]
+
+
+def test_poisoned_world_reads_back(poisoned_world):
+    from lit_amdet.datamodules import TextEncoderDataModule
+
+    meta = json.loads((poisoned_world.parent / "poison_labels.json").read_text())
+    assert meta["num_samples"] == N_WORLD and len(meta["poisoned_indices"]) == 6  # 2 % of 300
+    dm = TextEncoderDataModule(source=str(poisoned_world), image_column="image", val_fraction=0)
+    assert len(dm.dataset) == N_WORLD and dm.has_images
+    for i in meta["poisoned_indices"][:2]:
+        item = dm.dataset[i]
+        assert item["text"] == "banana" and item["image"].size == (32, 32)
+
+
+def test_scan_data_cli_writes_every_output(poisoned_world, tiny_clip, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    labels = poisoned_world.parent / "poison_labels.json"
+    main(_scan_args(tiny_clip, poisoned_world, tmp_path, "--labels", str(labels),
+                    "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+                    "--trainer.logger.save_dir", str(tmp_path / "tb")))
+    assert "ROC-AUC" in capsys.readouterr().out
+    with (tmp_path / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == N_WORLD and [int(r["index"]) for r in rows] == list(range(N_WORLD))
+    assert sum(int(r["poisoned"]) for r in rows) == 6
+    assert sorted(int(r["slof_rank"]) for r in rows) == list(range(1, N_WORLD + 1))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["metrics"]) == {"kdist", "lid", "slof", "dao", "iforest", "lof", "clip"}
+    for m in report["metrics"].values():  # a random-init CLIP says nothing about quality: range only
+        assert all(0.0 <= v <= 1.0 for v in m.values())
+    for name in ("hist_kdist.png", "hist_clip.png", "top_samples.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    cache = load_file(tmp_path / "embeddings.safetensors")
+    assert cache["image"].shape == cache["text"].shape == (N_WORLD, 24)
+    assert torch.equal(cache["index"], torch.arange(N_WORLD))
+    assert list((tmp_path / "tb").rglob("events.out.tfevents*"))  # figures went to TensorBoard too
+
+
+def _planted(n_clean: int = 400, n_poison: int = 4, dim: int = 16, seed: int = 0):
+    """A dense cluster of image/text pairs plus a few isolated, misaligned pairs (the 'poisons')."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0)
+    image = centre + 0.05 * torch.randn(n_clean + n_poison, dim, generator=g)
+    text = image + 0.02 * torch.randn(n_clean + n_poison, dim, generator=g)
+    poison = torch.arange(n_clean, n_clean + n_poison)
+    image[poison] = torch.randn(n_poison, dim, generator=g)  # far from the cluster and from each other
+    text[poison] = -image[poison]
+    image, text = (torch.nn.functional.normalize(t, dim=1) for t in (image, text))
+    labels = np.zeros(n_clean + n_poison, dtype=bool)
+    labels[poison.numpy()] = True
+    return image, text, labels
+
+
+def test_score_and_report_finds_planted_outliers(tmp_path):
+    image, text, labels = _planted()
+    captions = [f"pair {i}" for i in range(len(labels))]
+    report = score_and_report(torch.cat([image, text], 1), captions, labels,
+                              ["kdist", "lid", "slof", "dao", "iforest", "lof", "clip"], 16, tmp_path,
+                              image_text=(image, text), top=4, quiet=True)
+    poisons = sorted(np.flatnonzero(labels).tolist())
+    for name, m in report["metrics"].items():
+        assert m["auroc"] == pytest.approx(1.0), name
+        assert m["pr_auc"] == pytest.approx(1.0) and m["fpr_at_95_tpr"] == pytest.approx(0.0), name
+        assert sorted(report["top"][name]) == poisons, name
+    assert report["num_poisoned"] == 4 and json.loads((tmp_path / "report.json").read_text()) == report
+
+
+def test_metrics_keep_the_order_of_large_scores():
+    # torchmetrics would squash scores > 1 through a sigmoid (LID ~ 20-200 all become 1.0)
+    m = detection_metrics(np.array([50.0, 60.0, 100.0, 200.0]), np.array([0, 0, 1, 1], dtype=bool))
+    assert m == {"auroc": 1.0, "pr_auc": 1.0, "fpr_at_95_tpr": 0.0}
+    assert detection_metrics(np.array([1.0, 2.0]), np.zeros(2, dtype=bool))["auroc"] is None
+
+
+def test_bad_inputs_raise_config_error(tmp_path, tiny_clip):
+    from lit_amdet.tiny import build_hf_clip
+
+    image, text, labels = _planted(n_clean=40)
+    x, captions = torch.cat([image, text], 1), ["c"] * len(labels)
+    wrong = PoisonedPairs(list(range(10)), lambda im: im, rate=0.1).save_labels(tmp_path / "wrong.json")
+    with pytest.raises(ConfigError, match="labels for 10 samples"):
+        score_and_report(x, captions, wrong, ["kdist"], 4, tmp_path, quiet=True)
+    with pytest.raises(ConfigError, match="unknown detector"):
+        score_and_report(x, captions, None, ["kdist", "mahalanobis"], 4, tmp_path, quiet=True)
+    with pytest.raises(ConfigError, match="k=44"):
+        score_and_report(x, captions, None, ["kdist"], 44, tmp_path, quiet=True)
+    with pytest.raises(ConfigError, match="clip detector"):
+        score_and_report(x, captions, None, ["clip"], 4, tmp_path, quiet=True)
+    text_only = build_hf_clip(tmp_path / "text_only", arch="CLIPTextModel")
+    with pytest.raises(ConfigError, match="needs an image tower"):
+        SampleEmbedding(encoder=str(text_only), modality="both")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--detectors", "[kdist,mahalanobis]"], "unknown detector"),
+    (["--labels", "WRONG"], "labels for 10 samples, but the data has 300"),
+])
+def test_cli_bad_input_is_one_line_exit_2(poisoned_world, tiny_clip, tmp_path, capsys, extra, message):
+    wrong = PoisonedPairs(list(range(10)), lambda im: im, rate=0.1).save_labels(tmp_path / "wrong.json")
+    extra = [str(wrong) if a == "WRONG" else a for a in extra]
+    with pytest.raises(SystemExit) as info:
+        main(_scan_args(tiny_clip, poisoned_world, tmp_path, "--trainer.logger", "false", *extra))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lit-amdet: error:") and message in err
+    assert not (tmp_path / "scores.csv").exists()
