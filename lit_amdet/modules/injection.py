@@ -87,6 +87,7 @@ class BackdoorInjection(EncoderTask):
         check_distinct_triggers(self.backdoors)
         self.encoder = self.open_encoder(self.hparams.encoder, None, self.hparams.allow_pickle)
         self.teacher = copy.deepcopy(self.encoder).eval().requires_grad_(False)
+        self.encoder.train()  # loaded in eval mode; Lightning keeps submodule modes as they are
         # Only the text tower trains; the projection only where a target lives in the projected space
         # (text-on-text matches token features, so it would get no gradient, which DDP rejects).
         image_target = any(b.kind == "image_on_text" for b in self.backdoors)
