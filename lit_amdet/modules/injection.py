@@ -90,7 +90,7 @@ class BackdoorInjection(EncoderTask):
         self.encoder.train()  # loaded in eval mode; Lightning keeps submodule modes as they are
         # Only the text tower trains; the projection only where a target lives in the projected space
         # (text-on-text matches token features, so it would get no gradient, which DDP rejects).
-        image_target = any(b.kind == "image_on_text" for b in self.backdoors)
+        image_target = self._trains_projection = any(b.kind == "image_on_text" for b in self.backdoors)
         for name, p in self.encoder.model.named_parameters():
             frozen = name.startswith(VISION_PREFIXES) or (not image_target and _is_projection(name))
             p.requires_grad_(not frozen)
@@ -177,10 +177,13 @@ class BackdoorInjection(EncoderTask):
         if not texts:
             raise ConfigError("every prompt of a batch contains a trigger: no clean prompt to keep utility")
         tokens = self.encoder.tokenize(texts, max_length=self._length()).to(self.device)
-        student = self.encoder.encode(tokens).token_features
+        student = self.encoder.encode(tokens)
         with torch.no_grad():
-            teacher = self.teacher.encode(tokens).token_features
-        utility = feature_loss(student, teacher, self.hparams.loss)
+            teacher = self.teacher.encode(tokens)
+        utility = feature_loss(student.token_features, teacher.token_features, self.hparams.loss)
+        if self._trains_projection:
+            # the projection moves for image targets: keep clean projected embeddings where they were too
+            utility = utility + feature_loss(student.pooled, teacher.pooled, self.hparams.loss)
         total = utility
         for i, b in enumerate(self.backdoors):
             bl = self._backdoor_loss(i, b, texts)
