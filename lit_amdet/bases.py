@@ -90,8 +90,9 @@ def _text_parameters(adapter: TextEncoderAdapter) -> int:
 def realism(name: str, folder: Path) -> dict:
     info = json.loads((folder / "training.json").read_text())
     long = 2 if name == "longclip" else 1  # as configs/pretrain_longclip.yaml
-    res = measure_realism(load_encoder(folder), long_captions=long, max_length=80 if long > 1 else 40)
-    res.update(base=name, family=load_encoder(folder).family, steps=info.get("steps"),
+    adapter = load_encoder(folder)
+    res = measure_realism(adapter, long_captions=long, max_length=80 if long > 1 else 40)
+    res.update(base=name, family=adapter.family, steps=info.get("steps"),
                train_minutes=(info.get("seconds") or 0) / 60)
     (folder / "realism.json").write_text(json.dumps(res, indent=2))
     return res

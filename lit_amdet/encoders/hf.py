@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lit_amdet.assimilation import assimilation_score, scored_positions
-from lit_amdet.encoders import TextEncoderAdapter
 from lit_amdet.encoders.loading import read_state_dict
 from lit_amdet.errors import ConfigError
 from lit_amdet.modules.base import EncoderTask
