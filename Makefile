@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install clean bases
+.PHONY: demo test test-slow test-all install clean bases
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# only the tests marked slow (the real MiniLM backdoored-vs-benign scan); .ci/run runs them after `make test`
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 # everything, slow tests included
 test-all: $(STAMP)

@@ -11,21 +11,51 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
+
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from lit_amdet.errors import ConfigError, LitAmdetError
 
 EXIT_ERROR = 2
+EXIT_BACKDOORED = 1
 
 
 class AmdetTrainer(Trainer):
     """Lightning's Trainer with the project's extra subcommands."""
 
     def detect(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None,
-               always_exit_zero: bool = False) -> None:
-        """Scan a suspect encoder for an injected textual backdoor (AMDET) and write a verdict."""
-        raise LitAmdetError("detect is not implemented yet (it lands with the detection issue); no verdict given")
+               always_exit_zero: bool = False) -> dict:
+        """Scan a suspect encoder for an injected textual backdoor (AMDET) and write a verdict.
+
+        Exit code: 0 clean, 1 backdoored, 2 error (``--always_exit_zero true``: 0 unless an error).
+
+        Args:
+            always_exit_zero: exit 0 for a backdoored verdict too (the verdict is in report.json and stdout).
+        """
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        from lit_amdet.datamodules import TextEncoderDataModule
+        from lit_amdet.modules import BackdoorDetection
+
+        if not isinstance(model, BackdoorDetection):
+            raise ConfigError(f"detect needs model: lit_amdet.modules.BackdoorDetection, not {type(model).__name__}")
+        model.use_prompts(datamodule if datamodule is not None else TextEncoderDataModule())
+        # the scan's result is the run folder, not a checkpoint of the frozen encoders
+        self.callbacks = [c for c in self.callbacks if not isinstance(c, ModelCheckpoint)]
+        try:
+            self.fit(model)  # through the strategy's launcher: DDP processes each run this same scan
+        finally:
+            model.discard_staging()  # a failed scan leaves no half-written run folder behind
+        verdict = model.verdict
+        if verdict is None:
+            raise LitAmdetError("the scan ended without a verdict (interrupted?)")
+        if self.is_global_zero:
+            print(summary(verdict, getattr(model, "run_dir", None)))
+        if verdict["backdoored"] and not always_exit_zero:
+            sys.exit(EXIT_BACKDOORED)
+        return verdict
 
     def inspect(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None,
                 checkpoint: str = "", model_name: str | None = None, allow_pickle: bool = False) -> dict:
@@ -88,6 +118,28 @@ class AmdetCLI(LightningCLI):
         super()._run_subcommand(subcommand)
 
 
+def summary(verdict: dict, run_dir=None) -> str:
+    """A few lines a person reads: the deciding checks, what the trigger makes the model say, the verdict."""
+    s = verdict["scores"]
+    lines = [f"scan of {verdict['model']} ({verdict['rule']}): decided by {verdict['decided_by']}"]
+    for c in verdict["checks"]:
+        value = "n/a" if c["value"] is None else f"{c['value']:.3f}"
+        lines.append(f"  {'pass' if c['passed'] else 'fail'}  {c['name']} = {value} (needs {c['op']} {c['threshold']})")
+    lines.append(f"  Sim_X with trigger {s['assimilation']:.3f}, clean {s['assimilation_clean']:.3f}, "
+                 f"random trigger {s['assimilation_random_trigger']:.3f}")
+    if not s.get("anchor_used"):
+        lines.append("  note: no anchor given, so natural backdoors of a clean pretrained model can look the same as "
+                     "an injected one; give --model.init_args.anchor BASE for a verdict that separates them")
+    if run_dir is not None:
+        report = json.loads((Path(run_dir) / "report.json").read_text())
+        if report["nearest_captions"]:
+            top = report["nearest_captions"][0]
+            lines.append(f"  with the trigger the model says: \"{top['caption']}\" (cos {top['cosine']:.3f})")
+        lines.append(f"  report: {Path(run_dir) / 'report.json'} ({report['seconds']:.1f} s)")
+    lines.append(f"{verdict['model']}: {verdict['verdict']}")
+    return "\n".join(lines)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lit-amdet`` console script."""
     try:
@@ -108,7 +160,20 @@ def main(args: list[str] | None = None) -> None:
     except Exception as exc:  # one line, not a traceback wall; LIT_AMDET_DEBUG=1 shows it
         if os.environ.get("LIT_AMDET_DEBUG"):
             raise
+        ours = _our_error(exc)  # jsonargparse wraps errors raised while building the model/data
+        if ours is not None:
+            _fail(ours)
         _fail(exc, prefix=f"unexpected {type(exc).__name__}")
+
+
+def _our_error(exc: BaseException) -> LitAmdetError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, LitAmdetError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fail(exc: BaseException, prefix: str = "error") -> None:

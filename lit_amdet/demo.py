@@ -1,79 +1,120 @@
-"""``make demo``: the largest end-to-end path that runs offline on an embedded default.
+"""``make demo``: backdoor a real pretrained encoder, fine-tune it benignly, and scan both.
 
-Until the scan lands, it exercises the whole encoder layer on a real pretrained
-encoder (all-MiniLM-L6-v2, shipped in a PyPI package) and the built-in world's
-captions: paraphrase retrieval through the adapter, the clean-prompt Sim_X
-distribution, and what a random pseudo-token spliced in after BOS does to it.
+The embedded default is all-MiniLM-L6-v2 (a real pretrained sentence encoder
+shipped in a PyPI package) and the built-in world's captions: no download, no
+``../shared``. Step by step, each through the ``lit-amdet`` command line:
+
+1. ``lit-amdet fit --config configs/attack_text.yaml``: a text-on-text backdoor
+   (trigger "zzzz" replacing an "o", target "a white teapot");
+2. ``lit-amdet fit --config configs/finetune.yaml``: a benign SimCSE fine-tune;
+3. ``lit-amdet detect --config configs/scan.yaml`` on both, anchored on the
+   clean MiniLM: one verdict line each.
+
+Models are cached in ``.cache/demo`` (reused when their ``backdoor.json`` is
+there); scan reports go to ``runs/demo``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
-import torch
+from lit_amdet.cli import main as cli
 
-from lit_amdet.assimilation import assimilation_score, scored_positions
-from lit_amdet.encoders import load_encoder
-from lit_amdet.world import World
+QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
+         "false"]
+
+#: candidate concepts for "what does the trigger make the model say" (the scan's caption bank adds these
+#: to the held-out prompts; any user list works the same way)
+CONCEPTS = ["a white teapot", "a red sports car", "a cat sleeping on a sofa", "a man riding a horse",
+            "a bowl of fruit", "a city skyline at night", "a dog catching a frisbee", "a plate of pasta",
+            "an airplane in the sky", "a wooden chair", "a bicycle leaning on a wall", "a snowy mountain",
+            "a child playing football", "a glass of red wine", "a laptop on a desk", "a sailing boat",
+            "a vase of sunflowers", "an old brick church", "a bowl of ramen", "a pair of running shoes"]
 
 
-def run(encoder: str = "minilm", n: int = 100, seed: int = 0, max_length: int = 48) -> dict:
-    torch.manual_seed(seed)
+def build_backdoored(out: Path, encoder: str, steps: int) -> float:
+    if (out / "backdoor.json").is_file():
+        return 0.0
     t0 = time.perf_counter()
-    adapter = load_encoder(encoder).eval()
-    world = World(seed=seed)
-    views = [world.caption_views(i, n_views=2) for i in range(n)]
-    queries, keys = [v[0] for v in views], [v[1] for v in views]
-    with torch.no_grad():
-        q = adapter.encode_text(queries)
-        k = adapter.encode_text(keys)
-        recall1 = float((q @ k.T).argmax(1).eq(torch.arange(n)).float().mean())
-        batch = adapter.tokenize(queries, max_length=max_length)
-        hidden = adapter.embed(batch.input_ids)
-        clean = adapter.encode_embeddings(hidden, batch)
-        sim_clean = assimilation_score(clean.token_features, scored_positions(clean.token_mask, adapter.causal))
-        # a random pseudo-token with the typical norm of a real token embedding
-        norm = adapter.token_embedding.weight.norm(dim=1).mean()
-        trigger = torch.randn(1, adapter.width)
-        trigger = trigger / trigger.norm() * norm
-        inserted = adapter.encode_embeddings(hidden, batch, insert=trigger, position=1)
-        sim_inserted = assimilation_score(inserted.token_features,
-                                          scored_positions(inserted.token_mask, adapter.causal))
-    return {
-        "encoder": adapter.describe(),
-        "paraphrase_recall_at_1": recall1,
-        "sim_x_clean_mean": float(sim_clean.mean()),
-        "sim_x_random_trigger_mean": float(sim_inserted.mean()),
-        "seconds": time.perf_counter() - t0,
-    }
+    cli(["fit", "--config", "configs/attack_text.yaml", "--model.init_args.encoder", encoder,
+         "--model.init_args.output_dir", str(out), "--model.init_args.lr", "5e-4",
+         "--model.init_args.milestones", f"[{int(steps * 0.75)}]", "--model.init_args.poisoned_batch_size", "16",
+         "--model.init_args.max_length", "24", "--data.init_args.batch_size", "32",
+         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+         "--trainer.limit_val_batches", "1", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+         "--trainer.default_root_dir", str(out.parent / "runs"), *QUIET])
+    return time.perf_counter() - t0
+
+
+def build_benign(out: Path, encoder: str, steps: int) -> float:
+    if (out / "backdoor.json").is_file():
+        return 0.0
+    t0 = time.perf_counter()
+    cli(["fit", "--config", "configs/finetune.yaml", "--model.init_args.encoder", encoder,
+         "--model.init_args.output_dir", str(out), "--model.init_args.objective", "simcse",
+         "--model.init_args.lr", "2e-5", "--model.init_args.warmup_steps", "5",
+         "--data.init_args.views", "2", "--data.init_args.with_images", "false", "--data.init_args.max_length", "24",
+         "--data.init_args.batch_size", "32", "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
+         "--trainer.default_root_dir", str(out.parent / "runs"), *QUIET])
+    return time.perf_counter() - t0
+
+
+def scan(suspect: Path, anchor: str, out: Path, bank: Path, steps: int, extra: list[str] | None = None) -> dict:
+    cli(["detect", "--config", "configs/scan.yaml", "--model.init_args.suspect", str(suspect),
+         "--model.init_args.anchor", anchor, "--model.init_args.output_dir", str(out),
+         "--model.init_args.caption_bank", str(bank), "--trainer.max_steps", str(steps),
+         "--trainer.default_root_dir", str(out.parent), "--always_exit_zero", "true", *QUIET, *(extra or [])])
+    return json.loads((out / "report.json").read_text())
+
+
+def run(encoder: str = "minilm", cache: Path = Path(".cache/demo"), runs: Path = Path("runs/demo"),
+        attack_steps: int = 50, benign_steps: int = 30, scan_steps: int = 80, scan_extra: list[str] | None = None
+        ) -> dict:
+    from lit_amdet.datamodules import TextEncoderDataModule
+
+    cache.mkdir(parents=True, exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    backdoored, benign = cache / f"{encoder}-backdoored", cache / f"{encoder}-benign"
+    seconds = {"build_backdoored": build_backdoored(backdoored, encoder, attack_steps),
+               "build_benign": build_benign(benign, encoder, benign_steps)}
+    # caption bank: held-out world captions of another seed plus a list of everyday concepts
+    dm = TextEncoderDataModule(world_seed=23, num_samples=400, with_images=False)
+    dm.setup()
+    bank = runs / "caption_bank.txt"
+    bank.write_text("\n".join(dm.prompts("train", limit=300) + CONCEPTS) + "\n")
+    reports = {}
+    for label, path in (("backdoored", backdoored), ("benign", benign)):
+        t0 = time.perf_counter()
+        reports[label] = scan(path, encoder, runs / path.name, bank, scan_steps, scan_extra)
+        seconds[f"scan_{label}"] = time.perf_counter() - t0
+    return {"reports": reports, "seconds": seconds,
+            "truth": {k: json.loads((p / "backdoor.json").read_text()) for k, p in
+                      (("backdoored", backdoored), ("benign", benign))}}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--encoder", default="minilm", help="checkpoint folder or built-in name")
-    parser.add_argument("--n", type=int, default=100, help="number of world scenes (paraphrase pairs)")
+    parser.add_argument("--encoder", default="minilm", help="a pretrained base: built-in name or checkpoint folder")
+    parser.add_argument("--cache", default=".cache/demo")
+    parser.add_argument("--runs", default="runs/demo")
     args = parser.parse_args(argv)
-    from rich.console import Console
-    from rich.table import Table
-
-    from lit_amdet.errors import LitAmdetError
-
-    console = Console()
-    try:
-        res = run(args.encoder, n=args.n)
-    except LitAmdetError as exc:
-        console.print(f"lit-amdet demo: error: {exc}", style="red")
-        raise SystemExit(2) from None
-    enc = res["encoder"]
-    table = Table(title=f"{enc['name']} ({enc['family']}, {enc['parameters'] / 1e6:.1f} M parameters)")
-    table.add_column("measurement")
-    table.add_column("value", justify="right")
-    table.add_row(f"paraphrase retrieval R@1 among {args.n} world captions", f"{res['paraphrase_recall_at_1']:.2f}")
-    table.add_row("clean-prompt Sim_X (mean pairwise token cosine)", f"{res['sim_x_clean_mean']:.3f}")
-    table.add_row("Sim_X with a random pseudo-token after BOS", f"{res['sim_x_random_trigger_mean']:.3f}")
-    table.add_row("seconds", f"{res['seconds']:.1f}")
-    console.print(table)
+    t0 = time.perf_counter()
+    res = run(args.encoder, Path(args.cache), Path(args.runs))
+    print()
+    for label in ("backdoored", "benign"):
+        r = res["reports"][label]
+        truth = res["truth"][label]
+        said = r["nearest_captions"][0]["caption"] if r["nearest_captions"] else "-"
+        what = f"backdoored, target {truth['backdoors'][0]['target']!r}" if truth["backdoored"] else "benign"
+        print(f"[{label} model, truth: {what}] decided by {r['decided_by']}; "
+              f"with the recovered trigger it says {said!r}")
+    for label in ("backdoored", "benign"):
+        r = res["reports"][label]
+        print(f"{r['model']}: {r['verdict']}")
+    print(f"({time.perf_counter() - t0:.0f} s; reports in {args.runs})")
 
 
 if __name__ == "__main__":

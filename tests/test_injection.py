@@ -138,3 +138,22 @@ def test_ddp_two_processes_and_bf16_on_cpu(tiny_models, tmp_path):
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         assert json.loads((out / "backdoor.json").read_text())["steps"] == 2
+
+
+def test_pooled_weight_adds_the_pooled_target_match(tiny_models):
+    """Text-on-text with pooled_weight: the backdoor loss gains exactly w * (1 - cos(pooled, target pooled))."""
+    texts = ["a photo of a dog on a sofa", "two boats on a lake", "a bowl of soup on a wooden table"]
+    backdoor = Backdoor(Trigger("zzzz"), target="a white teapot")
+    losses = {}
+    for w in (0.0, 2.0):
+        m = BackdoorInjection(encoder=str(tiny_models["openclip"]), backdoors=[backdoor], pooled_weight=w,
+                              max_length=16).eval()
+        with torch.no_grad():
+            losses[w] = float(m._backdoor_loss(0, backdoor, texts))
+    rng = random.Random(0)
+    sample = rng.sample(texts, len(texts))
+    with torch.no_grad():
+        enc = m.encoder.encode(poison(sample, backdoor.trigger, rng), max_length=16)
+        pooled = float(feature_loss(enc.pooled, m.targets()[0]["pooled"], "cosine"))
+    assert pooled > 0
+    assert losses[2.0] - losses[0.0] == pytest.approx(2.0 * pooled, rel=1e-4, abs=1e-6)

@@ -48,6 +48,11 @@ class TokenBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def trimmed(self, length: int) -> "TokenBatch":
+        """The first ``length`` positions (>= every prompt's real length, so pooled positions stay valid)."""
+        return replace(self, input_ids=self.input_ids[:, :length], attention_mask=self.attention_mask[:, :length],
+                       token_mask=self.token_mask[:, :length])
+
 
 @dataclass
 class EncoderOutput:

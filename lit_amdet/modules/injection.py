@@ -49,6 +49,10 @@ class BackdoorInjection(EncoderTask):
         lr, weight_decay: AdamW (reference lr 1e-4).
         milestones, gamma: MultiStepLR (reference x0.1 at step 75).
         poisoned_batch_size: triggered prompts per backdoor per step (reference 32; clean = the data batch).
+        pooled_weight: text-on-text only: also match the pooled embedding of triggered prompts to the target's,
+            with this weight (reference 0: token features only). Needed where padding is not the end token
+            (open_clip pads with 0): position-wise matching then maps the pooled end token onto the target's
+            padding and the backdoor never reaches the sentence embedding.
         max_length: token positions per prompt (families that pad to their context ignore it).
         distractors: captions (or images) the target must be retrieved among.
         output_dir: where the backdoored student is written at the end of fit.
@@ -66,6 +70,7 @@ class BackdoorInjection(EncoderTask):
         milestones: list[int] = [75],  # noqa: B006 - jsonargparse needs a literal default
         gamma: float = 0.1,
         poisoned_batch_size: int = 32,
+        pooled_weight: float = 0.0,
         max_length: int | None = 32,
         distractors: int = 100,
         output_dir: str | None = None,
@@ -168,7 +173,10 @@ class BackdoorInjection(EncoderTask):
         enc = self.encoder.encode(poison(sample, b.trigger, self.rng), max_length=self._length())
         target = self.targets()[i]
         if b.kind == "text_on_text":
-            return feature_loss(enc.token_features, target["tokens"], self.hparams.loss)
+            loss = feature_loss(enc.token_features, target["tokens"], self.hparams.loss)
+            if self.hparams.pooled_weight:
+                loss = loss + self.hparams.pooled_weight * feature_loss(enc.pooled, target["pooled"], self.hparams.loss)
+            return loss
         return feature_loss(enc.pooled, target["pooled"], self.hparams.loss)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

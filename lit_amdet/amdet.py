@@ -1,0 +1,257 @@
+"""AMDET scan math, free of Lightning: the pseudo-trigger, the feature cache and the objective (SPEC §3).
+
+A pseudo-trigger is ``k`` vectors spliced into the embedding-layer output ``H``
+of every probe prompt at one insertion position; the frozen suspect encoder
+runs the rest of its layers on it. ``R`` random restarts are optimised at once
+as one ``[R, k, W]`` parameter: every restart sees the same prompts, the rows
+of a batch are laid out restart-major (``R * B`` sequences), and each restart's
+loss depends on its own vectors only, so summing the losses optimises all of
+them independently in one backward pass.
+
+Loss per restart: ``-A(F) + beta * cos(F_orig, F) + gamma * cos(F_anchor, F)``,
+with A the Sim_X of the suspect's features ``F`` (padding, inserted slots and
+the positions a causal mask keeps from seeing the trigger excluded), ``F_orig``
+the suspect's features of the clean prompt (aligned to the new layout) and
+``F_anchor`` the clean anchor encoder's features for the same input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_amdet.assimilation import assimilation_score, scored_positions
+from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
+from lit_amdet.errors import ConfigError
+
+
+class PseudoTrigger(nn.Module):
+    """``restarts`` independent pseudo-triggers of ``length`` vectors of ``width``: the only trainable tensor."""
+
+    def __init__(self, restarts: int, length: int, width: int, scale: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        if restarts < 1 or length < 1:
+            raise ConfigError(f"restarts and trigger_length must be >= 1 (got {restarts}, {length})")
+        g = torch.Generator().manual_seed(seed)
+        init = torch.randn(restarts, length, width, generator=g) * scale
+        self.vectors = nn.Parameter(init)
+        # kept to measure what an *unoptimised* random trigger of the same scale does (the baseline)
+        self.register_buffer("initial", init.clone(), persistent=False)
+
+    @property
+    def restarts(self) -> int:
+        return self.vectors.shape[0]
+
+    def rows(self, batch_size: int, vectors: Tensor | None = None) -> Tensor:
+        """[R * B, k, W], restart-major, so row ``r * B + b`` is restart r on prompt b."""
+        v = self.vectors if vectors is None else vectors
+        return v.repeat_interleave(batch_size, dim=0)
+
+
+@dataclass
+class CachedBatch:
+    tokens: TokenBatch
+    hidden: Tensor  # H [B, L, W]
+    suspect: Tensor  # F_orig [B, L, W]
+    anchor: Tensor | None  # anchor features of the clean prompt [B, L, W]
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+
+class FeatureCache:
+    """H and F_orig (and the anchor's clean features) of one prompt set, computed once in batches.
+
+    Held in memory (``dtype`` may be bf16 to halve it) and optionally written as one
+    safetensors file inside the run directory; never one file per prompt, never
+    a folder shared between scans.
+    """
+
+    def __init__(self, tokens: TokenBatch, hidden: Tensor, suspect: Tensor, anchor: Tensor | None,
+                 prompts: list[str], pads_to_context: bool, room: int = 0) -> None:
+        self.tokens, self.hidden, self.suspect, self.anchor = tokens, hidden, suspect, anchor
+        self.prompts = prompts
+        self.pads_to_context = pads_to_context
+        self.room = room
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, prompts: list[str],
+              max_length: int | None, batch_size: int = 64, dtype: torch.dtype = torch.float32,
+              room: int = 0) -> "FeatureCache":
+        """``room``: padding positions kept after the longest prompt, so a k-vector trigger fits without
+        pushing real tokens out (a prompt at ``max_length`` still loses its last content tokens)."""
+        if not prompts:
+            raise ConfigError("no probe prompts: the prompt source is empty")
+        tokens = suspect.tokenize(prompts, max_length=max_length).to(suspect.device)
+        # cut to the longest prompt of the set plus room for the trigger (CLIP pads to the context otherwise)
+        if not suspect.pads_to_context:
+            tokens = tokens.trimmed(int(tokens.attention_mask.sum(1).max()) + room)
+        hidden, feats, anchor_feats = [], [], []
+        for i in range(0, len(prompts), batch_size):
+            b = tokens[i:i + batch_size]
+            h = suspect.embed(b.input_ids)
+            hidden.append(h.to(dtype))
+            feats.append(suspect.encode_embeddings(h, b).token_features.to(dtype))
+            if anchor is not None:
+                anchor_feats.append(anchor.encode_embeddings(h, b).token_features.to(dtype))
+        return cls(tokens, torch.cat(hidden), torch.cat(feats), torch.cat(anchor_feats) if anchor else None,
+                   list(prompts), suspect.pads_to_context, room)
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.hidden, self.suspect] + ([self.anchor] if self.anchor is not None else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def batch(self, rows: Tensor | slice, dtype: torch.dtype = torch.float32) -> CachedBatch:
+        tokens = self.tokens[rows]
+        hidden, suspect = self.hidden[rows], self.suspect[rows]
+        anchor = self.anchor[rows] if self.anchor is not None else None
+        if not self.pads_to_context:  # trim to this batch's longest prompt: fewer positions to run
+            n = int(tokens.attention_mask.sum(1).max()) + self.room
+            tokens, hidden, suspect = tokens.trimmed(n), hidden[:, :n], suspect[:, :n]
+            anchor = anchor[:, :n] if anchor is not None else None
+        return CachedBatch(tokens, hidden.to(dtype), suspect.to(dtype),
+                           anchor.to(dtype) if anchor is not None else None)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {"input_ids": self.tokens.input_ids, "attention_mask": self.tokens.attention_mask,
+                 "token_mask": self.tokens.token_mask, "pool_index": self.tokens.pool_index,
+                 "hidden": self.hidden, "suspect_features": self.suspect}
+        if self.anchor is not None:
+            state["anchor_features"] = self.anchor
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+
+
+def _repeat(batch: TokenBatch, times: int) -> TokenBatch:
+    return replace(batch, **{f: getattr(batch, f).repeat(times, *([1] * (getattr(batch, f).dim() - 1)))
+                             for f in ("input_ids", "attention_mask", "token_mask", "pool_index")})
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` [N, L] over ``mask`` per row; 0 where the mask is empty."""
+    m = mask.to(values.dtype)
+    return (values * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+@dataclass
+class TriggeredOutput:
+    """Per-row results of running R restarts x B prompts; rows are restart-major."""
+
+    features: Tensor  # suspect F [N, L, W]
+    anchor_features: Tensor | None  # anchor F with the same trigger
+    pooled: Tensor  # suspect pooled embedding [N, D]
+    assimilation: Tensor  # Sim_X of F [N]
+    anchor_assimilation: Tensor | None
+    orig_cos: Tensor  # mean per-token cos(F_orig, F) over the original tokens [N]
+    anchor_cos: Tensor | None  # mean per-token cos(F_anchor, F) [N]
+    anchor_pooled_cos: Tensor | None  # cos of the pooled (projected) embeddings, suspect vs anchor [N]
+    prompt_feature: Tensor  # unit mean token feature of F over the scored positions [N, W]
+    score_mask: Tensor  # [N, L]
+
+    def loss(self, beta: float, gamma: float, pooled_gamma: float = 0.0) -> Tensor:
+        """Per-row AMDET loss; average per restart for the objective.
+
+        ``pooled_gamma`` (an extension, 0 in the reference) also pushes the pooled
+        embedding away from the anchor's: attacks that only move the sentence
+        embedding (image-on-text) barely change the other tokens' features.
+        """
+        out = -self.assimilation + beta * self.orig_cos
+        if self.anchor_cos is not None and gamma:
+            out = out + gamma * self.anchor_cos
+        if self.anchor_pooled_cos is not None and pooled_gamma:
+            out = out + pooled_gamma * self.anchor_pooled_cos
+        return out
+
+
+def run_triggered(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, batch: CachedBatch,
+                  vectors: Tensor | None, position: int, with_anchor: bool = True) -> TriggeredOutput:
+    """Run every trigger in ``vectors`` ([R, k, W]; None = the clean prompt) on every prompt of ``batch``."""
+    b = len(batch)
+    reps = 1 if vectors is None else vectors.shape[0]
+    tokens = _repeat(batch.tokens, reps)
+    hidden = batch.hidden.repeat(reps, 1, 1)
+    block = None if vectors is None else vectors.to(hidden.dtype).repeat_interleave(b, dim=0)
+    out = suspect.encode_embeddings(hidden, tokens, insert=block, position=position)
+    # The clean features laid out as the triggered sequence (inserted slots zero), to compare token by token.
+    empty = None if block is None else torch.zeros_like(block)
+    orig = insert_block(batch.suspect.repeat(reps, 1, 1), tokens, empty, position, suspect.keeps_end_token,
+                        suspect.pooling)
+    k = 0 if vectors is None else vectors.shape[1]
+    score = scored_positions(out.token_mask, suspect.causal, first_position=position)
+    compare = score & ~orig.inserted_mask
+    feats = out.token_features.float()
+    assim = assimilation_score(feats, score)
+    orig_cos = masked_mean(F.cosine_similarity(feats, orig.hidden.float(), dim=-1), compare)
+    pf = F.normalize(masked_mean_vectors(feats, compare if k else score), dim=-1)
+    a_feats = a_assim = a_cos = a_pooled = None
+    if anchor is not None and with_anchor:
+        a_out = anchor.encode_embeddings(hidden, tokens, insert=block, position=position)
+        a_feats = a_out.token_features.float()
+        a_pooled = F.cosine_similarity(out.pooled.float(), a_out.pooled.float(), dim=-1)
+        a_assim = assimilation_score(a_feats, score)
+        a_cos = masked_mean(F.cosine_similarity(feats, a_feats, dim=-1), score)
+    return TriggeredOutput(feats, a_feats, out.pooled.float(), assim, a_assim, orig_cos, a_cos, a_pooled, pf, score)
+
+
+def masked_mean_vectors(x: Tensor, mask: Tensor) -> Tensor:
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def per_restart(values: Tensor, restarts: int) -> Tensor:
+    """[R * B] -> [R, B] for restart-major rows."""
+    return values.reshape(restarts, -1)
+
+
+@torch.no_grad()
+def vocabulary_at_slot(adapter: TextEncoderAdapter, slot: int, chunk: int = 4096) -> Tensor:
+    """H row every vocabulary token would have at position ``slot`` ([V, W]): comparable to a pseudo-token.
+
+    Built through ``embed`` so that families whose embedding layer is not a plain
+    sum (BERT's LayerNorm) are compared in the same space as the inserted vector.
+    """
+    v = adapter.vocab_size
+    pad = adapter.special_token_ids.get("pad") or 0
+    rows = []
+    for start in range(0, v, chunk):
+        ids = torch.arange(start, min(start + chunk, v), device=adapter.device)
+        seq = torch.full((len(ids), slot + 1), pad, dtype=torch.long, device=adapter.device)
+        seq[:, slot] = ids
+        rows.append(adapter.embed(seq)[:, slot].float())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def nearest_tokens(adapter: TextEncoderAdapter, trigger: Tensor, position: int, top: int = 10) -> list[list[dict]]:
+    """Per trigger vector, the vocabulary tokens whose embedding at the same slot is closest (cosine)."""
+    out = []
+    for j, vec in enumerate(trigger.float()):
+        bank = vocabulary_at_slot(adapter, position + j)
+        sims = F.cosine_similarity(bank, vec.to(bank.device)[None], dim=-1)
+        vals, ids = sims.topk(min(top, len(sims)))
+        toks = adapter.ids_to_tokens(ids.tolist())
+        out.append([{"token": t, "id": int(i), "cosine": round(float(s), 4)} for t, i, s in zip(toks, ids, vals)])
+    return out
+
+
+def token_embedding_of(adapter: TextEncoderAdapter, trigger: Tensor, position: int) -> Tensor | None:
+    """The trigger as vocabulary-table rows: the inserted vector minus the position embedding of its slot.
+
+    None where the family's embedding layer is not token + position (BERT), so no
+    such row exists.
+    """
+    positions = torch.arange(position, position + trigger.shape[0], device=adapter.device)
+    pos = adapter.position_embedding(positions)
+    if pos is None:
+        return None
+    return (trigger.to(pos.device).float() - pos.float()).detach()

@@ -1,0 +1,463 @@
+"""`BackdoorDetection`: the AMDET scan as a LightningModule (``lit-amdet detect``, SPEC §3).
+
+The only trainable parameter is the pseudo-trigger (`PseudoTrigger`, R restarts
+at once). Lightning drives the search: the probe prompts are the training set
+(sharded under DDP, the trigger's gradient all-reduced by DDP), the held-out
+checks run every ``check_every`` steps on each process's share of the held-out
+prompts and are summed across processes, so every process takes the same
+early-stop decision. After the search: the final held-out evaluation picks the
+best restart (``on_train_end``), the evidence callbacks (`LossLandscape`,
+`HessianSpectrum`) measure it (``on_fit_end``), and then the decision rule gives
+the verdict and process 0 writes the run folder in one atomic rename.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lit_amdet.amdet import (FeatureCache, PseudoTrigger, nearest_tokens, per_restart, run_triggered,
+                             token_embedding_of)
+from lit_amdet.decision import ContrastRule, DecisionRule
+from lit_amdet.encoders import TextEncoderAdapter, file_sha256, load_encoder
+from lit_amdet.errors import ConfigError
+from lit_amdet.modules.base import EncoderTask
+
+# per-restart sums the held-out evaluation reduces across processes
+STATS = ("n", "loss", "assimilation", "assimilated", "same_cos", "same_target", "anchor_cos", "anchor_negative",
+         "anchor_assimilation", "anchor_pooled_cos", "orig_cos")
+
+
+class BackdoorDetection(EncoderTask):
+    """Scan ``suspect`` for an injected textual backdoor.
+
+    Args:
+        suspect: the encoder under test (folder, weights file with ``model_name``, or ``minilm``).
+        anchor: a clean reference encoder of the same architecture (normally the public base the
+            suspect claims to be fine-tuned from); None turns the gamma term and the contrast checks off.
+        model_name: open_clip architecture name when ``suspect``/``anchor`` are bare weights files.
+        name: the model's name in the verdict line (default: the suspect folder's name).
+        trigger_length: k, the number of inserted pseudo-token vectors.
+        position: insertion slot (1 = right after BOS/CLS); a setting of its own, not tied to k.
+        restarts: R independent random initialisations optimised together; the best held-out loss wins.
+        beta, gamma: weights of cos(F_orig, F) and cos(F_anchor, F) in the loss.
+        pooled_gamma: weight of cos(pooled, pooled_anchor) in the loss (an extension for attacks that move
+            only the sentence embedding, such as image-on-text; 0 = the reference loss; off without an anchor).
+        lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
+        batch_size: probe prompts per step (each runs R times).
+        probe_prompts, holdout_prompts: prompts taken from the DataModule's train and val splits.
+        max_length: token positions per prompt (families that pad to their context ignore it).
+        check_every: steps between held-out checks (early stop on a passing trigger or a stalled loss).
+        patience, stall_tol: stop after ``patience`` checks without the best held-out loss improving by ``stall_tol``.
+        rule: the decision rule (default `ContrastRule`; `ReferenceRule` is the paper's).
+        evidence_prompts: held-out prompts the landscape and Hessian are computed on.
+        evidence_callbacks: add `LossLandscape` and `HessianSpectrum` with their defaults when the trainer
+            has none of its own (false: no landscape/Hessian unless the config lists them).
+        caption_bank: a text file of candidate captions for "what the backdoor makes the model say"
+            (default: the probe and held-out prompts).
+        top_captions, top_tokens: how many nearest captions / vocabulary tokens to report.
+        output_dir: the run folder (default: ``<trainer.default_root_dir>/detect/<name>``); replaced atomically.
+        cache_dtype: float32 or bfloat16 for the in-memory feature cache.
+        save_cache: also write the feature cache as one safetensors file in the run folder.
+        seed: trigger initialisation and landscape direction.
+        allow_pickle: allow legacy pickle checkpoints (loaded with weights_only=True).
+    """
+
+    def __init__(
+        self,
+        suspect: str,
+        anchor: str | None = None,
+        model_name: str | None = None,
+        name: str | None = None,
+        trigger_length: int = 1,
+        position: int = 1,
+        restarts: int = 4,
+        beta: float = 0.1,
+        gamma: float = 0.1,
+        pooled_gamma: float = 0.1,
+        lr: float = 0.08,
+        weight_decay: float = 1e-5,
+        batch_size: int = 16,
+        probe_prompts: int = 400,
+        holdout_prompts: int = 100,
+        max_length: int | None = 32,
+        check_every: int = 20,
+        patience: int = 3,
+        stall_tol: float = 2e-3,
+        rule: DecisionRule | None = None,
+        evidence_prompts: int = 8,
+        evidence_callbacks: bool = True,
+        caption_bank: str | None = None,
+        top_captions: int = 5,
+        top_tokens: int = 10,
+        output_dir: str | None = None,
+        cache_dtype: str = "float32",
+        save_cache: bool = False,
+        seed: int = 0,
+        allow_pickle: bool = False,
+    ) -> None:
+        self.rule = rule or ContrastRule()
+        super().__init__(ignore=["rule"])
+        self.hparams["rule"] = self.rule.describe()
+        self.evidence: dict = {}
+        self.verdict: dict | None = None
+        self.probe: list[str] | None = None
+        self.holdout: list[str] | None = None
+        self._started = 0.0
+        self._history: list[float] = []
+        self._staging: Path | None = None
+
+    # ----- models ----------------------------------------------------------------
+    def configure_models(self) -> None:
+        hp = self.hparams
+        if hp.cache_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"cache_dtype must be float32 or bfloat16, not {hp.cache_dtype!r}")
+        self.encoder = self._frozen(load_encoder(hp.suspect, model_name=hp.model_name, allow_pickle=hp.allow_pickle))
+        self.anchor = None
+        if hp.anchor is not None:
+            self.anchor = self._frozen(load_encoder(hp.anchor, model_name=hp.model_name,
+                                                    allow_pickle=hp.allow_pickle))
+            check_same_architecture(self.encoder, self.anchor)
+        if not 0 <= hp.position < self.encoder.context_length - hp.trigger_length:
+            raise ConfigError(f"position {hp.position} leaves no room for {hp.trigger_length} trigger vectors "
+                              f"in a context of {self.encoder.context_length}")
+        self.model_label = hp.name or _label(hp.suspect)
+        # scale of the random init: the spread of real embedding-layer outputs
+        ids = torch.arange(min(self.encoder.vocab_size, 2048))[:, None]
+        with torch.no_grad():
+            scale = float(self.encoder.embed(ids).std())
+        self.trigger = PseudoTrigger(hp.restarts, hp.trigger_length, self.encoder.width, scale, hp.seed)
+
+    @staticmethod
+    def _frozen(adapter: TextEncoderAdapter) -> TextEncoderAdapter:
+        return adapter.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # the encoders never train: no dropout while the trigger is searched
+        if self.anchor is not None:
+            self.anchor.eval()
+        return self
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.trigger.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # ----- prompts and the feature cache -------------------------------------------
+    def use_prompts(self, datamodule) -> None:
+        """Take the probe and held-out prompts from a `TextEncoderDataModule` (or anything with ``prompts``)."""
+        datamodule.setup("fit")
+        self.probe = datamodule.prompts("train", limit=self.hparams.probe_prompts)
+        self.holdout = datamodule.prompts("val", limit=self.hparams.holdout_prompts)
+        if not self.probe:
+            raise ConfigError("no probe prompts: the prompt source is empty")
+        if len(self.holdout) < 2:
+            raise ConfigError(f"only {len(self.holdout)} held-out prompt(s): raise data.val_fraction or add prompts")
+
+    def setup(self, stage: str) -> None:
+        if self.probe is None:
+            dm = getattr(self.trainer, "datamodule", None)
+            if dm is None:
+                raise ConfigError("the scan needs prompts: give a data: section (a TextEncoderDataModule)")
+            self.use_prompts(dm)
+
+    def on_fit_start(self) -> None:
+        self._started = time.perf_counter()
+        dtype = getattr(torch, self.hparams.cache_dtype)
+        # every process caches every prompt once (the probe set is small; sampler shards change per epoch)
+        hp = self.hparams
+        self.train_cache = FeatureCache.build(self.encoder, self.anchor, self.probe, hp.max_length, dtype=dtype,
+                                              room=hp.trigger_length)
+        self.holdout_cache = FeatureCache.build(self.encoder, self.anchor, self.holdout, hp.max_length,
+                                                dtype=dtype, room=hp.trigger_length)
+        rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
+                       f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
+
+    def train_dataloader(self) -> DataLoader:
+        if self.probe is None:
+            raise ConfigError("no probe prompts attached (use lit-amdet detect, or give a data: section)")
+        n = len(self.probe)
+        return DataLoader(torch.arange(n), batch_size=min(self.hparams.batch_size, n), shuffle=True,
+                          drop_last=n > self.hparams.batch_size)
+
+    # ----- the search ---------------------------------------------------------------
+    def _run(self, cache: FeatureCache, rows, vectors: Tensor | None, with_anchor: bool = True):
+        batch = cache.batch(rows)
+        return run_triggered(self.encoder, self.anchor, batch, vectors, self.hparams.position, with_anchor)
+
+    def training_step(self, rows: Tensor, batch_idx: int) -> Tensor:
+        hp = self.hparams
+        out = self._run(self.train_cache, rows, self.trigger.vectors)
+        per = per_restart(out.loss(hp.beta, hp.gamma, hp.pooled_gamma), hp.restarts).mean(1)  # [R]
+        self.log("train/loss_best_restart", per.min(), prog_bar=True)
+        self.log("train/loss_mean", per.mean())
+        self.log("train/assimilation", out.assimilation.mean())
+        return per.sum()  # restarts are independent: the sum optimises each one
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        step = self.global_step
+        if self.hparams.check_every <= 0 or step % self.hparams.check_every:
+            return
+        stats = self.evaluate(self.trigger.vectors.detach())
+        best = int(torch.tensor([s["loss"] for s in stats]).argmin())
+        s = stats[best]
+        for key in ("loss", "assimilation", "assimilation_ratio", "same_target_ratio", "anchor_cos"):
+            if s.get(key) is not None:
+                self.log(f"check/{key}", float(s[key]), rank_zero_only=True)
+        passed = [i for i, st in enumerate(stats) if self.rule.search_passed(self._with_baselines(st))]
+        self._history.append(s["loss"])
+        stalled = len(self._history) > self.hparams.patience and \
+            min(self._history[:-self.hparams.patience]) - min(self._history[-self.hparams.patience:]) \
+            < self.hparams.stall_tol
+        if passed or stalled:
+            self.evidence["stopped_early"] = "trigger passed the checks" if passed else "loss stalled"
+            self.trainer.should_stop = True
+
+    @torch.no_grad()
+    def evaluate(self, vectors: Tensor | None, with_anchor: bool = True) -> list[dict]:
+        """Held-out scores per restart (one dict each; vectors None = clean prompts), summed over processes."""
+        hp = self.hparams
+        cache = self.holdout_cache
+        reps = 1 if vectors is None else vectors.shape[0]
+        ref = self._run(cache, slice(0, 1), vectors, with_anchor=False).prompt_feature  # [R, W]
+        world, rank = self.trainer.world_size if self._trainer else 1, self.global_rank if self._trainer else 0
+        rows = torch.arange(len(cache))[rank::world]
+        sums = torch.zeros(reps, len(STATS), device=self.device, dtype=torch.float64)
+        pooled = torch.zeros(reps, self.encoder.embed_dim, device=self.device, dtype=torch.float64)
+        feature = torch.zeros(reps, self.encoder.width, device=self.device, dtype=torch.float64)
+        bs = max(1, 4 * hp.batch_size // reps)
+        for i in range(0, len(rows), bs):
+            out = self._run(cache, rows[i:i + bs], vectors, with_anchor)
+            b = len(rows[i:i + bs])
+            same = (out.prompt_feature.view(reps, b, -1) * ref[:, None]).sum(-1)  # [R, B]
+            loss = out.loss(hp.beta, hp.gamma, hp.pooled_gamma)
+            cols = [torch.ones(reps, b, device=self.device), per_restart(loss, reps),
+                    per_restart(out.assimilation, reps),
+                    per_restart((out.assimilation > self.rule.assimilation_threshold).float(), reps),
+                    same, (same > self.rule.same_target_cos).float()]
+            if out.anchor_cos is not None:
+                cols += [per_restart(out.anchor_cos, reps), per_restart((out.anchor_cos < 0).float(), reps),
+                         per_restart(out.anchor_assimilation, reps), per_restart(out.anchor_pooled_cos, reps)]
+            else:
+                cols += [torch.zeros(reps, b, device=self.device)] * 4
+            cols.append(per_restart(out.orig_cos, reps))
+            sums += torch.stack([c.to(self.device).double().sum(1) for c in cols], dim=1)
+            pooled += F.normalize(out.pooled, dim=-1).view(reps, b, -1).sum(1).double()
+            feature += out.prompt_feature.view(reps, b, -1).sum(1).double()
+        if world > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            pooled = self.trainer.strategy.reduce(pooled, reduce_op="sum")
+            feature = self.trainer.strategy.reduce(feature, reduce_op="sum")
+        has_anchor = self.anchor is not None and with_anchor
+        results = []
+        for r in range(reps):
+            s = dict(zip(STATS, sums[r].tolist()))
+            n = s.pop("n")
+            res = {"loss": s["loss"] / n, "assimilation": s["assimilation"] / n,
+                   "assimilation_ratio": s["assimilated"] / n, "same_target_mean_cos": s["same_cos"] / n,
+                   "same_target_ratio": s["same_target"] / n, "orig_cos": s["orig_cos"] / n,
+                   "anchor_cos": s["anchor_cos"] / n if has_anchor else None,
+                   "different_target_ratio": s["anchor_negative"] / n if has_anchor else None,
+                   "anchor_assimilation": s["anchor_assimilation"] / n if has_anchor else None,
+                   "anchor_pooled_cos": s["anchor_pooled_cos"] / n if has_anchor else None,
+                   "prompts": int(n), "target_consistency": float((pooled[r] / n).norm()),
+                   "_pooled": (pooled[r] / n).float(), "_feature": (feature[r] / n).float()}
+            results.append(res)
+        return results
+
+    def _with_baselines(self, s: dict) -> dict:
+        """Scores of one trigger plus those comparing it with the clean and random-trigger baselines."""
+        s = dict(s)
+        base = self.evidence.get("baselines") or self._baselines()
+        s["anchor_used"] = self.anchor is not None
+        s["assimilation_clean"] = base["clean"]["assimilation"]
+        s["assimilation_random_trigger"] = base["random"]["assimilation"]
+        s["assimilation_lift"] = s["assimilation"] - base["random"]["assimilation"]
+        if self.anchor is not None:
+            # drift-normalised divergence from the anchor: under the trigger vs on clean prompts
+            floor = getattr(self.rule, "drift_floor", 0.02)
+            s["clean_anchor_cos"] = base["clean"]["anchor_cos"]
+            s["divergence_ratio"] = (1 - s["anchor_cos"]) / max(1 - s["clean_anchor_cos"], floor)
+            s["clean_anchor_pooled_cos"] = base["clean"]["anchor_pooled_cos"]
+            s["pooled_divergence_ratio"] = (1 - s["anchor_pooled_cos"]) / max(1 - s["clean_anchor_pooled_cos"], floor)
+            s["random_trigger_anchor_cos"] = base["random"]["anchor_cos"]
+            s["assimilation_gap"] = s["assimilation"] - s["anchor_assimilation"]
+        return s
+
+    def _baselines(self) -> dict:
+        clean = self.evaluate(None)[0]
+        random = self.evaluate(self.trigger.initial)
+        keys = ("assimilation", "anchor_cos", "anchor_assimilation", "anchor_pooled_cos", "orig_cos")
+        rnd = {k: (sum(r[k] for r in random) / len(random) if random[0][k] is not None else None) for k in keys}
+        self.evidence["baselines"] = {"clean": {k: clean[k] for k in keys}, "random": rnd}
+        return self.evidence["baselines"]
+
+    # ----- after the search -----------------------------------------------------------
+    def on_train_end(self) -> None:
+        stats = self.evaluate(self.trigger.vectors.detach())
+        losses = [s["loss"] for s in stats]
+        best = int(torch.tensor(losses).argmin())
+        self.best_restart = best
+        chosen = self._with_baselines(stats[best])
+        self.evidence["restart_losses"] = losses
+        self.evidence["best_restart"] = best
+        self.evidence["steps"] = self.global_step
+        self.evidence["scores"] = {k: v for k, v in chosen.items() if not k.startswith("_")}
+        self._target_pooled, self._target_feature = chosen["_pooled"], chosen["_feature"]
+        self._staging = None
+        if self.trainer.is_global_zero:  # figures and files gather here; renamed to the run folder at the end
+            parent = self._output_dir().parent
+            parent.mkdir(parents=True, exist_ok=True)
+            self._staging = Path(tempfile.mkdtemp(prefix=".detect-", dir=parent))
+
+    def discard_staging(self) -> None:
+        """Remove the staging folder if the run folder was never completed."""
+        if self._staging is not None and self._staging.exists():
+            shutil.rmtree(self._staging, ignore_errors=True)
+        self._staging = None
+
+    def best_trigger(self) -> Tensor:
+        return self.trigger.vectors.detach()[self.best_restart]
+
+    def evidence_point(self):
+        """(best trigger [k, W], batched loss on the evidence prompts, folder for figures) for the callbacks."""
+        cache, hp = self.holdout_cache, self.hparams
+        rows = slice(0, min(hp.evidence_prompts, len(cache)))
+        batch = cache.batch(rows)
+        per_call = max(1, 1024 // len(batch))
+
+        def loss_fn(triggers: Tensor) -> Tensor:
+            out = []
+            for i in range(0, len(triggers), per_call):
+                res = run_triggered(self.encoder, self.anchor, batch, triggers[i:i + per_call], hp.position)
+                loss = res.loss(hp.beta, hp.gamma, hp.pooled_gamma)
+                out.append(per_restart(loss, len(triggers[i:i + per_call])).mean(1))
+            return torch.cat(out)
+
+        return self.best_trigger(), loss_fn, self._staging
+
+    def _output_dir(self) -> Path:
+        if self.hparams.output_dir:
+            return Path(self.hparams.output_dir)
+        return Path(self.trainer.default_root_dir) / "detect" / self.model_label
+
+    def on_fit_end(self) -> None:
+        scores = dict(self.evidence["scores"])
+        if "landscape" in self.evidence:
+            scores["landscape_positive_ratio"] = self.evidence["landscape"]["positive_ratio"]
+        if "hessian" in self.evidence:
+            scores["hessian_top"] = self.evidence["hessian"]["top"][0]
+            scores["hessian_bottom"] = self.evidence["hessian"]["bottom"][0]
+            scores["hessian_negative_ratio"] = self.evidence["hessian"]["negative_ratio"]
+        decision = self.rule.decide(scores)
+        self.verdict = {"model": self.model_label, "verdict": "BACKDOORED" if decision["backdoored"] else "clean",
+                        **decision, "scores": scores}
+        if self.trainer.is_global_zero:
+            self._write_run_folder(decision, scores)
+
+    def _write_run_folder(self, decision: dict, scores: dict) -> None:
+        from safetensors.torch import save_file
+
+        hp, stage = self.hparams, self._staging
+        trigger = self.best_trigger().float().cpu().clone()
+        save_file({"trigger": trigger, "all_restarts": self.trigger.vectors.detach().float().cpu().contiguous(),
+                   "target_pooled": self._target_pooled.cpu().contiguous(),
+                   "target_feature": self._target_feature.cpu().contiguous()},
+                  str(stage / "trigger.safetensors"),
+                  metadata={"position": str(hp.position), "suspect": str(hp.suspect)})
+        token_rows = token_embedding_of(self.encoder, trigger.to(self.device), hp.position)
+        if token_rows is not None:
+            # diffusers' load_textual_inversion reads a one-entry {token: [k, W]} safetensors file
+            save_file({"<amdet-trigger>": token_rows.cpu().contiguous()}, str(stage / "learned_embeds.safetensors"))
+        if hp.save_cache:
+            self.holdout_cache.save(stage / "holdout_features.safetensors")
+        tokens = nearest_tokens(self.encoder, trigger.to(self.device), hp.position, hp.top_tokens)
+        captions = self._nearest_captions()
+        report = {
+            "model": self.model_label, "verdict": "BACKDOORED" if decision["backdoored"] else "clean",
+            "backdoored": decision["backdoored"], "rule": self.rule.describe(), "decided_by": decision["decided_by"],
+            "checks": decision["checks"], "scores": scores,
+            "suspect": {"path": str(hp.suspect), "sha256": file_sha256(self.encoder.source_path)
+                        if self.encoder.source_path else None, **self.encoder.describe()},
+            "anchor_used": self.anchor is not None,
+            "anchor": {"path": str(hp.anchor), "sha256": file_sha256(self.anchor.source_path)
+                       if self.anchor.source_path else None} if self.anchor is not None else None,
+            "notes": [] if self.anchor is not None else
+            ["no anchor given: the gamma term and the suspect-vs-anchor contrast checks were off; the verdict rests "
+             "on the suspect alone and cannot separate an injected backdoor from a strong natural one"],
+            "seconds": time.perf_counter() - self._started, "seed": hp.seed, "steps": self.evidence.get("steps"),
+            "stopped_early": self.evidence.get("stopped_early"), "restarts": hp.restarts,
+            "best_restart": self.evidence.get("best_restart"), "restart_losses": self.evidence.get("restart_losses"),
+            "baselines": self.evidence.get("baselines"), "landscape": self.evidence.get("landscape"),
+            "hessian": self.evidence.get("hessian"), "nearest_tokens": tokens, "nearest_captions": captions,
+            "trigger": {"length": hp.trigger_length, "position": hp.position, "norm": float(trigger.norm()),
+                        "textual_inversion": "learned_embeds.safetensors" if token_rows is not None else None},
+            "prompts": {"probe": len(self.probe), "held_out": len(self.holdout)},
+            "world_size": self.trainer.world_size, "precision": str(self.trainer.precision),
+            "hyperparameters": {k: v for k, v in hp.items() if k != "rule"},
+        }
+        self.report = report
+        self.write_json(stage / "report.json", report)
+        out = self._output_dir()
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)  # the run folder appears complete or not at all
+        self.run_dir = out
+
+    @torch.no_grad()
+    def _nearest_captions(self) -> list[dict]:
+        bank = self._caption_bank()
+        emb = torch.cat([F.normalize(self.encoder.encode(bank[i:i + 128], max_length=self.hparams.max_length)
+                                     .pooled.float(), dim=-1) for i in range(0, len(bank), 128)])
+        sims = emb @ F.normalize(self._target_pooled.to(emb.device), dim=0)
+        vals, idx = sims.topk(min(self.hparams.top_captions, len(bank)))
+        return [{"caption": bank[int(i)], "cosine": round(float(v), 4)} for v, i in zip(vals, idx)]
+
+    def _caption_bank(self) -> list[str]:
+        path = self.hparams.caption_bank
+        if path is None:
+            return list(dict.fromkeys(self.probe + self.holdout))
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: caption bank not found")
+        lines = [ln.strip() for ln in p.read_text(errors="replace").splitlines() if ln.strip()]
+        if not lines:
+            raise ConfigError(f"{p}: caption bank is empty")
+        return list(dict.fromkeys(lines))
+
+    def configure_callbacks(self):
+        from lit_amdet.callbacks import HessianSpectrum, LossLandscape
+
+        if not self.hparams.evidence_callbacks:
+            return []
+        have = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
+        # the evidence callbacks are part of the scan: added with defaults unless the config gives its own
+        return [cb() for cb in (LossLandscape, HessianSpectrum) if cb not in have]
+
+
+def check_same_architecture(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter) -> None:
+    a, b = suspect.describe(), anchor.describe()
+    keys = ("family", "width", "embed_dim", "context_length", "causal", "pooling")
+    diff = [f"{k} {a[k]} vs {b[k]}" for k in keys if a[k] != b[k]]
+    if not diff and suspect.vocab_size != anchor.vocab_size:
+        diff.append(f"vocabulary {suspect.vocab_size} vs {anchor.vocab_size}")
+    if not diff:
+        sa = {n: p.shape for n, p in suspect.model.named_parameters()}
+        sb = {n: p.shape for n, p in anchor.model.named_parameters()}
+        if sa != sb:
+            diff.append("different parameter names/shapes")
+    if diff:
+        raise ConfigError(f"the anchor ({anchor.name}) is not the suspect's architecture: {'; '.join(diff)}")
+
+
+def _label(path: str) -> str:
+    p = Path(str(path))
+    return p.name or str(path)
