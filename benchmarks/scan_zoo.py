@@ -19,11 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from attack_success import base_path  # noqa: E402
+
+from lit_amdet.demo import caption_bank  # noqa: E402
+
 BASES = ("minilm", "clip", "siglip", "longclip", "openclip")
-
-
-def base_path(name: str, cache: Path) -> str:
-    return "minilm" if name == "minilm" else str(cache / name)
 
 
 def scan(name: str, suspect: str, anchor: str, out: Path, steps: int, extra: list[str]) -> dict:
@@ -39,16 +41,6 @@ def scan(name: str, suspect: str, anchor: str, out: Path, steps: int, extra: lis
         if res.returncode != 0:
             raise SystemExit(f"scan of {name} failed: {res.stderr.strip().splitlines()[-1]}")
     return json.loads(report.read_text())
-
-
-def caption_bank() -> list[str]:
-    """300 world captions (another seed than the scans' probes) and 20 everyday concepts (the demo's list)."""
-    from lit_amdet.datamodules import TextEncoderDataModule
-    from lit_amdet.demo import CONCEPTS
-
-    dm = TextEncoderDataModule(world_seed=23, num_samples=400, with_images=False)
-    dm.setup()
-    return dm.prompts("train", limit=300) + CONCEPTS
 
 
 def recovered_caption(suspect: str, run: Path, bank: list[str], targets: list[str]) -> tuple[str, int | None]:

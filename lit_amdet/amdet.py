@@ -17,7 +17,7 @@ the suspect's features of the clean prompt (aligned to the new layout) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,31 +57,28 @@ class CachedBatch:
     tokens: TokenBatch
     hidden: Tensor  # H [B, L, W]
     suspect: Tensor  # F_orig [B, L, W]
-    anchor: Tensor | None  # anchor features of the clean prompt [B, L, W]
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
 
 class FeatureCache:
-    """H and F_orig (and the anchor's clean features) of one prompt set, computed once in batches.
+    """H and F_orig of one prompt set, computed once in batches.
 
     Held in memory (``dtype`` may be bf16 to halve it) and optionally written as one
     safetensors file inside the run directory; never one file per prompt, never
     a folder shared between scans.
     """
 
-    def __init__(self, tokens: TokenBatch, hidden: Tensor, suspect: Tensor, anchor: Tensor | None,
-                 prompts: list[str], pads_to_context: bool, room: int = 0) -> None:
-        self.tokens, self.hidden, self.suspect, self.anchor = tokens, hidden, suspect, anchor
-        self.prompts = prompts
+    def __init__(self, tokens: TokenBatch, hidden: Tensor, suspect: Tensor, pads_to_context: bool,
+                 room: int = 0) -> None:
+        self.tokens, self.hidden, self.suspect = tokens, hidden, suspect
         self.pads_to_context = pads_to_context
         self.room = room
 
     @classmethod
     @torch.no_grad()
-    def build(cls, suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, prompts: list[str],
-              max_length: int | None, batch_size: int = 64, dtype: torch.dtype = torch.float32,
+    def build(cls, suspect: TextEncoderAdapter, prompts: list[str], max_length: int | None, batch_size: int = 64, dtype: torch.dtype = torch.float32,
               room: int = 0) -> "FeatureCache":
         """``room``: padding positions kept after the longest prompt, so a k-vector trigger fits without
         pushing real tokens out (a prompt at ``max_length`` still loses its last content tokens)."""
@@ -91,35 +88,28 @@ class FeatureCache:
         # cut to the longest prompt of the set plus room for the trigger (CLIP pads to the context otherwise)
         if not suspect.pads_to_context:
             tokens = tokens.trimmed(int(tokens.attention_mask.sum(1).max()) + room)
-        hidden, feats, anchor_feats = [], [], []
+        hidden, feats = [], []
         for i in range(0, len(prompts), batch_size):
             b = tokens[i:i + batch_size]
             h = suspect.embed(b.input_ids)
             hidden.append(h.to(dtype))
             feats.append(suspect.encode_embeddings(h, b).token_features.to(dtype))
-            if anchor is not None:
-                anchor_feats.append(anchor.encode_embeddings(h, b).token_features.to(dtype))
-        return cls(tokens, torch.cat(hidden), torch.cat(feats), torch.cat(anchor_feats) if anchor else None,
-                   list(prompts), suspect.pads_to_context, room)
+        return cls(tokens, torch.cat(hidden), torch.cat(feats), suspect.pads_to_context, room)
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
     @property
     def nbytes(self) -> int:
-        ts = [self.hidden, self.suspect] + ([self.anchor] if self.anchor is not None else [])
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.numel() * t.element_size() for t in (self.hidden, self.suspect))
 
     def batch(self, rows: Tensor | slice, dtype: torch.dtype = torch.float32) -> CachedBatch:
         tokens = self.tokens[rows]
         hidden, suspect = self.hidden[rows], self.suspect[rows]
-        anchor = self.anchor[rows] if self.anchor is not None else None
         if not self.pads_to_context:  # trim to this batch's longest prompt: fewer positions to run
             n = int(tokens.attention_mask.sum(1).max()) + self.room
             tokens, hidden, suspect = tokens.trimmed(n), hidden[:, :n], suspect[:, :n]
-            anchor = anchor[:, :n] if anchor is not None else None
-        return CachedBatch(tokens, hidden.to(dtype), suspect.to(dtype),
-                           anchor.to(dtype) if anchor is not None else None)
+        return CachedBatch(tokens, hidden.to(dtype), suspect.to(dtype))
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -127,19 +117,14 @@ class FeatureCache:
         state = {"input_ids": self.tokens.input_ids, "attention_mask": self.tokens.attention_mask,
                  "token_mask": self.tokens.token_mask, "pool_index": self.tokens.pool_index,
                  "hidden": self.hidden, "suspect_features": self.suspect}
-        if self.anchor is not None:
-            state["anchor_features"] = self.anchor
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
 
 
-def _repeat(batch: TokenBatch, times: int) -> TokenBatch:
-    return replace(batch, **{f: getattr(batch, f).repeat(times, *([1] * (getattr(batch, f).dim() - 1)))
-                             for f in ("input_ids", "attention_mask", "token_mask", "pool_index")})
-
-
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` [N, L] over ``mask`` per row; 0 where the mask is empty."""
+    """Mean over positions of ``values`` ([N, L] or [N, L, W]) where ``mask`` [N, L] is set; 0 if none is."""
     m = mask.to(values.dtype)
+    if values.dim() == 3:
+        m = m.unsqueeze(-1)
     return (values * m).sum(1) / m.sum(1).clamp(min=1)
 
 
@@ -148,7 +133,6 @@ class TriggeredOutput:
     """Per-row results of running R restarts x B prompts; rows are restart-major."""
 
     features: Tensor  # suspect F [N, L, W]
-    anchor_features: Tensor | None  # anchor F with the same trigger
     pooled: Tensor  # suspect pooled embedding [N, D]
     assimilation: Tensor  # Sim_X of F [N]
     anchor_assimilation: Tensor | None
@@ -156,7 +140,6 @@ class TriggeredOutput:
     anchor_cos: Tensor | None  # mean per-token cos(F_anchor, F) [N]
     anchor_pooled_cos: Tensor | None  # cos of the pooled (projected) embeddings, suspect vs anchor [N]
     prompt_feature: Tensor  # unit mean token feature of F over the scored positions [N, W]
-    score_mask: Tensor  # [N, L]
 
     def loss(self, beta: float, gamma: float, pooled_gamma: float = 0.0) -> Tensor:
         """Per-row AMDET loss; average per restart for the objective.
@@ -178,7 +161,7 @@ def run_triggered(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None
     """Run every trigger in ``vectors`` ([R, k, W]; None = the clean prompt) on every prompt of ``batch``."""
     b = len(batch)
     reps = 1 if vectors is None else vectors.shape[0]
-    tokens = _repeat(batch.tokens, reps)
+    tokens = batch.tokens[torch.arange(b).repeat(reps)]  # restart-major copies of the prompts
     hidden = batch.hidden.repeat(reps, 1, 1)
     block = None if vectors is None else vectors.to(hidden.dtype).repeat_interleave(b, dim=0)
     out = suspect.encode_embeddings(hidden, tokens, insert=block, position=position)
@@ -192,20 +175,15 @@ def run_triggered(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None
     feats = out.token_features.float()
     assim = assimilation_score(feats, score)
     orig_cos = masked_mean(F.cosine_similarity(feats, orig.hidden.float(), dim=-1), compare)
-    pf = F.normalize(masked_mean_vectors(feats, compare if k else score), dim=-1)
-    a_feats = a_assim = a_cos = a_pooled = None
+    pf = F.normalize(masked_mean(feats, compare if k else score), dim=-1)
+    a_assim = a_cos = a_pooled = None
     if anchor is not None and with_anchor:
         a_out = anchor.encode_embeddings(hidden, tokens, insert=block, position=position)
         a_feats = a_out.token_features.float()
         a_pooled = F.cosine_similarity(out.pooled.float(), a_out.pooled.float(), dim=-1)
         a_assim = assimilation_score(a_feats, score)
         a_cos = masked_mean(F.cosine_similarity(feats, a_feats, dim=-1), score)
-    return TriggeredOutput(feats, a_feats, out.pooled.float(), assim, a_assim, orig_cos, a_cos, a_pooled, pf, score)
-
-
-def masked_mean_vectors(x: Tensor, mask: Tensor) -> Tensor:
-    m = mask.to(x.dtype).unsqueeze(-1)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+    return TriggeredOutput(feats, out.pooled.float(), assim, a_assim, orig_cos, a_cos, a_pooled, pf)
 
 
 def per_restart(values: Tensor, restarts: int) -> Tensor:

@@ -52,7 +52,7 @@ class AmdetTrainer(Trainer):
         if verdict is None:
             raise LitAmdetError("the scan ended without a verdict (interrupted?)")
         if self.is_global_zero:
-            print(summary(verdict, getattr(model, "run_dir", None)))
+            print(summary(verdict, getattr(model, "report", None), getattr(model, "run_dir", None)))
         if verdict["backdoored"] and not always_exit_zero:
             sys.exit(EXIT_BACKDOORED)
         return verdict
@@ -118,7 +118,7 @@ class AmdetCLI(LightningCLI):
         super()._run_subcommand(subcommand)
 
 
-def summary(verdict: dict, run_dir=None) -> str:
+def summary(verdict: dict, report: dict | None = None, run_dir: Path | None = None) -> str:
     """A few lines a person reads: the deciding checks, what the trigger makes the model say, the verdict."""
     s = verdict["scores"]
     lines = [f"scan of {verdict['model']} ({verdict['rule']}): decided by {verdict['decided_by']}"]
@@ -130,8 +130,7 @@ def summary(verdict: dict, run_dir=None) -> str:
     if not s.get("anchor_used"):
         lines.append("  note: no anchor given, so natural backdoors of a clean pretrained model can look the same as "
                      "an injected one; give --model.init_args.anchor BASE for a verdict that separates them")
-    if run_dir is not None:
-        report = json.loads((Path(run_dir) / "report.json").read_text())
+    if report is not None:
         if report["nearest_captions"]:
             top = report["nearest_captions"][0]
             lines.append(f"  with the trigger the model says: \"{top['caption']}\" (cos {top['cosine']:.3f})")

@@ -35,6 +35,15 @@ CONCEPTS = ["a white teapot", "a red sports car", "a cat sleeping on a sofa", "a
             "a vase of sunflowers", "an old brick church", "a bowl of ramen", "a pair of running shoes"]
 
 
+def caption_bank() -> list[str]:
+    """Candidate captions: 300 held-out world captions (a seed no model trained on) and everyday concepts."""
+    from lit_amdet.datamodules import TextEncoderDataModule
+
+    dm = TextEncoderDataModule(world_seed=23, num_samples=400, with_images=False)
+    dm.setup()
+    return dm.prompts("train", limit=300) + CONCEPTS
+
+
 def build_backdoored(out: Path, encoder: str, steps: int) -> float:
     if (out / "backdoor.json").is_file():
         return 0.0
@@ -73,18 +82,13 @@ def scan(suspect: Path, anchor: str, out: Path, bank: Path, steps: int, extra: l
 def run(encoder: str = "minilm", cache: Path = Path(".cache/demo"), runs: Path = Path("runs/demo"),
         attack_steps: int = 50, benign_steps: int = 30, scan_steps: int = 80, scan_extra: list[str] | None = None
         ) -> dict:
-    from lit_amdet.datamodules import TextEncoderDataModule
-
     cache.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
     backdoored, benign = cache / f"{encoder}-backdoored", cache / f"{encoder}-benign"
     seconds = {"build_backdoored": build_backdoored(backdoored, encoder, attack_steps),
                "build_benign": build_benign(benign, encoder, benign_steps)}
-    # caption bank: held-out world captions of another seed plus a list of everyday concepts
-    dm = TextEncoderDataModule(world_seed=23, num_samples=400, with_images=False)
-    dm.setup()
     bank = runs / "caption_bank.txt"
-    bank.write_text("\n".join(dm.prompts("train", limit=300) + CONCEPTS) + "\n")
+    bank.write_text("\n".join(caption_bank()) + "\n")
     reports = {}
     for label, path in (("backdoored", backdoored), ("benign", benign)):
         t0 = time.perf_counter()

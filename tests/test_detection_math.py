@@ -144,7 +144,7 @@ def prompts():
 
 
 def test_restarts_are_independent_rows(clip):
-    cache = FeatureCache.build(clip, clip, prompts(), max_length=16)
+    cache = FeatureCache.build(clip, prompts(), max_length=16)
     trig = PseudoTrigger(3, 2, clip.width, scale=0.05, seed=1)
     batch = cache.batch(slice(0, 5))
     together = run_triggered(clip, clip, batch, trig.vectors.detach(), position=1)
@@ -161,7 +161,7 @@ def test_restarts_are_independent_rows(clip):
 
 
 def test_cache_matches_a_fresh_forward_and_clean_prompts_compare_to_themselves(clip):
-    cache = FeatureCache.build(clip, clip, prompts(), max_length=16, batch_size=2)
+    cache = FeatureCache.build(clip, prompts(), max_length=16, batch_size=2)
     assert cache.hidden.shape[1] <= 16 and len(cache) == 5
     fresh = clip.encode(prompts()[3:5], max_length=16)
     b = cache.batch(slice(3, 5))
@@ -187,7 +187,7 @@ def test_inserting_a_real_token_recovers_it_and_the_textual_inversion_row(clip):
                                clip.token_embedding.weight[token_id].float(), atol=1e-6, rtol=1e-6)
     # H is computed once (as in the reference), so later tokens keep their original position embeddings;
     # up to the inserted slot the causal features are those of the prompt that really contains the token
-    cache = FeatureCache.build(clip, None, ["a dog"], max_length=16, room=1)
+    cache = FeatureCache.build(clip, ["a dog"], max_length=16, room=1)
     out = run_triggered(clip, None, cache.batch(slice(0, 1)), h_row[None, None], position=pos)
     ids = clip.tokenize(["a dog"], max_length=16).input_ids[0]
     spliced = torch.cat([ids[:pos], torch.tensor([token_id]), ids[pos:]])[None, :6]

@@ -133,17 +133,17 @@ class HessianSpectrum(Callback):
         self.k, self.tol, self.dense_below, self.iterations = k, tol, dense_below, iterations
         self.result: dict | None = None
 
-    def compute(self, pl_module: LightningModule) -> dict:
-        center, loss_fn, _ = pl_module.evidence_point()
+    def compute(self, center: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> dict:
         return hessian_extremes(lambda x: loss_fn(x[None]).sum(), center.detach(), self.k, self.tol,
                                 self.dense_below, self.iterations)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         t0 = time.perf_counter()
-        self.result = res = self.compute(pl_module)
+        center, loss_fn, folder = pl_module.evidence_point()
+        self.result = res = self.compute(center, loss_fn)
         res["seconds"] = time.perf_counter() - t0
         pl_module.evidence["hessian"] = res
         if trainer.is_global_zero:
-            _publish(trainer, pl_module, spectrum_figure(res), "hessian",
+            _publish(trainer, folder, spectrum_figure(res), "hessian",
                      {"hessian/top": res["top"][0], "hessian/bottom": res["bottom"][0],
                       "hessian/negative_ratio": res["negative_ratio"]})

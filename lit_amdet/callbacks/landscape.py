@@ -120,8 +120,7 @@ class LossLandscape(Callback):
         self.eigen_tol, self.chunk, self.seed = eigen_tol, chunk, seed
         self.result: dict | None = None
 
-    def compute(self, pl_module: LightningModule) -> dict:
-        center, loss_fn, _ = pl_module.evidence_point()
+    def compute(self, center: Tensor, loss_fn: LossFn) -> dict:
         x = center.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             grad = torch.autograd.grad(loss_fn(x[None]).sum(), x)[0]
@@ -131,7 +130,8 @@ class LossLandscape(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         t0 = time.perf_counter()
-        self.result = res = self.compute(pl_module)
+        center, loss_fn, folder = pl_module.evidence_point()
+        self.result = res = self.compute(center, loss_fn)
         res["seconds"] = time.perf_counter() - t0
         summary = {k: res[k] for k in ("positive_ratio", "center_eigenvalues", "center_loss", "radius", "spacing",
                                        "eigen_tol", "seconds")}
@@ -139,16 +139,15 @@ class LossLandscape(Callback):
         summary["relative_radius"] = self.radius if self.relative else None
         pl_module.evidence["landscape"] = summary
         if trainer.is_global_zero:
-            _publish(trainer, pl_module, landscape_figure(res), "landscape",
+            _publish(trainer, folder, landscape_figure(res), "landscape",
                      {"landscape/positive_ratio": res["positive_ratio"],
                       "landscape/center_min_eigenvalue": res["center_eigenvalues"][0]})
 
 
-def _publish(trainer: Trainer, pl_module: LightningModule, fig, name: str, scalars: dict) -> None:
-    """Save ``fig`` as ``name``.png in the module's output folder and log it (and scalars) to TensorBoard."""
+def _publish(trainer: Trainer, folder: Path | None, fig, name: str, scalars: dict) -> None:
+    """Save ``fig`` as ``name``.png in ``folder`` (if any) and log it (and scalars) to TensorBoard."""
     import matplotlib.pyplot as plt
 
-    _, _, folder = pl_module.evidence_point()
     if folder is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         fig.savefig(Path(folder) / f"{name}.png", dpi=110)

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from lit_amdet.amdet import (FeatureCache, PseudoTrigger, nearest_tokens, per_restart, run_triggered,
                              token_embedding_of)
-from lit_amdet.decision import ContrastRule, DecisionRule
+from lit_amdet.datamodules.text_encoder import TextLines
+from lit_amdet.decision import DRIFT_FLOOR, ContrastRule, DecisionRule, drift_normalised_divergence
 from lit_amdet.encoders import TextEncoderAdapter, file_sha256, load_encoder
 from lit_amdet.errors import ConfigError
 from lit_amdet.modules.base import EncoderTask
@@ -161,6 +162,7 @@ class BackdoorDetection(EncoderTask):
             raise ConfigError("no probe prompts: the prompt source is empty")
         if len(self.holdout) < 2:
             raise ConfigError(f"only {len(self.holdout)} held-out prompt(s): raise data.val_fraction or add prompts")
+        self.caption_bank = self._caption_bank()  # a bad bank fails before the search, not after it
 
     def setup(self, stage: str) -> None:
         if self.probe is None:
@@ -174,10 +176,10 @@ class BackdoorDetection(EncoderTask):
         dtype = getattr(torch, self.hparams.cache_dtype)
         # every process caches every prompt once (the probe set is small; sampler shards change per epoch)
         hp = self.hparams
-        self.train_cache = FeatureCache.build(self.encoder, self.anchor, self.probe, hp.max_length, dtype=dtype,
+        self.train_cache = FeatureCache.build(self.encoder, self.probe, hp.max_length, dtype=dtype,
                                               room=hp.trigger_length)
-        self.holdout_cache = FeatureCache.build(self.encoder, self.anchor, self.holdout, hp.max_length,
-                                                dtype=dtype, room=hp.trigger_length)
+        self.holdout_cache = FeatureCache.build(self.encoder, self.holdout, hp.max_length, dtype=dtype,
+                                                room=hp.trigger_length)
         rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
                        f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
 
@@ -190,8 +192,8 @@ class BackdoorDetection(EncoderTask):
 
     # ----- the search ---------------------------------------------------------------
     def _run(self, cache: FeatureCache, rows, vectors: Tensor | None, with_anchor: bool = True):
-        batch = cache.batch(rows)
-        return run_triggered(self.encoder, self.anchor, batch, vectors, self.hparams.position, with_anchor)
+        return run_triggered(self.encoder, self.anchor, cache.batch(rows), vectors, self.hparams.position,
+                             with_anchor)
 
     def training_step(self, rows: Tensor, batch_idx: int) -> Tensor:
         hp = self.hparams
@@ -222,7 +224,7 @@ class BackdoorDetection(EncoderTask):
             self.trainer.should_stop = True
 
     @torch.no_grad()
-    def evaluate(self, vectors: Tensor | None, with_anchor: bool = True) -> list[dict]:
+    def evaluate(self, vectors: Tensor | None) -> list[dict]:
         """Held-out scores per restart (one dict each; vectors None = clean prompts), summed over processes."""
         hp = self.hparams
         cache = self.holdout_cache
@@ -235,7 +237,7 @@ class BackdoorDetection(EncoderTask):
         feature = torch.zeros(reps, self.encoder.width, device=self.device, dtype=torch.float64)
         bs = max(1, 4 * hp.batch_size // reps)
         for i in range(0, len(rows), bs):
-            out = self._run(cache, rows[i:i + bs], vectors, with_anchor)
+            out = self._run(cache, rows[i:i + bs], vectors)
             b = len(rows[i:i + bs])
             same = (out.prompt_feature.view(reps, b, -1) * ref[:, None]).sum(-1)  # [R, B]
             loss = out.loss(hp.beta, hp.gamma, hp.pooled_gamma)
@@ -256,7 +258,7 @@ class BackdoorDetection(EncoderTask):
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
             pooled = self.trainer.strategy.reduce(pooled, reduce_op="sum")
             feature = self.trainer.strategy.reduce(feature, reduce_op="sum")
-        has_anchor = self.anchor is not None and with_anchor
+        has_anchor = self.anchor is not None
         results = []
         for r in range(reps):
             s = dict(zip(STATS, sums[r].tolist()))
@@ -283,11 +285,12 @@ class BackdoorDetection(EncoderTask):
         s["assimilation_lift"] = s["assimilation"] - base["random"]["assimilation"]
         if self.anchor is not None:
             # drift-normalised divergence from the anchor: under the trigger vs on clean prompts
-            floor = getattr(self.rule, "drift_floor", 0.02)
+            floor = getattr(self.rule, "drift_floor", DRIFT_FLOOR)
             s["clean_anchor_cos"] = base["clean"]["anchor_cos"]
-            s["divergence_ratio"] = (1 - s["anchor_cos"]) / max(1 - s["clean_anchor_cos"], floor)
+            s["divergence_ratio"] = drift_normalised_divergence(s["anchor_cos"], s["clean_anchor_cos"], floor)
             s["clean_anchor_pooled_cos"] = base["clean"]["anchor_pooled_cos"]
-            s["pooled_divergence_ratio"] = (1 - s["anchor_pooled_cos"]) / max(1 - s["clean_anchor_pooled_cos"], floor)
+            s["pooled_divergence_ratio"] = drift_normalised_divergence(s["anchor_pooled_cos"],
+                                                                       s["clean_anchor_pooled_cos"], floor)
             s["random_trigger_anchor_cos"] = base["random"]["anchor_cos"]
             s["assimilation_gap"] = s["assimilation"] - s["anchor_assimilation"]
         return s
@@ -382,7 +385,7 @@ class BackdoorDetection(EncoderTask):
         tokens = nearest_tokens(self.encoder, trigger.to(self.device), hp.position, hp.top_tokens)
         captions = self._nearest_captions()
         report = {
-            "model": self.model_label, "verdict": "BACKDOORED" if decision["backdoored"] else "clean",
+            "model": self.model_label, "verdict": self.verdict["verdict"],
             "backdoored": decision["backdoored"], "rule": self.rule.describe(), "decided_by": decision["decided_by"],
             "checks": decision["checks"], "scores": scores,
             "suspect": {"path": str(hp.suspect), "sha256": file_sha256(self.encoder.source_path)
@@ -414,7 +417,7 @@ class BackdoorDetection(EncoderTask):
 
     @torch.no_grad()
     def _nearest_captions(self) -> list[dict]:
-        bank = self._caption_bank()
+        bank = self.caption_bank
         emb = torch.cat([F.normalize(self.encoder.encode(bank[i:i + 128], max_length=self.hparams.max_length)
                                      .pooled.float(), dim=-1) for i in range(0, len(bank), 128)])
         sims = emb @ F.normalize(self._target_pooled.to(emb.device), dim=0)
@@ -428,10 +431,7 @@ class BackdoorDetection(EncoderTask):
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: caption bank not found")
-        lines = [ln.strip() for ln in p.read_text(errors="replace").splitlines() if ln.strip()]
-        if not lines:
-            raise ConfigError(f"{p}: caption bank is empty")
-        return list(dict.fromkeys(lines))
+        return list(dict.fromkeys(TextLines(p).texts))
 
     def configure_callbacks(self):
         from lit_amdet.callbacks import HessianSpectrum, LossLandscape
