@@ -108,6 +108,7 @@ def knn(
     metric: Metric = "euclidean",
     exclude_self: bool = True,
     ref_chunk_size: int | None = None,
+    query_offset: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact k-nearest neighbours by chunked matrix products.
 
@@ -122,8 +123,13 @@ def knn(
             from its own neighbour list. Exclusion is by index identity, so
             exact duplicates of *other* points remain neighbours at distance 0.
             Ignored when a distinct ``references`` set is given.
-        ref_chunk_size: number of reference rows scored at once (``None``: all
-            of them); partial top-k lists are merged across reference chunks.
+        ref_chunk_size: number of reference rows scored at once (``None``:
+            enough for a block of about 64 M distances, 256 MB in float32);
+            partial top-k lists are merged across reference chunks.
+        query_offset: the queries are rows ``query_offset ..`` of
+            ``references`` (a shard of a self-search, e.g. one process's or
+            one timing run's share): self-exclusion applies as if the whole
+            set were searched.
 
     Returns:
         ``(distances [N, k], indices [N, k])`` sorted by increasing distance,
@@ -133,7 +139,7 @@ def knn(
         expansion used for the search cancels badly there).
 
     Peak extra memory is about ``chunk_size * R * (itemsize + 1)`` bytes with
-    ``R = ref_chunk_size or M``, plus up to ``8 + itemsize`` bytes per element
+    ``R`` the reference chunk, plus up to ``8 + itemsize`` bytes per element
     for rows with ties at the k-th distance, plus an ``[M, D]`` normalised copy
     for the cosine metric. Runs on whatever device the inputs live on.
     """
@@ -148,19 +154,26 @@ def knn(
         raise ValueError("queries and references must have the same dimension")
     if r_all.dtype != q_all.dtype:
         r_all = r_all.to(q_all.dtype)
-    skip_self = self_mode and exclude_self
     n_q, n_r = q_all.shape[0], r_all.shape[0]
+    offset = 0
+    if query_offset is not None:
+        if self_mode or not 0 <= query_offset <= n_r - n_q:
+            raise ValueError(f"query_offset={query_offset} needs references holding the {n_q} queries "
+                             f"at rows query_offset.., and there are {n_r}")
+        offset, self_mode = query_offset, True
+    skip_self = self_mode and exclude_self
     available = n_r - 1 if skip_self else n_r
     if not 1 <= k <= available:
         raise ValueError(f"k={k} must be in [1, {available}] for {n_r} reference points")
 
     if metric == "cosine":
         q_all = torch.nn.functional.normalize(q_all, dim=1)
-        r_all = q_all if self_mode else torch.nn.functional.normalize(r_all, dim=1)
+        r_all = q_all if references is None or references is queries else torch.nn.functional.normalize(r_all, dim=1)
         r_sq = None
     else:
         r_sq = r_all.pow(2).sum(dim=1)
-    r_step = n_r if ref_chunk_size is None else ref_chunk_size
+    # Blocks of ~64 M distances: big enough for full-speed matrix products, small enough to bound memory.
+    r_step = ref_chunk_size if ref_chunk_size is not None else max(k, 2**26 // min(chunk_size, n_q))
 
     out_d = torch.empty(n_q, k, dtype=q_all.dtype, device=q_all.device)
     out_i = torch.empty(n_q, k, dtype=torch.int64, device=q_all.device)
@@ -179,11 +192,11 @@ def knn(
                 d.add_(q_sq).clamp_(min=0.0)
             else:
                 d = torch.mm(q, r.T).neg_().add_(1.0).clamp_(0.0, 2.0)
-            if skip_self:
-                lo, hi = max(qs, rs), min(qe, re_)
+            if skip_self:  # global row ids of this block's queries are offset + qs .. offset + qe
+                lo, hi = max(offset + qs, rs), min(offset + qe, re_)
                 if lo < hi:
                     g = torch.arange(lo, hi, device=d.device)
-                    d[g - qs, g - rs] = float("inf")
+                    d[g - offset - qs, g - rs] = float("inf")
             kk = min(k, re_ - rs)
             cd, ci = _smallest_k(d, kk)
             ci = ci + rs

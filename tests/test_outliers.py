@@ -130,6 +130,21 @@ def test_knn_chunked_equals_unchunked(chunk_size, ref_chunk_size):
     torch.testing.assert_close(i, i_ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_knn_query_shards_equal_the_whole_search(metric):
+    # query_offset: a slice of the set searched against all of it, self excluded by global row.
+    # Exact ties (integer data) only for L2: cosines of parallel vectors tie only up to rounding.
+    x = torch.from_numpy(integer_data(5) if metric == "euclidean"
+                         else np.random.default_rng(5).normal(size=(90, 8)))
+    d_all, i_all = knn(x, k=5, metric=metric, chunk_size=7)
+    for lo, hi in [(0, 13), (13, 40), (40, len(x))]:
+        d, i = knn(x[lo:hi], x, k=5, metric=metric, chunk_size=7, ref_chunk_size=11, query_offset=lo)
+        torch.testing.assert_close(i, i_all[lo:hi], rtol=0, atol=0)
+        torch.testing.assert_close(d, d_all[lo:hi])
+    with pytest.raises(ValueError, match="query_offset"):
+        knn(x[:10], x, k=3, query_offset=len(x) - 5)
+
+
 def test_knn_separate_references():
     rng = np.random.default_rng(4)
     q, r = rng.normal(size=(25, 4)), rng.normal(size=(40, 4))

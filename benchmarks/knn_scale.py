@@ -1,0 +1,130 @@
+"""Scale of the exact global kNN detectors (k-distance, LID, SLOF, DAO): seconds and peak memory.
+
+    python benchmarks/knn_scale.py [--sizes 20000 100000] [--large 1000000] [--shard 20000] [--dim 512] [--k 16]
+                                   [--device cpu] [--out benchmarks/results/knn_scale.json]
+
+Data: unit vectors drawn around 1,000 random centres on the sphere (CLIP
+embeddings are clustered), float32. For each of ``--sizes`` the whole
+`score_samples` pipeline runs end to end. For ``--large`` (1,000,000 by
+default) the full N x N search would take hours on a 2-core CPU, so the
+benchmark times the real thing on a shard: the first ``--shard`` query rows
+searched against all N references (`knn(..., query_offset=0)`, exactly what a
+process scoring that share of the set does), and then the detector stage
+(k-distance, LID, SLOF, DAO from the [N, k] lists) on full-size lists. Query
+blocks are independent, so the full search takes N / shard times the shard's
+seconds; the end-to-end sizes check that this linear extrapolation holds.
+Peak memory is the process's maximum resident set size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from lit_amdet.outliers import dao_score, kdist_score, knn, lid_score, score_samples, slof_score
+
+DETECTORS = ("kdist", "lid", "slof", "dao")
+
+
+def embeddings(n: int, dim: int, seed: int = 0, centres: int = 1000, spread: float = 0.5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    c = torch.nn.functional.normalize(torch.randn(centres, dim, generator=g), dim=1)
+    x = torch.empty(n, dim)
+    for s in range(0, n, 100_000):  # in blocks: no [n, dim] temporaries beyond the result
+        e = min(s + 100_000, n)
+        pick = torch.randint(centres, (e - s,), generator=g)
+        x[s:e] = torch.nn.functional.normalize(c[pick] + spread * torch.randn(e - s, dim, generator=g) / dim**0.5,
+                                               dim=1)
+    return x
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def end_to_end(n: int, args: argparse.Namespace) -> dict:
+    x = embeddings(n, args.dim).to(args.device)
+    sync(args.device)
+    t0 = time.perf_counter()
+    score_samples(x, DETECTORS, args.k, chunk_size=args.chunk_size)
+    sync(args.device)
+    return {"n": n, "mode": "end_to_end", "seconds": time.perf_counter() - t0, "peak_rss_gib": peak_rss_gib()}
+
+
+def sharded(n: int, args: argparse.Namespace) -> dict:
+    x = embeddings(n, args.dim).to(args.device)
+    sync(args.device)
+    t0 = time.perf_counter()
+    dist, idx = knn(x[: args.shard], x, k=args.k, chunk_size=args.chunk_size, query_offset=0)
+    sync(args.device)
+    shard_s = time.perf_counter() - t0
+    # the detector stage on full-size [n, k] lists (the shard's rows tiled: the cost does not depend on values)
+    reps = -(-n // args.shard)
+    full_d, full_i = dist.repeat(reps, 1)[:n], idx.repeat(reps, 1)[:n]
+    t1 = time.perf_counter()
+    kdist_score(full_d), lid_score(full_d), slof_score(full_d, full_i), dao_score(full_d, full_i)
+    sync(args.device)
+    scores_s = time.perf_counter() - t1
+    knn_s = shard_s * n / args.shard
+    return {"n": n, "mode": "sharded", "shard": args.shard, "shard_seconds": shard_s,
+            "knn_seconds_extrapolated": knn_s, "detector_seconds": scores_s,
+            "seconds": knn_s + scores_s, "peak_rss_gib": peak_rss_gib()}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| N | how | seconds | peak RSS (GiB) |", "|---|---|---|---|"]
+    for r in rows:
+        if r["mode"] == "end_to_end":
+            how = "measured end to end"
+        else:
+            how = (f"{r['shard']:,} x {r['n']:,} shard measured ({r['shard_seconds']:.0f} s), x {r['n'] // r['shard']}"
+                   f" for the full search; detector stage on [N, k] lists measured ({r['detector_seconds']:.1f} s)")
+        lines.append(f"| {r['n']:,} | {how} | {r['seconds']:,.0f} | {r['peak_rss_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="*", type=int, default=[20_000, 100_000])
+    parser.add_argument("--large", nargs="*", type=int, default=[1_000_000])
+    parser.add_argument("--shard", type=int, default=20_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--chunk_size", type=int, default=1024)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="benchmarks/results/knn_scale.json")
+    parser.add_argument("--markdown", action="store_true", help="only print the table of --out")
+    args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())["rows"]))
+        return
+    rows = []
+    # Each size in a fresh process would isolate peak RSS; one process is kept simple, so sizes run smallest
+    # first and the maximum RSS reported for a size is the maximum up to and including it.
+    for n in args.sizes:
+        rows.append(end_to_end(n, args))
+        print(rows[-1], flush=True)
+    for n in args.large:
+        rows.append(sharded(n, args))
+        print(rows[-1], flush=True)
+    meta = {"device": args.device, "threads": torch.get_num_threads(), "dim": args.dim, "k": args.k,
+            "chunk_size": args.chunk_size, "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""End to end: train a tiny CLIP on poisoned world data, then find the poisoned pairs with `lit-amdet scan_data`.
+
+    python benchmarks/scan_data_world.py [--work .cache/scan_data_world] [--out benchmarks/results/scan_data_world.json]
+                                         [--attacks badnets blend sig wanet nashville] [--num_samples 10000]
+                                         [--rates 0.001 0.01] [--steps 600]
+
+For each attack and poisoning rate: `write_poisoned_world` renders the data set
+(a ``rate`` fraction of the pairs get the image trigger and the caption
+"banana"), `ContrastiveTraining` pretrains a small CLIP on it from scratch
+through ``lit-amdet fit`` (configs/pretrain_clip.yaml with a smaller
+architecture), and ``lit-amdet scan_data --labels`` scores every pair with
+every detector. Also measured, so that a detection number is never read off a
+model that did not learn the backdoor: the attack success rate (fresh world
+images with the trigger whose nearest caption, among "banana" and 100 clean
+held-out captions, is "banana"; the same images without the trigger give the
+false-trigger rate) and the clean retrieval R@1 of the trained model.
+Results go to one JSON file; `--markdown` prints the BENCHMARKS.md table from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lit_amdet.cli import main as cli
+from lit_amdet.datamodules.poisoned import CAPTIONS, LABELS, write_poisoned_world
+from lit_amdet.poisoning import build_attack
+
+TARGET = "banana"
+DETECTORS = ["kdist", "lid", "slof", "dao", "iforest", "lof", "clip"]
+ARCH = {"family": "clip", "width": 96, "layers": 3, "heads": 4, "embed_dim": 96, "image_size": 32, "patch": 8}
+
+
+def train(data_csv: Path, out: Path, work: Path, steps: int, seed: int) -> float:
+    t0 = time.perf_counter()
+    cli(["fit", "--config", "configs/pretrain_clip.yaml", "--seed_everything", str(seed),
+         "--model.init_args.architecture", json.dumps(ARCH), "--model.init_args.output_dir", str(out),
+         "--model.init_args.warmup_steps", str(max(1, steps // 10)),
+         "--data.init_args.source", str(data_csv), "--data.init_args.image_column", "image",
+         "--data.init_args.num_samples", "null", "--data.init_args.val_fraction", "0.02",
+         "--data.init_args.num_workers", "1",
+         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "null",
+         "--trainer.check_val_every_n_epoch", "1000", "--trainer.num_sanity_val_steps", "0",
+         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+         "--trainer.default_root_dir", str(work / "runs")])
+    return time.perf_counter() - t0
+
+
+def scan(model: Path, data_csv: Path, out: Path, work: Path, k: int) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    cli(["scan_data", "--config", "configs/scan_data.yaml", "--model.init_args.encoder", str(model),
+                  "--data.init_args.source", str(data_csv), "--data.init_args.num_workers", "1",
+                  "--labels", str(data_csv.parent / LABELS), "--output_dir", str(out), "--k", str(k),
+                  "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                  "--trainer.default_root_dir", str(work / "runs")])
+    return json.loads((out / "report.json").read_text()), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def backdoor_success(model: Path, attack_name: str, attack_args: dict, seed: int, n: int = 200) -> dict:
+    """Attack success and clean R@1 of the trained model on world scenes it never saw (another seed)."""
+    from lit_amdet import load_encoder
+    from lit_amdet.world import World
+
+    enc = load_encoder(str(model)).eval()
+    attack = build_attack(attack_name, **attack_args)
+    world = World(seed=seed + 10_000, image_size=ARCH["image_size"], num_samples=n)
+    samples = [world[i] for i in range(n)]
+    clean_img = [s.image for s in samples]
+    captions = [s.caption for s in samples]
+    # the adapter's own image transform, as in training and scanning
+    transform = enc.image_transform()
+    pixels = torch.stack([transform(im) for im in clean_img])
+    trig = torch.stack([transform(attack(im)) for im in clean_img])
+    text = torch.nn.functional.normalize(enc.encode_text(captions[:100] + [TARGET]), dim=-1)
+    img = torch.nn.functional.normalize(enc.encode_image(pixels), dim=-1)
+    img_t = torch.nn.functional.normalize(enc.encode_image(trig), dim=-1)
+    target_col = text.shape[0] - 1
+    return {
+        "attack_success_rate": float(((img_t @ text.T).argmax(1) == target_col).float().mean()),
+        "false_trigger_rate": float(((img @ text.T).argmax(1) == target_col).float().mean()),
+        # clean t2i R@1 among the first 100 held-out pairs
+        "clean_r1": float(((text[:100] @ img[:100].T).argmax(1) == torch.arange(100)).float().mean()),
+    }
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    work = Path(args.work)
+    results = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else []
+    done = {(r["attack"], r["rate"], r["num_samples"], r["steps"]) for r in results}
+    for rate in args.rates:
+        for name in args.attacks:
+            key = (name, rate, args.num_samples, args.steps)
+            if key in done:
+                continue
+            attack_args = json.loads(args.attack_args).get(name, {})
+            run_dir = work / f"{name}-{rate}-{args.num_samples}-{args.steps}"
+            data_csv = run_dir / "data" / CAPTIONS
+            if not data_csv.is_file():
+                write_poisoned_world(run_dir / "data", args.num_samples, build_attack(name, **attack_args), rate,
+                                     target_caption=TARGET, seed=args.seed, image_size=ARCH["image_size"])
+            model = run_dir / "model"
+            train_s = train(data_csv, model, work, args.steps, args.seed) if not (model / "training.json").is_file() \
+                else json.loads((model / "training.json").read_text())["seconds"]
+            report, scan_s = scan(model, data_csv, run_dir / "scan", work, args.k)
+            row = {"attack": name, "attack_args": attack_args, "rate": rate, "num_samples": args.num_samples,
+                   "num_poisoned": report["num_poisoned"], "steps": args.steps, "k": args.k,
+                   "train_seconds": train_s, "scan_seconds": scan_s,
+                   **backdoor_success(model, name, attack_args, args.seed),
+                   "metrics": report["metrics"]}
+            results.append(row)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))  # after every run: resumable
+            print(json.dumps({k: v for k, v in row.items() if k != "metrics"}))
+    return results
+
+
+def markdown(rows: list[dict], detectors: list[str] = DETECTORS) -> str:
+    head = ("| attack | rate | poisoned / N | ASR | false trig. | clean R@1 | "
+            + " | ".join(detectors) + " |")
+    lines = [head, "|" + "---|" * (6 + len(detectors))]
+    for r in rows:
+        cells = [f"{r['metrics'][d]['auroc']:.3f} / {r['metrics'][d]['pr_auc']:.3f}" for d in detectors]
+        lines.append(f"| {r['attack']} | {100 * r['rate']:g} % | {r['num_poisoned']} / {r['num_samples']} | "
+                     f"{r['attack_success_rate']:.2f} | {r['false_trigger_rate']:.2f} | {r['clean_r1']:.2f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=".cache/scan_data_world")
+    parser.add_argument("--out", default="benchmarks/results/scan_data_world.json")
+    parser.add_argument("--attacks", nargs="+", default=["badnets", "blend", "sig", "wanet", "nashville"])
+    parser.add_argument("--attack_args", default="{}", help='JSON, e.g. {"badnets": {"size": 0.25}}')
+    parser.add_argument("--rates", nargs="+", type=float, default=[0.001, 0.01])
+    parser.add_argument("--num_samples", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", action="store_true", help="only print the table of --out")
+    args = parser.parse_args()
+    rows = json.loads(Path(args.out).read_text()) if args.markdown else run(args)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
