@@ -1,8 +1,8 @@
 """End to end: train a tiny CLIP on poisoned world data, then find the poisoned pairs with `lit-amdet scan_data`.
 
     python benchmarks/scan_data_world.py [--work .cache/scan_data_world] [--out benchmarks/results/scan_data_world.json]
-                                         [--attacks badnets blend sig wanet nashville] [--num_samples 10000]
-                                         [--rates 0.001 0.01] [--steps 600]
+                                         [--attacks badnets blend sig wanet nashville] [--num_samples 2000]
+                                         [--rates 0.005] [--steps 1000] [--k 16 64]
 
 For each attack and poisoning rate: `write_poisoned_world` renders the data set
 (a ``rate`` fraction of the pairs get the image trigger and the caption
@@ -92,11 +92,11 @@ def backdoor_success(model: Path, attack_name: str, attack_args: dict, seed: int
 def run(args: argparse.Namespace) -> list[dict]:
     work = Path(args.work)
     results = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else []
-    done = {(r["attack"], r["rate"], r["num_samples"], r["steps"]) for r in results}
+    done = {(r["attack"], r["rate"], r["num_samples"], r["steps"], r["k"]) for r in results}
     for rate in args.rates:
         for name in args.attacks:
-            key = (name, rate, args.num_samples, args.steps)
-            if key in done:
+            todo = [k for k in args.k if (name, rate, args.num_samples, args.steps, k) not in done]
+            if not todo:
                 continue
             attack_args = json.loads(args.attack_args).get(name, {})
             run_dir = work / f"{name}-{rate}-{args.num_samples}-{args.steps}"
@@ -107,26 +107,27 @@ def run(args: argparse.Namespace) -> list[dict]:
             model = run_dir / "model"
             train_s = train(data_csv, model, work, args.steps, args.seed) if not (model / "training.json").is_file() \
                 else json.loads((model / "training.json").read_text())["seconds"]
-            report, scan_s = scan(model, data_csv, run_dir / "scan", work, args.k)
-            row = {"attack": name, "attack_args": attack_args, "rate": rate, "num_samples": args.num_samples,
-                   "num_poisoned": report["num_poisoned"], "steps": args.steps, "k": args.k,
-                   "train_seconds": train_s, "scan_seconds": scan_s,
-                   **backdoor_success(model, name, attack_args, args.seed),
-                   "metrics": report["metrics"]}
-            results.append(row)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(results, indent=2))  # after every run: resumable
-            print(json.dumps({k: v for k, v in row.items() if k != "metrics"}))
-    return results
+            success = backdoor_success(model, name, attack_args, args.seed)
+            for k in todo:  # one trained model, scanned once per neighbourhood size
+                report, scan_s = scan(model, data_csv, run_dir / f"scan-k{k}", work, k)
+                row = {"attack": name, "attack_args": attack_args, "rate": rate, "num_samples": args.num_samples,
+                       "num_poisoned": report["num_poisoned"], "steps": args.steps, "k": k,
+                       "train_seconds": train_s, "scan_seconds": scan_s, **success, "metrics": report["metrics"]}
+                results.append(row)
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(results, indent=2))  # after every scan: resumable
+                print(json.dumps({key: v for key, v in row.items() if key != "metrics"}))
+    return sorted(results, key=lambda r: (r["rate"], r["k"], args.attacks.index(r["attack"])
+                                          if r["attack"] in args.attacks else 99))
 
 
 def markdown(rows: list[dict], detectors: list[str] = DETECTORS) -> str:
-    head = ("| attack | rate | poisoned / N | ASR | false trig. | clean R@1 | "
+    head = ("| attack | rate | poisoned / N | k | ASR | false trig. | clean R@1 | "
             + " | ".join(detectors) + " |")
-    lines = [head, "|" + "---|" * (6 + len(detectors))]
+    lines = [head, "|" + "---|" * (7 + len(detectors))]
     for r in rows:
         cells = [f"{r['metrics'][d]['auroc']:.3f} / {r['metrics'][d]['pr_auc']:.3f}" for d in detectors]
-        lines.append(f"| {r['attack']} | {100 * r['rate']:g} % | {r['num_poisoned']} / {r['num_samples']} | "
+        lines.append(f"| {r['attack']} | {100 * r['rate']:g} % | {r['num_poisoned']} / {r['num_samples']} | {r['k']} | "
                      f"{r['attack_success_rate']:.2f} | {r['false_trigger_rate']:.2f} | {r['clean_r1']:.2f} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -137,11 +138,12 @@ def main() -> None:
     parser.add_argument("--work", default=".cache/scan_data_world")
     parser.add_argument("--out", default="benchmarks/results/scan_data_world.json")
     parser.add_argument("--attacks", nargs="+", default=["badnets", "blend", "sig", "wanet", "nashville"])
-    parser.add_argument("--attack_args", default="{}", help='JSON, e.g. {"badnets": {"size": 0.25}}')
-    parser.add_argument("--rates", nargs="+", type=float, default=[0.001, 0.01])
-    parser.add_argument("--num_samples", type=int, default=10_000)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--k", type=int, default=16)
+    # a 4-pixel BadNets patch on the 32-pixel images (the default 1/16 of the side would be 2 pixels)
+    parser.add_argument("--attack_args", default='{"badnets": {"size": 0.125}}', help="JSON: attack -> arguments")
+    parser.add_argument("--rates", nargs="+", type=float, default=[0.005])
+    parser.add_argument("--num_samples", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--k", nargs="+", type=int, default=[16, 64])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", action="store_true", help="only print the table of --out")
     args = parser.parse_args()
