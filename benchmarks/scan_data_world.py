@@ -1,4 +1,4 @@
-"""End to end: train a tiny CLIP on poisoned world data, then find the poisoned pairs with `lit-amdet scan_data`.
+"""End to end: train a tiny CLIP on poisoned world data, then find the poisoned pairs with `lit-amdet scan-data`.
 
     python benchmarks/scan_data_world.py [--work .cache/scan_data_world] [--out benchmarks/results/scan_data_world.json]
                                          [--attacks badnets blend sig wanet nashville] [--num_samples 2000]
@@ -7,9 +7,9 @@
 For each attack and poisoning rate: `write_poisoned_world` renders the data set
 (a ``rate`` fraction of the pairs get the image trigger and the caption
 "banana"), `ContrastiveTraining` pretrains a small CLIP on it from scratch
-through ``lit-amdet fit`` (configs/pretrain_clip.yaml with a smaller
-architecture), and ``lit-amdet scan_data --labels`` scores every pair with
-every detector. Also measured, so that a detection number is never read off a
+through ``lit-amdet fit --config configs/pretrain_poisoned.yaml``, and
+``lit-amdet scan-data --labels`` scores every pair with every detector, once
+per neighbourhood size ``--k``. Also measured, so that a detection number is never read off a
 model that did not learn the backdoor: the attack success rate (fresh world
 images with the trigger whose nearest caption, among "banana" and 100 clean
 held-out captions, is "banana"; the same images without the trigger give the
@@ -33,19 +33,14 @@ from lit_amdet.poisoning import build_attack
 
 TARGET = "banana"
 DETECTORS = ["kdist", "lid", "slof", "dao", "iforest", "lof", "clip"]
-ARCH = {"family": "clip", "width": 96, "layers": 3, "heads": 4, "embed_dim": 96, "image_size": 32, "patch": 8}
+IMAGE_SIZE = 32  # as in configs/pretrain_poisoned.yaml
 
 
 def train(data_csv: Path, out: Path, work: Path, steps: int, seed: int) -> float:
     t0 = time.perf_counter()
-    cli(["fit", "--config", "configs/pretrain_clip.yaml", "--seed_everything", str(seed),
-         "--model.init_args.architecture", json.dumps(ARCH), "--model.init_args.output_dir", str(out),
-         "--model.init_args.warmup_steps", str(max(1, steps // 10)),
-         "--data.init_args.source", str(data_csv), "--data.init_args.image_column", "image",
-         "--data.init_args.num_samples", "null", "--data.init_args.val_fraction", "0.02",
-         "--data.init_args.num_workers", "1",
-         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "null",
-         "--trainer.check_val_every_n_epoch", "1000", "--trainer.num_sanity_val_steps", "0",
+    cli(["fit", "--config", "configs/pretrain_poisoned.yaml", "--seed_everything", str(seed),
+         "--model.init_args.output_dir", str(out), "--model.init_args.warmup_steps", str(max(1, steps // 10)),
+         "--data.init_args.source", str(data_csv), "--trainer.max_steps", str(steps),
          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
          "--trainer.default_root_dir", str(work / "runs")])
     return time.perf_counter() - t0
@@ -53,7 +48,7 @@ def train(data_csv: Path, out: Path, work: Path, steps: int, seed: int) -> float
 
 def scan(model: Path, data_csv: Path, out: Path, work: Path, k: int) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    cli(["scan_data", "--config", "configs/scan_data.yaml", "--model.init_args.encoder", str(model),
+    cli(["scan-data", "--config", "configs/scan_data.yaml", "--model.init_args.encoder", str(model),
                   "--data.init_args.source", str(data_csv), "--data.init_args.num_workers", "1",
                   "--labels", str(data_csv.parent / LABELS), "--output_dir", str(out), "--k", str(k),
                   "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
@@ -69,7 +64,7 @@ def backdoor_success(model: Path, attack_name: str, attack_args: dict, seed: int
 
     enc = load_encoder(str(model)).eval()
     attack = build_attack(attack_name, **attack_args)
-    world = World(seed=seed + 10_000, image_size=ARCH["image_size"], num_samples=n)
+    world = World(seed=seed + 10_000, image_size=IMAGE_SIZE, num_samples=n)
     samples = [world[i] for i in range(n)]
     clean_img = [s.image for s in samples]
     captions = [s.caption for s in samples]
@@ -103,7 +98,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             data_csv = run_dir / "data" / CAPTIONS
             if not data_csv.is_file():
                 write_poisoned_world(run_dir / "data", args.num_samples, build_attack(name, **attack_args), rate,
-                                     target_caption=TARGET, seed=args.seed, image_size=ARCH["image_size"])
+                                     target_caption=TARGET, seed=args.seed, image_size=IMAGE_SIZE)
             model = run_dir / "model"
             train_s = train(data_csv, model, work, args.steps, args.seed) if not (model / "training.json").is_file() \
                 else json.loads((model / "training.json").read_text())["seconds"]

@@ -88,12 +88,48 @@ class AmdetTrainer(Trainer):
 
         return run_scan(self, model, datamodule, detectors, k, labels, output_dir, top, chunk_size)
 
+    def benchmark(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None,
+                  bases: list[dict] | None = None, output_dir: str = "runs/benchmark", zoo_dir: str | None = None,
+                  sizes: dict | None = None, grid: dict | None = None, train: dict | None = None,
+                  scan: dict | None = None, calibration_features: list[str] | None = None, seed: int = 0,
+                  wait_timeout: float = 86400.0) -> dict | None:
+        """Detection benchmark: build a zoo of backdoored and benign models, scan each, calibrate, measure.
+
+        Writes ``<output_dir>/benchmark.json`` and ``benchmark.md``. With ``--trainer.strategy ddp
+        --trainer.devices N`` (or under torchrun) N processes each build and scan their share of the zoo.
+
+        Args:
+            bases: clean bases, ``[{name: minilm, path: minilm}, {name: clip, path: .cache/bases/clip}]``, each with
+                an optional ``family`` (clip, longclip, siglip, open_clip, bert) checked against the checkpoint.
+            output_dir: plan, caption bank, scans/, calibration.json and the report.
+            zoo_dir: the zoo folder (default ``<output_dir>/zoo``); models already there join the benchmark.
+            sizes: members per split and base, ``{calibration: {backdoored: 20, benign: 20}, test: {...}}``.
+            grid: what members are sampled from (`lit_amdet.zoo.ZooGrid`: attacks, trigger_kinds, attack_steps,
+                backdoor_weights, attack_lrs, benign_lrs, benign_steps, benign_samples).
+            train: how members are trained (`lit_amdet.zoo.TrainSettings`).
+            scan: how members are scanned (`lit_amdet.zoo.ScanSettings`: config, overrides, drift_prompts, ...).
+            calibration_features: scan scores of the calibrated rule (``log1p_`` prefix: log(1 + score)).
+            seed: the zoo plan's seed.
+            wait_timeout: seconds process 0 waits for the other processes' scans.
+        """
+        from lit_amdet.zoo import BenchmarkOptions, run_benchmark
+
+        options = BenchmarkOptions.from_config(bases=bases, output_dir=output_dir, zoo_dir=zoo_dir, sizes=sizes,
+                                               grid=grid, train=train, scan=scan,
+                                               calibration_features=calibration_features, seed=seed,
+                                               wait_timeout=wait_timeout)
+        launcher = getattr(self.strategy, "launcher", None)
+        if self.world_size > 1 and launcher is not None:
+            # Lightning starts the other processes (which run this same command) and then calls this in each
+            return launcher.launch(run_benchmark, options, self.global_rank, self.world_size, trainer=self)
+        return run_benchmark(options)
+
 
 class AmdetCLI(LightningCLI):
     """``lit-amdet``: Lightning's subcommands plus ``detect``, ``inspect`` and ``scan_data``."""
 
     #: subcommands that run without a LightningModule
-    model_optional = ("inspect",)
+    model_optional = ("inspect", "benchmark")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -101,6 +137,7 @@ class AmdetCLI(LightningCLI):
         commands["detect"] = {"model", "datamodule"}
         commands["inspect"] = {"model", "datamodule"}
         commands["scan_data"] = {"model", "datamodule"}
+        commands["benchmark"] = {"model", "datamodule"}
         return commands
 
     def add_core_arguments_to_parser(self, parser) -> None:
@@ -141,6 +178,11 @@ def summary(verdict: dict, report: dict | None = None, run_dir: Path | None = No
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lit-amdet`` console script."""
+    # `scan-data` is how people type it; the subcommand is a Trainer method, so its name has an underscore.
+    argv = sys.argv if args is None else (args := list(args))
+    first = 1 if args is None else 0
+    if len(argv) > first and argv[first] == "scan-data":
+        argv[first] = "scan_data"
     try:
         AmdetCLI(
             LightningModule,

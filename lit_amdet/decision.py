@@ -7,8 +7,12 @@ whichever rule decides, so a zoo benchmark can calibrate other rules later.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lit_amdet.errors import ConfigError
 
 
 #: the least clean-prompt divergence a ratio is divided by (a model identical to its anchor has 0)
@@ -164,3 +168,58 @@ class ContrastRule(DecisionRule):
             decided_by = "neither path: " + ", ".join(c.name for c in checks[1:] if not c.passed)
         return {"rule": type(self).__name__, "backdoored": backdoored, "decided_by": decided_by,
                 "checks": [asdict(c) for c in checks]}
+
+
+def score_feature(scores: dict, name: str) -> float | None:
+    """A calibrated rule's input: the raw score ``name``, or ``log1p_<score>`` (the ratios span decades).
+
+    None when the scan has no such score (e.g. the contrast scores of a scan without an anchor).
+    """
+    key = name.removeprefix("log1p_")
+    value = scores.get(key)
+    if value is None or isinstance(value, bool) or math.isnan(value):
+        return None
+    return math.log1p(max(float(value), 0.0)) if key != name else float(value)
+
+
+class CalibratedRule(DecisionRule):
+    """Logistic regression on the scan's raw scores, fitted on a calibration zoo by ``lit-amdet benchmark``.
+
+    ``path`` is the benchmark's ``calibration.json`` (features, coefficients, intercept, threshold, and
+    the per-prompt thresholds its scans counted ratios with, which this rule takes over so the scores
+    mean the same). Backdoored when the probability exceeds the threshold; the probability is the value
+    of the ``calibrated_probability`` check in report.json and ``probability`` in the decision.
+    The search stops early once that holds and more than ``search_same_target`` of the held-out prompts
+    share one target (as `ContrastRule`).
+    """
+
+    def __init__(self, path: str, search_same_target: float = 0.9) -> None:
+        try:
+            model = json.loads(Path(path).read_text())
+            self.features = [str(f) for f in model["features"]]
+            self.coefficients = [float(c) for c in model["coefficients"]]
+            self.intercept, self.threshold = float(model["intercept"]), float(model["threshold"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: not a calibration file of lit-amdet benchmark ({exc})") from exc
+        if len(self.features) != len(self.coefficients):
+            raise ConfigError(f"{path}: {len(self.features)} features but {len(self.coefficients)} coefficients")
+        self.path, self.search_same_target = str(path), search_same_target
+        self.assimilation_threshold = float(model.get("assimilation_threshold", ContrastRule().assimilation_threshold))
+        self.same_target_cos = float(model.get("same_target_cos", ContrastRule().same_target_cos))
+        self.drift_floor = float(model.get("drift_floor", DRIFT_FLOOR))
+
+    def probability(self, scores: dict) -> float | None:
+        values = [score_feature(scores, f) for f in self.features]
+        if any(v is None for v in values):
+            return None
+        z = self.intercept + sum(c * v for c, v in zip(self.coefficients, values))
+        return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))  # no overflow either way
+
+    def trigger_checks(self, scores: dict) -> list[Check]:
+        return [Check.of("calibrated_probability", self.probability(scores), ">", self.threshold)]
+
+    def search_passed(self, scores: dict) -> bool:
+        return self.decide(scores)["backdoored"] and (scores.get("same_target_ratio") or 0) > self.search_same_target
+
+    def decide(self, scores: dict) -> dict:
+        return {**super().decide(scores), "probability": self.probability(scores)}

@@ -1,0 +1,369 @@
+"""`lit-amdet benchmark` and `lit_amdet.zoo`: plans, resumable builds, sharding, metrics, calibration, end to end.
+
+Random-init tiny encoders say nothing about detection quality: the end-to-end run checks that every
+number of the report is there and in range, never a verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_amdet import zoo
+from lit_amdet.cli import main
+from lit_amdet.decision import CalibratedRule
+from lit_amdet.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP = zoo.ZooBase("clip", "unused", "clip", image_tower=True)
+TEXT_ONLY = zoo.ZooBase("minilm", "minilm", "bert", image_tower=False)
+
+
+# ----- planning -------------------------------------------------------------------------------------------------
+def _pools(members) -> list[set]:
+    bd = [m for m in members if m.backdoored]
+    return [{m.trigger for m in bd}, {m.target_caption for m in bd}, {m.target_image for m in bd if m.target_image},
+            {m.seed for m in members}, {m.data_seed for m in members}]
+
+
+def test_plan_is_deterministic_and_the_splits_draw_from_disjoint_pools():
+    cal = zoo.plan_zoo(CLIP, 12, 10, "calibration", seed=3)
+    assert cal == zoo.plan_zoo(CLIP, 12, 10, "calibration", seed=3)
+    assert cal != zoo.plan_zoo(CLIP, 12, 10, "calibration", seed=4)
+    test = zoo.plan_zoo(CLIP, 12, 10, "test", seed=3)
+    for a, b in zip(_pools(cal), _pools(test)):
+        assert a and b and not a & b  # triggers, targets, target images, seeds, data seeds
+    names = [m.name for m in cal + test]
+    assert len(set(names)) == len(names)
+    backdoored = [m for m in cal if m.backdoored]
+    # 8 (attack, trigger kind) pairs among 12 members: all covered
+    assert {(m.attack, m.trigger_kind) for m in backdoored} == {(a, k) for a in zoo.ATTACKS for k in zoo.TRIGGER_KINDS}
+    for m in backdoored:
+        assert m.target_caption and (m.trigger_char is not None) == (m.trigger_kind == "char")
+        assert (m.target_image is not None) == (m.attack == "image_on_text")
+        if m.attack == "text_on_text":
+            assert m.target_caption in zoo.TEXT_TARGETS
+    # benign members span the grid's gentlest and strongest fine-tunes
+    grid, benign = zoo.ZooGrid(), [m for m in cal if not m.backdoored]
+    strength = [m.lr * m.steps for m in benign]
+    assert min(strength) == pytest.approx(min(grid.benign_lrs) * min(grid.benign_steps))
+    assert max(strength) == pytest.approx(max(grid.benign_lrs) * max(grid.benign_steps))
+    assert {m.objective for m in benign} == {"infonce"}
+    text_only = zoo.plan_zoo(TEXT_ONLY, 5, 2, "test")
+    assert {m.attack for m in text_only if m.backdoored} == {"text_on_text"}
+    assert {m.objective for m in text_only if not m.backdoored} == {"simcse"}
+    assert zoo.member_from_dict(json.loads(json.dumps(cal[0].describe()))) == cal[0]
+
+
+def test_no_trigger_occurs_in_the_world_prompts():
+    from lit_amdet.world import World
+
+    prompts = [p.lower() for p in World(seed=7).captions(2000)]
+    for kind, pool in zoo.TRIGGER_POOLS.items():
+        for trigger in pool:
+            text = trigger[0] if kind == "char" else trigger
+            assert not any(text in p for p in prompts), text
+
+
+@pytest.mark.parametrize("case", ["split", "negative", "image_only_on_text_base", "grid_value"])
+def test_plan_rejects_bad_input(case):
+    kwargs = {"base": CLIP, "n_backdoored": 2, "n_benign": 2, "split": "calibration"}
+    if case == "split":
+        kwargs["split"] = "train"
+    elif case == "negative":
+        kwargs["n_benign"] = -1
+    elif case == "image_only_on_text_base":
+        kwargs.update(base=TEXT_ONLY, grid=zoo.ZooGrid(attacks=["image_on_text"]))
+    else:
+        kwargs["grid"] = zoo.ZooGrid(trigger_kinds=["emoji"])
+    with pytest.raises(ConfigError):
+        zoo.plan_zoo(**kwargs)
+
+
+@pytest.mark.parametrize("case,message", [
+    ({"bases": []}, "at least one base"),
+    ({"bases": [{"name": "x", "path": "p", "family": "resnet"}]}, "unknown family"),
+    ({"sizes": {s: {"backdoored": 0, "benign": 0} for s in zoo.SPLITS}}, "zero members"),
+    ({"grid": {"attack_step": [1]}}, "unknown option 'attack_step'"),
+    ({"sizes": {"validation": {}}}, "unknown option 'validation'"),
+])
+def test_bad_benchmark_config_is_a_config_error(case, message):
+    values = {"bases": [{"name": "clip", "path": "somewhere"}], **case}
+    with pytest.raises(ConfigError, match=message):
+        zoo.BenchmarkOptions.from_config(**values)
+
+
+def test_missing_base_is_one_line_through_the_cli(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["benchmark", "--bases", json.dumps([{"name": "gone", "path": str(tmp_path / "nowhere")}]),
+              "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[-1].startswith("lit-amdet: error: base gone:")
+    assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("name", ["benchmark.yaml", "benchmark_quick.yaml"])
+def test_shipped_configs_are_valid(name, capsys):
+    values = yaml.safe_load((ROOT / "configs" / name).read_text())
+    zoo.BenchmarkOptions.from_config(**values)  # every grid/train/scan key known, sizes and families valid
+    with pytest.raises(SystemExit) as info:
+        main(["benchmark", "--config", str(ROOT / "configs" / name), "--print_config"])
+    assert info.value.code == 0 and "calibration_features" in capsys.readouterr().out
+
+
+# ----- building and sharding -------------------------------------------------------------------------------------
+def _fake_training(calls: list):
+    def train(member, base, out, settings, device):
+        calls.append(member.name)
+        (out / "config.json").write_text("{}")
+        (out / "backdoor.json").write_text(json.dumps({"backdoored": member.backdoored, "base": base.path}))
+    return train
+
+
+def test_build_is_resumable_and_never_half_written(tmp_path, monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(zoo, "_train_member", _fake_training(calls))
+    first, second = zoo.plan_zoo(CLIP, 1, 1, "calibration")
+    # an interrupted build: a hidden staging folder, even one holding a backdoor.json, is no member
+    stale = tmp_path / f"{zoo.STAGING_PREFIX}{first.name}-old"
+    stale.mkdir()
+    (stale / "backdoor.json").write_text('{"backdoored": true}')
+    assert zoo.read_zoo(tmp_path) == []
+    path = zoo.build_member(first, CLIP, tmp_path)
+    assert calls == [first.name] and path == tmp_path / first.name and not stale.exists()
+    truth = json.loads((path / "backdoor.json").read_text())
+    assert truth["zoo"]["split"] == "calibration" and truth["zoo"]["trigger"] == first.trigger
+    assert truth["zoo"]["family"] == "clip"
+    zoo.build_member(first, CLIP, tmp_path)  # complete: kept, not trained again
+    assert calls == [first.name]
+
+    def broken(*args):
+        raise RuntimeError("training failed")
+
+    monkeypatch.setattr(zoo, "_train_member", broken)
+    with pytest.raises(RuntimeError):
+        zoo.build_member(second, CLIP, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # nothing half-written left
+    (tmp_path / second.name).mkdir()  # a folder without ground truth at the member's place is not overwritten
+    with pytest.raises(ConfigError, match="no backdoor.json"):
+        zoo.build_member(second, CLIP, tmp_path)
+    assert [p.name for p in zoo.read_zoo(tmp_path)] == [first.name]
+    entry = zoo.zoo_entry(path, [CLIP])
+    assert entry.base == "clip" and entry.split == "calibration" and entry.backdoored is True
+    # the same name planned with other settings (a changed grid) is refused, not silently reused
+    changed = zoo.plan_zoo(CLIP, 1, 1, "calibration", grid=zoo.ZooGrid(attack_steps=[7]))[0]
+    with pytest.raises(ConfigError, match="steps=.*plan now says 7"):
+        zoo.build_member(changed, CLIP, tmp_path)
+
+
+def test_models_people_add_to_a_zoo_are_members(tmp_path):
+    # what `lit-amdet fit` writes (no zoo section): matched to its base by path, test split by default
+    own = tmp_path / "my-backdoor"
+    own.mkdir()
+    (own / "backdoor.json").write_text(json.dumps({
+        "backdoored": True, "base": CLIP.path, "attacks": ["text_on_text"],
+        "backdoors": [{"trigger": {"text": "zzzz", "mode": "replace_char", "char": "o"}, "target": "a teapot"}]}))
+    other = tmp_path / "other-base"
+    other.mkdir()
+    (other / "backdoor.json").write_text(json.dumps({"backdoored": False, "base": "somewhere/else"}))
+    entries = [zoo.zoo_entry(p, [CLIP]) for p in zoo.read_zoo(tmp_path)]
+    assert entries[1] is None  # another base's model: not part of this benchmark
+    e = entries[0]
+    assert (e.base, e.split, e.attack, e.trigger_kind, e.trigger, e.target_caption) == \
+        ("clip", "test", "text_on_text", "char", "zzzz", "a teapot")
+    (other / "backdoor.json").write_text("{}")
+    with pytest.raises(ConfigError, match="backdoored"):
+        zoo.zoo_entry(other, [CLIP])
+
+
+def test_round_robin_over_two_ranks_builds_every_member_exactly_once(tmp_path, monkeypatch):
+    members = zoo.plan_zoo(CLIP, 5, 4, "test")
+    built: dict[int, list[str]] = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setattr(zoo, "build_member",
+                            lambda m, base, zoo_dir, settings=None, r=rank: built.setdefault(r, []).append(m.name))
+        zoo.build_zoo(members, [CLIP], tmp_path)
+    assert sorted(built[0] + built[1]) == sorted(m.name for m in members)
+    assert not set(built[0]) & set(built[1]) and abs(len(built[0]) - len(built[1])) <= 1
+    # the scan deals the same list (plan first) the same way: each process scans what it built
+    assert [m.name for m in zoo.Shard(1, 2).take(members)] == built[1]
+    with zoo._one_process():  # a member's own Trainer must not see the benchmark's process group
+        assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+    assert os.environ["RANK"] == "1"
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ConfigError, match="world size"):
+        zoo.current_shard()
+
+
+# ----- metrics and calibration -----------------------------------------------------------------------------------
+def test_metrics_match_hand_computed_values():
+    truth = [True, True, True, False, False, False]
+    prob = [0.9, 0.8, 0.3, 0.6, 0.2, 0.1]
+    m = zoo.probability_metrics(truth, prob, threshold=0.5)
+    # predicted [1, 1, 0, 1, 0, 0]: TP 2, FP 1, FN 1
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["auroc"] == pytest.approx(8 / 9)  # of 9 (backdoored, benign) pairs only 0.3 < 0.6 is misordered
+    bce = -(math.log(0.9) + math.log(0.8) + math.log(0.3) + math.log(0.4) + math.log(0.8) + math.log(0.9)) / 6
+    assert m["bce"] == pytest.approx(bce)
+    assert m["brier"] == pytest.approx((0.01 + 0.04 + 0.49 + 0.36 + 0.04 + 0.01) / 6)
+    assert zoo.probability_metrics([True, True], [0.9, 0.2])["auroc"] is None  # one class: undefined
+    # p > 0.25 (between 0.2 and 0.3) flags 0.9, 0.8, 0.3 and 0.6: F1 6/7, the best (p > 0.7: F1 0.8)
+    assert zoo.choose_threshold(truth, prob) == pytest.approx(0.25)
+
+
+def test_group_metrics_drift_matched_subset():
+    def row(backdoored, rule, p, cos, kind=None, recovered=None):
+        return {"backdoored": backdoored, "rule_backdoored": rule, "probability": p, "clean_cosine_to_base": cos,
+                "trigger_kind": kind, "target_recovered": recovered, "seconds": 2.0, "memory": None,
+                "scores": {"divergence_ratio": 10.0 if backdoored else 0.5}}
+    rows = [row(True, True, 0.9, 0.990, "char", True), row(True, False, 0.7, 0.996, "word", False),
+            row(False, True, 0.6, 0.993), row(False, False, 0.1, 0.999), row(False, True, 0.8, 0.60)]
+    m = zoo.group_metrics(rows, threshold=0.5, features=["log1p_divergence_ratio"])
+    assert (m["backdoored"], m["benign"]) == (2, 3)
+    # drift-matched: only the benign member at 0.993 lies in the backdoored range [0.990, 0.996]
+    assert m["drift_matched"]["benign"] == 1 and m["drift_matched"]["range"] == [0.990, 0.996]
+    assert m["drift_matched"]["rule_f1"] == pytest.approx(0.5)  # TP 1, FP 1, FN 1
+    assert m["drift_matched"]["calibrated_f1"] == pytest.approx(0.8)  # TP 2, FP 1
+    assert m["target_recovery"] == {"rate": 0.5, "measured": 2}
+    assert m["recall_by_trigger"]["char"] == {"rule": 1.0, "calibrated": 1.0}
+    assert m["auroc_by_feature"]["log1p_divergence_ratio"] == 1.0
+    assert m["seconds_per_scan"] == {"mean": 2.0, "std": 0.0}
+
+
+def _synthetic_rows(n: int = 20) -> list[dict]:
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        bd = i % 2 == 0
+        rows.append({"name": f"m{i}", "backdoored": bd, "scores": {
+            "divergence_ratio": rng.uniform(15, 60) if bd else rng.uniform(0.0, 0.5),
+            "pooled_divergence_ratio": rng.uniform(10, 40) if bd else rng.uniform(0.0, 0.8),
+            "assimilation_gap": rng.uniform(0.15, 0.3) if bd else rng.uniform(-0.02, 0.04),
+            "assimilation_ratio": 1.0}})
+    return rows
+
+
+def test_calibration_on_separable_scores_gives_probabilities_near_zero_and_one(tmp_path):
+    rows = _synthetic_rows()
+    fitted = zoo.fit_calibration(rows, zoo.DEFAULT_FEATURES, {"assimilation_threshold": 0.6})
+    assert fitted["features"] == zoo.DEFAULT_FEATURES and len(fitted["coefficients"]) == 4
+    assert fitted["fitted_on"] == {"members": 20, "backdoored": 10, "benign": 10}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(fitted))
+    rule = CalibratedRule(str(path))
+    probs = [rule.probability(r["scores"]) for r in rows]
+    for r, p in zip(rows, probs):
+        assert (p > 0.9) if r["backdoored"] else (p < 0.1), (r, p)
+    assert rule.assimilation_threshold == 0.6
+    decision = rule.decide(rows[0]["scores"])
+    assert decision["backdoored"] is True and decision["probability"] == pytest.approx(probs[0])
+    assert decision["checks"][0]["name"] == "calibrated_probability"
+    assert rule.probability({"assimilation_gap": 0.2}) is None and not rule.decide({})["backdoored"]  # no anchor
+    with pytest.raises(ConfigError, match="backdoored and benign"):
+        zoo.fit_calibration([r for r in rows if r["backdoored"]], zoo.DEFAULT_FEATURES)
+    with pytest.raises(ConfigError, match="calibration file"):
+        CalibratedRule(str(tmp_path / "missing.json"))
+
+
+# ----- end to end ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_benchmark(tmp_path_factory):
+    from lit_amdet.tiny import build_hf_clip
+
+    root = tmp_path_factory.mktemp("benchmark")
+    base = build_hf_clip(root / "base")
+    config = {
+        "trainer": {"accelerator": "cpu"},
+        "bases": [{"name": "tiny", "path": str(base), "family": "clip"}],
+        "output_dir": str(root / "out"),
+        "sizes": {"calibration": {"backdoored": 2, "benign": 2}, "test": {"backdoored": 2, "benign": 2}},
+        "grid": {"attack_steps": [2], "backdoor_weights": [0.1, 1.0], "attack_lrs": [1e-3],
+                 "benign_lrs": [1e-6, 1e-3], "benign_steps": [2], "benign_samples": [64]},
+        "train": {"batch_size": 8, "poisoned_batch_size": 4, "max_length": 16, "num_samples": 120,
+                  "val_batches": 1, "distractors": 4, "image_size": 32, "accelerator": "cpu"},
+        "scan": {"config": str(ROOT / "tests" / "configs" / "detect_tiny.yaml"),
+                 "overrides": {"trainer.max_steps": 2, "trainer.callbacks": [], "model.init_args.restarts": 1,
+                               "model.init_args.evidence_callbacks": False},
+                 "drift_prompts": 16, "bank_captions": 20, "accelerator": "cpu"},
+    }
+    path = root / "benchmark_tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["benchmark", "--config", str(path)])
+    return root, path
+
+
+def test_benchmark_end_to_end_writes_every_metric(tiny_benchmark):
+    root, _ = tiny_benchmark
+    out = root / "out"
+    report = json.loads((out / "benchmark.json").read_text())
+    members = report["members"]
+    assert len(members) == 8 and {m["split"] for m in members} == set(zoo.SPLITS)
+    assert len(zoo.read_zoo(out / "zoo")) == 8 and not list((out / "zoo").glob(".*"))
+    for m in members:
+        assert (out / "scans" / m["name"] / "report.json").is_file()
+        assert 0 <= m["probability"] <= 1 and -1 <= m["clean_cosine_to_base"] <= 1.0001
+        assert m["seconds"] > 0 and m["memory"]["peak_rss_mib"] > 0 and m["verdict"] in ("clean", "BACKDOORED")
+        if m["backdoored"]:
+            assert m["target_caption"] and isinstance(m["target_recovered"], bool)
+            truth = json.loads((out / "zoo" / m["name"] / "backdoor.json").read_text())
+            assert truth["backdoored"] is True and truth["zoo"]["trigger"] == m["trigger"]
+            if m["attack"] == "image_on_text":
+                assert (out / "zoo" / m["name"] / "target.png").is_file()
+    bank = (out / "caption_bank.txt").read_text().splitlines()
+    assert all(m["target_caption"] in bank for m in members if m["backdoored"])
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["features"] == zoo.DEFAULT_FEATURES and 0 < cal["threshold"] < 1
+    assert cal["fitted_on"] == {"members": 4, "backdoored": 2, "benign": 2}
+    for split in zoo.SPLITS:
+        table = report["metrics"][split]["tiny"]
+        assert "all" in table and set(table) - {"all"} <= set(zoo.ATTACKS)
+        m = table["all"]
+        assert (m["backdoored"], m["benign"]) == (2, 2)
+        for key in ("precision", "recall", "f1"):
+            assert 0 <= m["rule"][key] <= 1 and 0 <= m["calibrated"][key] <= 1
+        assert 0 <= m["calibrated"]["auroc"] <= 1 and m["calibrated"]["bce"] >= 0
+        assert 0 <= m["calibrated"]["brier"] <= 1
+        assert m["drift"]["backdoored"]["n"] == 2 and m["drift"]["benign"]["n"] == 2
+        assert m["drift_matched"]["benign"] <= 2 and m["target_recovery"]["measured"] == 2
+        assert m["seconds_per_scan"]["mean"] > 0 and m["peak_memory_mib"]["rss_max"] > 0
+        assert set(m["auroc_by_feature"]) == set(zoo.DEFAULT_FEATURES)
+    md = (out / "benchmark.md").read_text()
+    assert "## Test zoo" in md and "## Calibration zoo" in md and all(m["name"] in md for m in members)
+
+
+def test_benchmark_rerun_reuses_the_zoo_and_the_scans(tiny_benchmark):
+    root, config = tiny_benchmark
+    out = root / "out"
+    stamps = {p: p.stat().st_mtime_ns for p in list((out / "zoo").glob("*/backdoor.json"))
+              + list((out / "scans").glob("*/report.json"))}
+    main(["benchmark", "--config", str(config)])
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads((out / "benchmark.json").read_text())["calibration"]["fitted_on"]["members"] == 4
+
+
+def test_detect_with_the_calibrated_rule_reports_the_probability(tiny_benchmark):
+    root, _ = tiny_benchmark
+    out = root / "out"
+    member = zoo.read_zoo(out / "zoo")[0]
+    run = root / "calibrated_scan"
+    main(["detect", "--config", str(ROOT / "tests" / "configs" / "detect_tiny.yaml"),
+          "--model.init_args.suspect", str(member), "--model.init_args.anchor", str(root / "base"),
+          "--model.init_args.output_dir", str(run), "--trainer.default_root_dir", str(root),
+          "--trainer.max_steps", "2", "--trainer.callbacks", "[]", "--model.init_args.evidence_callbacks", "false",
+          "--model.init_args.rule", "lit_amdet.decision.CalibratedRule",
+          "--model.init_args.rule.init_args.path", str(out / "calibration.json"), "--always_exit_zero", "true"])
+    report = json.loads((run / "report.json").read_text())
+    assert report["rule"]["class"] == "CalibratedRule" and report["rule"]["features"] == zoo.DEFAULT_FEATURES
+    check = report["checks"][0]
+    assert check["name"] == "calibrated_probability" and 0 <= check["value"] <= 1
+    assert report["backdoored"] == (check["value"] > check["threshold"])
