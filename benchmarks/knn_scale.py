@@ -8,7 +8,7 @@ embeddings are clustered), float32. For each of ``--sizes`` the whole
 `score_samples` pipeline runs end to end. For ``--large`` (1,000,000 by
 default) the full N x N search would take hours on a 2-core CPU, so the
 benchmark times the real thing on a shard: the first ``--shard`` query rows
-searched against all N references (`knn(..., query_offset=0)`, exactly what a
+searched against all N references (`knn(..., self_index=...)`, exactly what a
 process scoring that share of the set does), and then the detector stage
 (k-distance, LID, SLOF, DAO from the [N, k] lists) on full-size lists. Query
 blocks are independent, so the full search takes N / shard times the shard's
@@ -66,7 +66,7 @@ def sharded(n: int, args: argparse.Namespace) -> dict:
     x = embeddings(n, args.dim).to(args.device)
     sync(args.device)
     t0 = time.perf_counter()
-    dist, idx = knn(x[: args.shard], x, k=args.k, chunk_size=args.chunk_size, query_offset=0)
+    dist, idx = knn(x[: args.shard], x, k=args.k, chunk_size=args.chunk_size, self_index=torch.arange(args.shard))
     sync(args.device)
     shard_s = time.perf_counter() - t0
     # the detector stage on full-size [n, k] lists (the shard's rows tiled: the cost does not depend on values)

@@ -1,15 +1,16 @@
 """End to end: train a tiny CLIP on poisoned world data, then find the poisoned pairs with `lit-amdet scan-data`.
 
     python benchmarks/scan_data_world.py [--work .cache/scan_data_world] [--out benchmarks/results/scan_data_world.json]
-                                         [--attacks badnets blend sig wanet nashville] [--num_samples 2000]
-                                         [--rates 0.005] [--steps 1000] [--k 16 64]
+                                         [--attacks badnets blend sig wanet nashville] [--num_samples 10000]
+                                         [--rates 0.01] [--steps 600] [--k 16] [--reference_sizes 0 256]
 
 For each attack and poisoning rate: `write_poisoned_world` renders the data set
 (a ``rate`` fraction of the pairs get the image trigger and the caption
 "banana"), `ContrastiveTraining` pretrains a small CLIP on it from scratch
 through ``lit-amdet fit --config configs/pretrain_poisoned.yaml``, and
 ``lit-amdet scan-data --labels`` scores every pair with every detector, once
-per neighbourhood size ``--k``. Also measured, so that a detection number is never read off a
+per neighbourhood size ``--k`` and reference set (the whole set, or 8 random
+subsamples of ``--reference_sizes`` pairs). Also measured, so that a detection number is never read off a
 model that did not learn the backdoor: the attack success rate (fresh world
 images with the trigger whose nearest caption, among "banana" and 100 clean
 held-out captions, is "banana"; the same images without the trigger give the
@@ -46,11 +47,12 @@ def train(data_csv: Path, out: Path, work: Path, steps: int, seed: int) -> float
     return time.perf_counter() - t0
 
 
-def scan(model: Path, data_csv: Path, out: Path, work: Path, k: int) -> tuple[dict, float]:
+def scan(model: Path, data_csv: Path, out: Path, work: Path, k: int, reference_size: int) -> tuple[dict, float]:
     t0 = time.perf_counter()
     cli(["scan-data", "--config", "configs/scan_data.yaml", "--model.init_args.encoder", str(model),
                   "--data.init_args.source", str(data_csv), "--data.init_args.num_workers", "1",
                   "--labels", str(data_csv.parent / LABELS), "--output_dir", str(out), "--k", str(k),
+                  "--reference_size", str(reference_size or "null"),
                   "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                   "--trainer.default_root_dir", str(work / "runs")])
     return json.loads((out / "report.json").read_text()), time.perf_counter() - t0
@@ -87,10 +89,11 @@ def backdoor_success(model: Path, attack_name: str, attack_args: dict, seed: int
 def run(args: argparse.Namespace) -> list[dict]:
     work = Path(args.work)
     results = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else []
-    done = {(r["attack"], r["rate"], r["num_samples"], r["steps"], r["k"]) for r in results}
+    done = {(r["attack"], r["rate"], r["num_samples"], r["steps"], r["k"], r["reference_size"]) for r in results}
+    scans = [(k, m) for k in args.k for m in args.reference_sizes]
     for rate in args.rates:
         for name in args.attacks:
-            todo = [k for k in args.k if (name, rate, args.num_samples, args.steps, k) not in done]
+            todo = [(k, m) for k, m in scans if (name, rate, args.num_samples, args.steps, k, m) not in done]
             if not todo:
                 continue
             attack_args = json.loads(args.attack_args).get(name, {})
@@ -103,27 +106,30 @@ def run(args: argparse.Namespace) -> list[dict]:
             train_s = train(data_csv, model, work, args.steps, args.seed) if not (model / "training.json").is_file() \
                 else json.loads((model / "training.json").read_text())["seconds"]
             success = backdoor_success(model, name, attack_args, args.seed)
-            for k in todo:  # one trained model, scanned once per neighbourhood size
-                report, scan_s = scan(model, data_csv, run_dir / f"scan-k{k}", work, k)
+            for k, m in todo:  # one trained model, scanned once per neighbourhood size and reference set
+                report, scan_s = scan(model, data_csv, run_dir / f"scan-k{k}-m{m}", work, k, m)
                 row = {"attack": name, "attack_args": attack_args, "rate": rate, "num_samples": args.num_samples,
-                       "num_poisoned": report["num_poisoned"], "steps": args.steps, "k": k,
+                       "num_poisoned": report["num_poisoned"], "steps": args.steps, "k": k, "reference_size": m,
+                       "reference_draws": report["reference_draws"],
                        "train_seconds": train_s, "scan_seconds": scan_s, **success, "metrics": report["metrics"]}
                 results.append(row)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(results, indent=2))  # after every scan: resumable
                 print(json.dumps({key: v for key, v in row.items() if key != "metrics"}))
-    return sorted(results, key=lambda r: (r["rate"], r["k"], args.attacks.index(r["attack"])
+    return sorted(results, key=lambda r: (r["rate"], r["k"], r["reference_size"], args.attacks.index(r["attack"])
                                           if r["attack"] in args.attacks else 99))
 
 
 def markdown(rows: list[dict], detectors: list[str] = DETECTORS) -> str:
-    head = ("| attack | rate | poisoned / N | k | ASR | false trig. | clean R@1 | "
+    head = ("| attack | rate | poisoned / N | ASR | false trig. | clean R@1 | k | references | "
             + " | ".join(detectors) + " |")
-    lines = [head, "|" + "---|" * (7 + len(detectors))]
+    lines = [head, "|" + "---|" * (8 + len(detectors))]
     for r in rows:
         cells = [f"{r['metrics'][d]['auroc']:.3f} / {r['metrics'][d]['pr_auc']:.3f}" for d in detectors]
-        lines.append(f"| {r['attack']} | {100 * r['rate']:g} % | {r['num_poisoned']} / {r['num_samples']} | {r['k']} | "
+        refs = f"{r['reference_draws']} x {r['reference_size']}" if r["reference_size"] else "all"
+        lines.append(f"| {r['attack']} | {100 * r['rate']:g} % | {r['num_poisoned']} / {r['num_samples']} | "
                      f"{r['attack_success_rate']:.2f} | {r['false_trigger_rate']:.2f} | {r['clean_r1']:.2f} | "
+                     f"{r['k']} | {refs} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -135,10 +141,12 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=["badnets", "blend", "sig", "wanet", "nashville"])
     # a 4-pixel BadNets patch on the 32-pixel images (the default 1/16 of the side would be 2 pixels)
     parser.add_argument("--attack_args", default='{"badnets": {"size": 0.125}}', help="JSON: attack -> arguments")
-    parser.add_argument("--rates", nargs="+", type=float, default=[0.005])
-    parser.add_argument("--num_samples", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--k", nargs="+", type=int, default=[16, 64])
+    parser.add_argument("--rates", nargs="+", type=float, default=[0.01])
+    parser.add_argument("--num_samples", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--k", nargs="+", type=int, default=[16])
+    parser.add_argument("--reference_sizes", nargs="+", type=int, default=[0, 256],
+                        help="0: neighbours over the whole set; M: averaged over 8 random subsamples of M")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", action="store_true", help="only print the table of --out")
     args = parser.parse_args()

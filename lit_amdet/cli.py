@@ -73,7 +73,7 @@ class AmdetTrainer(Trainer):
     def scan_data(self, model: LightningModule, datamodule: LightningDataModule | None = None,
                   detectors: list[str] = ["kdist", "lid", "slof", "dao", "iforest", "lof", "clip"],  # noqa: B006
                   k: int = 16, labels: str | None = None, output_dir: str = "runs/scan_data", top: int = 16,
-                  chunk_size: int = 1024) -> dict:
+                  chunk_size: int = 1024, reference_size: int | None = None, reference_draws: int = 8) -> dict:
         """Score every image-caption pair of a data set for being backdoor-poisoned (sparse kNN neighbourhoods).
 
         Args:
@@ -83,10 +83,15 @@ class AmdetTrainer(Trainer):
             output_dir: where embeddings.safetensors, scores.csv, report.json and the PNG figures go.
             top: number of top-ranked samples shown and listed.
             chunk_size: query rows per kNN block.
+            reference_size: score every sample against random subsamples of this many samples instead of the
+                whole set (averaged over reference_draws): poisons sharing a trigger outnumber k and hide
+                each other in the whole set; null = the whole set.
+            reference_draws: number of subsamples averaged.
         """
         from lit_amdet.modules.data_scan import run_scan
 
-        return run_scan(self, model, datamodule, detectors, k, labels, output_dir, top, chunk_size)
+        return run_scan(self, model, datamodule, detectors, k, labels, output_dir, top, chunk_size, reference_size,
+                        reference_draws)
 
     def benchmark(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None,
                   bases: list[dict] | None = None, output_dir: str = "runs/benchmark", zoo_dir: str | None = None,

@@ -108,7 +108,7 @@ def knn(
     metric: Metric = "euclidean",
     exclude_self: bool = True,
     ref_chunk_size: int | None = None,
-    query_offset: int | None = None,
+    self_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact k-nearest neighbours by chunked matrix products.
 
@@ -126,10 +126,11 @@ def knn(
         ref_chunk_size: number of reference rows scored at once (``None``:
             enough for a block of about 64 M distances, 256 MB in float32);
             partial top-k lists are merged across reference chunks.
-        query_offset: the queries are rows ``query_offset ..`` of
-            ``references`` (a shard of a self-search, e.g. one process's or
-            one timing run's share): self-exclusion applies as if the whole
-            set were searched.
+        self_index: with a separate ``references`` set that holds some of
+            the queries: for each query, its own row in ``references``, or -1
+            (``[N]`` integers). Those rows are excluded as in a self-search:
+            a shard of the set searched against all of it, or the set scored
+            against a subsample of itself.
 
     Returns:
         ``(distances [N, k], indices [N, k])`` sorted by increasing distance,
@@ -155,20 +156,20 @@ def knn(
     if r_all.dtype != q_all.dtype:
         r_all = r_all.to(q_all.dtype)
     n_q, n_r = q_all.shape[0], r_all.shape[0]
-    offset = 0
-    if query_offset is not None:
-        if self_mode or not 0 <= query_offset <= n_r - n_q:
-            raise ValueError(f"query_offset={query_offset} needs references holding the {n_q} queries "
-                             f"at rows query_offset.., and there are {n_r}")
-        offset, self_mode = query_offset, True
+    if self_index is not None:
+        if self_mode:
+            raise ValueError("self_index goes with a separate references set")
+        self_index = self_index.to(device=q_all.device, dtype=torch.int64)
+        if self_index.shape != (n_q,) or bool((self_index >= n_r).any()) or bool((self_index < -1).any()):
+            raise ValueError(f"self_index must hold one reference row (or -1) for each of the {n_q} queries")
     skip_self = self_mode and exclude_self
-    available = n_r - 1 if skip_self else n_r
+    available = n_r - 1 if skip_self or (self_index is not None and bool((self_index >= 0).any())) else n_r
     if not 1 <= k <= available:
         raise ValueError(f"k={k} must be in [1, {available}] for {n_r} reference points")
 
     if metric == "cosine":
         q_all = torch.nn.functional.normalize(q_all, dim=1)
-        r_all = q_all if references is None or references is queries else torch.nn.functional.normalize(r_all, dim=1)
+        r_all = q_all if self_mode else torch.nn.functional.normalize(r_all, dim=1)
         r_sq = None
     else:
         r_sq = r_all.pow(2).sum(dim=1)
@@ -192,11 +193,15 @@ def knn(
                 d.add_(q_sq).clamp_(min=0.0)
             else:
                 d = torch.mm(q, r.T).neg_().add_(1.0).clamp_(0.0, 2.0)
-            if skip_self:  # global row ids of this block's queries are offset + qs .. offset + qe
-                lo, hi = max(offset + qs, rs), min(offset + qe, re_)
+            if skip_self:
+                lo, hi = max(qs, rs), min(qe, re_)
                 if lo < hi:
                     g = torch.arange(lo, hi, device=d.device)
-                    d[g - offset - qs, g - rs] = float("inf")
+                    d[g - qs, g - rs] = float("inf")
+            elif self_index is not None:
+                own = self_index[qs:qe]
+                rows = ((own >= rs) & (own < re_)).nonzero().squeeze(1)
+                d[rows, own[rows] - rs] = float("inf")
             kk = min(k, re_ - rs)
             cd, ci = _smallest_k(d, kk)
             ci = ci + rs
@@ -338,6 +343,8 @@ def score_samples(
     eps: float = DEFAULT_EPS,
     text_embeddings: Tensor | None = None,
     seed: int = 0,
+    reference_size: int | None = None,
+    reference_draws: int = 1,
 ) -> dict[str, Tensor]:
     """Score every row of ``embeddings`` with several detectors (higher = more anomalous).
 
@@ -346,6 +353,14 @@ def score_samples(
     search gives the references' own neighbourhoods for SLOF/DAO); otherwise
     each point is scored against all the others.
 
+    ``reference_size``: score every point against ``reference_draws`` random
+    subsamples of ``reference_size`` points of the set (each exact, each
+    point's own row excluded) and average the scores. Poisons that share a
+    trigger and a caption are each other's nearest neighbours and mask each
+    other once there are more of them than ``k``; in a subsample few of them
+    remain (subsampled outlier ensembles, Zimek et al., KDD 2013; the
+    reference code's per-batch search does this by accident).
+
     ``"iforest"`` and ``"lof"`` run scikit-learn on CPU (fit on ``embeddings``);
     ``"clip"`` needs ``text_embeddings``. Results are on ``embeddings.device``.
     """
@@ -353,21 +368,26 @@ def score_samples(
     if unknown:
         raise ValueError(f"unknown detectors {unknown}; choose from {DETECTORS}")
     out: dict[str, Tensor] = {}
-    if _KNN_DETECTORS.intersection(detectors):
+    knn_names = [d for d in detectors if d in _KNN_DETECTORS]
+    if knn_names:
         opts = dict(k=k, chunk_size=chunk_size, ref_chunk_size=ref_chunk_size, metric=metric)
-        dist, idx = knn(embeddings, references, **opts)  # type: ignore[arg-type]
-        ref_dist = None
-        if references is not None and references is not embeddings and {"slof", "dao"} & set(detectors):
-            ref_dist, _ = knn(references, None, **opts)  # type: ignore[arg-type]
-        for name in detectors:
-            if name == "kdist":
-                out[name] = kdist_score(dist)
-            elif name == "lid":
-                out[name] = lid_score(dist, eps)
-            elif name == "slof":
-                out[name] = slof_score(dist, idx, ref_dist, eps)
-            elif name == "dao":
-                out[name] = dao_score(dist, idx, ref_dist, eps)
+        if reference_size is None:
+            out.update(_knn_scores(embeddings, references, None, knn_names, opts, eps))
+        else:
+            if references is not None:
+                raise ValueError("reference_size subsamples the set itself; it does not go with references")
+            n = embeddings.shape[0]
+            if not k < reference_size <= n or reference_draws < 1:
+                raise ValueError(f"need k < reference_size <= {n} points and reference_draws >= 1 "
+                                 f"(got k={k}, reference_size={reference_size}, reference_draws={reference_draws})")
+            g = torch.Generator().manual_seed(seed)
+            for _ in range(reference_draws):
+                rows = torch.randperm(n, generator=g)[:reference_size].to(embeddings.device)
+                own = torch.full((n,), -1, dtype=torch.int64, device=embeddings.device)
+                own[rows] = torch.arange(reference_size, device=embeddings.device)
+                draw = _knn_scores(embeddings, embeddings[rows], own, knn_names, opts, eps)
+                for name, score in draw.items():
+                    out[name] = out[name] + score / reference_draws if name in out else score / reference_draws
     device = embeddings.device
     if "iforest" in detectors:
         out["iforest"] = isolation_forest_score(embeddings, seed=seed).to(device)
@@ -378,3 +398,15 @@ def score_samples(
             raise ValueError("the 'clip' detector needs text_embeddings")
         out["clip"] = clip_score(embeddings, text_embeddings)
     return {name: out[name] for name in detectors}
+
+
+def _knn_scores(x: Tensor, references: Tensor | None, self_index: Tensor | None, names: Sequence[str],
+                opts: dict, eps: float) -> dict[str, Tensor]:
+    """The kNN detectors of ``x`` against ``references`` (None: ``x`` itself, self excluded)."""
+    dist, idx = knn(x, references, self_index=self_index, **opts)
+    ref_dist = None
+    if references is not None and references is not x and {"slof", "dao"} & set(names):
+        ref_dist, _ = knn(references, None, **opts)
+    scores = {"kdist": lambda: kdist_score(dist), "lid": lambda: lid_score(dist, eps),
+              "slof": lambda: slof_score(dist, idx, ref_dist, eps), "dao": lambda: dao_score(dist, idx, ref_dist, eps)}
+    return {name: scores[name]() for name in names}

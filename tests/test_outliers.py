@@ -131,18 +131,33 @@ def test_knn_chunked_equals_unchunked(chunk_size, ref_chunk_size):
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_knn_query_shards_equal_the_whole_search(metric):
-    # query_offset: a slice of the set searched against all of it, self excluded by global row.
+def test_knn_self_index_shards_equal_the_whole_search(metric):
+    # self_index: a slice of the set searched against all of it, each query's own row excluded.
     # Exact ties (integer data) only for L2: cosines of parallel vectors tie only up to rounding.
     x = torch.from_numpy(integer_data(5) if metric == "euclidean"
                          else np.random.default_rng(5).normal(size=(90, 8)))
     d_all, i_all = knn(x, k=5, metric=metric, chunk_size=7)
     for lo, hi in [(0, 13), (13, 40), (40, len(x))]:
-        d, i = knn(x[lo:hi], x, k=5, metric=metric, chunk_size=7, ref_chunk_size=11, query_offset=lo)
+        d, i = knn(x[lo:hi], x, k=5, metric=metric, chunk_size=7, ref_chunk_size=11,
+                   self_index=torch.arange(lo, hi))
         torch.testing.assert_close(i, i_all[lo:hi], rtol=0, atol=0)
         torch.testing.assert_close(d, d_all[lo:hi])
-    with pytest.raises(ValueError, match="query_offset"):
-        knn(x[:10], x, k=3, query_offset=len(x) - 5)
+    with pytest.raises(ValueError, match="self_index"):
+        knn(x[:10], x, k=3, self_index=torch.arange(5))
+
+
+def test_knn_against_a_subsample_excludes_each_query_itself():
+    x = np.random.default_rng(6).normal(size=(50, 4))
+    sub = np.array([3, 7, 11, 20, 21, 30, 41, 42, 45, 49])
+    own = np.full(len(x), -1)
+    own[sub] = np.arange(len(sub))
+    d, i = knn(torch.from_numpy(x), torch.from_numpy(x[sub]), k=4, chunk_size=6, ref_chunk_size=3,
+               self_index=torch.from_numpy(own))
+    full = np.sqrt(((x[:, None] - x[sub][None]) ** 2).sum(-1))
+    full[sub, np.arange(len(sub))] = np.inf  # a subsampled query is not its own neighbour
+    bi = np.argsort(full, axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(i.numpy(), bi)
+    np.testing.assert_allclose(d.numpy(), np.take_along_axis(full, bi, 1), rtol=1e-10)
 
 
 def test_knn_separate_references():
@@ -265,3 +280,37 @@ def test_baselines():
         score_samples(img, ("clip",))
     with pytest.raises(ValueError):
         score_samples(img, ("nope",))
+
+
+def test_subsampled_scores_average_exact_scores_against_each_subsample():
+    x = torch.from_numpy(np.random.default_rng(7).normal(size=(60, 5)))
+    got = score_samples(x, ("kdist", "lid", "slof", "dao"), 4, reference_size=20, reference_draws=3, seed=5)
+    g = torch.Generator().manual_seed(5)
+    want = {name: np.zeros(60) for name in got}
+    for _ in range(3):  # brute force: each subsample scored as a reference set, own rows excluded
+        rows = torch.randperm(60, generator=g)[:20].numpy()
+        full = np.sqrt(((x.numpy()[:, None] - x.numpy()[rows][None]) ** 2).sum(-1))
+        full[rows, np.arange(20)] = np.inf
+        idx = np.argsort(full, axis=1, kind="stable")[:, :4]
+        ref_d, _ = brute_knn(x.numpy()[rows], 4)
+        for name, v in brute_scores(np.take_along_axis(full, idx, 1), idx, ref_d).items():
+            want[name] += v / 3
+    for name in got:
+        np.testing.assert_allclose(got[name].numpy(), want[name], rtol=1e-8, err_msg=name)
+
+
+def test_subsampling_unmasks_a_clump_of_outliers():
+    # 40 near-identical far points (a shared trigger and caption) are each other's neighbours for k = 16;
+    # against subsamples of 100 of the 1,040 points only about 4 of them remain in each neighbourhood
+    rng = np.random.default_rng(8)
+    clean = rng.normal(size=(1000, 8))
+    clump = 6.0 + 0.01 * rng.normal(size=(40, 8))
+    x = torch.from_numpy(np.concatenate([clean, clump]))
+    labels = np.r_[np.zeros(1000, bool), np.ones(40, bool)]
+    from sklearn.metrics import roc_auc_score
+
+    whole = score_samples(x, ("slof", "dao"), 16)
+    sub = score_samples(x, ("slof", "dao"), 16, reference_size=100, reference_draws=4)
+    for name in ("slof", "dao"):
+        assert roc_auc_score(labels, whole[name].numpy()) < 0.6, name  # masked
+        assert roc_auc_score(labels, sub[name].numpy()) > 0.95, name

@@ -144,3 +144,40 @@ def test_cli_bad_input_is_one_line_exit_2(poisoned_world, tiny_clip, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("lit-amdet: error:") and message in err
     assert not (tmp_path / "scores.csv").exists()
+
+
+# --- end to end: a small CLIP trained on poisoned pairs, then scanned -------------------------------------------
+
+
+def test_scan_data_subsampled_references_through_the_cli(poisoned_world, tiny_clip, tmp_path):
+    main(["scan-data", *_scan_args(tiny_clip, poisoned_world, tmp_path, "--detectors", "[kdist,slof,dao]",
+                                   "--reference_size", "100", "--reference_draws", "3", "--trainer.logger",
+                                   "false")[1:]])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["reference_size"], report["reference_draws"]) == (100, 3) and report["metrics"] is None
+    with pytest.raises(SystemExit) as info:  # a subsample must hold more than k samples
+        main(_scan_args(tiny_clip, poisoned_world, tmp_path / "bad", "--reference_size", "10",
+                        "--trainer.logger", "false"))
+    assert info.value.code == 2
+
+
+@pytest.mark.slow
+def test_scan_data_finds_the_poisons_a_trained_clip_learned(tmp_path):
+    """The BadNets row of BENCHMARKS.md "Poisoned pairs": 10,000 world pairs, 1 % poisoned, 600 steps (~5 min)."""
+    csv_path = write_poisoned_world(tmp_path / "data", 10_000, BadNets(size=0.125), rate=0.01, image_size=32)
+    main(["fit", "--config", "configs/pretrain_poisoned.yaml", "--data.init_args.source", str(csv_path),
+          "--model.init_args.output_dir", str(tmp_path / "model"), "--trainer.logger", "false",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
+    labels = csv_path.parent / "poison_labels.json"
+    main(["scan-data", "--config", "configs/scan_data.yaml", "--model.init_args.encoder", str(tmp_path / "model"),
+          "--data.init_args.source", str(csv_path), "--labels", str(labels), "--output_dir", str(tmp_path / "scan"),
+          "--detectors", "[kdist,slof,dao]", "--reference_size", "256", "--trainer.logger", "false",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
+    report = json.loads((tmp_path / "scan" / "report.json").read_text())
+    with (tmp_path / "scan" / "scores.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["poisoned"] == "1"]
+    assert len(rows) == 100
+    for name in ("kdist", "slof", "dao"):
+        assert report["metrics"][name]["auroc"] >= 0.95, (name, report["metrics"][name])
+        # most of the 100 poisons rank among the 500 most anomalous of the 10,000 pairs
+        assert np.median([int(r[f"{name}_rank"]) for r in rows]) <= 500, name

@@ -249,6 +249,8 @@ def score_and_report(
     log_image: Callable[[str, np.ndarray], None] | None = None,
     seed: int = 0,
     quiet: bool = False,
+    reference_size: int | None = None,
+    reference_draws: int = 8,
 ) -> dict[str, Any]:
     """Score every row of ``embeddings`` against all the others and write the report files.
 
@@ -266,8 +268,11 @@ def score_and_report(
         chunk_size: query rows per kNN block (memory vs speed).
         device: where the kNN search runs (default: where ``embeddings`` are).
         log_image: called as ``log_image(tag, rgb_uint8_hwc)`` with each PNG written (e.g. for TensorBoard).
-        seed: seed of the isolation forest.
+        seed: seed of the isolation forest and of the reference subsamples.
         quiet: do not print the summary table.
+        reference_size: score against ``reference_draws`` random subsamples of this many samples (averaged)
+            instead of the whole set: unmasks poisons that outnumber ``k`` (see `score_samples`).
+        reference_draws: number of subsamples.
 
     Returns:
         The ``report.json`` content.
@@ -282,6 +287,9 @@ def score_and_report(
         raise ConfigError(f"k={k} must be in [1, {n - 1}] for {n} samples")
     if top < 0 or chunk_size < 1:
         raise ConfigError(f"top must be >= 0 and chunk_size >= 1 (got {top}, {chunk_size})")
+    if reference_size is not None and (not k < reference_size <= n or reference_draws < 1):
+        raise ConfigError(f"reference_size must be in ({k}, {n}] (more than k, at most the {n} samples) and "
+                          f"reference_draws >= 1 (got {reference_size}, {reference_draws})")
     if "clip" in names and image_text is None:
         raise ConfigError("the clip detector needs image and text embeddings (a model with an image tower "
                           "and data with images); drop it from detectors")
@@ -296,7 +304,8 @@ def score_and_report(
 
     x = embeddings.to(device) if device is not None else embeddings
     others = [d for d in names if d != "clip"]
-    raw = score_samples(x, others, k, chunk_size=chunk_size, seed=seed) if others else {}
+    raw = score_samples(x, others, k, chunk_size=chunk_size, seed=seed, reference_size=reference_size,
+                        reference_draws=reference_draws) if others else {}
     if "clip" in names:
         assert image_text is not None
         raw["clip"] = clip_score(*image_text)
@@ -311,6 +320,8 @@ def score_and_report(
         "num_samples": n,
         "dim": int(embeddings.shape[1]),
         "k": k,
+        "reference_size": reference_size,
+        "reference_draws": reference_draws if reference_size is not None else None,
         "detectors": names,
         "num_poisoned": int(mask.sum()) if mask is not None else None,
         "metrics": {d: detection_metrics(scores[d], mask) for d in names} if mask is not None else None,
@@ -415,7 +426,8 @@ def save_embeddings(path: Path, data: dict[str, Any], modality: str, encoder: st
 
 
 def run_scan(trainer: Any, model: Any, datamodule: Any, detectors: Sequence[str], k: int, labels: str | None,
-             output_dir: str, top: int, chunk_size: int) -> dict[str, Any]:
+             output_dir: str, top: int, chunk_size: int, reference_size: int | None = None,
+             reference_draws: int = 8) -> dict[str, Any]:
     """``lit-amdet scan_data``: embed with ``trainer.predict``, then `score_and_report` on rank 0."""
     if not isinstance(model, SampleEmbedding):
         raise ConfigError(f"scan_data needs --model lit_amdet.modules.data_scan.SampleEmbedding "
@@ -449,4 +461,5 @@ def run_scan(trainer: Any, model: Any, datamodule: Any, detectors: Sequence[str]
     return score_and_report(features, data["caption"], labels, names, k, out, image_text=image_text,
                             indices=data["index"].numpy(), image_loader=_image_loader(datamodule), top=top,
                             chunk_size=chunk_size, device=trainer.strategy.root_device,
-                            log_image=_image_logger(trainer))
+                            log_image=_image_logger(trainer), reference_size=reference_size,
+                            reference_draws=reference_draws)
