@@ -90,7 +90,7 @@ def markdown(rows: list[dict]) -> str:
         else:
             how = (f"{r['shard']:,} x {r['n']:,} shard measured ({r['shard_seconds']:.0f} s), x {r['n'] // r['shard']}"
                    f" for the full search; detector stage on [N, k] lists measured ({r['detector_seconds']:.1f} s)")
-        lines.append(f"| {r['n']:,} | {how} | {r['seconds']:,.0f} | {r['peak_rss_gib']:.2f} |")
+        lines.append(f"| {r['n']:,} | {how} | {r['seconds']:,.1f} | {r['peak_rss_gib']:.2f} |")
     return "\n".join(lines)
 
 

@@ -89,15 +89,18 @@ def backdoor_success(model: Path, attack_name: str, attack_args: dict, seed: int
 def run(args: argparse.Namespace) -> list[dict]:
     work = Path(args.work)
     results = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else []
-    done = {(r["attack"], r["rate"], r["num_samples"], r["steps"], r["k"], r["reference_size"]) for r in results}
+    done = {(r["attack"], json.dumps(r["attack_args"], sort_keys=True), r["rate"], r["num_samples"], r["steps"], r["k"],
+             r["reference_size"]) for r in results}
     scans = [(k, m) for k in args.k for m in args.reference_sizes]
     for rate in args.rates:
         for name in args.attacks:
-            todo = [(k, m) for k, m in scans if (name, rate, args.num_samples, args.steps, k, m) not in done]
+            attack_args = json.loads(args.attack_args).get(name, {})
+            tag = json.dumps(attack_args, sort_keys=True)
+            todo = [(k, m) for k, m in scans if (name, tag, rate, args.num_samples, args.steps, k, m) not in done]
             if not todo:
                 continue
-            attack_args = json.loads(args.attack_args).get(name, {})
-            run_dir = work / f"{name}-{rate}-{args.num_samples}-{args.steps}"
+            strength = "".join(f"-{key}{value}" for key, value in sorted(attack_args.items()))
+            run_dir = work / f"{name}{strength}-{rate}-{args.num_samples}-{args.steps}"
             data_csv = run_dir / "data" / CAPTIONS
             if not data_csv.is_file():
                 write_poisoned_world(run_dir / "data", args.num_samples, build_attack(name, **attack_args), rate,
@@ -127,7 +130,8 @@ def markdown(rows: list[dict], detectors: list[str] = DETECTORS) -> str:
     for r in rows:
         cells = [f"{r['metrics'][d]['auroc']:.3f} / {r['metrics'][d]['pr_auc']:.3f}" for d in detectors]
         refs = f"{r['reference_draws']} x {r['reference_size']}" if r["reference_size"] else "all"
-        lines.append(f"| {r['attack']} | {100 * r['rate']:g} % | {r['num_poisoned']} / {r['num_samples']} | "
+        attack = r["attack"] + "".join(f" {key}={value:g}" for key, value in r["attack_args"].items())
+        lines.append(f"| {attack} | {100 * r['rate']:g} % | {r['num_poisoned']} / {r['num_samples']} | "
                      f"{r['attack_success_rate']:.2f} | {r['false_trigger_rate']:.2f} | {r['clean_r1']:.2f} | "
                      f"{r['k']} | {refs} | "
                      + " | ".join(cells) + " |")
