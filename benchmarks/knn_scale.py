@@ -1,7 +1,7 @@
 """Scale of the exact global kNN detectors (k-distance, LID, SLOF, DAO): seconds and peak memory.
 
     python benchmarks/knn_scale.py [--sizes 20000 100000] [--large 1000000] [--shard 20000] [--dim 512] [--k 16]
-                                   [--device cpu] [--out benchmarks/results/knn_scale.json]
+                                   [--subsampled 1000000] [--device cpu] [--out benchmarks/results/knn_scale.json]
 
 Data: unit vectors drawn around 1,000 random centres on the sphere (CLIP
 embeddings are clustered), float32. For each of ``--sizes`` the whole
@@ -13,6 +13,9 @@ process scoring that share of the set does), and then the detector stage
 (k-distance, LID, SLOF, DAO from the [N, k] lists) on full-size lists. Query
 blocks are independent, so the full search takes N / shard times the shard's
 seconds; the end-to-end sizes check that this linear extrapolation holds.
+``--subsampled`` sizes are scored end to end against random subsamples
+(`score_samples(..., reference_size=256, reference_draws=8)`), the setting
+that unmasks clumped poisons (BENCHMARKS.md, "Poisoned pairs").
 Peak memory is the process's maximum resident set size.
 """
 
@@ -82,13 +85,28 @@ def sharded(n: int, args: argparse.Namespace) -> dict:
             "seconds": knn_s + scores_s, "peak_rss_gib": peak_rss_gib()}
 
 
+def subsampled(n: int, args: argparse.Namespace) -> dict:
+    x = embeddings(n, args.dim).to(args.device)
+    sync(args.device)
+    t0 = time.perf_counter()
+    score_samples(x, DETECTORS, args.k, chunk_size=args.chunk_size, reference_size=args.reference_size,
+                  reference_draws=args.reference_draws)
+    sync(args.device)
+    return {"n": n, "mode": "subsampled", "reference_size": args.reference_size,
+            "reference_draws": args.reference_draws, "seconds": time.perf_counter() - t0,
+            "peak_rss_gib": peak_rss_gib()}
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| N | how | seconds | peak RSS (GiB) |", "|---|---|---|---|"]
     for r in rows:
         if r["mode"] == "end_to_end":
-            how = "measured end to end"
+            how = "exact over the whole set, measured end to end"
+        elif r["mode"] == "subsampled":
+            how = (f"against {r['reference_draws']} random subsamples of {r['reference_size']} "
+                   "(`reference_size`), measured end to end")
         else:
-            how = (f"{r['shard']:,} x {r['n']:,} shard measured ({r['shard_seconds']:.0f} s), x {r['n'] // r['shard']}"
+            how = (f"exact over the whole set: {r['shard']:,} x {r['n']:,} shard measured ({r['shard_seconds']:.0f} s), x {r['n'] // r['shard']}"
                    f" for the full search; detector stage on [N, k] lists measured ({r['detector_seconds']:.1f} s)")
         lines.append(f"| {r['n']:,} | {how} | {r['seconds']:,.1f} | {r['peak_rss_gib']:.2f} |")
     return "\n".join(lines)
@@ -103,13 +121,18 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--chunk_size", type=int, default=1024)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--subsampled", nargs="*", type=int, default=[1_000_000],
+                        help="sizes scored end to end against subsamples (reference_size / reference_draws)")
+    parser.add_argument("--reference_size", type=int, default=256)
+    parser.add_argument("--reference_draws", type=int, default=8)
+    parser.add_argument("--append", action="store_true", help="add the rows to those already in --out")
     parser.add_argument("--out", default="benchmarks/results/knn_scale.json")
     parser.add_argument("--markdown", action="store_true", help="only print the table of --out")
     args = parser.parse_args()
     if args.markdown:
         print(markdown(json.loads(Path(args.out).read_text())["rows"]))
         return
-    rows = []
+    rows = json.loads(Path(args.out).read_text())["rows"] if args.append and Path(args.out).is_file() else []
     # Each size in a fresh process would isolate peak RSS; one process is kept simple, so sizes run smallest
     # first and the maximum RSS reported for a size is the maximum up to and including it.
     for n in args.sizes:
@@ -117,6 +140,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     for n in args.large:
         rows.append(sharded(n, args))
+        print(rows[-1], flush=True)
+    for n in args.subsampled:
+        rows.append(subsampled(n, args))
         print(rows[-1], flush=True)
     meta = {"device": args.device, "threads": torch.get_num_threads(), "dim": args.dim, "k": args.k,
             "chunk_size": args.chunk_size, "cpu": platform.processor() or platform.machine(),
