@@ -10,8 +10,9 @@ For each attack and poisoning rate: `write_poisoned_world` renders the data set
 through ``lit-amdet fit --config configs/pretrain_poisoned.yaml``, and
 ``lit-amdet scan-data --labels`` scores every pair with every detector, once
 per neighbourhood size ``--k`` and reference set (the whole set, or 8 random
-subsamples of ``--reference_sizes`` pairs). Also measured, so that a detection number is never read off a
-model that did not learn the backdoor: the attack success rate (fresh world
+subsamples of ``--reference_sizes`` pairs). Also measured, so that a detection
+number is never read off a model that did not learn the backdoor: the attack
+success rate (fresh world
 images with the trigger whose nearest caption, among "banana" and 100 clean
 held-out captions, is "banana"; the same images without the trigger give the
 false-trigger rate) and the clean retrieval R@1 of the trained model.
@@ -25,7 +26,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lit_amdet.cli import main as cli
@@ -50,11 +50,11 @@ def train(data_csv: Path, out: Path, work: Path, steps: int, seed: int) -> float
 def scan(model: Path, data_csv: Path, out: Path, work: Path, k: int, reference_size: int) -> tuple[dict, float]:
     t0 = time.perf_counter()
     cli(["scan-data", "--config", "configs/scan_data.yaml", "--model.init_args.encoder", str(model),
-                  "--data.init_args.source", str(data_csv), "--data.init_args.num_workers", "1",
-                  "--labels", str(data_csv.parent / LABELS), "--output_dir", str(out), "--k", str(k),
-                  "--reference_size", str(reference_size or "null"),
-                  "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                  "--trainer.default_root_dir", str(work / "runs")])
+         "--data.init_args.source", str(data_csv), "--data.init_args.num_workers", "1",
+         "--labels", str(data_csv.parent / LABELS), "--output_dir", str(out), "--k", str(k),
+         "--reference_size", str(reference_size or "null"),
+         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+         "--trainer.default_root_dir", str(work / "runs")])
     return json.loads((out / "report.json").read_text()), time.perf_counter() - t0
 
 
@@ -159,5 +159,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()
