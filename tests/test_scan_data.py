@@ -149,7 +149,7 @@ def test_cli_bad_input_is_one_line_exit_2(poisoned_world, tiny_clip, tmp_path, c
 # --- end to end: a small CLIP trained on poisoned pairs, then scanned -------------------------------------------
 
 
-def test_scan_data_subsampled_references_through_the_cli(poisoned_world, tiny_clip, tmp_path):
+def test_scan_data_subsampled_references_through_the_cli(poisoned_world, tiny_clip, tmp_path, capsys):
     main(["scan-data", *_scan_args(tiny_clip, poisoned_world, tmp_path, "--detectors", "[kdist,slof,dao]",
                                    "--reference_size", "100", "--reference_draws", "3", "--trainer.logger",
                                    "false")[1:]])
@@ -159,6 +159,7 @@ def test_scan_data_subsampled_references_through_the_cli(poisoned_world, tiny_cl
         main(_scan_args(tiny_clip, poisoned_world, tmp_path / "bad", "--reference_size", "10",
                         "--trainer.logger", "false"))
     assert info.value.code == 2
+    assert "reference_size must be in (16, 300]" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
