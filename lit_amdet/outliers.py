@@ -35,6 +35,7 @@ from torch import Tensor
 
 __all__ = [
     "DETECTORS",
+    "check_reference_size",
     "clip_score",
     "dao_score",
     "isolation_forest_score",
@@ -377,9 +378,7 @@ def score_samples(
             if references is not None:
                 raise ValueError("reference_size subsamples the set itself; it does not go with references")
             n = embeddings.shape[0]
-            if not k < reference_size <= n or reference_draws < 1:
-                raise ValueError(f"need k < reference_size <= {n} points and reference_draws >= 1 "
-                                 f"(got k={k}, reference_size={reference_size}, reference_draws={reference_draws})")
+            check_reference_size(k, reference_size, reference_draws, n)
             g = torch.Generator().manual_seed(seed)
             for _ in range(reference_draws):
                 rows = torch.randperm(n, generator=g)[:reference_size].to(embeddings.device)
@@ -398,6 +397,13 @@ def score_samples(
             raise ValueError("the 'clip' detector needs text_embeddings")
         out["clip"] = clip_score(embeddings, text_embeddings)
     return {name: out[name] for name in detectors}
+
+
+def check_reference_size(k: int, reference_size: int, reference_draws: int, n: int) -> None:
+    """A subsample must hold more than ``k`` of the ``n`` points, and be drawn at least once (ValueError)."""
+    if not k < reference_size <= n or reference_draws < 1:
+        raise ValueError(f"reference_size must be in ({k}, {n}] (more than k, at most the {n} samples) and "
+                         f"reference_draws >= 1 (got {reference_size}, {reference_draws})")
 
 
 def _knn_scores(x: Tensor, references: Tensor | None, self_index: Tensor | None, names: Sequence[str],

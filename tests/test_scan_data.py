@@ -160,6 +160,7 @@ def test_scan_data_subsampled_references_through_the_cli(poisoned_world, tiny_cl
                         "--trainer.logger", "false"))
     assert info.value.code == 2
     assert "reference_size must be in (16, 300]" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "bad").exists()  # refused before the embedding pass wrote anything
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lit_amdet.errors import ConfigError, LitAmdetError
 from lit_amdet.modules.base import EncoderTask
-from lit_amdet.outliers import DETECTORS, clip_score, score_samples
+from lit_amdet.outliers import DETECTORS, check_reference_size, clip_score, score_samples
 from lit_amdet.poisoning import load_labels
 
 Modality = Literal["image", "text", "both"]
@@ -287,9 +287,6 @@ def score_and_report(
         raise ConfigError(f"k={k} must be in [1, {n - 1}] for {n} samples")
     if top < 0 or chunk_size < 1:
         raise ConfigError(f"top must be >= 0 and chunk_size >= 1 (got {top}, {chunk_size})")
-    if reference_size is not None and (not k < reference_size <= n or reference_draws < 1):
-        raise ConfigError(f"reference_size must be in ({k}, {n}] (more than k, at most the {n} samples) and "
-                          f"reference_draws >= 1 (got {reference_size}, {reference_draws})")
     if "clip" in names and image_text is None:
         raise ConfigError("the clip detector needs image and text embeddings (a model with an image tower "
                           "and data with images); drop it from detectors")
@@ -304,8 +301,11 @@ def score_and_report(
 
     x = embeddings.to(device) if device is not None else embeddings
     others = [d for d in names if d != "clip"]
-    raw = score_samples(x, others, k, chunk_size=chunk_size, seed=seed, reference_size=reference_size,
-                        reference_draws=reference_draws) if others else {}
+    try:  # the library's own checks (e.g. reference_size) become the one-line config error
+        raw = score_samples(x, others, k, chunk_size=chunk_size, seed=seed, reference_size=reference_size,
+                            reference_draws=reference_draws) if others else {}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if "clip" in names:
         assert image_text is not None
         raw["clip"] = clip_score(*image_text)
@@ -446,6 +446,11 @@ def run_scan(trainer: Any, model: Any, datamodule: Any, detectors: Sequence[str]
                           "drop it from detectors")
     if labels is not None and getattr(datamodule, "dataset", None) is not None:
         read_labels(labels, len(datamodule.dataset))
+    if reference_size is not None and getattr(datamodule, "dataset", None) is not None:
+        try:  # before anything is written to the run folder
+            check_reference_size(k, reference_size, reference_draws, len(datamodule.dataset))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     predictions = trainer.predict(model, datamodule)
     if not predictions:
