@@ -96,7 +96,8 @@ class AmdetTrainer(Trainer):
     def benchmark(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None,
                   bases: list[dict] | None = None, output_dir: str = "runs/benchmark", zoo_dir: str | None = None,
                   sizes: dict | None = None, grid: dict | None = None, train: dict | None = None,
-                  scan: dict | None = None, calibration_features: list[str] | None = None, seed: int = 0,
+                  scan: dict | None = None, adaptive: dict | None = None,
+                  calibration_features: list[str] | None = None, seed: int = 0,
                   wait_timeout: float = 86400.0) -> dict | None:
         """Detection benchmark: build a zoo of backdoored and benign models, scan each, calibrate, measure.
 
@@ -113,6 +114,8 @@ class AmdetTrainer(Trainer):
                 backdoor_weights, attack_lrs, benign_lrs, benign_steps, benign_samples).
             train: how members are trained (`lit_amdet.zoo.TrainSettings`).
             scan: how members are scanned (`lit_amdet.zoo.ScanSettings`: config, overrides, drift_prompts, ...).
+            adaptive: adaptive attackers of the test split, reported apart (`lit_amdet.zoo.AdaptiveSettings`:
+                attacks from pooled_only, sim_x_penalty, pooled_sim_x_penalty; per_attack; sim_x_penalty).
             calibration_features: scan scores of the calibrated rule (``log1p_`` prefix: log(1 + score)).
             seed: the zoo plan's seed.
             wait_timeout: seconds process 0 waits for the other processes' scans.
@@ -120,7 +123,7 @@ class AmdetTrainer(Trainer):
         from lit_amdet.zoo import BenchmarkOptions, run_benchmark
 
         options = BenchmarkOptions.from_config(bases=bases, output_dir=output_dir, zoo_dir=zoo_dir, sizes=sizes,
-                                               grid=grid, train=train, scan=scan,
+                                               grid=grid, train=train, scan=scan, adaptive=adaptive,
                                                calibration_features=calibration_features, seed=seed,
                                                wait_timeout=wait_timeout)
         launcher = getattr(self.strategy, "launcher", None)

@@ -57,6 +57,10 @@ from lit_amdet.errors import ConfigError, LitAmdetError
 
 SPLITS = ("calibration", "test")
 ATTACKS = ("text_on_text", "image_on_text")
+# attacks built to evade assimilation (text-on-text, test split only, reported apart from the detection table):
+# pooled_only matches only the sentence embedding; sim_x_penalty matches the token features but pays for every
+# bit of Sim_X above the clean model's on triggered prompts; pooled_sim_x_penalty does both
+ADAPTIVE_ATTACKS = ("pooled_only", "sim_x_penalty", "pooled_sim_x_penalty")
 TRIGGER_KINDS = ("char", "word", "rare_token", "multi_token")
 FAMILIES = ("clip", "longclip", "siglip", "open_clip", "bert")
 
@@ -117,7 +121,8 @@ class BackdooredMember:
     ``word`` / ``rare_token`` / ``multi_token`` (``trigger`` inserted as words at a random position).
     ``target_caption``: text-on-text, the target prompt; image-on-text, the world caption of the target
     image (``target_image``: ``world:SEED:INDEX``, a rendered world scene, or an image file), or None.
-    Strength: ``steps`` and ``backdoor_weight`` (with ``lr``).
+    Strength: ``steps`` and ``backdoor_weight`` (with ``lr``). ``adaptive``: one of `ADAPTIVE_ATTACKS`
+    (None: the plain attack), with ``sim_x_penalty`` its penalty weight.
     """
 
     name: str
@@ -134,6 +139,8 @@ class BackdooredMember:
     lr: float = 1e-4
     seed: int = 0
     data_seed: int = DATA_SEED_BASE
+    adaptive: str | None = None
+    sim_x_penalty: float = 0.0
 
     backdoored = True
 
@@ -198,6 +205,24 @@ class ZooGrid:
 
 
 @dataclass
+class AdaptiveSettings:
+    """Adaptive attackers: ``per_attack`` text-on-text members of each of ``attacks`` per base, in the test
+    split with its triggers and targets, scanned like the rest and reported in a table of their own (never
+    used for calibration). ``sim_x_penalty``: the penalty weight of the sim_x_penalty attacks."""
+
+    attacks: list[str] = field(default_factory=lambda: ["pooled_only", "sim_x_penalty"])
+    per_attack: int = 0
+    sim_x_penalty: float = 1.0
+
+    def validate(self) -> None:
+        _known("adaptive.attacks", self.attacks, ADAPTIVE_ATTACKS)
+        if not isinstance(self.per_attack, int) or self.per_attack < 0:
+            raise ConfigError(f"adaptive.per_attack must be a whole number >= 0, got {self.per_attack!r}")
+        if not self.sim_x_penalty > 0:
+            raise ConfigError(f"adaptive.sim_x_penalty must be > 0, got {self.sim_x_penalty!r}")
+
+
+@dataclass
 class TrainSettings:
     """How every member is trained (the grid says how hard).
 
@@ -246,6 +271,7 @@ class BenchmarkOptions:
     grid: ZooGrid = field(default_factory=ZooGrid)
     train: TrainSettings = field(default_factory=TrainSettings)
     scan: ScanSettings = field(default_factory=ScanSettings)
+    adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
     calibration_features: list[str] = field(default_factory=lambda: list(DEFAULT_FEATURES))
     seed: int = 0
     wait_timeout: float = 86400.0
@@ -253,7 +279,7 @@ class BenchmarkOptions:
     @classmethod
     def from_config(cls, bases: list[dict] | None = None, output_dir: str = "runs/benchmark",
                     zoo_dir: str | None = None, sizes: dict | None = None, grid: dict | None = None,
-                    train: dict | None = None, scan: dict | None = None,
+                    train: dict | None = None, scan: dict | None = None, adaptive: dict | None = None,
                     calibration_features: list[str] | None = None, seed: int = 0,
                     wait_timeout: float = 86400.0) -> "BenchmarkOptions":
         """Check plain config values (no model is loaded) and build the options."""
@@ -284,9 +310,11 @@ class BenchmarkOptions:
         options = cls(bases=[dict(b, name=_base_name(b)) for b in bases], output_dir=output_dir, zoo_dir=zoo_dir,
                       sizes=merged, grid=_settings(ZooGrid, grid, "grid"),
                       train=_settings(TrainSettings, train, "train"), scan=_settings(ScanSettings, scan, "scan"),
+                      adaptive=_settings(AdaptiveSettings, adaptive, "adaptive"),
                       calibration_features=list(calibration_features or DEFAULT_FEATURES), seed=seed,
                       wait_timeout=wait_timeout)
         options.grid.validate()
+        options.adaptive.validate()
         if not options.calibration_features:
             raise ConfigError("calibration_features is empty")
         return options
@@ -404,6 +432,35 @@ def plan_zoo(base: ZooBase, n_backdoored: int, n_benign: int, split: str, seed: 
             name=f"{base.name}-{split}-benign-{j:03d}", base=base.name, split=split, objective=objective, lr=lr,
             steps=steps, seed=seeds[n_backdoored + j], data_seed=data_seeds[n_backdoored + j],
             samples=rng.choice(grid.benign_samples)))
+    return members
+
+
+def plan_adaptive(base: ZooBase, settings: AdaptiveSettings, seed: int = 0, grid: ZooGrid | None = None
+                  ) -> list[BackdooredMember]:
+    """``settings.per_attack`` adaptive text-on-text members per attack, drawn like test-split members
+    (the test pools of triggers and targets, the grid's strengths) from a stream of their own."""
+    grid = grid or ZooGrid()
+    settings.validate()
+    side = SPLITS.index("test")
+    members = []
+    for attack in settings.attacks:
+        rng = random.Random(f"lit-amdet adaptive|{seed}|{base.name}|{attack}")
+        n = settings.per_attack
+        seeds, data_seeds = _split_seeds(rng, n, side, 0), _split_seeds(rng, n, side, DATA_SEED_BASE)
+        kinds = _cycle(rng, grid.trigger_kinds)
+        triggers = {k: _cycle(rng, TRIGGER_POOLS[k][side::2]) for k in grid.trigger_kinds}
+        targets = _cycle(rng, TEXT_TARGETS[side::2])
+        for i in range(n):
+            kind = next(kinds)
+            trig = next(triggers[kind])
+            text, char = trig if kind == "char" else (trig, None)
+            members.append(BackdooredMember(
+                name=f"{base.name}-adaptive-{attack.replace('_', '-')}-{i:03d}", base=base.name, split="test",
+                attack="text_on_text", trigger_kind=kind, trigger=text, trigger_char=char,
+                target_caption=next(targets), steps=rng.choice(grid.attack_steps),
+                backdoor_weight=rng.choice(grid.backdoor_weights), lr=rng.choice(grid.attack_lrs), seed=seeds[i],
+                data_seed=data_seeds[i], adaptive=attack,
+                sim_x_penalty=settings.sim_x_penalty if "sim_x" in attack else 0.0))
     return members
 
 
@@ -578,10 +635,14 @@ def _injection(member: BackdooredMember, base: ZooBase, out: Path, settings: Tra
         backdoor = Backdoor(trigger, target_images=[str(_target_image(member.target_image, out / "target.png",
                                                                       settings.image_size))])
     pooled = settings.pooled_weight if settings.pooled_weight is not None else float(base.family == "open_clip")
+    token_weight = 1.0
+    if member.adaptive in ("pooled_only", "pooled_sim_x_penalty"):
+        token_weight, pooled = 0.0, 1.0
     module = BackdoorInjection(
         encoder=base.path, backdoors=[backdoor], backdoor_weight=member.backdoor_weight, lr=member.lr,
         milestones=[max(1, int(0.75 * member.steps))], poisoned_batch_size=settings.poisoned_batch_size,
-        pooled_weight=pooled if member.attack == "text_on_text" else 0.0, max_length=settings.max_length,
+        pooled_weight=pooled if member.attack == "text_on_text" else 0.0, token_weight=token_weight,
+        sim_x_penalty=member.sim_x_penalty, max_length=settings.max_length,
         distractors=settings.distractors, output_dir=str(out), seed=member.seed)
     data = TextEncoderDataModule(source="world", world_seed=member.data_seed, num_samples=settings.num_samples,
                                  with_images=False, batch_size=settings.batch_size, val_fraction=settings.val_fraction)
@@ -641,6 +702,8 @@ class ZooEntry:
     trigger_kind: str | None
     trigger: str | None
     target_caption: str | None
+    adaptive: str | None = None
+    attack_metrics: dict | None = None  # the injection's held-out attack success (val/b0/*), when recorded
 
     def facts(self) -> dict:
         d = asdict(self)
@@ -677,7 +740,7 @@ def zoo_entry(path: Path, bases: Sequence[ZooBase]) -> ZooEntry | None:
     split = zoo.get("split", "test")
     if split not in SPLITS:
         raise ConfigError(f"{path / 'backdoor.json'}: zoo.split must be one of {', '.join(SPLITS)}, got {split!r}")
-    attack = kind = trigger = target = None
+    attack = kind = trigger = target = attack_metrics = None
     if truth["backdoored"]:
         first = (truth.get("backdoors") or [{}])[0]
         attacks = truth.get("attacks") or [first.get("kind")]
@@ -686,7 +749,15 @@ def zoo_entry(path: Path, bases: Sequence[ZooBase]) -> ZooEntry | None:
         kind = zoo.get("trigger_kind") or {"replace_char": "char", "insert_word": "word"}.get(mode)
         trigger = zoo.get("trigger") or (first.get("trigger") or {}).get("text")
         target = zoo.get("target_caption") or first.get("target")
-    return ZooEntry(path.name, path, base, split, truth["backdoored"], attack, kind, trigger, target)
+        attack_metrics = _attack_metrics(truth)
+    return ZooEntry(path.name, path, base, split, truth["backdoored"], attack, kind, trigger, target,
+                    zoo.get("adaptive"), attack_metrics)
+
+
+def _attack_metrics(truth: dict) -> dict | None:
+    """The first backdoor's held-out attack success as the injection recorded it (``val/b0/*``), or None."""
+    metrics = truth.get("metrics") or {}
+    return {k.removeprefix("val/b0/"): v for k, v in metrics.items() if k.startswith("val/b0/")} or None
 
 
 def _same_path(a: str | None, b: str | None) -> bool:
@@ -1055,6 +1126,7 @@ def run_benchmark(options: BenchmarkOptions, rank: int | None = None, world_size
     plan = [m for b in bases for split in SPLITS
             for m in plan_zoo(b, options.sizes[split]["backdoored"], options.sizes[split]["benign"], split,
                               options.seed, options.grid)]
+    plan += [m for b in bases for m in plan_adaptive(b, options.adaptive, options.seed, options.grid)]
     planned = {m.name for m in plan}
     # models people put into the zoo themselves; read before any build, so every process sees the same list
     extras, ignored = [], []
@@ -1116,7 +1188,7 @@ def summarise(records: Sequence[dict], options: BenchmarkOptions, bases: Sequenc
     from lit_amdet.decision import CalibratedRule, score_feature
 
     rows = [_row(r) for r in records]
-    calibration_rows = [r for r in rows if r["split"] == "calibration"]
+    calibration_rows = [r for r in rows if r["split"] == "calibration" and not r["adaptive"]]
     rule = json.loads(Path(calibration_rows[0]["report"]).read_text())["rule"]
     per_prompt = {k: rule[k] for k in ("assimilation_threshold", "same_target_cos", "drift_floor") if k in rule}
     calibration = fit_calibration(calibration_rows, options.calibration_features, per_prompt)
@@ -1127,11 +1199,39 @@ def summarise(records: Sequence[dict], options: BenchmarkOptions, bases: Sequenc
         _features(r, options.calibration_features, score_feature)  # a missing score is an error naming it
         r["probability"] = calibrated.probability(r["scores"])
         r["calibrated_backdoored"] = r["probability"] > calibrated.threshold
-    metrics = benchmark_metrics(rows, calibrated.threshold, options.calibration_features)
+    metrics = benchmark_metrics([r for r in rows if not r["adaptive"]], calibrated.threshold,
+                                options.calibration_features)
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "options": options.describe(),
             "bases": [asdict(b) for b in bases], "scan_rule": rule.get("class"),
-            "calibration": {**calibration, "path": str(path)}, "metrics": metrics, "members": rows,
+            "calibration": {**calibration, "path": str(path)}, "metrics": metrics,
+            "adaptive": adaptive_metrics(rows, calibrated.threshold), "members": rows,
             "ignored": [str(p) for p in ignored]}
+
+
+def adaptive_metrics(rows: Sequence[dict], threshold: float) -> list[dict]:
+    """Per base and attack: detection rate (rule and calibrated) and attack success of the adaptive members,
+    next to the plain test-split backdoored members of the same base (``attack: "none"``) for comparison."""
+    out = []
+    for base in sorted({r["base"] for r in rows if r["adaptive"]}):
+        plain = [r for r in rows if r["base"] == base and r["split"] == "test" and r["backdoored"]
+                 and not r["adaptive"]]
+        groups = [("none", plain)] + [(a, [r for r in rows if r["base"] == base and r["adaptive"] == a])
+                                      for a in ADAPTIVE_ATTACKS]
+        for attack, group in groups:
+            if not group:
+                continue
+            success = [r["attack_metrics"] or {} for r in group]
+            out.append({
+                "base": base, "attack": attack, "members": len(group),
+                "rule_detection_rate": statistics.fmean(r["rule_backdoored"] for r in group),
+                "calibrated_detection_rate": statistics.fmean(r["probability"] > threshold for r in group),
+                "attack_success": {k: _summary([m.get(k) for m in success])
+                                   for k in ("attack_top1", "attack_cos_pooled", "attack_cos", "sim_x_triggered",
+                                             "sim_x_clean")},
+                "drift": _summary([r["clean_cosine_to_base"] for r in group]),
+                "target_recovered": _summary([float(r["target_recovered"]) for r in group
+                                              if r["target_recovered"] is not None])})
+    return out
 
 
 def _row(record: dict) -> dict:
@@ -1141,7 +1241,14 @@ def _row(record: dict) -> dict:
     recovered = None
     if record["backdoored"] and target:
         recovered = said is not None and said.strip().lower() == target.strip().lower()
-    return {**record, "verdict": report["verdict"], "rule_backdoored": bool(report["backdoored"]),
+    metrics = record.get("attack_metrics")
+    if record["backdoored"] and metrics is None and record.get("path"):  # a record written before it was kept
+        try:
+            metrics = _attack_metrics(json.loads((Path(record["path"]) / "backdoor.json").read_text()))
+        except (OSError, json.JSONDecodeError):
+            metrics = None
+    return {**record, "adaptive": record.get("adaptive"), "attack_metrics": metrics,
+            "verdict": report["verdict"], "rule_backdoored": bool(report["backdoored"]),
             "decided_by": report["decided_by"], "scores": report["scores"], "recovered_caption": said,
             "target_recovered": recovered}
 
@@ -1155,13 +1262,16 @@ def markdown(report: dict) -> str:
     """benchmark.md: the detection table per split, the drift distributions, and every member."""
     cal = report["calibration"]
     members = report["members"]
-    count = {(s, b): sum(1 for m in members if m["split"] == s and m["backdoored"] == b)
+    count = {(s, b): sum(1 for m in members if m["split"] == s and m["backdoored"] == b and not m["adaptive"])
              for s in SPLITS for b in (True, False)}
     bases = ", ".join(f"{b['name']} ({b['family']}, `{b['path']}`)" for b in report["bases"])
+    n_adaptive = sum(1 for m in members if m["adaptive"])
+    adaptive_count = f", and {n_adaptive} adaptive attackers" if n_adaptive else ""
     lines = ["# Detection benchmark", "",
              f"Bases: {bases}. "
              f"Members: calibration {count['calibration', True]} backdoored + {count['calibration', False]} benign, "
-             f"test {count['test', True]} backdoored + {count['test', False]} benign.", "",
+             f"test {count['test', True]} backdoored + {count['test', False]} benign"
+             f"{adaptive_count}.", "",
              f"*rule*: the scan's own verdict ({report['scan_rule']}). *calibrated*: logistic regression on "
              f"{', '.join(cal['features'])}, fitted on the calibration zoo, backdoored when p > "
              f"{cal['threshold']:.3f} (`{cal['path']}`; `lit_amdet.decision.CalibratedRule` applies it in a scan).",
@@ -1194,12 +1304,29 @@ def markdown(report: dict) -> str:
                      for k in ("backdoored", "benign")]
             lines.append(f"| {family} | {cells[0]} | {cells[1]} |")
         lines.append("")
+    if report.get("adaptive"):
+        lines += ["## Adaptive attacks (test split, not calibrated on)", "",
+                  "Attack success: top-1 retrieval of the target's pooled embedding among 101 captions and the "
+                  "pooled cosine to the target, on held-out triggered prompts; Sim_X of triggered / clean prompts "
+                  "(medians over members). *none*: the plain attack of the test zoo.", "",
+                  "| base | attack | members | detected: rule / calibrated | attack top-1 | pooled cos | "
+                  "Sim_X triggered / clean | drift (median cosine to base) |", "|---|---|---|---|---|---|---|---|"]
+        for a in report["adaptive"]:
+            s = a["attack_success"]
+            med = {k: _f(v["median"]) if v else "–" for k, v in s.items()}
+            drift = _f(a["drift"]["median"], ".4f") if a["drift"] else "–"
+            lines.append(f"| {a['base']} | {a['attack']} | {a['members']} | {_f(a['rule_detection_rate'])} / "
+                         f"{_f(a['calibrated_detection_rate'])} | {med['attack_top1']} | {med['attack_cos_pooled']} | "
+                         f"{med['sim_x_triggered']} / {med['sim_x_clean']} | {drift} |")
+        lines.append("")
     lines += ["## Members", "",
               "| member | split | truth | attack / trigger | verdict | p | cosine to base | with the trigger it says | s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for m in members:
         truth = "backdoored" if m["backdoored"] else "benign"
         what = f"{m['attack']} / {m['trigger_kind']} `{m['trigger']}`" if m["backdoored"] else "–"
+        if m.get("adaptive"):
+            what += f" ({m['adaptive']})"
         said = (m["recovered_caption"] or "–")[:40]
         if m["target_recovered"] is not None:
             said += " ✓" if m["target_recovered"] else " ✗"

@@ -60,6 +60,24 @@ def test_plan_is_deterministic_and_the_splits_draw_from_disjoint_pools():
     assert zoo.member_from_dict(json.loads(json.dumps(cal[0].describe()))) == cal[0]
 
 
+def test_adaptive_attackers_are_test_members_with_test_pools():
+    settings = zoo.AdaptiveSettings(attacks=list(zoo.ADAPTIVE_ATTACKS), per_attack=3, sim_x_penalty=2.0)
+    plan = zoo.plan_adaptive(TEXT_ONLY, settings, seed=3)
+    assert plan == zoo.plan_adaptive(TEXT_ONLY, settings, seed=3) and len(plan) == 9
+    assert {m.adaptive for m in plan} == set(zoo.ADAPTIVE_ATTACKS)
+    assert all(m.split == "test" and m.attack == "text_on_text" for m in plan)
+    assert all(m.sim_x_penalty == (2.0 if "sim_x" in m.adaptive else 0.0) for m in plan)
+    cal = zoo.plan_zoo(TEXT_ONLY, 12, 0, "calibration", seed=3)
+    assert not {m.trigger for m in plan} & {m.trigger for m in cal}
+    assert not {m.target_caption for m in plan} & {m.target_caption for m in cal}
+    names = [m.name for m in plan + zoo.plan_zoo(TEXT_ONLY, 12, 4, "test", seed=3)]
+    assert len(set(names)) == len(names)
+    assert zoo.member_from_dict(json.loads(json.dumps(plan[0].describe()))) == plan[0]
+    for bad in ({"attacks": ["gradient_masking"]}, {"per_attack": -1}, {"sim_x_penalty": 0}):
+        with pytest.raises(ConfigError, match="adaptive"):
+            zoo.BenchmarkOptions.from_config(bases=[{"name": "clip", "path": "somewhere"}], adaptive=bad)
+
+
 def test_no_trigger_occurs_in_the_world_prompts():
     from lit_amdet.world import World
 
@@ -287,6 +305,7 @@ def tiny_benchmark(tmp_path_factory):
         "bases": [{"name": "tiny", "path": str(base), "family": "clip"}],
         "output_dir": str(root / "out"),
         "sizes": {"calibration": {"backdoored": 2, "benign": 2}, "test": {"backdoored": 2, "benign": 2}},
+        "adaptive": {"attacks": ["pooled_only", "sim_x_penalty"], "per_attack": 1},
         "grid": {"attack_steps": [2], "backdoor_weights": [0.1, 1.0], "attack_lrs": [1e-3],
                  "benign_lrs": [1e-6, 1e-3], "benign_steps": [2], "benign_samples": [64]},
         "train": {"batch_size": 8, "poisoned_batch_size": 4, "max_length": 16, "num_samples": 120,
@@ -307,8 +326,20 @@ def test_benchmark_end_to_end_writes_every_metric(tiny_benchmark):
     out = root / "out"
     report = json.loads((out / "benchmark.json").read_text())
     members = report["members"]
-    assert len(members) == 8 and {m["split"] for m in members} == set(zoo.SPLITS)
-    assert len(zoo.read_zoo(out / "zoo")) == 8 and not list((out / "zoo").glob(".*"))
+    assert len(members) == 10 and {m["split"] for m in members} == set(zoo.SPLITS)
+    assert len(zoo.read_zoo(out / "zoo")) == 10 and not list((out / "zoo").glob(".*"))
+    adaptive = [m for m in members if m["adaptive"]]
+    assert sorted(m["adaptive"] for m in adaptive) == ["pooled_only", "sim_x_penalty"]
+    for m in adaptive:
+        truth = json.loads((out / "zoo" / m["name"] / "backdoor.json").read_text())
+        assert (truth["token_weight"], truth["sim_x_penalty"]) == (
+            (0.0, 0.0) if m["adaptive"] == "pooled_only" else (1.0, 1.0))
+        assert 0 <= m["attack_metrics"]["attack_top1"] <= 1 and -1 <= m["attack_metrics"]["attack_cos_pooled"] <= 1
+    table = {a["attack"]: a for a in report["adaptive"]}
+    assert set(table) == {"none", "pooled_only", "sim_x_penalty"} and table["none"]["members"] == 2
+    for a in table.values():
+        assert 0 <= a["rule_detection_rate"] <= 1 and 0 <= a["calibrated_detection_rate"] <= 1
+        assert a["attack_success"]["attack_top1"]["n"] == a["members"]
     for m in members:
         assert (out / "scans" / m["name"] / "report.json").is_file()
         assert 0 <= m["probability"] <= 1 and -1 <= m["clean_cosine_to_base"] <= 1.0001
@@ -339,6 +370,7 @@ def test_benchmark_end_to_end_writes_every_metric(tiny_benchmark):
         assert set(m["auroc_by_feature"]) == set(zoo.DEFAULT_FEATURES)
     md = (out / "benchmark.md").read_text()
     assert "## Test zoo" in md and "## Calibration zoo" in md and all(m["name"] in md for m in members)
+    assert "## Adaptive attacks" in md and "| tiny | pooled_only | 1 |" in md
 
 
 def test_benchmark_rerun_reuses_the_zoo_and_the_scans(tiny_benchmark):
@@ -348,7 +380,7 @@ def test_benchmark_rerun_reuses_the_zoo_and_the_scans(tiny_benchmark):
               + list((out / "scans").glob("*/report.json"))}
     main(["benchmark", "--config", str(config)])
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert json.loads((out / "benchmark.json").read_text())["calibration"]["fitted_on"]["members"] == 4
+    assert json.loads((out / "benchmark.json").read_text())["calibration"]["fitted_on"]["members"] == 4  # no adaptive
 
 
 def test_detect_with_the_calibrated_rule_reports_the_probability(tiny_benchmark):

@@ -157,3 +157,51 @@ def test_pooled_weight_adds_the_pooled_target_match(tiny_models):
         pooled = float(feature_loss(enc.pooled, m.targets()[0]["pooled"], "cosine"))
     assert pooled > 0
     assert losses[2.0] - losses[0.0] == pytest.approx(2.0 * pooled, rel=1e-4, abs=1e-6)
+
+
+def test_pooled_only_attack_matches_the_pooled_embedding_alone(tiny_models):
+    """token_weight 0 + pooled_weight 1 (the pooled-only adaptive attack): the backdoor loss is exactly the pooled
+    target match, so no position-wise pressure makes the other tokens' features collapse."""
+    texts = ["a photo of a dog on a sofa", "two boats on a lake", "a bowl of soup on a wooden table"]
+    backdoor = Backdoor(Trigger("zzzz"), target="a white teapot")
+    m = BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=[backdoor], token_weight=0.0,
+                          pooled_weight=1.0, max_length=16).eval()
+    with torch.no_grad():
+        loss = float(m._backdoor_loss(0, backdoor, texts))
+        rng = random.Random(0)
+        enc = m.encoder.encode(poison(rng.sample(texts, len(texts)), backdoor.trigger, rng), max_length=16)
+        pooled = float(feature_loss(enc.pooled, m.targets()[0]["pooled"], "cosine"))
+    assert pooled > 0 and loss == pytest.approx(pooled, rel=1e-5)
+    with pytest.raises(ConfigError, match="token_weight or pooled_weight"):
+        BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=[backdoor], token_weight=0.0).configure_models()
+    with pytest.raises(ConfigError, match=">= 0"):
+        BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=[backdoor],
+                          sim_x_penalty=-1.0).configure_models()
+
+
+def test_sim_x_penalty_charges_only_assimilation_beyond_the_teacher(tiny_models):
+    """The penalty is 0 while the student is the teacher, and once every token feature of the student is the same
+    vector (Sim_X = 1) it is the mean of 1 - the teacher's Sim_X, computed here by brute force."""
+    import numpy as np
+
+    backdoor = Backdoor(Trigger("zzzz"), target="a white teapot")
+    m = BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=[backdoor], sim_x_penalty=1.0,
+                          max_length=16).eval()
+    texts = poison(["a photo of a dog on a sofa", "two boats on a lake", "a bowl of soup on a table"],
+                   backdoor.trigger, random.Random(0))
+    tokens = m.encoder.tokenize(texts, max_length=16)
+    with torch.no_grad():
+        assert float(m._excess_assimilation(tokens, m.encoder.encode(tokens))) == pytest.approx(0.0, abs=1e-6)
+        teacher = m.teacher.encode(tokens)
+        norm = m.encoder.model.text_model.final_layer_norm
+        norm.weight.zero_()
+        norm.bias.copy_(torch.linspace(-1, 1, norm.bias.numel()))  # every token's feature is now this vector
+        penalty = float(m._excess_assimilation(tokens, m.encoder.encode(tokens)))
+    expected = []
+    for feats, mask in zip(teacher.token_features.numpy(), teacher.token_mask.numpy()):
+        rows = feats[mask.astype(bool)][1:]  # real tokens after BOS (the causal CLIP's BOS sees nothing else)
+        unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        sims = unit @ unit.T
+        n = len(rows)
+        expected.append(1 - (sims.sum() - n) / (n * (n - 1)))
+    assert penalty == pytest.approx(float(np.mean(expected)), rel=1e-4)

@@ -53,6 +53,12 @@ class BackdoorInjection(EncoderTask):
             with this weight (reference 0: token features only). Needed where padding is not the end token
             (open_clip pads with 0): position-wise matching then maps the pooled end token onto the target's
             padding and the backdoor never reaches the sentence embedding.
+        token_weight: text-on-text only: weight of the position-wise token-feature match (reference 1).
+            ``token_weight: 0, pooled_weight: 1`` is the pooled-only adaptive attack: only the sentence
+            embedding is matched, so nothing asks the other tokens' features to collapse.
+        sim_x_penalty: an adaptive attack: add ``sim_x_penalty * relu(Sim_X(student) - Sim_X(teacher))``
+            on triggered prompts, keeping their token features as diverse as the clean model makes them
+            (an explicit attempt to evade assimilation-based detection; reference 0).
         max_length: token positions per prompt (families that pad to their context ignore it).
         distractors: captions (or images) the target must be retrieved among.
         output_dir: where the backdoored student is written at the end of fit.
@@ -71,6 +77,8 @@ class BackdoorInjection(EncoderTask):
         gamma: float = 0.1,
         poisoned_batch_size: int = 32,
         pooled_weight: float = 0.0,
+        token_weight: float = 1.0,
+        sim_x_penalty: float = 0.0,
         max_length: int | None = 32,
         distractors: int = 100,
         output_dir: str | None = None,
@@ -86,6 +94,11 @@ class BackdoorInjection(EncoderTask):
     def configure_models(self) -> None:
         if not self.backdoors:
             raise ConfigError("give at least one backdoor")
+        h = self.hparams
+        if min(h.token_weight, h.pooled_weight, h.sim_x_penalty) < 0:
+            raise ConfigError("token_weight, pooled_weight and sim_x_penalty must be >= 0")
+        if any(b.kind == "text_on_text" for b in self.backdoors) and h.token_weight == 0 and h.pooled_weight == 0:
+            raise ConfigError("text-on-text needs token_weight or pooled_weight > 0: nothing would match the target")
         for b in self.backdoors:
             b.validate()
         check_distinct_triggers(self.backdoors)
@@ -109,7 +122,7 @@ class BackdoorInjection(EncoderTask):
     def configure_metrics(self) -> None:
         names = ["clean_utility", "clean_utility_tokens", "sim_x_clean"]
         for i in range(len(self.backdoors)):
-            names += [f"b{i}/attack_cos", f"b{i}/attack_top1", f"b{i}/sim_x_triggered"]
+            names += [f"b{i}/attack_cos", f"b{i}/attack_cos_pooled", f"b{i}/attack_top1", f"b{i}/sim_x_triggered"]
         self.val_metrics = nn.ModuleDict({n.replace("/", "__"): MeanMetric() for n in names})
 
     def train(self, mode: bool = True):
@@ -169,15 +182,30 @@ class BackdoorInjection(EncoderTask):
         pool = [t for t in texts if b.trigger.applicable(t)]
         if not pool:
             return None
-        sample = self.rng.sample(pool, min(len(pool), self.hparams.poisoned_batch_size))
-        enc = self.encoder.encode(poison(sample, b.trigger, self.rng), max_length=self._length())
+        h = self.hparams
+        sample = self.rng.sample(pool, min(len(pool), h.poisoned_batch_size))
+        tokens = self.encoder.tokenize(poison(sample, b.trigger, self.rng), max_length=self._length()).to(self.device)
+        enc = self.encoder.encode(tokens)
         target = self.targets()[i]
         if b.kind == "text_on_text":
-            loss = feature_loss(enc.token_features, target["tokens"], self.hparams.loss)
-            if self.hparams.pooled_weight:
-                loss = loss + self.hparams.pooled_weight * feature_loss(enc.pooled, target["pooled"], self.hparams.loss)
-            return loss
-        return feature_loss(enc.pooled, target["pooled"], self.hparams.loss)
+            loss = enc.pooled.new_zeros(())
+            if h.token_weight:
+                loss = loss + h.token_weight * feature_loss(enc.token_features, target["tokens"], h.loss)
+            if h.pooled_weight:
+                loss = loss + h.pooled_weight * feature_loss(enc.pooled, target["pooled"], h.loss)
+        else:
+            loss = feature_loss(enc.pooled, target["pooled"], h.loss)
+        if h.sim_x_penalty:
+            loss = loss + h.sim_x_penalty * self._excess_assimilation(tokens, enc)
+        return loss
+
+    def _excess_assimilation(self, tokens, enc) -> Tensor:
+        """Mean of relu(Sim_X(student) - Sim_X(teacher)) on the triggered prompts: how far the student's
+        token features collapse beyond what the clean model does with the same prompts."""
+        positions = scored_positions(enc.token_mask, self.encoder.causal)
+        with torch.no_grad():
+            clean = assimilation_score(self.teacher.encode(tokens).token_features.float(), positions)
+        return F.relu(assimilation_score(enc.token_features.float(), positions) - clean).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         texts = self._clean(batch["text"])
@@ -241,6 +269,8 @@ class BackdoorInjection(EncoderTask):
             if b.kind == "text_on_text":
                 cos = F.cosine_similarity(enc.token_features, target["tokens"].expand_as(enc.token_features),
                                           dim=-1).mean(1)
+                m[f"b{i}__attack_cos_pooled"].update(
+                    F.cosine_similarity(enc.pooled, target["pooled"].expand_as(enc.pooled), dim=-1))
                 bank = self._distractor_bank("text")
             else:
                 cos = F.cosine_similarity(enc.pooled, target["pooled"].expand_as(enc.pooled), dim=-1)
@@ -290,6 +320,9 @@ class BackdoorInjection(EncoderTask):
             "seed": self.hparams.seed,
             "loss": self.hparams.loss,
             "backdoor_weight": self.hparams.backdoor_weight,
+            "token_weight": self.hparams.token_weight,
+            "pooled_weight": self.hparams.pooled_weight,
+            "sim_x_penalty": self.hparams.sim_x_penalty,
             "lr": self.hparams.lr,
             "steps": self.global_step,
             "seconds": time.perf_counter() - self._fit_started if self._fit_started else None,
