@@ -3,7 +3,8 @@
 Everything above this module (attacks, the AMDET scan, data scans) sees only
 `TextEncoderAdapter`: tokenize, the embedding-layer output ``H``, the rest of the
 encoder run from ``H`` (optionally with a block of pseudo-token vectors inserted
-at a position), pooled/projected embeddings, image embeddings and native saving.
+at a position), pooled/projected embeddings, per-layer attention maps, image
+embeddings and native saving.
 Widths, context lengths, special ids and masking come from each checkpoint's own
 config, never from constants.
 """
@@ -243,6 +244,16 @@ class TextEncoderAdapter(nn.Module, ABC):
     @abstractmethod
     def project(self, pooled: Tensor) -> Tensor:
         """Map the pooled token feature to the sentence embedding space."""
+
+    @abstractmethod
+    def attention_maps(self, batch: TokenBatch) -> Tensor:
+        """Post-softmax self-attention probabilities of every layer: [B, layers, heads, L, L].
+
+        Entry ``[b, l, h, i, j]`` is how much query position ``i`` attends to key
+        position ``j``. Computed by the same ``embed`` + ``run_layers`` path as
+        ``encode``, so the masking is the family's own (causal for CLIP, none over
+        padding for SigLIP, padding masked for BERT).
+        """
 
     def unused_parameter_names(self) -> list[str]:
         """Native parameters no path of the adapter uses (e.g. BERT's pooler): kept frozen in training."""

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.utils.output_capturing import OutputRecorder
 
-from lit_amdet.encoders.base import TextEncoderAdapter
+from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch
+from lit_amdet.errors import LitAmdetError
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -76,6 +79,42 @@ class HFAdapter(TextEncoderAdapter):
         kwargs = {"is_causal": True} if self.causal else {}
         out = self.text.encoder(inputs_embeds=hidden, attention_mask=mask, **kwargs).last_hidden_state
         return self.text.final_layer_norm(out)
+
+    def _attention_recorder(self) -> tuple[type[nn.Module], int]:
+        """The module class whose output carries the attention probabilities, and at which tuple index.
+
+        Read from the model class's own ``_can_record_outputs`` (what transformers
+        hooks for ``output_attentions=True``), so no family's module names are hard-coded.
+        """
+        spec = (getattr(self.model, "_can_record_outputs", None) or {}).get("attentions")
+        if isinstance(spec, type) and issubclass(spec, nn.Module):
+            return spec, 1
+        if isinstance(spec, OutputRecorder) and spec.target_class is not None and spec.layer_name is None:
+            return spec.target_class, spec.index
+        raise LitAmdetError(f"{type(self.model).__name__}: transformers does not name a module that records "
+                            "its self-attention, so its attention maps cannot be read")
+
+    def attention_maps(self, batch: TokenBatch) -> Tensor:
+        batch = batch.to(self.device)
+        attention_class, index = self._attention_recorder()
+        captured: list[Tensor] = []
+        # Only the text tower: a CLIPModel's vision layers share the attention class.
+        modules = [m for m in self.text.modules() if isinstance(m, attention_class)]
+        handles = [m.register_forward_hook(lambda _m, _a, out: captured.append(out[index])) for m in modules]
+        config = self.text_config
+        previous = config._attn_implementation
+        try:
+            # Only the eager kernel materialises the probabilities (SDPA returns None); the
+            # masks that run_layers builds from this config then take the eager form too.
+            config._attn_implementation = "eager"
+            self.run_layers(self.embed(batch.input_ids), batch.attention_mask)
+        finally:
+            config._attn_implementation = previous
+            for handle in handles:
+                handle.remove()
+        if len(captured) != len(modules) or any(a is None for a in captured):
+            raise LitAmdetError(f"{self.name}: expected one attention map per layer, got {len(captured)}")
+        return torch.stack(captured, dim=1)
 
     # ----- images ----------------------------------------------------------------
     @property

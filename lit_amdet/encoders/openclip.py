@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lit_amdet.encoders.base import TextEncoderAdapter
-from lit_amdet.errors import CheckpointError
+from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch
+from lit_amdet.errors import CheckpointError, LitAmdetError
 
 OPENCLIP_CONFIG = "open_clip_config.json"
 OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -112,6 +112,27 @@ class OpenCLIPAdapter(TextEncoderAdapter):
             mask = pad if mask is None else mask.unsqueeze(0) + pad
         x = self.text.transformer(hidden, attn_mask=mask)
         return self.text.ln_final(x)
+
+    def attention_maps(self, batch: TokenBatch) -> Tensor:
+        batch = batch.to(self.device)
+        attentions = [getattr(block, "attn", None) for block in self.text.transformer.resblocks]
+        if not all(isinstance(a, nn.MultiheadAttention) for a in attentions):
+            raise LitAmdetError(f"{self.name}: attention maps need open_clip's default nn.MultiheadAttention "
+                                "blocks; this text tower uses custom attention blocks")
+        captured: list[Tensor] = []
+
+        def ask_for_weights(_module, args, kwargs):
+            # The blocks call with need_weights=False; ask the same call for per-head probabilities instead.
+            return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
+
+        handles = [a.register_forward_pre_hook(ask_for_weights, with_kwargs=True) for a in attentions]
+        handles += [a.register_forward_hook(lambda _m, _a, out: captured.append(out[1])) for a in attentions]
+        try:
+            self.run_layers(self.embed(batch.input_ids), batch.attention_mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack(captured, dim=1)
 
     def project(self, pooled: Tensor) -> Tensor:
         proj = self.text.text_projection
