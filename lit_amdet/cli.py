@@ -96,7 +96,7 @@ class AmdetTrainer(Trainer):
     def benchmark(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None,
                   bases: list[dict] | None = None, output_dir: str = "runs/benchmark", zoo_dir: str | None = None,
                   sizes: dict | None = None, grid: dict | None = None, train: dict | None = None,
-                  scan: dict | None = None, adaptive: dict | None = None,
+                  scan: dict | None = None, adaptive: dict | None = None, controls: list[dict] | None = None,
                   calibration_features: list[str] | None = None, seed: int = 0,
                   wait_timeout: float = 86400.0) -> dict | None:
         """Detection benchmark: build a zoo of backdoored and benign models, scan each, calibrate, measure.
@@ -116,6 +116,8 @@ class AmdetTrainer(Trainer):
             scan: how members are scanned (`lit_amdet.zoo.ScanSettings`: config, overrides, drift_prompts, ...).
             adaptive: adaptive attackers of the test split, reported apart (`lit_amdet.zoo.AdaptiveSettings`:
                 attacks from pooled_only, sim_x_penalty, pooled_sim_x_penalty; per_attack; sim_x_penalty).
+            controls: drift-matched benign fine-tunes added to every base's zoo,
+                ``[{split: test, lr: 5.0e-5, steps: 20}]`` (`lit_amdet.zoo.Control`).
             calibration_features: scan scores of the calibrated rule (``log1p_`` prefix: log(1 + score)).
             seed: the zoo plan's seed.
             wait_timeout: seconds process 0 waits for the other processes' scans.
@@ -124,6 +126,7 @@ class AmdetTrainer(Trainer):
 
         options = BenchmarkOptions.from_config(bases=bases, output_dir=output_dir, zoo_dir=zoo_dir, sizes=sizes,
                                                grid=grid, train=train, scan=scan, adaptive=adaptive,
+                                               controls=controls,
                                                calibration_features=calibration_features, seed=seed,
                                                wait_timeout=wait_timeout)
         launcher = getattr(self.strategy, "launcher", None)

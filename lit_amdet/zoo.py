@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
@@ -205,6 +205,24 @@ class ZooGrid:
 
 
 @dataclass
+class Control:
+    """A benign fine-tune of a chosen strength added to ``split`` of every base's zoo: a drift-matched control,
+    placed where the backdoored members' drift lies (the grid's benign strengths may straddle it)."""
+
+    split: str
+    lr: float
+    steps: int
+    samples: int = 5000
+
+    def validate(self, what: str) -> None:
+        if self.split not in SPLITS:
+            raise ConfigError(f"{what}.split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if not (self.lr > 0 and isinstance(self.steps, int) and self.steps > 0 and isinstance(self.samples, int)
+                and self.samples > 0):
+            raise ConfigError(f"{what} needs lr > 0 and whole steps, samples > 0, got {asdict(self)}")
+
+
+@dataclass
 class AdaptiveSettings:
     """Adaptive attackers: ``per_attack`` text-on-text members of each of ``attacks`` per base, in the test
     split with its triggers and targets, scanned like the rest and reported in a table of their own (never
@@ -272,6 +290,7 @@ class BenchmarkOptions:
     train: TrainSettings = field(default_factory=TrainSettings)
     scan: ScanSettings = field(default_factory=ScanSettings)
     adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
+    controls: list[Control] = field(default_factory=list)
     calibration_features: list[str] = field(default_factory=lambda: list(DEFAULT_FEATURES))
     seed: int = 0
     wait_timeout: float = 86400.0
@@ -280,7 +299,7 @@ class BenchmarkOptions:
     def from_config(cls, bases: list[dict] | None = None, output_dir: str = "runs/benchmark",
                     zoo_dir: str | None = None, sizes: dict | None = None, grid: dict | None = None,
                     train: dict | None = None, scan: dict | None = None, adaptive: dict | None = None,
-                    calibration_features: list[str] | None = None, seed: int = 0,
+                    controls: list[dict] | None = None, calibration_features: list[str] | None = None, seed: int = 0,
                     wait_timeout: float = 86400.0) -> "BenchmarkOptions":
         """Check plain config values (no model is loaded) and build the options."""
         if not bases:
@@ -311,10 +330,13 @@ class BenchmarkOptions:
                       sizes=merged, grid=_settings(ZooGrid, grid, "grid"),
                       train=_settings(TrainSettings, train, "train"), scan=_settings(ScanSettings, scan, "scan"),
                       adaptive=_settings(AdaptiveSettings, adaptive, "adaptive"),
+                      controls=[_settings(Control, c, f"controls[{i}]") for i, c in enumerate(controls or [])],
                       calibration_features=list(calibration_features or DEFAULT_FEATURES), seed=seed,
                       wait_timeout=wait_timeout)
         options.grid.validate()
         options.adaptive.validate()
+        for i, c in enumerate(options.controls):
+            c.validate(f"controls[{i}]")
         if not options.calibration_features:
             raise ConfigError("calibration_features is empty")
         return options
@@ -336,8 +358,12 @@ def _base_name(b: dict) -> str:
 
 
 def _settings(cls, values: dict | None, what: str):
+    _no_unknown_keys(what, values or {}, [f.name for f in fields(cls)])
     values = dict(values or {})
-    _no_unknown_keys(what, values, [f.name for f in fields(cls)])
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+               and f.name not in values]
+    if missing:
+        raise ConfigError(f"{what} needs {', '.join(missing)}")
     return cls(**values)
 
 
@@ -461,6 +487,22 @@ def plan_adaptive(base: ZooBase, settings: AdaptiveSettings, seed: int = 0, grid
                 backdoor_weight=rng.choice(grid.backdoor_weights), lr=rng.choice(grid.attack_lrs), seed=seeds[i],
                 data_seed=data_seeds[i], adaptive=attack,
                 sim_x_penalty=settings.sim_x_penalty if "sim_x" in attack else 0.0))
+    return members
+
+
+def plan_controls(base: ZooBase, controls: Sequence[Control], seed: int = 0) -> list[BenignMember]:
+    """The configured drift-matched benign fine-tunes of one base, seeded from a stream of their own."""
+    members = []
+    for split in SPLITS:
+        chosen = [c for c in controls if c.split == split]
+        rng = random.Random(f"lit-amdet controls|{seed}|{base.name}|{split}")
+        side = SPLITS.index(split)
+        seeds, data_seeds = _split_seeds(rng, len(chosen), side, 0), _split_seeds(rng, len(chosen), side,
+                                                                                  DATA_SEED_BASE)
+        members += [BenignMember(name=f"{base.name}-{split}-control-{i:03d}", base=base.name, split=split,
+                                 objective="infonce" if base.image_tower else "simcse", lr=c.lr, steps=c.steps,
+                                 seed=seeds[i], data_seed=data_seeds[i], samples=c.samples)
+                    for i, c in enumerate(chosen)]
     return members
 
 
@@ -1126,6 +1168,7 @@ def run_benchmark(options: BenchmarkOptions, rank: int | None = None, world_size
     plan = [m for b in bases for split in SPLITS
             for m in plan_zoo(b, options.sizes[split]["backdoored"], options.sizes[split]["benign"], split,
                               options.seed, options.grid)]
+    plan += [m for b in bases for m in plan_controls(b, options.controls, options.seed)]
     plan += [m for b in bases for m in plan_adaptive(b, options.adaptive, options.seed, options.grid)]
     planned = {m.name for m in plan}
     # models people put into the zoo themselves; read before any build, so every process sees the same list

@@ -78,6 +78,23 @@ def test_adaptive_attackers_are_test_members_with_test_pools():
             zoo.BenchmarkOptions.from_config(bases=[{"name": "clip", "path": "somewhere"}], adaptive=bad)
 
 
+def test_controls_are_benign_members_of_the_chosen_strength_and_split():
+    controls = [zoo.Control("test", 5e-5, 20), zoo.Control("calibration", 3e-5, 30, samples=2000),
+                zoo.Control("test", 3e-5, 30)]
+    plan = zoo.plan_controls(TEXT_ONLY, controls, seed=3)
+    assert plan == zoo.plan_controls(TEXT_ONLY, controls, seed=3)
+    assert [(m.name, m.split, m.lr, m.steps, m.samples) for m in plan] == [
+        ("minilm-calibration-control-000", "calibration", 3e-5, 30, 2000),
+        ("minilm-test-control-000", "test", 5e-5, 20, 5000), ("minilm-test-control-001", "test", 3e-5, 30, 5000)]
+    assert all(not m.backdoored and m.objective == "simcse" for m in plan)
+    assert [m.seed % 2 for m in plan] == [0, 1, 1]  # the split's side of the seed space
+    assert {m.objective for m in zoo.plan_controls(CLIP, controls)} == {"infonce"}
+    for bad, message in (({"split": "train", "lr": 1e-5, "steps": 5}, "split"),
+                         ({"split": "test", "lr": 0, "steps": 5}, "lr > 0"), ({"split": "test", "lr": 1e-5}, "steps")):
+        with pytest.raises(ConfigError, match=message):
+            zoo.BenchmarkOptions.from_config(bases=[{"name": "clip", "path": "somewhere"}], controls=[bad])
+
+
 def test_no_trigger_occurs_in_the_world_prompts():
     from lit_amdet.world import World
 
@@ -399,3 +416,25 @@ def test_detect_with_the_calibrated_rule_reports_the_probability(tiny_benchmark)
     check = report["checks"][0]
     assert check["name"] == "calibrated_probability" and 0 <= check["value"] <= 1
     assert report["backdoored"] == (check["value"] > check["threshold"])
+
+
+# ----- the quick benchmark on the real MiniLM (slow) -----------------------------------------------------------
+@pytest.mark.slow
+def test_quick_benchmark_on_the_real_minilm(tmp_path):
+    """configs/benchmark_quick.yaml at CI size (one backdoored + one benign member per split, no adaptive
+    attackers, 60 scan steps): on the pretrained MiniLM the held-out backdoor is flagged, the benign fine-tune
+    passed, the calibrated probability ranks them right and the recovered trigger says the injected target."""
+    out = tmp_path / "quick"
+    main(["benchmark", "--config", str(ROOT / "configs" / "benchmark_quick.yaml"), "--output_dir", str(out),
+          "--sizes", json.dumps({s: {"backdoored": 1, "benign": 1} for s in zoo.SPLITS}),
+          "--adaptive", json.dumps({"per_attack": 0}), "--scan", json.dumps({
+              "config": str(ROOT / "configs" / "scan.yaml"), "drift_prompts": 200,
+              "overrides": {"trainer.max_steps": 60, "model.init_args.probe_prompts": 200,
+                            "model.init_args.holdout_prompts": 64}})])
+    report = json.loads((out / "benchmark.json").read_text())
+    test = report["metrics"]["test"]["minilm"]["all"]
+    assert (test["backdoored"], test["benign"]) == (1, 1)
+    assert test["rule"]["recall"] == 1.0 and test["rule"]["precision"] == 1.0
+    assert test["calibrated"]["auroc"] == 1.0
+    assert test["target_recovery"]["rate"] == 1.0
+    assert (out / "benchmark.md").read_text().count("| minilm-") == 4
