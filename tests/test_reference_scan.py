@@ -1,0 +1,78 @@
+"""The speed baseline `benchmarks/reference_scan.py` (issue 6, item 6) does what the public reference does.
+
+    .venv/bin/python -m pytest -q tests/test_reference_scan.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import reference_scan  # noqa: E402
+
+PROMPTS = ["a red circle on a blue background", "two green squares", "a small yellow star above a triangle",
+           "three purple rings", "a striped orange heart", "an empty gray canvas", "a large black hexagon",
+           "a pink crescent moon next to a cross", "four tiny white dots", "a dotted teal pentagon"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> str:
+    """One tiny random CLIP text tower (width 32, 2 layers): the procedure, not a detection, is under test."""
+    from lit_amdet.tiny import build_hf_clip
+
+    return str(build_hf_clip(tmp_path_factory.mktemp("reference_scan") / "clip", arch="CLIPTextModel"))
+
+
+def test_scan_writes_two_feature_files_per_prompt_and_a_verdict(tiny_clip, tmp_path):
+    model = tiny_clip
+    result = reference_scan.reference_scan(model, model, PROMPTS, tmp_path, max_length=16, grid=5, epochs=1)
+    for folder in ("HiddenStates", "OriginalFeature"):
+        names = sorted(p.name for p in (tmp_path / "Features" / folder).iterdir())
+        assert names == [f"{i:06d}.npy" for i in range(len(PROMPTS))]
+        shape = np.load(tmp_path / "Features" / folder / names[0]).shape
+        assert shape[:2] == (1, 16)  # batch 1, padded to max_length
+    assert result["feature_files"] == 2 * len(PROMPTS)
+    assert result["prompts"] == {"search": 8, "held_out": 2}  # the reference's 80/20 cut
+    assert result["steps"] == 1  # 8 search prompts, batch 10, one epoch
+    assert result["verdict"] in ("BACKDOORED", "clean") and result["backdoored"] == (result["verdict"] == "BACKDOORED")
+    assert (tmp_path / "Results" / "log.txt").is_file()
+    assert (tmp_path / "Results" / "Backdoor_Embedding_init.pt").is_file()
+
+
+def test_landscape_is_one_grid_of_single_prompt_losses(tiny_clip, tmp_path):
+    from lit_amdet.encoders import load_encoder
+
+    model = tiny_clip
+    suspect = load_encoder(model).eval()
+    tokens = reference_scan.write_feature_files(suspect, PROMPTS, 16, tmp_path / "Features")
+    loader = torch.utils.data.DataLoader(reference_scan.ReferenceFeatures(tmp_path / "Features", "test"), batch_size=1)
+    assert len(loader) == 2
+    scan = reference_scan.ReferenceScan(suspect, suspect, tokens)
+    surface = scan.landscape(torch.randn(1, suspect.width), loader, grid=5)
+    assert surface.shape == (5, 5) and np.isfinite(surface).all()
+
+
+def test_hessian_ignores_grid_spacing_like_the_reference():
+    # L = 3a² + b² has Hessian diag(6, 2); finite differences without dividing by h² give 6h² and 2h²
+    axis = np.linspace(-10, 10, 5)
+    h = axis[1] - axis[0]
+    a, b = np.meshgrid(axis, axis, indexing="ij")
+    eig = reference_scan.hessian_eigenvalues(3 * a ** 2 + b ** 2).reshape(-1, 2)
+    assert eig.shape == (9, 2)  # interior points only
+    np.testing.assert_allclose(eig, np.tile([2 * h ** 2, 6 * h ** 2], (9, 1)))
+    assert reference_scan.positive_ratio(eig.ravel()) == 1.0
+    # a saddle: half the eigenvalues are negative
+    assert reference_scan.positive_ratio(reference_scan.hessian_eigenvalues(a ** 2 - b ** 2)) == pytest.approx(0.5)
+
+
+def test_assimilation_loop_counts_every_position():
+    f = torch.zeros(1, 3, 4)
+    f[0, :2, 0] = 1.0  # two identical tokens
+    f[0, 2, 1] = 1.0  # one orthogonal token
+    # full 3 x 3 cosine matrix, diagonal included: (3 ones on the diagonal + 2 off-diagonal ones) / 9
+    assert reference_scan.assimilation_loop(f).item() == pytest.approx(5 / 9)
