@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all install clean bases
+.PHONY: demo test test-slow test-all install clean bases benchmark-quick
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,3 +34,14 @@ clean:
 # the world's pretrained bases (CLIP, SigLIP, LongCLIP, open_clip) in .cache/bases; cached
 bases: $(STAMP)
 	$(PY) -m lit_amdet.bases --cache .cache/bases
+
+# the quick detection benchmark (the real MiniLM; no `make bases`), its figures and the speed baseline:
+# every "quick" table of BENCHMARKS.md. Resumable; about 2 h on 2 CPU cores.
+QUICK_ZOO := runs/benchmark_quick/zoo
+benchmark-quick: $(STAMP)
+	$(VENV)/bin/lit-amdet benchmark --config configs/benchmark_quick.yaml
+	$(PY) benchmarks/figures.py $(foreach i,000 001 002 003,--backdoored $(QUICK_ZOO)/minilm-test-backdoored-$(i)) \
+		--benign $(QUICK_ZOO)/minilm-test-benign-000 --out benchmarks/figures --tensorboard runs/figures/tb
+	$(PY) benchmarks/reference_scan.py --models $(QUICK_ZOO)/minilm-test-backdoored-000 \
+		$(QUICK_ZOO)/minilm-test-benign-000 --anchor minilm --probe-prompts 1000 --max-length 32 --grid 50 --epochs 2 \
+		--out benchmarks/results/reference_speed.json
