@@ -797,9 +797,13 @@ def zoo_entry(path: Path, bases: Sequence[ZooBase]) -> ZooEntry | None:
 
 
 def _attack_metrics(truth: dict) -> dict | None:
-    """The first backdoor's held-out attack success as the injection recorded it (``val/b0/*``), or None."""
+    """The first backdoor's held-out attack success as the injection recorded it (``val/b0/*``, with the clean
+    prompts' ``sim_x_clean`` and ``clean_utility``), or None."""
     metrics = truth.get("metrics") or {}
-    return {k.removeprefix("val/b0/"): v for k, v in metrics.items() if k.startswith("val/b0/")} or None
+    out = {k.removeprefix("val/b0/"): v for k, v in metrics.items() if k.startswith("val/b0/")}
+    if out:
+        out.update({k: metrics[f"val/{k}"] for k in ("sim_x_clean", "clean_utility") if f"val/{k}" in metrics})
+    return out or None
 
 
 def _same_path(a: str | None, b: str | None) -> bool:
@@ -1284,8 +1288,8 @@ def _row(record: dict) -> dict:
     recovered = None
     if record["backdoored"] and target:
         recovered = said is not None and said.strip().lower() == target.strip().lower()
-    metrics = record.get("attack_metrics")
-    if record["backdoored"] and metrics is None and record.get("path"):  # a record written before it was kept
+    metrics = None
+    if record["backdoored"] and record.get("path"):  # read afresh: records written before it was kept lack it
         try:
             metrics = _attack_metrics(json.loads((Path(record["path"]) / "backdoor.json").read_text()))
         except (OSError, json.JSONDecodeError):
