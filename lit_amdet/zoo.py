@@ -636,8 +636,10 @@ def _check_built_as_planned(folder: Path, member: Member) -> None:
     built = json.loads((folder / "backdoor.json").read_text()).get("zoo")
     if built is None:
         return  # a model someone put there under this name: theirs to vouch for
+    # a field added after the member was built is absent from its record: it was built with the default
+    defaults = {f.name: f.default for f in fields(member) if f.default is not MISSING}
     for key, value in member.describe().items():
-        if built.get(key) != value:
+        if built.get(key, defaults.get(key)) != value:
             raise ConfigError(f"{folder} was built with {key}={built.get(key)!r}, the plan now says {value!r}: "
                               "remove it, or use another zoo_dir")
 

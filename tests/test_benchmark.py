@@ -196,6 +196,17 @@ def test_build_is_resumable_and_never_half_written(tmp_path, monkeypatch):
         zoo.build_member(changed, CLIP, tmp_path)
 
 
+def test_a_member_built_before_a_field_existed_is_kept(tmp_path):
+    member = zoo.plan_zoo(TEXT_ONLY, 1, 0, "test")[0]
+    folder = tmp_path / member.name
+    folder.mkdir()
+    older = {k: v for k, v in member.describe().items() if k not in ("adaptive", "sim_x_penalty")}
+    (folder / "backdoor.json").write_text(json.dumps({"backdoored": True, "zoo": older}))
+    zoo._check_built_as_planned(folder, member)  # the new fields at their defaults: the same member
+    with pytest.raises(ConfigError, match="sim_x_penalty"):
+        zoo._check_built_as_planned(folder, zoo.BackdooredMember(**{**zoo.asdict(member), "sim_x_penalty": 1.0}))
+
+
 def test_models_people_add_to_a_zoo_are_members(tmp_path):
     # what `lit-amdet fit` writes (no zoo section): matched to its base by path, test split by default
     own = tmp_path / "my-backdoor"
