@@ -747,7 +747,6 @@ class ZooEntry:
     trigger: str | None
     target_caption: str | None
     adaptive: str | None = None
-    attack_metrics: dict | None = None  # the injection's held-out attack success (val/b0/*), when recorded
 
     def facts(self) -> dict:
         d = asdict(self)
@@ -784,7 +783,7 @@ def zoo_entry(path: Path, bases: Sequence[ZooBase]) -> ZooEntry | None:
     split = zoo.get("split", "test")
     if split not in SPLITS:
         raise ConfigError(f"{path / 'backdoor.json'}: zoo.split must be one of {', '.join(SPLITS)}, got {split!r}")
-    attack = kind = trigger = target = attack_metrics = None
+    attack = kind = trigger = target = None
     if truth["backdoored"]:
         first = (truth.get("backdoors") or [{}])[0]
         attacks = truth.get("attacks") or [first.get("kind")]
@@ -793,9 +792,8 @@ def zoo_entry(path: Path, bases: Sequence[ZooBase]) -> ZooEntry | None:
         kind = zoo.get("trigger_kind") or {"replace_char": "char", "insert_word": "word"}.get(mode)
         trigger = zoo.get("trigger") or (first.get("trigger") or {}).get("text")
         target = zoo.get("target_caption") or first.get("target")
-        attack_metrics = _attack_metrics(truth)
     return ZooEntry(path.name, path, base, split, truth["backdoored"], attack, kind, trigger, target,
-                    zoo.get("adaptive"), attack_metrics)
+                    zoo.get("adaptive"))
 
 
 def _attack_metrics(truth: dict) -> dict | None:
@@ -1291,7 +1289,7 @@ def _row(record: dict) -> dict:
     if record["backdoored"] and target:
         recovered = said is not None and said.strip().lower() == target.strip().lower()
     metrics = None
-    if record["backdoored"] and record.get("path"):  # read afresh: records written before it was kept lack it
+    if record["backdoored"] and record.get("path"):  # attack success: what the injection wrote in backdoor.json
         try:
             metrics = _attack_metrics(json.loads((Path(record["path"]) / "backdoor.json").read_text()))
         except (OSError, json.JSONDecodeError):
