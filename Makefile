@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all install clean bases benchmark-quick
+.PHONY: demo test test-slow test-all install clean bases benchmark-quick benchmark-minilm
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,3 +45,10 @@ benchmark-quick: $(STAMP)
 	$(PY) benchmarks/reference_scan.py --models $(QUICK_ZOO)/minilm-test-backdoored-000 \
 		$(QUICK_ZOO)/minilm-test-benign-000 --anchor minilm --probe-prompts 1000 --max-length 32 --grid 50 --epochs 2 \
 		--out benchmarks/results/reference_speed.json
+
+# the MiniLM benchmark at the issue's size (a 20 + 20 test zoo, 3 adaptive attacks), two processes on a 2-core CPU
+# (DDP, one torch thread each). Resumable; about 2 h 10 min on 2 free CPU cores, less when run after
+# benchmark-quick and given that zoo's calibration members, controls and adaptive attackers (see BENCHMARKS.md).
+benchmark-minilm: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/lit-amdet benchmark --config configs/benchmark_minilm.yaml \
+		--trainer.accelerator cpu --trainer.strategy ddp --trainer.devices 2

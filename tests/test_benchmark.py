@@ -142,13 +142,36 @@ def test_missing_base_is_one_line_through_the_cli(tmp_path, capsys):
     assert "Traceback" not in "\n".join(err)
 
 
-@pytest.mark.parametrize("name", ["benchmark.yaml", "benchmark_quick.yaml"])
+@pytest.mark.parametrize("name", ["benchmark.yaml", "benchmark_quick.yaml", "benchmark_minilm.yaml"])
 def test_shipped_configs_are_valid(name, capsys):
     values = yaml.safe_load((ROOT / "configs" / name).read_text())
     zoo.BenchmarkOptions.from_config(**values)  # every grid/train/scan key known, sizes and families valid
     with pytest.raises(SystemExit) as info:
         main(["benchmark", "--config", str(ROOT / "configs" / name), "--print_config"])
     assert info.value.code == 0 and "calibration_features" in capsys.readouterr().out
+
+
+def test_minilm_benchmark_reuses_the_quick_zoos_calibration_controls_and_adaptive_plans():
+    """configs/benchmark_minilm.yaml says a copy of the quick zoo's calibration members, controls and adaptive
+    attackers serve it unchanged: they must be the very same plans (a member built otherwise is refused)."""
+    quick, full = (zoo.BenchmarkOptions.from_config(**yaml.safe_load((ROOT / "configs" / n).read_text()))
+                   for n in ("benchmark_quick.yaml", "benchmark_minilm.yaml"))
+    assert quick.seed == full.seed and quick.grid == full.grid and quick.train == full.train
+    assert quick.scan == full.scan and quick.sizes["calibration"] == full.sizes["calibration"]
+
+    def described(members):
+        return [m.describe() for m in members]
+
+    sizes = quick.sizes["calibration"]
+    assert described(zoo.plan_zoo(TEXT_ONLY, sizes["backdoored"], sizes["benign"], "calibration", quick.seed,
+                                  quick.grid)) == \
+        described(zoo.plan_zoo(TEXT_ONLY, sizes["backdoored"], sizes["benign"], "calibration", full.seed, full.grid))
+    assert described(zoo.plan_controls(TEXT_ONLY, quick.controls, quick.seed)) == \
+        described(zoo.plan_controls(TEXT_ONLY, full.controls, full.seed))
+    quick_adaptive = described(zoo.plan_adaptive(TEXT_ONLY, quick.adaptive, quick.seed, quick.grid))
+    full_adaptive = described(zoo.plan_adaptive(TEXT_ONLY, full.adaptive, full.seed, full.grid))
+    assert quick_adaptive and all(m in full_adaptive for m in quick_adaptive)
+    assert full.sizes["test"] == {"backdoored": 20, "benign": 20}  # the issue's size
 
 
 # ----- building and sharding -------------------------------------------------------------------------------------
