@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all install clean bases benchmark-quick benchmark-minilm
+.PHONY: demo test test-slow test-all install clean bases benchmark-quick benchmark-minilm benchmark-world
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,4 +51,10 @@ benchmark-quick: $(STAMP)
 # benchmark-quick and given that zoo's calibration members, controls and adaptive attackers (see BENCHMARKS.md).
 benchmark-minilm: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/lit-amdet benchmark --config configs/benchmark_minilm.yaml \
+		--trainer.accelerator cpu --trainer.strategy ddp --trainer.devices 2
+
+# the world-base families (CLIP, SigLIP, LongCLIP, open_clip) at 20 + 20 test and 8 + 8 calibration models each;
+# needs `make bases` first. Not yet run on this machine (see BENCHMARKS.md for the estimate).
+benchmark-world: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/lit-amdet benchmark --config configs/benchmark_world.yaml \
 		--trainer.accelerator cpu --trainer.strategy ddp --trainer.devices 2

@@ -142,7 +142,8 @@ def test_missing_base_is_one_line_through_the_cli(tmp_path, capsys):
     assert "Traceback" not in "\n".join(err)
 
 
-@pytest.mark.parametrize("name", ["benchmark.yaml", "benchmark_quick.yaml", "benchmark_minilm.yaml"])
+@pytest.mark.parametrize("name", ["benchmark.yaml", "benchmark_quick.yaml", "benchmark_minilm.yaml",
+                                  "benchmark_world.yaml"])
 def test_shipped_configs_are_valid(name, capsys):
     values = yaml.safe_load((ROOT / "configs" / name).read_text())
     zoo.BenchmarkOptions.from_config(**values)  # every grid/train/scan key known, sizes and families valid
