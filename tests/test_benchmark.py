@@ -175,6 +175,20 @@ def test_minilm_benchmark_reuses_the_quick_zoos_calibration_controls_and_adaptiv
     assert full.sizes["test"] == {"backdoored": 20, "benign": 20}  # the issue's size
 
 
+def test_world_benchmark_is_the_full_benchmark_cut_down():
+    """configs/benchmark_world.yaml claims to be configs/benchmark.yaml with fewer members and no MiniLM."""
+    full, world = (yaml.safe_load((ROOT / "configs" / n).read_text()) for n in ("benchmark.yaml",
+                                                                               "benchmark_world.yaml"))
+    for key in ("grid", "train", "scan", "controls", "calibration_features", "seed"):
+        assert world.get(key) == full.get(key), key
+    assert world["bases"] == [b for b in full["bases"] if b["family"] != "bert"]
+    assert {k: v for k, v in world["adaptive"].items() if k != "per_attack"} == \
+        {k: v for k, v in full["adaptive"].items() if k != "per_attack"}
+    assert all(world["sizes"][split][side] <= full["sizes"][split][side] for split in world["sizes"]
+               for side in ("backdoored", "benign"))
+    assert world["sizes"]["test"]["backdoored"] >= 20 and world["sizes"]["test"]["benign"] >= 20
+
+
 # ----- building and sharding -------------------------------------------------------------------------------------
 def _fake_training(calls: list):
     def train(member, base, out, settings, device):
