@@ -47,8 +47,8 @@ benchmark-quick: $(STAMP)
 		--out benchmarks/results/reference_speed.json
 
 # the MiniLM benchmark at the issue's size (a 20 + 20 test zoo, 3 adaptive attacks), two processes on a 2-core CPU
-# (DDP, one torch thread each). Resumable; about 2 h 10 min on 2 free CPU cores, less when run after
-# benchmark-quick and given that zoo's calibration members, controls and adaptive attackers (see BENCHMARKS.md).
+# (DDP, one torch thread each). Resumable. 1 h 50 min on 2 free CPU cores given the quick zoo's 14 members of the
+# same plans (calibration, controls, 4 adaptive; see BENCHMARKS.md); about 2 h 25 min from nothing (estimate).
 benchmark-minilm: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/lit-amdet benchmark --config configs/benchmark_minilm.yaml \
 		--trainer.accelerator cpu --trainer.strategy ddp --trainer.devices 2
