@@ -639,8 +639,9 @@ def _check_built_as_planned(folder: Path, member: Member) -> None:
     # a field added after the member was built is absent from its record: it was built with the default
     defaults = {f.name: f.default for f in fields(member) if f.default is not MISSING}
     for key, value in member.describe().items():
-        if built.get(key, defaults.get(key)) != value:
-            raise ConfigError(f"{folder} was built with {key}={built.get(key)!r}, the plan now says {value!r}: "
+        was = built.get(key, defaults.get(key))
+        if was != value:
+            raise ConfigError(f"{folder} was built with {key}={was!r}, the plan now says {value!r}: "
                               "remove it, or use another zoo_dir")
 
 
