@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all install clean bases benchmark-quick benchmark-minilm benchmark-world
+.PHONY: demo test test-slow test-all install clean bases benchmark-quick benchmark-minilm benchmark-world benchmarks
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,7 +54,11 @@ benchmark-minilm: $(STAMP)
 		--trainer.accelerator cpu --trainer.strategy ddp --trainer.devices 2
 
 # the world-base families (CLIP, SigLIP, LongCLIP, open_clip) at 20 + 20 test and 8 + 8 calibration models each;
-# needs `make bases` first. Not yet run on this machine (see BENCHMARKS.md for the estimate).
+# needs `make bases` first. Resumable.
 benchmark-world: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/lit-amdet benchmark --config configs/benchmark_world.yaml \
 		--trainer.accelerator cpu --trainer.strategy ddp --trainer.devices 2
+
+# every table of BENCHMARKS.md's detection-benchmark section, in one command: the quick MiniLM zoo with its figures
+# and the speed baseline, the MiniLM at the issue's size, the world bases and their four zoos. Resumable.
+benchmarks: bases benchmark-quick benchmark-minilm benchmark-world

@@ -322,6 +322,38 @@ def test_group_metrics_drift_matched_subset():
     assert m["seconds_per_scan"] == {"mean": 2.0, "std": 0.0}
 
 
+def test_group_metrics_without_the_backdoors_whose_injection_failed():
+    def row(backdoored, rule, p, working=None):
+        return {"backdoored": backdoored, "rule_backdoored": rule, "probability": p, "clean_cosine_to_base": 0.99,
+                "trigger_kind": "word" if backdoored else None, "target_recovered": None, "seconds": 1.0,
+                "memory": None, "scores": {}, "working": working}
+    # two working backdoors (one missed by the rule), one failed (missed by both), one without attack metrics
+    rows = [row(True, True, 0.9, True), row(True, False, 0.8, True), row(True, False, 0.1, False),
+            row(True, True, 0.7, None), row(False, False, 0.2), row(False, True, 0.6)]
+    m = zoo.group_metrics(rows, threshold=0.5)
+    w = m["working"]
+    assert (w["backdoored"], w["failed"], w["min_attack_top1"]) == (3, 1, zoo.WORKING_ATTACK_TOP1)
+    # kept: 3 backdoored + 2 benign. Rule: TP 2, FP 1, FN 1 -> F1 2/3. Calibrated: TP 3, FP 1 -> F1 6/7
+    assert w["rule"]["f1"] == pytest.approx(2 / 3) and w["calibrated"]["f1"] == pytest.approx(6 / 7)
+    assert w["failed_flagged"] == {"rule": 0, "calibrated": 0}
+    assert m["rule"]["recall"] == pytest.approx(0.5)  # the full table still counts the failed one
+    assert zoo.group_metrics([row(False, False, 0.1)], threshold=0.5)["working"] is None
+
+
+def test_a_row_knows_whether_its_backdoor_works(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"nearest_captions": [{"caption": "a white teapot"}], "verdict": "clean",
+                                  "backdoored": False, "decided_by": "x", "scores": {}}))
+    for top1, working in ((0.9, True), (0.1, False)):
+        member = tmp_path / f"m{top1}"
+        member.mkdir()
+        (member / "backdoor.json").write_text(json.dumps({"metrics": {"val/b0/attack_top1": top1}}))
+        row = zoo._row({"backdoored": True, "path": str(member), "report": str(report),
+                        "target_caption": "a white teapot"})
+        assert row["working"] is working and row["target_recovered"] is True
+    assert zoo._row({"backdoored": False, "report": str(report)})["working"] is None
+
+
 def _synthetic_rows(n: int = 20) -> list[dict]:
     import random
 
@@ -434,6 +466,7 @@ def test_benchmark_end_to_end_writes_every_metric(tiny_benchmark):
         assert m["drift_matched"]["benign"] <= 2 and m["target_recovery"]["measured"] == 2
         assert m["seconds_per_scan"]["mean"] > 0 and m["peak_memory_mib"]["rss_max"] > 0
         assert set(m["auroc_by_feature"]) == set(zoo.DEFAULT_FEATURES)
+        assert m["working"]["backdoored"] + m["working"]["failed"] == 2
     md = (out / "benchmark.md").read_text()
     assert "## Test zoo" in md and "## Calibration zoo" in md and all(m["name"] in md for m in members)
     assert "## Adaptive attacks" in md and "| tiny | pooled_only | 1 |" in md
