@@ -1192,11 +1192,7 @@ def run_benchmark(options: BenchmarkOptions, rank: int | None = None, world_size
     shard = current_shard(rank, world_size)
     out, zoo = options.out, options.zoo
     bases = resolve_bases(options.bases)
-    plan = [m for b in bases for split in SPLITS
-            for m in plan_zoo(b, options.sizes[split]["backdoored"], options.sizes[split]["benign"], split,
-                              options.seed, options.grid)]
-    plan += [m for b in bases for m in plan_controls(b, options.controls, options.seed)]
-    plan += [m for b in bases for m in plan_adaptive(b, options.adaptive, options.seed, options.grid)]
+    plan = full_plan(options, bases)
     planned = {m.name for m in plan}
     # models people put into the zoo themselves; read before any build, so every process sees the same list
     extras, ignored = [], []
@@ -1224,6 +1220,49 @@ def run_benchmark(options: BenchmarkOptions, rank: int | None = None, world_size
     report = summarise(records, options, bases, ignored)
     _write_json(out / "benchmark.json", report)
     _write_text(out / "benchmark.md", markdown(report))
+    return report
+
+
+def full_plan(options: BenchmarkOptions, bases: Sequence[ZooBase]) -> list[Member]:
+    """Every planned member of ``bases``: both splits, then the controls, then the adaptive attackers."""
+    plan = [m for b in bases for split in SPLITS
+            for m in plan_zoo(b, options.sizes[split]["backdoored"], options.sizes[split]["benign"], split,
+                              options.seed, options.grid)]
+    plan += [m for b in bases for m in plan_controls(b, options.controls, options.seed)]
+    return plan + [m for b in bases for m in plan_adaptive(b, options.adaptive, options.seed, options.grid)]
+
+
+def summarise_scanned(options: BenchmarkOptions, out_dir: str | Path, only: Sequence[str] | None = None) -> dict:
+    """The report of a run that is still going or was stopped, from the scan records already written.
+
+    A base counts when every planned member of its calibration and test zoos (controls included) has its
+    record; its adaptive attackers count as far as they are scanned. Other bases are left out and named in
+    ``report["partial"]``. Written to ``out_dir`` (benchmark.json, benchmark.md, calibration.json), never into
+    the run's folder, whose report stays the finished run's. Members people added to the zoo are not read.
+    """
+    scans = options.out / "scans"
+    bases = [b for b in resolve_bases(options.bases) if not only or b.name in only]
+    if only and len(bases) != len(set(only)):
+        raise ConfigError(f"unknown base(s) {sorted(set(only) - {b.name for b in bases})}")
+    records, left_out, unscanned = [], {}, []
+    for base in bases:
+        plan = full_plan(options, [base])
+        missing = [m.name for m in plan if not (scans / f"{m.name}.json").is_file()]
+        if any(m.name in missing for m in plan if not getattr(m, "adaptive", None)):
+            left_out[base.name] = len(missing)
+            continue
+        unscanned += missing
+        records += [json.loads((scans / f"{m.name}.json").read_text()) for m in plan if m.name not in missing]
+    kept = [b for b in bases if b.name not in left_out]
+    if not kept:
+        raise LitAmdetError(f"no base has all its calibration and test scans in {scans} (missing: {left_out})")
+    sub = BenchmarkOptions(**{**{f.name: getattr(options, f.name) for f in fields(options)},
+                              "bases": [b for b in options.bases if b["name"] in {k.name for k in kept}],
+                              "output_dir": str(out_dir)})
+    report = summarise(records, sub, kept)
+    report["partial"] = {"run": str(options.out), "left_out_bases": left_out, "unscanned_adaptive": unscanned}
+    _write_json(sub.out / "benchmark.json", report)
+    _write_text(sub.out / "benchmark.md", markdown(report))
     return report
 
 
@@ -1344,6 +1383,7 @@ def markdown(report: dict) -> str:
              f"Members: calibration {count['calibration', True]} backdoored + {count['calibration', False]} benign, "
              f"test {count['test', True]} backdoored + {count['test', False]} benign"
              f"{adaptive_count}.", "",
+             *_partial_note(report.get("partial")),
              f"*rule*: the scan's own verdict ({report['scan_rule']}). *calibrated*: logistic regression on "
              f"{', '.join(cal['features'])}, fitted on the calibration zoo, backdoored when p > "
              f"{cal['threshold']:.3f} (`{cal['path']}`; `lit_amdet.decision.CalibratedRule` applies it in a scan). "
@@ -1414,6 +1454,14 @@ def markdown(report: dict) -> str:
                      f"{_f(m['probability'])} | "
                      f"{_f(m['clean_cosine_to_base'], '.4f')} | {said} | {_f(m['seconds'], '.1f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _partial_note(partial: dict | None) -> list[str]:
+    if not partial:
+        return []
+    left = ", ".join(f"{b} ({n} scans missing)" for b, n in partial["left_out_bases"].items()) or "none"
+    return [f"**Partial report** of the run in `{partial['run']}`, made while it was unfinished: bases left out: "
+            f"{left}; adaptive attackers not yet scanned: {len(partial['unscanned_adaptive'])}.", ""]
 
 
 # ----- files ---------------------------------------------------------------------------------------------------

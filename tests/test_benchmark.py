@@ -482,6 +482,40 @@ def test_benchmark_rerun_reuses_the_zoo_and_the_scans(tiny_benchmark):
     assert json.loads((out / "benchmark.json").read_text())["calibration"]["fitted_on"]["members"] == 4  # no adaptive
 
 
+def test_a_report_from_the_scans_of_an_unfinished_run(tiny_benchmark, tmp_path):
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from summarise_scanned import main as summarise_main
+
+    root, config = tiny_benchmark
+    run = tmp_path / "run"
+    shutil.copytree(root / "out" / "scans", run / "scans")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["output_dir"] = str(run)
+    partial_config = tmp_path / "benchmark.yaml"
+    partial_config.write_text(yaml.safe_dump(cfg))
+    finished = json.loads((root / "out" / "benchmark.json").read_text())
+    # every scan there: the same numbers as the finished run's own report
+    assert summarise_main(["--config", str(partial_config), "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "benchmark.json").read_text())
+    assert report["metrics"] == finished["metrics"] and report["adaptive"] == finished["adaptive"]
+    assert report["partial"]["left_out_bases"] == {} and not (run / "benchmark.json").exists()
+    # an adaptive attacker not yet scanned: the base is still reported, the attacker named
+    adaptive = next(m["name"] for m in finished["members"] if m["adaptive"])
+    (run / "scans" / f"{adaptive}.json").unlink()
+    assert summarise_main(["--config", str(partial_config), "--out", str(tmp_path / "b")]) == 0
+    report = json.loads((tmp_path / "b" / "benchmark.json").read_text())
+    assert report["partial"]["unscanned_adaptive"] == [adaptive] and report["metrics"] == finished["metrics"]
+    assert "**Partial report**" in (tmp_path / "b" / "benchmark.md").read_text()
+    # a test member not yet scanned: no base is complete, one line and exit 2
+    (run / "scans" / "tiny-test-benign-000.json").unlink()
+    assert summarise_main(["--config", str(partial_config), "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
+    assert summarise_main(["--config", str(partial_config), "--out", str(tmp_path / "d"), "--only", "nope"]) == 2
+
+
 def test_detect_with_the_calibrated_rule_reports_the_probability(tiny_benchmark):
     root, _ = tiny_benchmark
     out = root / "out"
