@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
@@ -1256,9 +1256,8 @@ def summarise_scanned(options: BenchmarkOptions, out_dir: str | Path, only: Sequ
     kept = [b for b in bases if b.name not in left_out]
     if not kept:
         raise LitAmdetError(f"no base has all its calibration and test scans in {scans} (missing: {left_out})")
-    sub = BenchmarkOptions(**{**{f.name: getattr(options, f.name) for f in fields(options)},
-                              "bases": [b for b in options.bases if b["name"] in {k.name for k in kept}],
-                              "output_dir": str(out_dir)})
+    sub = replace(options, bases=[b for b in options.bases if b["name"] in {k.name for k in kept}],
+                  output_dir=str(out_dir))
     report = summarise(records, sub, kept)
     report["partial"] = {"run": str(options.out), "left_out_bases": left_out, "unscanned_adaptive": unscanned}
     _write_json(sub.out / "benchmark.json", report)
@@ -1460,8 +1459,9 @@ def _partial_note(partial: dict | None) -> list[str]:
     if not partial:
         return []
     left = ", ".join(f"{b} ({n} scans missing)" for b, n in partial["left_out_bases"].items()) or "none"
-    return [f"**Partial report** of the run in `{partial['run']}`, made while it was unfinished: bases left out: "
-            f"{left}; adaptive attackers not yet scanned: {len(partial['unscanned_adaptive'])}.", ""]
+    return [f"**Made from the scan records** of the run in `{partial['run']}` (`benchmarks/summarise_scanned.py`), "
+            f"which may be unfinished. Bases left out: {left}; adaptive attackers not yet scanned: "
+            f"{len(partial['unscanned_adaptive'])}.", ""]
 
 
 # ----- files ---------------------------------------------------------------------------------------------------

@@ -508,7 +508,7 @@ def test_a_report_from_the_scans_of_an_unfinished_run(tiny_benchmark, tmp_path):
     assert summarise_main(["--config", str(partial_config), "--out", str(tmp_path / "b")]) == 0
     report = json.loads((tmp_path / "b" / "benchmark.json").read_text())
     assert report["partial"]["unscanned_adaptive"] == [adaptive] and report["metrics"] == finished["metrics"]
-    assert "**Partial report**" in (tmp_path / "b" / "benchmark.md").read_text()
+    assert "**Made from the scan records**" in (tmp_path / "b" / "benchmark.md").read_text()
     # a test member not yet scanned: no base is complete, one line and exit 2
     (run / "scans" / "tiny-test-benign-000.json").unlink()
     assert summarise_main(["--config", str(partial_config), "--out", str(tmp_path / "c")]) == 2
