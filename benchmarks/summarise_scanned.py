@@ -19,6 +19,8 @@ import yaml
 from lit_amdet import zoo
 from lit_amdet.errors import LitAmdetError
 
+CLI_KEYS = {"trainer", "seed_everything"}  # what `lit-amdet benchmark --config` also reads
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, yaml.YAMLError) as exc:
             raise LitAmdetError(f"{args.config}: {exc}") from exc
         known = inspect.signature(zoo.BenchmarkOptions.from_config).parameters
+        # the CLI's own sections are fine; anything else is a typo that would silently change the plan
+        unknown = sorted(set(config) - set(known) - CLI_KEYS)
+        if unknown:
+            raise LitAmdetError(f"{args.config}: unknown key(s) {unknown}")
         options = zoo.BenchmarkOptions.from_config(**{k: v for k, v in config.items() if k in known})
         report = zoo.summarise_scanned(options, args.out, args.only)
     except LitAmdetError as exc:

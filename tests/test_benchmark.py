@@ -514,6 +514,8 @@ def test_a_report_from_the_scans_of_an_unfinished_run(tiny_benchmark, tmp_path):
     assert summarise_main(["--config", str(partial_config), "--out", str(tmp_path / "c")]) == 2
     assert not (tmp_path / "c").exists()
     assert summarise_main(["--config", str(partial_config), "--out", str(tmp_path / "d"), "--only", "nope"]) == 2
+    partial_config.write_text(yaml.safe_dump({**cfg, "sizs": {}}))  # a typo must not silently change the plan
+    assert summarise_main(["--config", str(partial_config), "--out", str(tmp_path / "e")]) == 2
 
 
 def test_detect_with_the_calibrated_rule_reports_the_probability(tiny_benchmark):
