@@ -1312,7 +1312,8 @@ def summarise(records: Sequence[dict], options: BenchmarkOptions, bases: Sequenc
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "options": options.describe(),
             "bases": [asdict(b) for b in bases], "scan_rule": rule.get("class"),
             "calibration": {**calibration, "path": str(path)}, "metrics": metrics,
-            "adaptive": adaptive_metrics(rows, calibrated.threshold), "members": rows,
+            "adaptive": adaptive_metrics(rows, calibrated.threshold), "attack_strength": attack_strength(rows),
+            "members": rows,
             "ignored": [str(p) for p in ignored]}
 
 
@@ -1342,6 +1343,21 @@ def adaptive_metrics(rows: Sequence[dict], threshold: float) -> list[dict]:
     return out
 
 
+def attack_strength(rows: Sequence[dict]) -> list[dict]:
+    """How often an injection took, per attack x lr x steps: the non-adaptive backdoored members of every split
+    and base whose backdoor.json records both strength and attack success. A grid whose cells mostly fail
+    measures failed injections, not the detector (see `WORKING_ATTACK_TOP1`)."""
+    cells: dict[tuple, list[float]] = {}
+    for r in rows:
+        top1 = (r.get("attack_metrics") or {}).get("attack_top1")
+        s = r.get("strength") or {}
+        if r["backdoored"] and not r["adaptive"] and top1 is not None and "lr" in s and "steps" in s:
+            cells.setdefault((r["attack"], s["lr"], s["steps"]), []).append(top1)
+    return [{"attack": a, "lr": lr, "steps": steps, "members": len(t),
+             "working": sum(v >= WORKING_ATTACK_TOP1 for v in t), "attack_top1": _summary(t)}
+            for (a, lr, steps), t in sorted(cells.items())]
+
+
 def _row(record: dict) -> dict:
     report = json.loads(Path(record["report"]).read_text())
     said = report["nearest_captions"][0]["caption"] if report.get("nearest_captions") else None
@@ -1349,15 +1365,18 @@ def _row(record: dict) -> dict:
     recovered = None
     if record["backdoored"] and target:
         recovered = said is not None and said.strip().lower() == target.strip().lower()
-    metrics = None
+    metrics, strength = None, None
     if record["backdoored"] and record.get("path"):  # attack success: what the injection wrote in backdoor.json
         try:
-            metrics = _attack_metrics(json.loads((Path(record["path"]) / "backdoor.json").read_text()))
+            truth = json.loads((Path(record["path"]) / "backdoor.json").read_text())
         except (OSError, json.JSONDecodeError):
-            metrics = None
+            truth = {}
+        metrics = _attack_metrics(truth)
+        strength = {k: truth[k] for k in ("lr", "steps", "backdoor_weight") if k in truth} or None
     top1 = (metrics or {}).get("attack_top1")
     working = None if not record["backdoored"] or top1 is None else top1 >= WORKING_ATTACK_TOP1
     return {**record, "adaptive": record.get("adaptive"), "attack_metrics": metrics, "working": working,
+            "strength": strength,
             "verdict": report["verdict"], "rule_backdoored": bool(report["backdoored"]),
             "decided_by": report["decided_by"], "scores": report["scores"], "recovered_caption": said,
             "target_recovered": recovered}
@@ -1369,7 +1388,8 @@ def _f(v, fmt: str = ".2f") -> str:
 
 
 def markdown(report: dict) -> str:
-    """benchmark.md: the detection table per split, the drift distributions, and every member."""
+    """benchmark.md: the detection table and drift per split, the adaptive attacks, attack success by strength,
+    and every member."""
     cal = report["calibration"]
     members = report["members"]
     count = {(s, b): sum(1 for m in members if m["split"] == s and m["backdoored"] == b and not m["adaptive"])
@@ -1435,6 +1455,16 @@ def markdown(report: dict) -> str:
             lines.append(f"| {a['base']} | {a['attack']} | {a['members']} | {_f(a['rule_detection_rate'])} / "
                          f"{_f(a['calibrated_detection_rate'])} | {med['attack_top1']} | {med['attack_cos_pooled']} | "
                          f"{med['sim_x_triggered']} / {med['sim_x_clean']} | {drift} |")
+        lines.append("")
+    if report.get("attack_strength"):
+        lines += ["## Attack success by strength (backdoored members of both splits, adaptive ones left out)", "",
+                  f"*working*: attack top-1 (target retrieved among 101 captions, held-out triggered prompts) of at "
+                  f"least {WORKING_ATTACK_TOP1}.", "",
+                  "| attack | lr | steps | members | working | attack top-1 min / median / max |", "|---|---|---|---|---|---|"]
+        for c in report["attack_strength"]:
+            t = c["attack_top1"]
+            lines.append(f"| {c['attack']} | {c['lr']:g} | {c['steps']} | {c['members']} | {c['working']} | "
+                         f"{t['min']:.2f} / {t['median']:.2f} / {t['max']:.2f} |")
         lines.append("")
     lines += ["## Members", "",
               "| member | split | truth | attack / trigger | attack top-1 | verdict | p | cosine to base | "

@@ -347,11 +347,33 @@ def test_a_row_knows_whether_its_backdoor_works(tmp_path):
     for top1, working in ((0.9, True), (0.1, False)):
         member = tmp_path / f"m{top1}"
         member.mkdir()
-        (member / "backdoor.json").write_text(json.dumps({"metrics": {"val/b0/attack_top1": top1}}))
+        (member / "backdoor.json").write_text(json.dumps({"metrics": {"val/b0/attack_top1": top1}, "lr": 3e-4,
+                                                          "steps": 100, "backdoor_weight": 0.1, "seed": 7}))
         row = zoo._row({"backdoored": True, "path": str(member), "report": str(report),
                         "target_caption": "a white teapot"})
         assert row["working"] is working and row["target_recovered"] is True
-    assert zoo._row({"backdoored": False, "report": str(report)})["working"] is None
+        assert row["strength"] == {"lr": 3e-4, "steps": 100, "backdoor_weight": 0.1}
+    benign = zoo._row({"backdoored": False, "report": str(report)})
+    assert benign["working"] is None and benign["strength"] is None
+
+
+def test_attack_strength_counts_working_injections_per_setting():
+    def row(attack, lr, steps, top1, backdoored=True, adaptive=None):
+        return {"backdoored": backdoored, "adaptive": adaptive, "attack": attack,
+                "attack_metrics": None if top1 is None else {"attack_top1": top1},
+                "strength": {"lr": lr, "steps": steps, "backdoor_weight": 0.1}}
+    rows = [row("text_on_text", 3e-4, 100, 0.9), row("text_on_text", 3e-4, 100, 0.2),
+            row("text_on_text", 3e-4, 100, 0.5),  # exactly the cut-off counts as working
+            row("text_on_text", 1e-4, 50, 0.0), row("image_on_text", 3e-4, 100, 1.0),
+            row("text_on_text", 3e-4, 100, 1.0, adaptive="pooled_only"),  # adaptive: left out
+            row("text_on_text", 3e-4, 100, None),  # no attack metrics: left out
+            row(None, None, None, None, backdoored=False)]
+    cells = {(c["attack"], c["lr"], c["steps"]): c for c in zoo.attack_strength(rows)}
+    assert list(cells) == [("image_on_text", 3e-4, 100), ("text_on_text", 1e-4, 50), ("text_on_text", 3e-4, 100)]
+    c = cells["text_on_text", 3e-4, 100]
+    assert (c["members"], c["working"]) == (3, 2)
+    assert (c["attack_top1"]["min"], c["attack_top1"]["median"], c["attack_top1"]["max"]) == (0.2, 0.5, 0.9)
+    assert (cells["text_on_text", 1e-4, 50]["working"], cells["image_on_text", 3e-4, 100]["working"]) == (0, 1)
 
 
 def _synthetic_rows(n: int = 20) -> list[dict]:
@@ -433,6 +455,10 @@ def test_benchmark_end_to_end_writes_every_metric(tiny_benchmark):
         assert (truth["token_weight"], truth["sim_x_penalty"]) == (
             (0.0, 0.0) if m["adaptive"] == "pooled_only" else (1.0, 1.0))
         assert 0 <= m["attack_metrics"]["attack_top1"] <= 1 and -1 <= m["attack_metrics"]["attack_cos_pooled"] <= 1
+    plain = [m for m in members if m["backdoored"] and not m["adaptive"]]
+    assert sum(c["members"] for c in report["attack_strength"]) == len(plain) == 4
+    assert {(c["lr"], c["steps"]) for c in report["attack_strength"]} == {(1e-3, 2)}
+    assert "## Attack success by strength" in (out / "benchmark.md").read_text()
     table = {a["attack"]: a for a in report["adaptive"]}
     assert set(table) == {"none", "pooled_only", "sim_x_penalty"} and table["none"]["members"] == 2
     for a in table.values():
