@@ -54,11 +54,13 @@ benchmark-minilm: $(STAMP)
 		--trainer.accelerator cpu --trainer.strategy ddp --trainer.devices 2
 
 # the world-base families (CLIP, SigLIP, LongCLIP, open_clip) at 20 + 20 test and 8 + 8 calibration models each;
-# needs `make bases` first. Resumable.
+# needs `make bases` first. Resumable. About 2 h 40 min on 2 free CPU cores from nothing (estimate; see BENCHMARKS.md).
 benchmark-world: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/lit-amdet benchmark --config configs/benchmark_world.yaml \
 		--trainer.accelerator cpu --trainer.strategy ddp --trainer.devices 2
 
 # every table of BENCHMARKS.md's detection-benchmark section, in one command: the quick MiniLM zoo with its figures
 # and the speed baseline, the MiniLM at the issue's size, the world bases and their four zoos. Resumable.
+# About 8-9 h on 2 free CPU cores from nothing (estimate: bases ~2 h, quick ~70 min, minilm ~2 h 25 min, world
+# ~2 h 40 min).
 benchmarks: bases benchmark-quick benchmark-minilm benchmark-world
