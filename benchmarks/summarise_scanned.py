@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             raise LitAmdetError(f"{args.config}: {exc}") from exc
         known = inspect.signature(zoo.BenchmarkOptions.from_config).parameters
         # the CLI's own sections are fine; anything else is a typo that would silently change the plan
-        unknown = sorted(set(config) - set(known) - CLI_KEYS)
-        if unknown:
-            raise LitAmdetError(f"{args.config}: unknown key(s) {unknown}")
+        zoo._no_unknown_keys(args.config, config, [*known, *sorted(CLI_KEYS)])
         options = zoo.BenchmarkOptions.from_config(**{k: v for k, v in config.items() if k in known})
         report = zoo.summarise_scanned(options, args.out, args.only)
     except LitAmdetError as exc:
