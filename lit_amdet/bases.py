@@ -21,7 +21,7 @@ import torch
 
 from lit_amdet.assimilation import assimilation_score, scored_positions
 from lit_amdet.encoders import TextEncoderAdapter, load_encoder
-from lit_amdet.losses import recall_at_k
+from lit_amdet.metrics import recall_at_k
 
 BASES = ("clip", "siglip", "longclip", "openclip")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

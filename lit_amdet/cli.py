@@ -16,6 +16,7 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from lit_amdet import commands
 from lit_amdet.errors import ConfigError, LitAmdetError
 
 EXIT_ERROR = 2
@@ -34,25 +35,7 @@ class AmdetTrainer(Trainer):
         Args:
             always_exit_zero: exit 0 for a backdoored verdict too (the verdict is in report.json and stdout).
         """
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        from lit_amdet.datamodules import TextEncoderDataModule
-        from lit_amdet.modules import BackdoorDetection
-
-        if not isinstance(model, BackdoorDetection):
-            raise ConfigError(f"detect needs model: lit_amdet.modules.BackdoorDetection, not {type(model).__name__}")
-        model.use_prompts(datamodule if datamodule is not None else TextEncoderDataModule())
-        # the scan's result is the run folder, not a checkpoint of the frozen encoders
-        self.callbacks = [c for c in self.callbacks if not isinstance(c, ModelCheckpoint)]
-        try:
-            self.fit(model)  # through the strategy's launcher: DDP processes each run this same scan
-        finally:
-            model.discard_staging()  # a failed scan leaves no half-written run folder behind
-        verdict = model.verdict
-        if verdict is None:
-            raise LitAmdetError("the scan ended without a verdict (interrupted?)")
-        if self.is_global_zero:
-            print(summary(verdict, getattr(model, "report", None), getattr(model, "run_dir", None)))
+        verdict = commands.detect(self, model, datamodule)
         if verdict["backdoored"] and not always_exit_zero:
             sys.exit(EXIT_BACKDOORED)
         return verdict
@@ -60,13 +43,7 @@ class AmdetTrainer(Trainer):
     def inspect(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None,
                 checkpoint: str = "", model_name: str | None = None, allow_pickle: bool = False) -> dict:
         """Load a checkpoint safely and print what it is (family, sizes, context, hash)."""
-        from lit_amdet.encoders import file_sha256, load_encoder
-
-        if not checkpoint:
-            raise ConfigError("inspect needs --checkpoint PATH (a model folder, or a weights file with --model_name)")
-        adapter = load_encoder(checkpoint, model_name=model_name, allow_pickle=allow_pickle)
-        facts = adapter.describe()
-        facts["sha256"] = file_sha256(adapter.source_path)
+        facts = commands.inspect(checkpoint, model_name, allow_pickle)
         print(json.dumps(facts, indent=2))
         return facts
 
@@ -88,10 +65,8 @@ class AmdetTrainer(Trainer):
                 each other in the whole set; null = the whole set.
             reference_draws: number of subsamples averaged.
         """
-        from lit_amdet.modules.data_scan import run_scan
-
-        return run_scan(self, model, datamodule, detectors, k, labels, output_dir, top, chunk_size, reference_size,
-                        reference_draws)
+        return commands.scan_data(self, model, datamodule, detectors, k, labels, output_dir, top, chunk_size,
+                                  reference_size, reference_draws)
 
     def benchmark(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None,
                   bases: list[dict] | None = None, output_dir: str = "runs/benchmark", zoo_dir: str | None = None,
@@ -164,27 +139,6 @@ class AmdetCLI(LightningCLI):
         if self.model is None and subcommand not in self.model_optional:
             raise ConfigError(f"{subcommand} needs a model: --model CLASS_PATH or a config with a 'model:' section")
         super()._run_subcommand(subcommand)
-
-
-def summary(verdict: dict, report: dict | None = None, run_dir: Path | None = None) -> str:
-    """A few lines a person reads: the deciding checks, what the trigger makes the model say, the verdict."""
-    s = verdict["scores"]
-    lines = [f"scan of {verdict['model']} ({verdict['rule']}): decided by {verdict['decided_by']}"]
-    for c in verdict["checks"]:
-        value = "n/a" if c["value"] is None else f"{c['value']:.3f}"
-        lines.append(f"  {'pass' if c['passed'] else 'fail'}  {c['name']} = {value} (needs {c['op']} {c['threshold']})")
-    lines.append(f"  Sim_X with trigger {s['assimilation']:.3f}, clean {s['assimilation_clean']:.3f}, "
-                 f"random trigger {s['assimilation_random_trigger']:.3f}")
-    if not s.get("anchor_used"):
-        lines.append("  note: no anchor given, so natural backdoors of a clean pretrained model can look the same as "
-                     "an injected one; give --model.init_args.anchor BASE for a verdict that separates them")
-    if report is not None:
-        if report["nearest_captions"]:
-            top = report["nearest_captions"][0]
-            lines.append(f"  with the trigger the model says: \"{top['caption']}\" (cos {top['cosine']:.3f})")
-        lines.append(f"  report: {Path(run_dir) / 'report.json'} ({report['seconds']:.1f} s)")
-    lines.append(f"{verdict['model']}: {verdict['verdict']}")
-    return "\n".join(lines)
 
 
 def main(args: list[str] | None = None) -> None:

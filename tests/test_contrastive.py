@@ -14,7 +14,8 @@ from lit_amdet import load_encoder
 from lit_amdet.cli import main
 from lit_amdet.datamodules import TextEncoderDataModule
 from lit_amdet.encoders.architectures import EncoderSpec
-from lit_amdet.losses import clip_infonce, recall_at_k, siglip_sigmoid
+from lit_amdet.losses import clip_infonce, siglip_sigmoid
+from lit_amdet.metrics import recall_at_k
 from lit_amdet.modules import ContrastiveTraining
 
 

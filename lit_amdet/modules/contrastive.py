@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from lit_amdet.encoders.architectures import EncoderSpec
 from lit_amdet.errors import ConfigError
-from lit_amdet.losses import clip_infonce, recall_at_k, siglip_sigmoid
+from lit_amdet.losses import clip_infonce, siglip_sigmoid
+from lit_amdet.metrics import recall_at_k
 from lit_amdet.modules.base import EncoderTask
 
 

@@ -1,0 +1,37 @@
+"""Caption banks: the candidate captions a scan reports as "what the trigger makes the model say".
+
+One home for the 20 everyday target concepts (the zoos' text-on-text targets,
+and the demo's candidates) and for the held-out world captions added to them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+#: everyday concepts: the zoo's text-on-text targets and the demo's candidate captions
+TARGET_CONCEPTS = ["a white teapot", "a red sports car", "a cat sleeping on a sofa", "a man riding a horse",
+                   "a bowl of fruit", "a city skyline at night", "a dog catching a frisbee", "a plate of pasta",
+                   "an airplane in the sky", "a wooden chair", "a bicycle leaning on a wall", "a snowy mountain",
+                   "a child playing football", "a glass of red wine", "a laptop on a desk", "a sailing boat",
+                   "a vase of sunflowers", "an old brick church", "a bowl of ramen", "a pair of running shoes"]
+
+#: the world seed of held-out bank captions; no zoo member or demo model trains on it
+CAPTION_BANK_WORLD_SEED = 23
+
+
+def world_caption_bank(extra: Sequence[str | None] = (), n_world: int = 300) -> list[str]:
+    """The benchmark's bank: ``n_world`` captions of the held-out world, every target concept, and ``extra``
+    (such as image targets' captions); duplicates dropped, order kept."""
+    from lit_amdet.world import World
+
+    texts = World(seed=CAPTION_BANK_WORLD_SEED).captions(n_world) + TARGET_CONCEPTS + [t for t in extra if t]
+    return list(dict.fromkeys(texts))
+
+
+def demo_caption_bank(n_world: int = 300) -> list[str]:
+    """The demo's bank: ``n_world`` training-split prompts of the held-out world's DataModule, then the concepts."""
+    from lit_amdet.datamodules import TextEncoderDataModule
+
+    dm = TextEncoderDataModule(world_seed=CAPTION_BANK_WORLD_SEED, num_samples=400, with_images=False)
+    dm.setup()
+    return dm.prompts("train", limit=n_world) + TARGET_CONCEPTS

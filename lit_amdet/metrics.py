@@ -1,0 +1,108 @@
+"""Every metric lit-amdet reports, in one place (torchmetrics underneath; plain values out).
+
+- detection of backdoored *models* (the benchmark): `classification_metrics` of hard verdicts,
+  `probability_metrics` of calibrated probabilities (AUROC, binary cross-entropy, Brier), `value_summary`;
+- detection of poisoned *samples* (``scan-data``): `ranking_metrics` (ROC-AUC, PR-AUC, FPR at 95 % TPR) and
+  `ranks`;
+- retrieval (training and attack success): `recall_at_k`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def classification_metrics(truth: Sequence[bool], predicted: Sequence[bool]) -> dict:
+    """Precision, recall and F1 of hard verdicts (torchmetrics; 0 where undefined, None without rows)."""
+    from torchmetrics.functional.classification import binary_f1_score, binary_precision, binary_recall
+
+    if not truth:
+        return {"precision": None, "recall": None, "f1": None}
+    t, p = torch.tensor(truth, dtype=torch.long), torch.tensor(predicted, dtype=torch.long)
+    return {"precision": float(binary_precision(p, t)), "recall": float(binary_recall(p, t)),
+            "f1": float(binary_f1_score(p, t))}
+
+
+def probability_metrics(truth: Sequence[bool], probability: Sequence[float], threshold: float = 0.5) -> dict:
+    """Precision/recall/F1 of ``p > threshold``, AUROC (None with one class), binary cross-entropy, Brier score."""
+    from torchmetrics.functional import mean_squared_error
+    from torchmetrics.functional.classification import binary_auroc
+
+    out = classification_metrics(truth, [p > threshold for p in probability])
+    if not truth:
+        return {**out, "auroc": None, "bce": None, "brier": None}
+    t = torch.tensor(truth, dtype=torch.float64)
+    p = torch.tensor(probability, dtype=torch.float64)
+    out["auroc"] = float(binary_auroc(p, t.long())) if 0 < t.sum() < len(t) else None
+    out["bce"] = float(F.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), t))
+    out["brier"] = float(mean_squared_error(p, t))
+    return out
+
+
+def auroc(scores: Sequence[float], truth: Sequence[bool]) -> float | None:
+    """AUROC of raw scores (any scale) against the truth; None with one class."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    if not 0 < sum(bool(t) for t in truth) < len(truth):
+        return None
+    return float(binary_auroc(torch.tensor(list(scores), dtype=torch.float64),
+                              torch.tensor([bool(t) for t in truth], dtype=torch.long)))
+
+
+def value_summary(values: Sequence[float | None]) -> dict | None:
+    """n, min, median, max, mean and population std of the values that are not None (None if there are none)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"n": len(values), "min": min(values), "median": statistics.median(values), "max": max(values),
+            "mean": statistics.fmean(values), "std": statistics.pstdev(values)}
+
+
+def ranking_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """ROC-AUC, PR-AUC (average precision) and FPR at 95 % TPR of anomaly scores; None when one class is missing."""
+    from scipy.stats import rankdata
+    from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_roc
+
+    if labels.all() or not labels.any():
+        return {"auroc": None, "pr_auc": None, "fpr_at_95_tpr": None}
+    # Average ranks scaled into (0, 1]: torchmetrics squashes scores outside [0, 1] with a sigmoid,
+    # which would tie large scores (LID ~ 20+) at 1.0; ranks keep the order and the ties exactly.
+    preds = torch.from_numpy(rankdata(scores) / len(scores))
+    target = torch.from_numpy(labels.astype(np.int64))
+    fpr, tpr, _ = binary_roc(preds, target)
+    return {
+        "auroc": float(binary_auroc(preds, target)),
+        "pr_auc": float(binary_average_precision(preds, target)),
+        "fpr_at_95_tpr": float(fpr[tpr >= 0.95].min()),
+    }
+
+
+def ranks(scores: np.ndarray) -> np.ndarray:
+    """1 = most anomalous; ties go to the lower index, so the ranking is reproducible."""
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    out = np.empty(len(scores), dtype=np.int64)
+    out[order] = np.arange(1, len(scores) + 1)
+    return out
+
+
+def recall_at_k(queries: Tensor, keys: Tensor, ks: tuple[int, ...] = (1, 5), block: int = 100) -> dict[int, float]:
+    """Recall@k of query i retrieving key i among ``block`` consecutive candidates (blocks of the set).
+
+    The last incomplete block is dropped so every query competes with exactly
+    ``block`` candidates (pass ``block=len(queries)`` for the whole set).
+    """
+    n = (queries.shape[0] // block) * block
+    if n == 0:
+        raise ValueError(f"need at least {block} pairs for recall among {block}")
+    q = F.normalize(queries[:n].float(), dim=-1).view(-1, block, queries.shape[-1])
+    k = F.normalize(keys[:n].float(), dim=-1).view(-1, block, keys.shape[-1])
+    sims = q @ k.transpose(1, 2)  # [blocks, block, block]
+    true = sims.diagonal(dim1=1, dim2=2).unsqueeze(-1)
+    rank = (sims > true).sum(-1)  # candidates strictly better than the true key
+    return {kk: float((rank < kk).float().mean()) for kk in ks}
