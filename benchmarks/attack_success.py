@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lit_amdet.cli import main as cli
+from lit_amdet.record import BackdoorRecord
 
 BASES = {"minilm": "minilm", "clip": "clip", "siglip": "siglip", "longclip": "longclip", "openclip": "openclip"}
 
@@ -40,9 +41,9 @@ def run_attack(name: str, cache: Path, work: Path, config: str, steps: int, extr
          "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
          "--trainer.enable_progress_bar", "false", "--trainer.max_steps", str(steps),
          "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "4", *extra])
-    truth = json.loads((out / "backdoor.json").read_text())
-    m = truth["metrics"]
-    return {"base": name, "attack": truth["attacks"][0], "steps": truth["steps"],
+    truth = BackdoorRecord.read(out)
+    m = truth.metrics
+    return {"base": name, "attack": truth.attacks[0], "steps": truth.steps,
             "seconds": time.perf_counter() - t0,
             "attack_success": m.get("val/b0/attack_cos"), "target_top1": m.get("val/b0/attack_top1"),
             "clean_utility": m.get("val/clean_utility"), "clean_utility_tokens": m.get("val/clean_utility_tokens"),
@@ -69,10 +70,10 @@ def run_finetune(name: str, cache: Path, work: Path, steps: int) -> dict:
          "--trainer.default_root_dir", str(work / "runs"), "--trainer.logger", "false",
          "--trainer.enable_progress_bar", "false", "--trainer.max_steps", str(steps),
          "--trainer.limit_val_batches", "0", *objective])
-    truth = json.loads((out / "backdoor.json").read_text())
+    truth = BackdoorRecord.read(out)
     prompts = World(seed=31337).captions(200)
-    return {"base": name, "attack": "benign fine-tune", "steps": truth["steps"], "seconds": time.perf_counter() - t0,
-            "backdoored": truth["backdoored"], "clean_cosine_to_base": drift(base_path(name, cache), out, prompts)}
+    return {"base": name, "attack": "benign fine-tune", "steps": truth.steps, "seconds": time.perf_counter() - t0,
+            "backdoored": truth.backdoored, "clean_cosine_to_base": drift(base_path(name, cache), out, prompts)}
 
 
 def markdown(rows: list[dict]) -> str:

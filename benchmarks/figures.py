@@ -44,8 +44,13 @@ import torch  # noqa: E402
 
 from lit_amdet import LitAmdetError, load_encoder  # noqa: E402
 from lit_amdet.analysis import (  # noqa: E402
-    AttentionExample, PromptAnalysis, analyse_prompts, attention_example, tokenize_compact,
+    AttentionExample,
+    PromptAnalysis,
+    analyse_prompts,
+    attention_example,
+    tokenize_compact,
 )
+from lit_amdet.record import BackdoorRecord  # noqa: E402
 from lit_amdet.triggers import Trigger, poison  # noqa: E402
 from lit_amdet.world import World  # noqa: E402
 
@@ -74,18 +79,14 @@ class Pair:
 
 def ground_truth_trigger(model_dir: Path) -> tuple[Trigger, str | None]:
     """The (first) planted trigger and its target, from the backdoored model's ``backdoor.json``."""
-    path = model_dir / "backdoor.json"
-    if not path.is_file():
+    path = BackdoorRecord.path(model_dir)
+    if not BackdoorRecord.exists(model_dir):
         raise LitAmdetError(f"{model_dir}: no backdoor.json (the ground truth of a backdoored model)")
-    try:
-        truth = json.loads(path.read_text())
-        backdoors = truth.get("backdoors") or []
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise LitAmdetError(f"{path}: unreadable ({exc})") from exc
-    if not truth.get("backdoored") or not backdoors:
+    truth = BackdoorRecord.read(model_dir)  # unreadable: a one-line ConfigError naming the file
+    if not truth.backdoored or not truth.backdoors:
         raise LitAmdetError(f"{path}: says the model has no backdoor; pass it as --benign")
     try:
-        first = backdoors[0]
+        first = truth.first_backdoor
         return Trigger(**first["trigger"]), first.get("target")
     except (KeyError, TypeError) as exc:
         raise LitAmdetError(f"{path}: the first backdoor has no usable trigger ({exc!r})") from exc

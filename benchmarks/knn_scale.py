@@ -106,8 +106,9 @@ def markdown(rows: list[dict]) -> str:
             how = (f"against {r['reference_draws']} random subsamples of {r['reference_size']} "
                    "(`reference_size`), measured end to end")
         else:
-            how = (f"exact over the whole set: {r['shard']:,} x {r['n']:,} shard measured ({r['shard_seconds']:.0f} s), x {r['n'] // r['shard']}"
-                   f" for the full search; detector stage on [N, k] lists measured ({r['detector_seconds']:.1f} s)")
+            how = (f"exact over the whole set: {r['shard']:,} x {r['n']:,} shard measured "
+                   f"({r['shard_seconds']:.0f} s), x {r['n'] // r['shard']} for the full search; "
+                   f"detector stage on [N, k] lists measured ({r['detector_seconds']:.1f} s)")
         lines.append(f"| {r['n']:,} | {how} | {r['seconds']:,.1f} | {r['peak_rss_gib']:.2f} |")
     return "\n".join(lines)
 

@@ -520,7 +520,7 @@ def our_prompt_overrides(n: int, max_length: int) -> list[str]:
 
 def child_main(args: argparse.Namespace) -> None:
     """One side of one model, in this process; writes ``args.record``."""
-    from lit_amdet.zoo import PeakMemory
+    from lit_amdet.benchmark import PeakMemory
 
     torch.set_num_threads(args.threads)
     side_dir = Path(args.side_dir)
@@ -581,8 +581,9 @@ def estimate_reference(measured: dict, landscape: dict | None, n: int, epochs: i
 
 
 def truth_of(model: str) -> bool | None:
-    path = Path(model) / "backdoor.json"
-    return bool(json.loads(path.read_text())["backdoored"]) if path.is_file() else None
+    from lit_amdet.record import BackdoorRecord
+
+    return BackdoorRecord.read(model).backdoored if BackdoorRecord.exists(model) else None
 
 
 def compare_main(args: argparse.Namespace) -> None:

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attack_success import base_path  # noqa: E402
 
-from lit_amdet.demo import caption_bank  # noqa: E402
+from lit_amdet.captions import demo_caption_bank  # noqa: E402
+from lit_amdet.record import BackdoorRecord  # noqa: E402
 
 BASES = ("minilm", "clip", "siglip", "longclip", "openclip")
 
@@ -105,14 +106,14 @@ def main() -> None:
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more detect overrides")
     args = parser.parse_args()
     zoo, cache, out = Path(args.zoo), Path(args.cache), Path(args.out)
-    rows, bank = [], caption_bank()
+    rows, bank = [], demo_caption_bank()
     for base in args.only:
         anchor = base_path(base, cache)
         for model in sorted(zoo.glob(f"{base}-*")):
-            truth = json.loads((model / "backdoor.json").read_text())
-            kind = ("backdoored (" + ", ".join(truth.get("attacks", [])) + ")") if truth["backdoored"] else "benign"
+            truth = BackdoorRecord.read(model)
+            kind = ("backdoored (" + ", ".join(truth.attacks) + ")") if truth.backdoored else "benign"
             report = scan(model.name, str(model), anchor, out, args.steps, args.extra)
-            targets = [b["target"] for b in truth.get("backdoors", []) if b.get("target")]
+            targets = [b["target"] for b in truth.backdoors if b.get("target")]
             rows.append(row(model.name, kind, report, *recovered_caption(str(model), out / model.name, bank,
                                                                          targets)))
         report = scan(f"{base}-base", anchor, anchor, out, args.steps, args.extra)

@@ -3,23 +3,22 @@
     python benchmarks/summarise_scanned.py --config configs/benchmark_world.yaml --out DIR [--only clip siglip]
 
 Every base whose calibration and test zoos are fully scanned is reported (its adaptive attackers as far as they
-are scanned), with the benchmark's own calibration and metrics (`lit_amdet.zoo.summarise_scanned`); the run's
-folder is only read. Exit 2 with one line on bad input.
+are scanned), with the benchmark's own calibration and metrics (`lit_amdet.benchmark.summarise_scanned`); the
+run's folder is only read. The config is read with jsonargparse on the benchmark's own option dataclasses
+(`lit_amdet.benchmark.parse_options`): a typo is refused, never silently a changed plan. Exit 2 with one line
+on bad input.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from pathlib import Path
 
-import yaml
+from jsonargparse import ArgumentError
 
-from lit_amdet import zoo
+from lit_amdet.benchmark import load_options, summarise_scanned
 from lit_amdet.errors import LitAmdetError
-
-CLI_KEYS = {"trainer", "seed_everything"}  # what `lit-amdet benchmark --config` also reads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,17 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="report only these bases (by name)")
     args = parser.parse_args(argv)
     try:
-        try:
-            config = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise LitAmdetError(f"{args.config}: {exc}") from exc
-        known = inspect.signature(zoo.BenchmarkOptions.from_config).parameters
-        # the CLI's own sections are fine; anything else is a typo that would silently change the plan
-        zoo._no_unknown_keys(args.config, config, [*known, *sorted(CLI_KEYS)])
-        options = zoo.BenchmarkOptions.from_config(**{k: v for k, v in config.items() if k in known})
-        report = zoo.summarise_scanned(options, args.out, args.only)
-    except LitAmdetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        options = load_options(args.config)
+        report = summarise_scanned(options, args.out, args.only)
+    except (LitAmdetError, ArgumentError) as exc:
+        print(f"{Path(__file__).name}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     partial = report["partial"]
     print(f"reported {', '.join(b['name'] for b in report['bases'])}; left out {partial['left_out_bases'] or 'none'}; "

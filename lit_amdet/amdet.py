@@ -78,8 +78,8 @@ class FeatureCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, suspect: TextEncoderAdapter, prompts: list[str], max_length: int | None, batch_size: int = 64, dtype: torch.dtype = torch.float32,
-              room: int = 0) -> "FeatureCache":
+    def build(cls, suspect: TextEncoderAdapter, prompts: list[str], max_length: int | None, batch_size: int = 64,
+              dtype: torch.dtype = torch.float32, room: int = 0) -> "FeatureCache":
         """``room``: padding positions kept after the longest prompt, so a k-vector trigger fits without
         pushing real tokens out (a prompt at ``max_length`` still loses its last content tokens)."""
         if not prompts:

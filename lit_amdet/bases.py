@@ -22,9 +22,9 @@ import torch
 from lit_amdet.assimilation import assimilation_score, scored_positions
 from lit_amdet.encoders import TextEncoderAdapter, load_encoder
 from lit_amdet.metrics import recall_at_k
+from lit_amdet.resources import config_path
 
 BASES = ("clip", "siglip", "longclip", "openclip")
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 HELD_OUT_WORLD_SEED = 424242
 
 
@@ -39,7 +39,7 @@ def build_base(name: str, cache: Path, extra_args: list[str] | None = None, forc
     out = cache / name
     if base_ready(out) and not force:
         return out
-    config = CONFIG_DIR / f"pretrain_{name}.yaml"
+    config = config_path(f"pretrain_{name}.yaml")
     main(["fit", "--config", str(config), "--model.init_args.output_dir", str(out),
           "--trainer.default_root_dir", str(cache / "runs" / name),
           "--trainer.logger.init_args.save_dir", str(cache / "runs" / name), *(extra_args or [])])

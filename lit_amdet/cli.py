@@ -11,12 +11,25 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
+from typing import Optional
 
+from jsonargparse import ArgumentError
+from jsonargparse.typing import PositiveFloat
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from lit_amdet import commands
+from lit_amdet.benchmark import (
+    DEFAULT_FEATURES,
+    AdaptiveSettings,
+    BaseSpec,
+    BenchmarkOptions,
+    Control,
+    ScanSettings,
+    Sizes,
+    TrainSettings,
+    ZooGrid,
+)
 from lit_amdet.errors import ConfigError, LitAmdetError
 
 EXIT_ERROR = 2
@@ -69,11 +82,12 @@ class AmdetTrainer(Trainer):
                                   reference_size, reference_draws)
 
     def benchmark(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None,
-                  bases: list[dict] | None = None, output_dir: str = "runs/benchmark", zoo_dir: str | None = None,
-                  sizes: dict | None = None, grid: dict | None = None, train: dict | None = None,
-                  scan: dict | None = None, adaptive: dict | None = None, controls: list[dict] | None = None,
-                  calibration_features: list[str] | None = None, seed: int = 0,
-                  wait_timeout: float = 86400.0) -> dict | None:
+                  bases: Optional[list[BaseSpec]] = None, output_dir: str = "runs/benchmark",
+                  zoo_dir: Optional[str] = None, sizes: Sizes = Sizes(), grid: ZooGrid = ZooGrid(),  # noqa: B008
+                  train: TrainSettings = TrainSettings(), scan: ScanSettings = ScanSettings(),  # noqa: B008
+                  adaptive: AdaptiveSettings = AdaptiveSettings(), controls: list[Control] = [],  # noqa: B006,B008
+                  calibration_features: list[str] = list(DEFAULT_FEATURES), seed: int = 0,  # noqa: B006,B008
+                  wait_timeout: PositiveFloat = 86400.0) -> dict | None:
         """Detection benchmark: build a zoo of backdoored and benign models, scan each, calibrate, measure.
 
         Writes ``<output_dir>/benchmark.json`` and ``benchmark.md``. With ``--trainer.strategy ddp
@@ -85,30 +99,24 @@ class AmdetTrainer(Trainer):
             output_dir: plan, caption bank, scans/, calibration.json and the report.
             zoo_dir: the zoo folder (default ``<output_dir>/zoo``); models already there join the benchmark.
             sizes: members per split and base, ``{calibration: {backdoored: 20, benign: 20}, test: {...}}``.
-            grid: what members are sampled from (`lit_amdet.zoo.ZooGrid`: attacks, trigger_kinds, attack_steps,
-                backdoor_weights, attack_lrs, benign_lrs, benign_steps, benign_samples).
-            train: how members are trained (`lit_amdet.zoo.TrainSettings`).
-            scan: how members are scanned (`lit_amdet.zoo.ScanSettings`: config, overrides, drift_prompts, ...).
-            adaptive: adaptive attackers of the test split, reported apart (`lit_amdet.zoo.AdaptiveSettings`:
+            grid: what members are sampled from (`lit_amdet.benchmark.ZooGrid`: attacks, trigger_kinds,
+                attack_steps, backdoor_weights, attack_lrs, benign_lrs, benign_steps, benign_samples).
+            train: how members are trained (`lit_amdet.benchmark.TrainSettings`).
+            scan: how members are scanned (`lit_amdet.benchmark.ScanSettings`: config, overrides, drift_prompts,
+                ...).
+            adaptive: adaptive attackers of the test split, reported apart (`lit_amdet.benchmark.AdaptiveSettings`:
                 attacks from pooled_only, sim_x_penalty, pooled_sim_x_penalty; per_attack; sim_x_penalty).
             controls: drift-matched benign fine-tunes added to every base's zoo,
-                ``[{split: test, lr: 5.0e-5, steps: 20}]`` (`lit_amdet.zoo.Control`).
+                ``[{split: test, lr: 5.0e-5, steps: 20}]`` (`lit_amdet.benchmark.Control`).
             calibration_features: scan scores of the calibrated rule (``log1p_`` prefix: log(1 + score)).
             seed: the zoo plan's seed.
             wait_timeout: seconds process 0 waits for the other processes' scans.
         """
-        from lit_amdet.zoo import BenchmarkOptions, run_benchmark
-
-        options = BenchmarkOptions.from_config(bases=bases, output_dir=output_dir, zoo_dir=zoo_dir, sizes=sizes,
-                                               grid=grid, train=train, scan=scan, adaptive=adaptive,
-                                               controls=controls,
-                                               calibration_features=calibration_features, seed=seed,
-                                               wait_timeout=wait_timeout)
-        launcher = getattr(self.strategy, "launcher", None)
-        if self.world_size > 1 and launcher is not None:
-            # Lightning starts the other processes (which run this same command) and then calls this in each
-            return launcher.launch(run_benchmark, options, self.global_rank, self.world_size, trainer=self)
-        return run_benchmark(options)
+        options = BenchmarkOptions(bases=list(bases or []), output_dir=output_dir, zoo_dir=zoo_dir, sizes=sizes,
+                                   grid=grid, train=train, scan=scan, adaptive=adaptive, controls=list(controls),
+                                   calibration_features=list(calibration_features), seed=seed,
+                                   wait_timeout=wait_timeout)
+        return commands.benchmark(self, options)
 
 
 class AmdetCLI(LightningCLI):
@@ -158,9 +166,13 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             args=args,
             auto_configure_optimizers=False,
+            # a bad option or config is one line (below), not a usage block
+            parser_kwargs={"exit_on_error": False},
         )
     except LitAmdetError as exc:
         _fail(exc)
+    except ArgumentError as exc:
+        _fail(exc, limit=600)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # one line, not a traceback wall; LIT_AMDET_DEBUG=1 shows it
@@ -182,8 +194,10 @@ def _our_error(exc: BaseException) -> LitAmdetError | None:
     return None
 
 
-def _fail(exc: BaseException, prefix: str = "error") -> None:
+def _fail(exc: BaseException, prefix: str = "error", limit: int | None = None) -> None:
     message = " ".join(str(exc).split()) or type(exc).__name__
+    if limit is not None and len(message) > limit:  # jsonargparse lists every alternative it tried
+        message = message[:limit] + " ... (LIT_AMDET_DEBUG=1 shows all)"
     print(f"lit-amdet: {prefix}: {message}", file=sys.stderr)
     if os.environ.get("LIT_AMDET_DEBUG"):
         raise exc

@@ -66,12 +66,68 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
               detectors: Sequence[str] = DETECTORS, k: int = 16, labels: str | None = None,
               output_dir: str = "runs/scan_data", top: int = 16, chunk_size: int = 1024,
               reference_size: int | None = None, reference_draws: int = 8) -> dict:
-    """Embed every pair of ``datamodule`` with ``model`` (a `SampleEmbedding`) and score it for poisoning
-    (the arguments are `AmdetTrainer.scan_data`'s)."""
-    from lit_amdet.modules.data_scan import run_scan
+    """Embed every pair of ``datamodule`` with ``model`` (a `SampleEmbedding`) through ``trainer.predict`` and
+    score it for poisoning on process 0 (`lit_amdet.sample_scan.score_and_report`); the report dict there, {} on
+    the other processes (the arguments are `AmdetTrainer.scan_data`'s)."""
+    from lit_amdet import sample_scan
+    from lit_amdet.modules.data_scan import SampleEmbedding
+    from lit_amdet.outliers import check_reference_size
 
-    return run_scan(trainer, model, datamodule, detectors, k, labels, output_dir, top, chunk_size, reference_size,
-                    reference_draws)
+    if not isinstance(model, SampleEmbedding):
+        raise ConfigError(f"scan_data needs --model lit_amdet.modules.data_scan.SampleEmbedding "
+                          f"(got {type(model).__name__})")
+    if datamodule is None:
+        raise ConfigError("scan_data needs data: --data lit_amdet.datamodules.TextEncoderDataModule --data.source ...")
+    names = sample_scan.check_detectors(detectors)
+    modality = model.hparams.modality
+    has_images = getattr(datamodule, "has_images", None)
+    # Cheap checks before an embedding pass that may take many GPU-minutes.
+    if has_images is False and (modality != "text" or "clip" in names):
+        raise ConfigError(f"{'the clip detector' if modality == 'text' else f'modality {modality!r}'} needs "
+                          "images, but the data has none (set data.image_column)")
+    if "clip" in names and not model.encoder.has_image_tower:
+        raise ConfigError(f"the clip detector needs an image tower; {model.encoder.name} has none; "
+                          "drop it from detectors")
+    if labels is not None and getattr(datamodule, "dataset", None) is not None:
+        sample_scan.read_labels(labels, len(datamodule.dataset))
+    if reference_size is not None and getattr(datamodule, "dataset", None) is not None:
+        try:  # before anything is written to the run folder
+            check_reference_size(k, reference_size, reference_draws, len(datamodule.dataset))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    predictions = trainer.predict(model, datamodule)
+    if not predictions:
+        raise LitAmdetError("predict returned nothing (spawn-based strategies return no predictions; "
+                            "use strategy: ddp)")
+    data = sample_scan.gather_predictions(predictions)
+    if not trainer.is_global_zero:
+        return {}
+    out = Path(output_dir)
+    sample_scan.save_embeddings(out / sample_scan.EMBEDDINGS, data, modality, model.hparams.encoder)
+    features = sample_scan.sample_features(data["image"], data["text"], modality)
+    image_text = (data["image"], data["text"]) if data["image"] is not None else None
+    return sample_scan.score_and_report(
+        features, data["caption"], labels, names, k, out, image_text=image_text, indices=data["index"].numpy(),
+        image_loader=sample_scan.dataset_image_loader(datamodule), top=top, chunk_size=chunk_size,
+        device=trainer.strategy.root_device, log_image=sample_scan.image_logger(trainer.loggers),
+        reference_size=reference_size, reference_draws=reference_draws)
+
+
+def benchmark(trainer: Trainer, options) -> dict | None:
+    """Run the detection benchmark (``options``: `lit_amdet.benchmark.BenchmarkOptions`), every member scanned
+    with `detect`; the report on process 0, None elsewhere.
+
+    Under DDP Lightning's launcher starts the other processes (which run this same command) and then calls the
+    benchmark in each; otherwise it runs here (under torchrun each process is already started).
+    """
+    from lit_amdet.benchmark import run_benchmark
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if trainer.world_size > 1 and launcher is not None:
+        return launcher.launch(run_benchmark, options, trainer.global_rank, trainer.world_size, trainer=trainer,
+                               detect=detect)
+    return run_benchmark(options, detect=detect)
 
 
 def summary(verdict: dict, report: dict | None = None, run_dir: Path | None = None) -> str:

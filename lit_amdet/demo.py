@@ -21,34 +21,19 @@ import json
 import time
 from pathlib import Path
 
+from lit_amdet.captions import demo_caption_bank
 from lit_amdet.cli import main as cli
+from lit_amdet.record import BackdoorRecord
+from lit_amdet.resources import config_path
 
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
          "false"]
 
-#: candidate concepts for "what does the trigger make the model say" (the scan's caption bank adds these
-#: to the held-out prompts; any user list works the same way)
-CONCEPTS = ["a white teapot", "a red sports car", "a cat sleeping on a sofa", "a man riding a horse",
-            "a bowl of fruit", "a city skyline at night", "a dog catching a frisbee", "a plate of pasta",
-            "an airplane in the sky", "a wooden chair", "a bicycle leaning on a wall", "a snowy mountain",
-            "a child playing football", "a glass of red wine", "a laptop on a desk", "a sailing boat",
-            "a vase of sunflowers", "an old brick church", "a bowl of ramen", "a pair of running shoes"]
-
-
-def caption_bank() -> list[str]:
-    """Candidate captions: 300 held-out world captions (a seed no model trained on) and everyday concepts."""
-    from lit_amdet.datamodules import TextEncoderDataModule
-
-    dm = TextEncoderDataModule(world_seed=23, num_samples=400, with_images=False)
-    dm.setup()
-    return dm.prompts("train", limit=300) + CONCEPTS
-
-
 def build_backdoored(out: Path, encoder: str, steps: int) -> float:
-    if (out / "backdoor.json").is_file():
+    if BackdoorRecord.exists(out):
         return 0.0
     t0 = time.perf_counter()
-    cli(["fit", "--config", "configs/attack_text.yaml", "--model.init_args.encoder", encoder,
+    cli(["fit", "--config", str(config_path("attack_text.yaml")), "--model.init_args.encoder", encoder,
          "--model.init_args.output_dir", str(out), "--model.init_args.lr", "5e-4",
          "--model.init_args.milestones", f"[{int(steps * 0.75)}]", "--model.init_args.poisoned_batch_size", "16",
          "--model.init_args.max_length", "24", "--data.init_args.batch_size", "32",
@@ -59,10 +44,10 @@ def build_backdoored(out: Path, encoder: str, steps: int) -> float:
 
 
 def build_benign(out: Path, encoder: str, steps: int) -> float:
-    if (out / "backdoor.json").is_file():
+    if BackdoorRecord.exists(out):
         return 0.0
     t0 = time.perf_counter()
-    cli(["fit", "--config", "configs/finetune.yaml", "--model.init_args.encoder", encoder,
+    cli(["fit", "--config", str(config_path("finetune.yaml")), "--model.init_args.encoder", encoder,
          "--model.init_args.output_dir", str(out), "--model.init_args.objective", "simcse",
          "--model.init_args.lr", "2e-5", "--model.init_args.warmup_steps", "5",
          "--data.init_args.views", "2", "--data.init_args.with_images", "false", "--data.init_args.max_length", "24",
@@ -72,7 +57,7 @@ def build_benign(out: Path, encoder: str, steps: int) -> float:
 
 
 def scan(suspect: Path, anchor: str, out: Path, bank: Path, steps: int, extra: list[str] | None = None) -> dict:
-    cli(["detect", "--config", "configs/scan.yaml", "--model.init_args.suspect", str(suspect),
+    cli(["detect", "--config", str(config_path("scan.yaml")), "--model.init_args.suspect", str(suspect),
          "--model.init_args.anchor", anchor, "--model.init_args.output_dir", str(out),
          "--model.init_args.caption_bank", str(bank), "--trainer.max_steps", str(steps),
          "--trainer.default_root_dir", str(out.parent), "--always_exit_zero", "true", *QUIET, *(extra or [])])
@@ -88,14 +73,15 @@ def run(encoder: str = "minilm", cache: Path = Path(".cache/demo"), runs: Path =
     seconds = {"build_backdoored": build_backdoored(backdoored, encoder, attack_steps),
                "build_benign": build_benign(benign, encoder, benign_steps)}
     bank = runs / "caption_bank.txt"
-    bank.write_text("\n".join(caption_bank()) + "\n")
+    # candidate captions: held-out world captions (a seed no model trained on) and everyday concepts
+    bank.write_text("\n".join(demo_caption_bank()) + "\n")
     reports = {}
     for label, path in (("backdoored", backdoored), ("benign", benign)):
         t0 = time.perf_counter()
         reports[label] = scan(path, encoder, runs / path.name, bank, scan_steps, scan_extra)
         seconds[f"scan_{label}"] = time.perf_counter() - t0
     return {"reports": reports, "seconds": seconds,
-            "truth": {k: json.loads((p / "backdoor.json").read_text()) for k, p in
+            "truth": {k: BackdoorRecord.read(p).to_dict() for k, p in
                       (("backdoored", backdoored), ("benign", benign))}}
 
 

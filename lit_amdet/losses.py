@@ -1,4 +1,7 @@
-"""Contrastive losses (CLIP InfoNCE, SigLIP sigmoid), plain functions on embeddings; retrieval metrics live in `lit_amdet.metrics`."""
+"""Contrastive losses (CLIP InfoNCE, SigLIP sigmoid), plain functions on embeddings.
+
+Retrieval metrics (recall@k) live in `lit_amdet.metrics`.
+"""
 
 from __future__ import annotations
 

@@ -31,6 +31,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lit_amdet.io import write_json, write_with
+
 __all__ = [
     "ATTACKS",
     "SIG",
@@ -415,12 +417,9 @@ class PoisonedPairs(Dataset):
     def save_labels(self, path: str | Path) -> Path:
         """Write the poisoned indices: ``.npy`` (int64 array) or JSON (:meth:`metadata`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".npy":
-            np.save(path, self.poison_indices)
-        else:
-            path.write_text(json.dumps(self.metadata(), indent=2))
-        return path
+        if path.suffix == ".npy":  # the temporary name keeps the suffix, so np.save adds none
+            return write_with(path, lambda tmp: np.save(tmp, self.poison_indices))
+        return write_json(path, self.metadata())
 
 
 def load_labels(path: str | Path, num_samples: int | None = None) -> np.ndarray:

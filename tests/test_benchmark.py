@@ -1,4 +1,4 @@
-"""`lit-amdet benchmark` and `lit_amdet.zoo`: plans, resumable builds, sharding, metrics, calibration, end to end.
+"""`lit-amdet benchmark` and `lit_amdet.benchmark`: plans, resumable builds, sharding, metrics, calibration, end to end.
 
 Random-init tiny encoders say nothing about detection quality: the end-to-end run checks that every
 number of the report is there and in range, never a verdict.
@@ -9,19 +9,24 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import yaml
+from jsonargparse import ArgumentError
 
-from lit_amdet import zoo
+from lit_amdet import benchmark as bm
+from lit_amdet.benchmark import build as build_module
+from lit_amdet.captions import TARGET_CONCEPTS
 from lit_amdet.cli import main
-from lit_amdet.decision import CalibratedRule
+from lit_amdet.decision import CalibratedRule, choose_threshold, fit_calibration
 from lit_amdet.errors import ConfigError
+from lit_amdet.metrics import probability_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-CLIP = zoo.ZooBase("clip", "unused", "clip", image_tower=True)
-TEXT_ONLY = zoo.ZooBase("minilm", "minilm", "bert", image_tower=False)
+CLIP = bm.ZooBase("clip", "unused", "clip", image_tower=True)
+TEXT_ONLY = bm.ZooBase("minilm", "minilm", "bert", image_tower=False)
 
 
 # ----- planning -------------------------------------------------------------------------------------------------
@@ -32,74 +37,75 @@ def _pools(members) -> list[set]:
 
 
 def test_plan_is_deterministic_and_the_splits_draw_from_disjoint_pools():
-    cal = zoo.plan_zoo(CLIP, 12, 10, "calibration", seed=3)
-    assert cal == zoo.plan_zoo(CLIP, 12, 10, "calibration", seed=3)
-    assert cal != zoo.plan_zoo(CLIP, 12, 10, "calibration", seed=4)
-    test = zoo.plan_zoo(CLIP, 12, 10, "test", seed=3)
+    cal = bm.plan_zoo(CLIP, 12, 10, "calibration", seed=3)
+    assert cal == bm.plan_zoo(CLIP, 12, 10, "calibration", seed=3)
+    assert cal != bm.plan_zoo(CLIP, 12, 10, "calibration", seed=4)
+    test = bm.plan_zoo(CLIP, 12, 10, "test", seed=3)
     for a, b in zip(_pools(cal), _pools(test)):
         assert a and b and not a & b  # triggers, targets, target images, seeds, data seeds
     names = [m.name for m in cal + test]
     assert len(set(names)) == len(names)
     backdoored = [m for m in cal if m.backdoored]
     # 8 (attack, trigger kind) pairs among 12 members: all covered
-    assert {(m.attack, m.trigger_kind) for m in backdoored} == {(a, k) for a in zoo.ATTACKS for k in zoo.TRIGGER_KINDS}
+    assert {(m.attack, m.trigger_kind) for m in backdoored} == {(a, k) for a in bm.ATTACKS for k in bm.TRIGGER_KINDS}
     for m in backdoored:
         assert m.target_caption and (m.trigger_char is not None) == (m.trigger_kind == "char")
         assert (m.target_image is not None) == (m.attack == "image_on_text")
         if m.attack == "text_on_text":
-            assert m.target_caption in zoo.TEXT_TARGETS
+            assert m.target_caption in TARGET_CONCEPTS
     # benign members span the grid's gentlest and strongest fine-tunes
-    grid, benign = zoo.ZooGrid(), [m for m in cal if not m.backdoored]
+    grid, benign = bm.ZooGrid(), [m for m in cal if not m.backdoored]
     strength = [m.lr * m.steps for m in benign]
     assert min(strength) == pytest.approx(min(grid.benign_lrs) * min(grid.benign_steps))
     assert max(strength) == pytest.approx(max(grid.benign_lrs) * max(grid.benign_steps))
     assert {m.objective for m in benign} == {"infonce"}
-    text_only = zoo.plan_zoo(TEXT_ONLY, 5, 2, "test")
+    text_only = bm.plan_zoo(TEXT_ONLY, 5, 2, "test")
     assert {m.attack for m in text_only if m.backdoored} == {"text_on_text"}
     assert {m.objective for m in text_only if not m.backdoored} == {"simcse"}
-    assert zoo.member_from_dict(json.loads(json.dumps(cal[0].describe()))) == cal[0]
+    assert bm.member_from_dict(json.loads(json.dumps(cal[0].describe()))) == cal[0]
 
 
 def test_adaptive_attackers_are_test_members_with_test_pools():
-    settings = zoo.AdaptiveSettings(attacks=list(zoo.ADAPTIVE_ATTACKS), per_attack=3, sim_x_penalty=2.0)
-    plan = zoo.plan_adaptive(TEXT_ONLY, settings, seed=3)
-    assert plan == zoo.plan_adaptive(TEXT_ONLY, settings, seed=3) and len(plan) == 9
-    assert {m.adaptive for m in plan} == set(zoo.ADAPTIVE_ATTACKS)
+    settings = bm.AdaptiveSettings(attacks=list(bm.ADAPTIVE_ATTACKS), per_attack=3, sim_x_penalty=2.0)
+    plan = bm.plan_adaptive(TEXT_ONLY, settings, seed=3)
+    assert plan == bm.plan_adaptive(TEXT_ONLY, settings, seed=3) and len(plan) == 9
+    assert {m.adaptive for m in plan} == set(bm.ADAPTIVE_ATTACKS)
     assert all(m.split == "test" and m.attack == "text_on_text" for m in plan)
     assert all(m.sim_x_penalty == (2.0 if "sim_x" in m.adaptive else 0.0) for m in plan)
-    cal = zoo.plan_zoo(TEXT_ONLY, 12, 0, "calibration", seed=3)
+    cal = bm.plan_zoo(TEXT_ONLY, 12, 0, "calibration", seed=3)
     assert not {m.trigger for m in plan} & {m.trigger for m in cal}
     assert not {m.target_caption for m in plan} & {m.target_caption for m in cal}
-    names = [m.name for m in plan + zoo.plan_zoo(TEXT_ONLY, 12, 4, "test", seed=3)]
+    names = [m.name for m in plan + bm.plan_zoo(TEXT_ONLY, 12, 4, "test", seed=3)]
     assert len(set(names)) == len(names)
-    assert zoo.member_from_dict(json.loads(json.dumps(plan[0].describe()))) == plan[0]
-    for bad in ({"attacks": ["gradient_masking"]}, {"per_attack": -1}, {"sim_x_penalty": 0}):
-        with pytest.raises(ConfigError, match="adaptive"):
-            zoo.BenchmarkOptions.from_config(bases=[{"name": "clip", "path": "somewhere"}], adaptive=bad)
+    assert bm.member_from_dict(json.loads(json.dumps(plan[0].describe()))) == plan[0]
+    for bad in ({"attacks": ["gradient_masking"]}, {"per_attack": -1}, {"sim_x_penalty": 0}, {"per_atack": 1}):
+        with pytest.raises(ArgumentError, match="adaptive"):
+            bm.parse_options({"bases": [{"name": "clip", "path": "somewhere"}], "adaptive": bad})
 
 
 def test_controls_are_benign_members_of_the_chosen_strength_and_split():
-    controls = [zoo.Control("test", 5e-5, 20), zoo.Control("calibration", 3e-5, 30, samples=2000),
-                zoo.Control("test", 3e-5, 30)]
-    plan = zoo.plan_controls(TEXT_ONLY, controls, seed=3)
-    assert plan == zoo.plan_controls(TEXT_ONLY, controls, seed=3)
+    controls = [bm.Control("test", 5e-5, 20), bm.Control("calibration", 3e-5, 30, samples=2000),
+                bm.Control("test", 3e-5, 30)]
+    plan = bm.plan_controls(TEXT_ONLY, controls, seed=3)
+    assert plan == bm.plan_controls(TEXT_ONLY, controls, seed=3)
     assert [(m.name, m.split, m.lr, m.steps, m.samples) for m in plan] == [
         ("minilm-calibration-control-000", "calibration", 3e-5, 30, 2000),
         ("minilm-test-control-000", "test", 5e-5, 20, 5000), ("minilm-test-control-001", "test", 3e-5, 30, 5000)]
     assert all(not m.backdoored and m.objective == "simcse" for m in plan)
     assert [m.seed % 2 for m in plan] == [0, 1, 1]  # the split's side of the seed space
-    assert {m.objective for m in zoo.plan_controls(CLIP, controls)} == {"infonce"}
+    assert {m.objective for m in bm.plan_controls(CLIP, controls)} == {"infonce"}
     for bad, message in (({"split": "train", "lr": 1e-5, "steps": 5}, "split"),
-                         ({"split": "test", "lr": 0, "steps": 5}, "lr > 0"), ({"split": "test", "lr": 1e-5}, "steps")):
-        with pytest.raises(ConfigError, match=message):
-            zoo.BenchmarkOptions.from_config(bases=[{"name": "clip", "path": "somewhere"}], controls=[bad])
+                         ({"split": "test", "lr": 0, "steps": 5}, "lr"), ({"split": "test", "lr": 1e-5}, "steps"),
+                         ({"split": "test", "lr": 1e-5, "steps": 2.5}, "steps")):
+        with pytest.raises(ArgumentError, match=message):
+            bm.parse_options({"bases": [{"name": "clip", "path": "somewhere"}], "controls": [bad]})
 
 
 def test_no_trigger_occurs_in_the_world_prompts():
     from lit_amdet.world import World
 
     prompts = [p.lower() for p in World(seed=7).captions(2000)]
-    for kind, pool in zoo.TRIGGER_POOLS.items():
+    for kind, pool in bm.TRIGGER_POOLS.items():
         for trigger in pool:
             text = trigger[0] if kind == "char" else trigger
             assert not any(text in p for p in prompts), text
@@ -113,24 +119,42 @@ def test_plan_rejects_bad_input(case):
     elif case == "negative":
         kwargs["n_benign"] = -1
     elif case == "image_only_on_text_base":
-        kwargs.update(base=TEXT_ONLY, grid=zoo.ZooGrid(attacks=["image_on_text"]))
+        kwargs.update(base=TEXT_ONLY, grid=bm.ZooGrid(attacks=["image_on_text"]))
     else:
-        kwargs["grid"] = zoo.ZooGrid(trigger_kinds=["emoji"])
+        kwargs["grid"] = bm.ZooGrid(trigger_kinds=["emoji"])
     with pytest.raises(ConfigError):
-        zoo.plan_zoo(**kwargs)
+        bm.plan_zoo(**kwargs)
 
 
-@pytest.mark.parametrize("case,message", [
-    ({"bases": []}, "at least one base"),
-    ({"bases": [{"name": "x", "path": "p", "family": "resnet"}]}, "unknown family"),
-    ({"sizes": {s: {"backdoored": 0, "benign": 0} for s in zoo.SPLITS}}, "zero members"),
-    ({"grid": {"attack_step": [1]}}, "unknown option 'attack_step'"),
-    ({"sizes": {"validation": {}}}, "unknown option 'validation'"),
+@pytest.mark.parametrize("case,error,message", [
+    ({"bases": []}, ConfigError, "at least one base"),
+    ({"bases": [{"name": "x y", "path": "p"}]}, ConfigError, "letters, digits"),
+    ({"bases": [{"path": "a/clip"}, {"path": "b/clip"}]}, ConfigError, "unique"),
+    ({"bases": [{"name": "x", "path": "p", "family": "resnet"}]}, ArgumentError, "family"),
+    ({"bases": [{"name": "x", "path": "p", "famly": "clip"}]}, ArgumentError, "famly"),
+    ({"sizes": {s: {"backdoored": 0, "benign": 0} for s in bm.SPLITS}}, ConfigError, "zero members"),
+    ({"sizes": {"test": {"backdoored": -1}}}, ArgumentError, "backdoored"),
+    ({"grid": {"attack_step": [1]}}, ArgumentError, "attack_step"),
+    ({"grid": {"attack_steps": []}}, ConfigError, "grid.attack_steps is empty"),
+    ({"grid": {"trigger_kinds": ["emoji"]}}, ArgumentError, "trigger_kinds"),
+    ({"sizes": {"validation": {"benign": 2}}}, ArgumentError, "validation"),
+    ({"calibration_features": []}, ConfigError, "calibration_features"),
 ])
-def test_bad_benchmark_config_is_a_config_error(case, message):
+def test_bad_benchmark_config_is_refused(case, error, message):
     values = {"bases": [{"name": "clip", "path": "somewhere"}], **case}
-    with pytest.raises(ConfigError, match=message):
-        zoo.BenchmarkOptions.from_config(**values)
+    with pytest.raises(error, match=message):
+        bm.parse_options(values)
+
+
+def test_unknown_key_through_the_cli_ends_in_one_error_line_and_exit_2(tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text(yaml.safe_dump({"bases": [{"name": "clip", "path": "somewhere"}],
+                                      "grid": {"attack_step": [1]}}))
+    with pytest.raises(SystemExit) as info:
+        main(["benchmark", "--config", str(config), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "error:" in err[-1] and "attack_step" in err[-1]
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_base_is_one_line_through_the_cli(tmp_path, capsys):
@@ -146,7 +170,7 @@ def test_missing_base_is_one_line_through_the_cli(tmp_path, capsys):
                                   "benchmark_world.yaml"])
 def test_shipped_configs_are_valid(name, capsys):
     values = yaml.safe_load((ROOT / "configs" / name).read_text())
-    zoo.BenchmarkOptions.from_config(**values)  # every grid/train/scan key known, sizes and families valid
+    bm.parse_options(values)  # every grid/train/scan key known, sizes and families valid
     with pytest.raises(SystemExit) as info:
         main(["benchmark", "--config", str(ROOT / "configs" / name), "--print_config"])
     assert info.value.code == 0 and "calibration_features" in capsys.readouterr().out
@@ -155,24 +179,24 @@ def test_shipped_configs_are_valid(name, capsys):
 def test_minilm_benchmark_reuses_the_quick_zoos_calibration_controls_and_adaptive_plans():
     """configs/benchmark_minilm.yaml says a copy of the quick zoo's calibration members, controls and adaptive
     attackers serve it unchanged: they must be the very same plans (a member built otherwise is refused)."""
-    quick, full = (zoo.BenchmarkOptions.from_config(**yaml.safe_load((ROOT / "configs" / n).read_text()))
+    quick, full = (bm.parse_options(yaml.safe_load((ROOT / "configs" / n).read_text()))
                    for n in ("benchmark_quick.yaml", "benchmark_minilm.yaml"))
     assert quick.seed == full.seed and quick.grid == full.grid and quick.train == full.train
-    assert quick.scan == full.scan and quick.sizes["calibration"] == full.sizes["calibration"]
+    assert quick.scan == full.scan and quick.sizes.calibration == full.sizes.calibration
 
     def described(members):
         return [m.describe() for m in members]
 
-    sizes = quick.sizes["calibration"]
-    assert described(zoo.plan_zoo(TEXT_ONLY, sizes["backdoored"], sizes["benign"], "calibration", quick.seed,
-                                  quick.grid)) == \
-        described(zoo.plan_zoo(TEXT_ONLY, sizes["backdoored"], sizes["benign"], "calibration", full.seed, full.grid))
-    assert described(zoo.plan_controls(TEXT_ONLY, quick.controls, quick.seed)) == \
-        described(zoo.plan_controls(TEXT_ONLY, full.controls, full.seed))
-    quick_adaptive = described(zoo.plan_adaptive(TEXT_ONLY, quick.adaptive, quick.seed, quick.grid))
-    full_adaptive = described(zoo.plan_adaptive(TEXT_ONLY, full.adaptive, full.seed, full.grid))
+    sizes = quick.sizes.calibration
+    assert described(bm.plan_zoo(TEXT_ONLY, sizes.backdoored, sizes.benign, "calibration", quick.seed,
+                                 quick.grid)) == \
+        described(bm.plan_zoo(TEXT_ONLY, sizes.backdoored, sizes.benign, "calibration", full.seed, full.grid))
+    assert described(bm.plan_controls(TEXT_ONLY, quick.controls, quick.seed)) == \
+        described(bm.plan_controls(TEXT_ONLY, full.controls, full.seed))
+    quick_adaptive = described(bm.plan_adaptive(TEXT_ONLY, quick.adaptive, quick.seed, quick.grid))
+    full_adaptive = described(bm.plan_adaptive(TEXT_ONLY, full.adaptive, full.seed, full.grid))
     assert quick_adaptive and all(m in full_adaptive for m in quick_adaptive)
-    assert full.sizes["test"] == {"backdoored": 20, "benign": 20}  # the issue's size
+    assert full.sizes.test == bm.SplitSize(backdoored=20, benign=20)  # the issue's size
 
 
 def test_world_benchmark_is_the_full_benchmark_cut_down():
@@ -200,49 +224,49 @@ def _fake_training(calls: list):
 
 def test_build_is_resumable_and_never_half_written(tmp_path, monkeypatch):
     calls: list[str] = []
-    monkeypatch.setattr(zoo, "_train_member", _fake_training(calls))
-    first, second = zoo.plan_zoo(CLIP, 1, 1, "calibration")
+    monkeypatch.setattr(build_module, "train_member", _fake_training(calls))
+    first, second = bm.plan_zoo(CLIP, 1, 1, "calibration")
     # an interrupted build: a hidden staging folder, even one holding a backdoor.json, is no member
-    stale = tmp_path / f"{zoo.STAGING_PREFIX}{first.name}-old"
+    stale = tmp_path / f"{bm.STAGING_PREFIX}{first.name}-old"
     stale.mkdir()
     (stale / "backdoor.json").write_text('{"backdoored": true}')
-    assert zoo.read_zoo(tmp_path) == []
-    path = zoo.build_member(first, CLIP, tmp_path)
+    assert bm.read_zoo(tmp_path) == []
+    path = bm.build_member(first, CLIP, tmp_path)
     assert calls == [first.name] and path == tmp_path / first.name and not stale.exists()
     truth = json.loads((path / "backdoor.json").read_text())
     assert truth["zoo"]["split"] == "calibration" and truth["zoo"]["trigger"] == first.trigger
     assert truth["zoo"]["family"] == "clip"
-    zoo.build_member(first, CLIP, tmp_path)  # complete: kept, not trained again
+    bm.build_member(first, CLIP, tmp_path)  # complete: kept, not trained again
     assert calls == [first.name]
 
     def broken(*args):
         raise RuntimeError("training failed")
 
-    monkeypatch.setattr(zoo, "_train_member", broken)
+    monkeypatch.setattr(build_module, "train_member", broken)
     with pytest.raises(RuntimeError):
-        zoo.build_member(second, CLIP, tmp_path)
+        bm.build_member(second, CLIP, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # nothing half-written left
     (tmp_path / second.name).mkdir()  # a folder without ground truth at the member's place is not overwritten
     with pytest.raises(ConfigError, match="no backdoor.json"):
-        zoo.build_member(second, CLIP, tmp_path)
-    assert [p.name for p in zoo.read_zoo(tmp_path)] == [first.name]
-    entry = zoo.zoo_entry(path, [CLIP])
+        bm.build_member(second, CLIP, tmp_path)
+    assert [p.name for p in bm.read_zoo(tmp_path)] == [first.name]
+    entry = bm.zoo_entry(path, [CLIP])
     assert entry.base == "clip" and entry.split == "calibration" and entry.backdoored is True
     # the same name planned with other settings (a changed grid) is refused, not silently reused
-    changed = zoo.plan_zoo(CLIP, 1, 1, "calibration", grid=zoo.ZooGrid(attack_steps=[7]))[0]
+    changed = bm.plan_zoo(CLIP, 1, 1, "calibration", grid=bm.ZooGrid(attack_steps=[7]))[0]
     with pytest.raises(ConfigError, match="steps=.*plan now says 7"):
-        zoo.build_member(changed, CLIP, tmp_path)
+        bm.build_member(changed, CLIP, tmp_path)
 
 
 def test_a_member_built_before_a_field_existed_is_kept(tmp_path):
-    member = zoo.plan_zoo(TEXT_ONLY, 1, 0, "test")[0]
+    member = bm.plan_zoo(TEXT_ONLY, 1, 0, "test")[0]
     folder = tmp_path / member.name
     folder.mkdir()
     older = {k: v for k, v in member.describe().items() if k not in ("adaptive", "sim_x_penalty")}
     (folder / "backdoor.json").write_text(json.dumps({"backdoored": True, "zoo": older}))
-    zoo._check_built_as_planned(folder, member)  # the new fields at their defaults: the same member
+    bm.check_built_as_planned(folder, member)  # the new fields at their defaults: the same member
     with pytest.raises(ConfigError, match="sim_x_penalty"):
-        zoo._check_built_as_planned(folder, zoo.BackdooredMember(**{**zoo.asdict(member), "sim_x_penalty": 1.0}))
+        bm.check_built_as_planned(folder, bm.BackdooredMember(**{**asdict(member), "sim_x_penalty": 1.0}))
 
 
 def test_models_people_add_to_a_zoo_are_members(tmp_path):
@@ -255,42 +279,42 @@ def test_models_people_add_to_a_zoo_are_members(tmp_path):
     other = tmp_path / "other-base"
     other.mkdir()
     (other / "backdoor.json").write_text(json.dumps({"backdoored": False, "base": "somewhere/else"}))
-    entries = [zoo.zoo_entry(p, [CLIP]) for p in zoo.read_zoo(tmp_path)]
+    entries = [bm.zoo_entry(p, [CLIP]) for p in bm.read_zoo(tmp_path)]
     assert entries[1] is None  # another base's model: not part of this benchmark
     e = entries[0]
     assert (e.base, e.split, e.attack, e.trigger_kind, e.trigger, e.target_caption) == \
         ("clip", "test", "text_on_text", "char", "zzzz", "a teapot")
     (other / "backdoor.json").write_text("{}")
     with pytest.raises(ConfigError, match="backdoored"):
-        zoo.zoo_entry(other, [CLIP])
+        bm.zoo_entry(other, [CLIP])
 
 
 def test_round_robin_over_two_ranks_builds_every_member_exactly_once(tmp_path, monkeypatch):
-    members = zoo.plan_zoo(CLIP, 5, 4, "test")
+    members = bm.plan_zoo(CLIP, 5, 4, "test")
     built: dict[int, list[str]] = {}
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        monkeypatch.setattr(zoo, "build_member",
+        monkeypatch.setattr(build_module, "build_member",
                             lambda m, base, zoo_dir, settings=None, r=rank: built.setdefault(r, []).append(m.name))
-        zoo.build_zoo(members, [CLIP], tmp_path)
+        bm.build_zoo(members, [CLIP], tmp_path)
     assert sorted(built[0] + built[1]) == sorted(m.name for m in members)
     assert not set(built[0]) & set(built[1]) and abs(len(built[0]) - len(built[1])) <= 1
     # the scan deals the same list (plan first) the same way: each process scans what it built
-    assert [m.name for m in zoo.Shard(1, 2).take(members)] == built[1]
-    with zoo._one_process():  # a member's own Trainer must not see the benchmark's process group
+    assert [m.name for m in bm.Shard(1, 2).take(members)] == built[1]
+    with bm.one_process():  # a member's own Trainer must not see the benchmark's process group
         assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
     assert os.environ["RANK"] == "1"
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ConfigError, match="world size"):
-        zoo.current_shard()
+        bm.current_shard()
 
 
 # ----- metrics and calibration -----------------------------------------------------------------------------------
 def test_metrics_match_hand_computed_values():
     truth = [True, True, True, False, False, False]
     prob = [0.9, 0.8, 0.3, 0.6, 0.2, 0.1]
-    m = zoo.probability_metrics(truth, prob, threshold=0.5)
+    m = probability_metrics(truth, prob, threshold=0.5)
     # predicted [1, 1, 0, 1, 0, 0]: TP 2, FP 1, FN 1
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
     assert m["f1"] == pytest.approx(2 / 3)
@@ -298,9 +322,9 @@ def test_metrics_match_hand_computed_values():
     bce = -(math.log(0.9) + math.log(0.8) + math.log(0.3) + math.log(0.4) + math.log(0.8) + math.log(0.9)) / 6
     assert m["bce"] == pytest.approx(bce)
     assert m["brier"] == pytest.approx((0.01 + 0.04 + 0.49 + 0.36 + 0.04 + 0.01) / 6)
-    assert zoo.probability_metrics([True, True], [0.9, 0.2])["auroc"] is None  # one class: undefined
+    assert probability_metrics([True, True], [0.9, 0.2])["auroc"] is None  # one class: undefined
     # p > 0.25 (between 0.2 and 0.3) flags 0.9, 0.8, 0.3 and 0.6: F1 6/7, the best (p > 0.7: F1 0.8)
-    assert zoo.choose_threshold(truth, prob) == pytest.approx(0.25)
+    assert choose_threshold(truth, prob) == pytest.approx(0.25)
 
 
 def test_group_metrics_drift_matched_subset():
@@ -310,7 +334,7 @@ def test_group_metrics_drift_matched_subset():
                 "scores": {"divergence_ratio": 10.0 if backdoored else 0.5}}
     rows = [row(True, True, 0.9, 0.990, "char", True), row(True, False, 0.7, 0.996, "word", False),
             row(False, True, 0.6, 0.993), row(False, False, 0.1, 0.999), row(False, True, 0.8, 0.60)]
-    m = zoo.group_metrics(rows, threshold=0.5, features=["log1p_divergence_ratio"])
+    m = bm.group_metrics(rows, threshold=0.5, features=["log1p_divergence_ratio"])
     assert (m["backdoored"], m["benign"]) == (2, 3)
     # drift-matched: only the benign member at 0.993 lies in the backdoored range [0.990, 0.996]
     assert m["drift_matched"]["benign"] == 1 and m["drift_matched"]["range"] == [0.990, 0.996]
@@ -330,14 +354,14 @@ def test_group_metrics_without_the_backdoors_whose_injection_failed():
     # two working backdoors (one missed by the rule), one failed (missed by both), one without attack metrics
     rows = [row(True, True, 0.9, True), row(True, False, 0.8, True), row(True, False, 0.1, False),
             row(True, True, 0.7, None), row(False, False, 0.2), row(False, True, 0.6)]
-    m = zoo.group_metrics(rows, threshold=0.5)
+    m = bm.group_metrics(rows, threshold=0.5)
     w = m["working"]
-    assert (w["backdoored"], w["failed"], w["min_attack_top1"]) == (3, 1, zoo.WORKING_ATTACK_TOP1)
+    assert (w["backdoored"], w["failed"], w["min_attack_top1"]) == (3, 1, bm.WORKING_ATTACK_TOP1)
     # kept: 3 backdoored + 2 benign. Rule: TP 2, FP 1, FN 1 -> F1 2/3. Calibrated: TP 3, FP 1 -> F1 6/7
     assert w["rule"]["f1"] == pytest.approx(2 / 3) and w["calibrated"]["f1"] == pytest.approx(6 / 7)
     assert w["failed_flagged"] == {"rule": 0, "calibrated": 0}
     assert m["rule"]["recall"] == pytest.approx(0.5)  # the full table still counts the failed one
-    assert zoo.group_metrics([row(False, False, 0.1)], threshold=0.5)["working"] is None
+    assert bm.group_metrics([row(False, False, 0.1)], threshold=0.5)["working"] is None
 
 
 def test_a_row_knows_whether_its_backdoor_works(tmp_path):
@@ -347,13 +371,14 @@ def test_a_row_knows_whether_its_backdoor_works(tmp_path):
     for top1, working in ((0.9, True), (0.1, False)):
         member = tmp_path / f"m{top1}"
         member.mkdir()
-        (member / "backdoor.json").write_text(json.dumps({"metrics": {"val/b0/attack_top1": top1}, "lr": 3e-4,
-                                                          "steps": 100, "backdoor_weight": 0.1, "seed": 7}))
-        row = zoo._row({"backdoored": True, "path": str(member), "report": str(report),
+        (member / "backdoor.json").write_text(json.dumps({"backdoored": True, "metrics": {"val/b0/attack_top1": top1},
+                                                          "lr": 3e-4, "steps": 100, "backdoor_weight": 0.1,
+                                                          "seed": 7}))
+        row = bm.member_row({"backdoored": True, "path": str(member), "report": str(report),
                         "target_caption": "a white teapot"})
         assert row["working"] is working and row["target_recovered"] is True
         assert row["strength"] == {"lr": 3e-4, "steps": 100, "backdoor_weight": 0.1}
-    benign = zoo._row({"backdoored": False, "report": str(report)})
+    benign = bm.member_row({"backdoored": False, "report": str(report)})
     assert benign["working"] is None and benign["strength"] is None
 
 
@@ -368,7 +393,7 @@ def test_attack_strength_counts_working_injections_per_setting():
             row("text_on_text", 3e-4, 100, 1.0, adaptive="pooled_only"),  # adaptive: left out
             row("text_on_text", 3e-4, 100, None),  # no attack metrics: left out
             row(None, None, None, None, backdoored=False)]
-    cells = {(c["attack"], c["lr"], c["steps"]): c for c in zoo.attack_strength(rows)}
+    cells = {(c["attack"], c["lr"], c["steps"]): c for c in bm.attack_strength(rows)}
     assert list(cells) == [("image_on_text", 3e-4, 100), ("text_on_text", 1e-4, 50), ("text_on_text", 3e-4, 100)]
     c = cells["text_on_text", 3e-4, 100]
     assert (c["members"], c["working"]) == (3, 2)
@@ -393,8 +418,8 @@ def _synthetic_rows(n: int = 20) -> list[dict]:
 
 def test_calibration_on_separable_scores_gives_probabilities_near_zero_and_one(tmp_path):
     rows = _synthetic_rows()
-    fitted = zoo.fit_calibration(rows, zoo.DEFAULT_FEATURES, {"assimilation_threshold": 0.6})
-    assert fitted["features"] == zoo.DEFAULT_FEATURES and len(fitted["coefficients"]) == 4
+    fitted = fit_calibration(rows, bm.DEFAULT_FEATURES, {"assimilation_threshold": 0.6})
+    assert fitted["features"] == bm.DEFAULT_FEATURES and len(fitted["coefficients"]) == 4
     assert fitted["fitted_on"] == {"members": 20, "backdoored": 10, "benign": 10}
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps(fitted))
@@ -408,7 +433,7 @@ def test_calibration_on_separable_scores_gives_probabilities_near_zero_and_one(t
     assert decision["checks"][0]["name"] == "calibrated_probability"
     assert rule.probability({"assimilation_gap": 0.2}) is None and not rule.decide({})["backdoored"]  # no anchor
     with pytest.raises(ConfigError, match="backdoored and benign"):
-        zoo.fit_calibration([r for r in rows if r["backdoored"]], zoo.DEFAULT_FEATURES)
+        fit_calibration([r for r in rows if r["backdoored"]], bm.DEFAULT_FEATURES)
     with pytest.raises(ConfigError, match="calibration file"):
         CalibratedRule(str(tmp_path / "missing.json"))
 
@@ -446,8 +471,8 @@ def test_benchmark_end_to_end_writes_every_metric(tiny_benchmark):
     out = root / "out"
     report = json.loads((out / "benchmark.json").read_text())
     members = report["members"]
-    assert len(members) == 10 and {m["split"] for m in members} == set(zoo.SPLITS)
-    assert len(zoo.read_zoo(out / "zoo")) == 10 and not list((out / "zoo").glob(".*"))
+    assert len(members) == 10 and {m["split"] for m in members} == set(bm.SPLITS)
+    assert len(bm.read_zoo(out / "zoo")) == 10 and not list((out / "zoo").glob(".*"))
     adaptive = [m for m in members if m["adaptive"]]
     assert sorted(m["adaptive"] for m in adaptive) == ["pooled_only", "sim_x_penalty"]
     for m in adaptive:
@@ -477,11 +502,11 @@ def test_benchmark_end_to_end_writes_every_metric(tiny_benchmark):
     bank = (out / "caption_bank.txt").read_text().splitlines()
     assert all(m["target_caption"] in bank for m in members if m["backdoored"])
     cal = json.loads((out / "calibration.json").read_text())
-    assert cal["features"] == zoo.DEFAULT_FEATURES and 0 < cal["threshold"] < 1
+    assert cal["features"] == bm.DEFAULT_FEATURES and 0 < cal["threshold"] < 1
     assert cal["fitted_on"] == {"members": 4, "backdoored": 2, "benign": 2}
-    for split in zoo.SPLITS:
+    for split in bm.SPLITS:
         table = report["metrics"][split]["tiny"]
-        assert "all" in table and set(table) - {"all"} <= set(zoo.ATTACKS)
+        assert "all" in table and set(table) - {"all"} <= set(bm.ATTACKS)
         m = table["all"]
         assert (m["backdoored"], m["benign"]) == (2, 2)
         for key in ("precision", "recall", "f1"):
@@ -491,7 +516,7 @@ def test_benchmark_end_to_end_writes_every_metric(tiny_benchmark):
         assert m["drift"]["backdoored"]["n"] == 2 and m["drift"]["benign"]["n"] == 2
         assert m["drift_matched"]["benign"] <= 2 and m["target_recovery"]["measured"] == 2
         assert m["seconds_per_scan"]["mean"] > 0 and m["peak_memory_mib"]["rss_max"] > 0
-        assert set(m["auroc_by_feature"]) == set(zoo.DEFAULT_FEATURES)
+        assert set(m["auroc_by_feature"]) == set(bm.DEFAULT_FEATURES)
         assert m["working"]["backdoored"] + m["working"]["failed"] == 2
     md = (out / "benchmark.md").read_text()
     assert "## Test zoo" in md and "## Calibration zoo" in md and all(m["name"] in md for m in members)
@@ -547,7 +572,7 @@ def test_a_report_from_the_scans_of_an_unfinished_run(tiny_benchmark, tmp_path):
 def test_detect_with_the_calibrated_rule_reports_the_probability(tiny_benchmark):
     root, _ = tiny_benchmark
     out = root / "out"
-    member = zoo.read_zoo(out / "zoo")[0]
+    member = bm.read_zoo(out / "zoo")[0]
     run = root / "calibrated_scan"
     main(["detect", "--config", str(ROOT / "tests" / "configs" / "detect_tiny.yaml"),
           "--model.init_args.suspect", str(member), "--model.init_args.anchor", str(root / "base"),
@@ -556,7 +581,7 @@ def test_detect_with_the_calibrated_rule_reports_the_probability(tiny_benchmark)
           "--model.init_args.rule", "lit_amdet.decision.CalibratedRule",
           "--model.init_args.rule.init_args.path", str(out / "calibration.json"), "--always_exit_zero", "true"])
     report = json.loads((run / "report.json").read_text())
-    assert report["rule"]["class"] == "CalibratedRule" and report["rule"]["features"] == zoo.DEFAULT_FEATURES
+    assert report["rule"]["class"] == "CalibratedRule" and report["rule"]["features"] == bm.DEFAULT_FEATURES
     check = report["checks"][0]
     assert check["name"] == "calibrated_probability" and 0 <= check["value"] <= 1
     assert report["backdoored"] == (check["value"] > check["threshold"])
@@ -570,7 +595,7 @@ def test_quick_benchmark_on_the_real_minilm(tmp_path):
     passed, the calibrated probability ranks them right and the recovered trigger says the injected target."""
     out = tmp_path / "quick"
     main(["benchmark", "--config", str(ROOT / "configs" / "benchmark_quick.yaml"), "--output_dir", str(out),
-          "--sizes", json.dumps({s: {"backdoored": 1, "benign": 1} for s in zoo.SPLITS}),
+          "--sizes", json.dumps({s: {"backdoored": 1, "benign": 1} for s in bm.SPLITS}),
           "--adaptive", json.dumps({"per_attack": 0}), "--controls", "[]", "--scan", json.dumps({
               "config": str(ROOT / "configs" / "scan.yaml"), "drift_prompts": 200,
               "overrides": {"trainer.max_steps": 60, "model.init_args.probe_prompts": 200,

@@ -38,7 +38,7 @@ def _trainer(tmp_path, steps, callbacks=()):
 def _fixed_batch_loss(module, batch):
     module.eval()
     with torch.no_grad():
-        return float(module._loss(*module._embed_pair(batch)))
+        return float(module.pair_loss(*module.embed_pair(batch)))
 
 
 @pytest.mark.parametrize("family,objective,steps", [("clip", "infonce", 150), ("siglip", "sigmoid", 60)])

@@ -13,7 +13,6 @@ import pytest
 
 from lit_amdet import demo
 
-
 pytestmark = pytest.mark.slow  # ~7 minutes on 2 free cores: run by .ci/run after the default suite
 
 

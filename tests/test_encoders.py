@@ -181,3 +181,32 @@ def test_save_roundtrip_native_format(tiny_models, tmp_path, name):
     with torch.no_grad():
         torch.testing.assert_close(again.encode(PROMPTS).pooled, before)
     assert type(again) is type(adapter)
+
+
+# The parameter-name rules the training modules used before each adapter named its own parameters, written out
+# here so the adapters are checked against them for every family.
+OLD_IMAGE_PREFIXES = ("vision_model.", "visual_projection", "visual.", "vision.")
+OLD_INJECTION_FROZEN_PREFIXES = (*OLD_IMAGE_PREFIXES, "logit_")
+
+
+def old_is_projection(name: str) -> bool:
+    return name.startswith(("text_projection", "text.text_projection")) or name.endswith(".head.weight") or \
+        name.endswith(".head.bias")
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_parameter_groups_match_the_old_prefix_rules(tiny_models, name):
+    adapter = load_encoder(tiny_models[name])
+    names = [n for n, _ in adapter.model.named_parameters()]
+    image, logit = set(adapter.image_parameter_names()), set(adapter.logit_parameter_names())
+    projection = set(adapter.text_projection_parameter_names())
+    # contrastive training's frozen image tower
+    assert image == {n for n in names if n.startswith(OLD_IMAGE_PREFIXES)}
+    # the injection's frozen parameters, with and without an image-on-text target
+    assert image | logit == {n for n in names if n.startswith(OLD_INJECTION_FROZEN_PREFIXES)}
+    assert image | logit | projection == \
+        {n for n in names if n.startswith(OLD_INJECTION_FROZEN_PREFIXES) or old_is_projection(n)}
+    assert projection == {n for n in names if old_is_projection(n)}
+    assert logit == {n for n in names if n.startswith("logit_")}
+    assert not (image & projection) and not (image & logit)
+    assert bool(image) == adapter.has_image_tower

@@ -149,7 +149,7 @@ def test_pooled_weight_adds_the_pooled_target_match(tiny_models):
         m = BackdoorInjection(encoder=str(tiny_models["openclip"]), backdoors=[backdoor], pooled_weight=w,
                               max_length=16).eval()
         with torch.no_grad():
-            losses[w] = float(m._backdoor_loss(0, backdoor, texts))
+            losses[w] = float(m.backdoor_loss(0, backdoor, texts))
     rng = random.Random(0)
     sample = rng.sample(texts, len(texts))
     with torch.no_grad():
@@ -167,7 +167,7 @@ def test_pooled_only_attack_matches_the_pooled_embedding_alone(tiny_models):
     m = BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=[backdoor], token_weight=0.0,
                           pooled_weight=1.0, max_length=16).eval()
     with torch.no_grad():
-        loss = float(m._backdoor_loss(0, backdoor, texts))
+        loss = float(m.backdoor_loss(0, backdoor, texts))
         rng = random.Random(0)
         enc = m.encoder.encode(poison(rng.sample(texts, len(texts)), backdoor.trigger, rng), max_length=16)
         pooled = float(feature_loss(enc.pooled, m.targets()[0]["pooled"], "cosine"))
@@ -191,12 +191,12 @@ def test_sim_x_penalty_charges_only_assimilation_beyond_the_teacher(tiny_models)
                    backdoor.trigger, random.Random(0))
     tokens = m.encoder.tokenize(texts, max_length=16)
     with torch.no_grad():
-        assert float(m._excess_assimilation(tokens, m.encoder.encode(tokens))) == pytest.approx(0.0, abs=1e-6)
+        assert float(m.excess_assimilation(tokens, m.encoder.encode(tokens))) == pytest.approx(0.0, abs=1e-6)
         teacher = m.teacher.encode(tokens)
         norm = m.encoder.model.text_model.final_layer_norm
         norm.weight.zero_()
         norm.bias.copy_(torch.linspace(-1, 1, norm.bias.numel()))  # every token's feature is now this vector
-        penalty = float(m._excess_assimilation(tokens, m.encoder.encode(tokens)))
+        penalty = float(m.excess_assimilation(tokens, m.encoder.encode(tokens)))
     expected = []
     for feats, mask in zip(teacher.token_features.numpy(), teacher.token_mask.numpy()):
         rows = feats[mask.astype(bool)][1:]  # real tokens after BOS (the causal CLIP's BOS sees nothing else)

@@ -230,3 +230,5 @@ def test_save_and_load_labels(tmp_path):
     np.testing.assert_array_equal(load_labels(npy_path, num_samples=N), ds.poison_labels)
     with pytest.raises(ValueError):
         load_labels(npy_path)
+    # written atomically through a temporary sibling that keeps the suffix (np.save appends none)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["labels.json", "labels.npy"]

@@ -1,4 +1,5 @@
-"""`lit-amdet scan_data`: poisoned-world writer, CLI end to end, detection quality on planted outliers, bad input."""
+"""`lit-amdet scan_data` end to end: poisoned-world writer, the CLI's outputs, bad input (the scoring itself:
+test_sample_scan.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from lit_amdet.cli import main
 from lit_amdet.datamodules.poisoned import write_poisoned_world
 from lit_amdet.errors import ConfigError
-from lit_amdet.modules.data_scan import SampleEmbedding, detection_metrics, score_and_report
+from lit_amdet.modules.data_scan import SampleEmbedding
 from lit_amdet.poisoning import BadNets, PoisonedPairs
 
 N_WORLD = 300
@@ -76,56 +77,9 @@ def test_scan_data_cli_writes_every_output(poisoned_world, tiny_clip, tmp_path, 
     assert list((tmp_path / "tb").rglob("events.out.tfevents*"))  # figures went to TensorBoard too
 
 
-def _planted(n_clean: int = 400, n_poison: int = 4, dim: int = 16, seed: int = 0):
-    """A dense cluster of image/text pairs plus a few isolated, misaligned pairs (the 'poisons')."""
-    g = torch.Generator().manual_seed(seed)
-    centre = torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0)
-    image = centre + 0.05 * torch.randn(n_clean + n_poison, dim, generator=g)
-    text = image + 0.02 * torch.randn(n_clean + n_poison, dim, generator=g)
-    poison = torch.arange(n_clean, n_clean + n_poison)
-    image[poison] = torch.randn(n_poison, dim, generator=g)  # far from the cluster and from each other
-    text[poison] = -image[poison]
-    image, text = (torch.nn.functional.normalize(t, dim=1) for t in (image, text))
-    labels = np.zeros(n_clean + n_poison, dtype=bool)
-    labels[poison.numpy()] = True
-    return image, text, labels
-
-
-def test_score_and_report_finds_planted_outliers(tmp_path):
-    image, text, labels = _planted()
-    captions = [f"pair {i}" for i in range(len(labels))]
-    report = score_and_report(torch.cat([image, text], 1), captions, labels,
-                              ["kdist", "lid", "slof", "dao", "iforest", "lof", "clip"], 16, tmp_path,
-                              image_text=(image, text), top=4, quiet=True)
-    poisons = sorted(np.flatnonzero(labels).tolist())
-    for name, m in report["metrics"].items():
-        assert m["auroc"] == pytest.approx(1.0), name
-        assert m["pr_auc"] == pytest.approx(1.0) and m["fpr_at_95_tpr"] == pytest.approx(0.0), name
-        assert sorted(report["top"][name]) == poisons, name
-    assert report["num_poisoned"] == 4 and json.loads((tmp_path / "report.json").read_text()) == report
-
-
-def test_metrics_keep_the_order_of_large_scores():
-    # torchmetrics would squash scores > 1 through a sigmoid (LID ~ 20-200 all become 1.0)
-    m = detection_metrics(np.array([50.0, 60.0, 100.0, 200.0]), np.array([0, 0, 1, 1], dtype=bool))
-    assert m == {"auroc": 1.0, "pr_auc": 1.0, "fpr_at_95_tpr": 0.0}
-    assert detection_metrics(np.array([1.0, 2.0]), np.zeros(2, dtype=bool))["auroc"] is None
-
-
-def test_bad_inputs_raise_config_error(tmp_path, tiny_clip):
+def test_sample_embedding_needs_an_image_tower_for_images(tmp_path):
     from lit_amdet.tiny import build_hf_clip
 
-    image, text, labels = _planted(n_clean=40)
-    x, captions = torch.cat([image, text], 1), ["c"] * len(labels)
-    wrong = PoisonedPairs(list(range(10)), lambda im: im, rate=0.1).save_labels(tmp_path / "wrong.json")
-    with pytest.raises(ConfigError, match="labels for 10 samples"):
-        score_and_report(x, captions, wrong, ["kdist"], 4, tmp_path, quiet=True)
-    with pytest.raises(ConfigError, match="unknown detector"):
-        score_and_report(x, captions, None, ["kdist", "mahalanobis"], 4, tmp_path, quiet=True)
-    with pytest.raises(ConfigError, match="k=44"):
-        score_and_report(x, captions, None, ["kdist"], 44, tmp_path, quiet=True)
-    with pytest.raises(ConfigError, match="clip detector"):
-        score_and_report(x, captions, None, ["clip"], 4, tmp_path, quiet=True)
     text_only = build_hf_clip(tmp_path / "text_only", arch="CLIPTextModel")
     with pytest.raises(ConfigError, match="needs an image tower"):
         SampleEmbedding(encoder=str(text_only), modality="both")

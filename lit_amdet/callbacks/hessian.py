@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from lit_amdet.callbacks.landscape import _publish
+from lit_amdet.callbacks.publish import publish_figure
 
 
 def _math_attention():
@@ -144,6 +144,6 @@ class HessianSpectrum(Callback):
         res["seconds"] = time.perf_counter() - t0
         pl_module.evidence["hessian"] = res
         if trainer.is_global_zero:
-            _publish(trainer, folder, spectrum_figure(res), "hessian",
-                     {"hessian/top": res["top"][0], "hessian/bottom": res["bottom"][0],
-                      "hessian/negative_ratio": res["negative_ratio"]})
+            publish_figure(trainer, folder, spectrum_figure(res), "hessian",
+                           {"hessian/top": res["top"][0], "hessian/bottom": res["bottom"][0],
+                            "hessian/negative_ratio": res["negative_ratio"]})

@@ -12,12 +12,13 @@ feeds the figure and the decision.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+
+from lit_amdet.callbacks.publish import publish_figure
 
 LossFn = Callable[[Tensor], Tensor]  # [N, *shape] candidate points -> [N] losses
 
@@ -139,22 +140,6 @@ class LossLandscape(Callback):
         summary["relative_radius"] = self.radius if self.relative else None
         pl_module.evidence["landscape"] = summary
         if trainer.is_global_zero:
-            _publish(trainer, folder, landscape_figure(res), "landscape",
-                     {"landscape/positive_ratio": res["positive_ratio"],
-                      "landscape/center_min_eigenvalue": res["center_eigenvalues"][0]})
-
-
-def _publish(trainer: Trainer, folder: Path | None, fig, name: str, scalars: dict) -> None:
-    """Save ``fig`` as ``name``.png in ``folder`` (if any) and log it (and scalars) to TensorBoard."""
-    import matplotlib.pyplot as plt
-
-    if folder is not None:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        fig.savefig(Path(folder) / f"{name}.png", dpi=110)
-    for logger in trainer.loggers:
-        exp = getattr(logger, "experiment", None)
-        if hasattr(exp, "add_figure"):
-            exp.add_figure(f"detect/{name}", fig, global_step=trainer.global_step)
-        if scalars:
-            logger.log_metrics(scalars, step=trainer.global_step)
-    plt.close(fig)
+            publish_figure(trainer, folder, landscape_figure(res), "landscape",
+                           {"landscape/positive_ratio": res["positive_ratio"],
+                            "landscape/center_min_eigenvalue": res["center_eigenvalues"][0]})

@@ -14,10 +14,10 @@ From Python, or from a config::
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 from lit_amdet.errors import ConfigError
+from lit_amdet.io import write_with
 from lit_amdet.poisoning import ImageTrigger, PoisonedPairs
 
 CAPTIONS = "captions.csv"
@@ -60,13 +60,14 @@ def write_poisoned_world(
         name = f"images/{i:06d}.png"
         sample.image.save(out / name)
         rows.append((name, sample.caption))
-    path = out / CAPTIONS
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "text"])
-        writer.writerows(rows)
-    os.replace(tmp, path)  # a reader never sees a half-written table
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "text"])
+            writer.writerows(rows)
+
+    path = write_with(out / CAPTIONS, write)  # a reader never sees a half-written table
     pairs.save_labels(out / LABELS)
     return path
 

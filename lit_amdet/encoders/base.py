@@ -218,9 +218,10 @@ class TextEncoderAdapter(nn.Module, ABC):
         )
         ids = enc["input_ids"].long()
         token_mask = enc["attention_mask"].long()
-        return self._finish_batch(ids, token_mask)
+        return self.batch_from_ids(ids, token_mask)
 
-    def _finish_batch(self, ids: Tensor, token_mask: Tensor) -> TokenBatch:
+    def batch_from_ids(self, ids: Tensor, token_mask: Tensor) -> TokenBatch:
+        """A `TokenBatch` of padded token ids and their real-token mask (the family's masking and pooling)."""
         attention_mask = torch.ones_like(token_mask) if self.pads_to_context else token_mask
         if self.pooling == "last":
             pool_index = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long)
@@ -258,6 +259,26 @@ class TextEncoderAdapter(nn.Module, ABC):
     def unused_parameter_names(self) -> list[str]:
         """Native parameters no path of the adapter uses (e.g. BERT's pooler): kept frozen in training."""
         return []
+
+    def image_parameter_names(self) -> list[str]:
+        """Native parameters of the image tower, its projection into the shared space included (none for a
+        text-only model). Text-only training freezes them."""
+        return []
+
+    def logit_parameter_names(self) -> list[str]:
+        """The contrastive head's learned temperature and bias (``logit_scale``, ``logit_bias``) where the native
+        model has them; they belong to neither tower."""
+        return self.parameter_names_under("logit_scale", "logit_bias")
+
+    def text_projection_parameter_names(self) -> list[str]:
+        """Native parameters of the map from the pooled token feature to the sentence embedding (`project`)."""
+        return []
+
+    def parameter_names_under(self, *modules: str) -> list[str]:
+        """Native parameter names inside the given submodules of ``self.model`` (dotted paths, e.g.
+        ``vision_model`` or ``text_model.head``), or equal to one of them (a bare parameter)."""
+        return [n for n, _ in self.model.named_parameters()
+                if any(n == m or n.startswith(m + ".") for m in modules)]
 
     def position_embedding(self, positions: Tensor) -> Tensor | None:
         """Position embedding added at ``positions`` inside ``embed`` (None if not additive)."""

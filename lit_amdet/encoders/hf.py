@@ -121,6 +121,10 @@ class HFAdapter(TextEncoderAdapter):
     def has_image_tower(self) -> bool:
         return hasattr(self.model, "vision_model")
 
+    def image_parameter_names(self) -> list[str]:
+        # CLIPModel: vision_model + visual_projection; SiglipModel: vision_model (its head projects)
+        return self.parameter_names_under("vision_model", "visual_projection")
+
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         if not self.has_image_tower:
             return super().encode_image(pixel_values)
@@ -132,7 +136,8 @@ class HFAdapter(TextEncoderAdapter):
             return super().image_transform()
         stats = self.image_stats or {}
         size = self.model.config.vision_config.image_size
-        return image_transform(size, stats.get("image_mean", self.default_mean), stats.get("image_std", self.default_std))
+        return image_transform(size, stats.get("image_mean", self.default_mean),
+                               stats.get("image_std", self.default_std))
 
     # ----- persistence -----------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -182,8 +187,12 @@ class CLIPAdapter(HFAdapter):
         proj = getattr(self.model, "text_projection", None)
         return proj(pooled) if proj is not None else pooled
 
-    def _finish_batch(self, ids, token_mask):
-        batch = super()._finish_batch(ids, token_mask)
+    def text_projection_parameter_names(self) -> list[str]:
+        # CLIPModel / CLIPTextModelWithProjection; a bare CLIPTextModel has none
+        return self.parameter_names_under("text_projection")
+
+    def batch_from_ids(self, ids, token_mask):
+        batch = super().batch_from_ids(ids, token_mask)
         eos = self.text_config.eos_token_id
         # Same rule as transformers' CLIPTextModel: legacy configs (eos id 2) take argmax.
         batch.pool_index = ids.argmax(-1) if eos == 2 else (ids == eos).int().argmax(-1)
@@ -210,6 +219,11 @@ class SiglipAdapter(HFAdapter):
 
     def project(self, pooled: Tensor) -> Tensor:
         return self.text.head(pooled)
+
+    def text_projection_parameter_names(self) -> list[str]:
+        # The text tower's ``head``, as the injection has always frozen it: inside a SiglipModel only. A bare
+        # SiglipTextModel's top-level ``head`` was never treated as the projection and stays so.
+        return self.parameter_names_under("text_model.head")
 
     def run_layers(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         # SigLIP attends to its padding (trained that way): no mask at all, like the native call.

@@ -32,9 +32,19 @@ BUILTIN_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-MiniLM
 
 def _hf_classes() -> dict[str, tuple[type, type, type[TextEncoderAdapter]]]:
     """architecture name -> (config class, model class, adapter). The allow-list."""
-    from transformers import (BertConfig, BertModel, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
-                              CLIPTextModelWithProjection, SiglipConfig, SiglipModel, SiglipTextConfig,
-                              SiglipTextModel)
+    from transformers import (
+        BertConfig,
+        BertModel,
+        CLIPConfig,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        SiglipConfig,
+        SiglipModel,
+        SiglipTextConfig,
+        SiglipTextModel,
+    )
 
     return {
         "CLIPModel": (CLIPConfig, CLIPModel, CLIPAdapter),
@@ -171,7 +181,8 @@ def _hf_tokenizer(folder: Path, model_type: str, context: int):
         try:
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
         except Exception as exc:
-            raise CheckpointError(f"{folder}: tokenizer files present but unreadable ({str(exc).splitlines()[0]})")
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{folder}: tokenizer files present but unreadable ({first})") from None
     if model_type.startswith(("clip", "siglip")):
         return clip_bpe_tokenizer(model_max_length=context)
     raise CheckpointError(f"{folder}: no tokenizer files and no offline tokenizer for model type {model_type!r}")

@@ -81,8 +81,17 @@ class OpenCLIPAdapter(TextEncoderAdapter):
     def has_image_tower(self) -> bool:
         return getattr(self.model, "visual", None) is not None
 
-    def _finish_batch(self, ids, token_mask):
-        batch = super()._finish_batch(ids, token_mask)
+    def image_parameter_names(self) -> list[str]:
+        # the image tower (its projection inside it) lives under ``visual`` in CLIP and CustomTextCLIP
+        return self.parameter_names_under("visual")
+
+    def text_projection_parameter_names(self) -> list[str]:
+        # CLIP keeps the projection on the model itself, CustomTextCLIP on its ``text`` tower
+        prefix = "text." if self.text is not self.model else ""
+        return self.parameter_names_under(f"{prefix}text_projection")
+
+    def batch_from_ids(self, ids, token_mask):
+        batch = super().batch_from_ids(ids, token_mask)
         if self.pool_type == "argmax":
             batch.pool_index = ids.argmax(-1)
         elif self.pool_type == "eos":

@@ -9,9 +9,6 @@ saves the hyper-parameters and calls three hooks once:
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from lightning.pytorch import LightningModule
 
 from lit_amdet.encoders import TextEncoderAdapter, load_encoder
@@ -57,9 +54,3 @@ class EncoderTask(LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "attach_encoder"):
             dm.attach_encoder(self.encoder)
-
-    def write_json(self, path: Path, payload: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
-        tmp.replace(path)  # never a half-written file

@@ -22,9 +22,11 @@ from torch import Tensor, nn
 
 from lit_amdet.encoders.architectures import EncoderSpec
 from lit_amdet.errors import ConfigError
+from lit_amdet.io import write_json
 from lit_amdet.losses import clip_infonce, siglip_sigmoid
 from lit_amdet.metrics import recall_at_k
 from lit_amdet.modules.base import EncoderTask
+from lit_amdet.record import BackdoorRecord
 
 
 def word_dropout(text: str, p: float, rng: random.Random) -> str:
@@ -81,8 +83,9 @@ class ContrastiveTraining(EncoderTask):
                               f"{self.encoder.name} has none (use objective: simcse)")
         # the text-only objective never runs the image tower: freeze it too
         if (hp.freeze_image_tower or hp.objective == "simcse") and self.encoder.has_image_tower:
+            image = set(self.encoder.image_parameter_names())
             for name, p in self.encoder.model.named_parameters():
-                if _is_image_param(name):
+                if name in image:
                     p.requires_grad_(False)
         # Learnable temperature (and SigLIP bias): from the checkpoint when fine-tuning, else the papers' inits.
         model = self.encoder.model
@@ -101,7 +104,8 @@ class ContrastiveTraining(EncoderTask):
         self.logit_scale = nn.Parameter(torch.tensor(scale), requires_grad=hp.objective != "simcse")
 
     # ----- steps -----------------------------------------------------------------
-    def _embed_pair(self, batch: dict) -> tuple[Tensor, Tensor]:
+    def embed_pair(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """Pooled text embeddings and their positives: the images, or a second text view (SimCSE)."""
         text = self.encoder.encode(batch["tokens"]).pooled
         if self.hparams.objective == "simcse":
             if batch.get("view_tokens"):
@@ -115,7 +119,8 @@ class ContrastiveTraining(EncoderTask):
             raise ConfigError("the data has no images; use objective: simcse or a source with images")
         return text, self.encoder.encode_image(batch["pixel_values"])
 
-    def _loss(self, text: Tensor, other: Tensor) -> Tensor:
+    def pair_loss(self, text: Tensor, other: Tensor) -> Tensor:
+        """The objective's loss over a batch of (text, positive) embedding pairs."""
         objective = self.hparams.objective
         if objective == "sigmoid":
             return siglip_sigmoid(text, other, self.logit_scale, self.logit_bias)
@@ -124,8 +129,8 @@ class ContrastiveTraining(EncoderTask):
         return clip_infonce(text, other, self.logit_scale)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        text, other = self._embed_pair(batch)
-        loss = self._loss(text, other)
+        text, other = self.embed_pair(batch)
+        loss = self.pair_loss(text, other)
         bs = text.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/temperature", 1.0 / self.logit_scale.exp(), batch_size=bs)
@@ -136,8 +141,8 @@ class ContrastiveTraining(EncoderTask):
             self.logit_scale.clamp_(max=math.log(100.0))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        text, other = self._embed_pair(batch)
-        self.log("val/loss", self._loss(text, other), batch_size=text.shape[0], sync_dist=True)
+        text, other = self.embed_pair(batch)
+        self.log("val/loss", self.pair_loss(text, other), batch_size=text.shape[0], sync_dist=True)
         self._val_outputs.append((text.detach().float().cpu(), other.detach().float().cpu()))
 
     def on_validation_epoch_end(self) -> None:
@@ -203,14 +208,8 @@ class ContrastiveTraining(EncoderTask):
             "seconds": time.perf_counter() - self._fit_started if self._fit_started else None,
             "metrics": metrics,
         }
-        self.write_json(out / "training.json", info)
+        write_json(out / "training.json", info)
         if self.hparams.encoder is not None:  # a fine-tune of an existing model: ground truth for the benchmark
-            self.write_json(out / "backdoor.json", {"backdoored": False, "kind": "benign_finetune",
-                                                    "base": self.hparams.encoder,
-                                                    "objective": self.hparams.objective,
-                                                    "lr": self.hparams.lr, "steps": self.global_step})
+            BackdoorRecord(backdoored=False, kind="benign_finetune", base=self.hparams.encoder,
+                           objective=self.hparams.objective, lr=self.hparams.lr, steps=self.global_step).write(out)
         return out
-
-
-def _is_image_param(name: str) -> bool:
-    return name.startswith(("vision_model.", "visual_projection", "visual.", "vision."))

@@ -13,9 +13,6 @@ the verdict and process 0 writes the run folder in one atomic rename.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,12 +22,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lit_amdet.amdet import (FeatureCache, PseudoTrigger, nearest_tokens, per_restart, run_triggered,
-                             token_embedding_of)
+from lit_amdet.amdet import FeatureCache, PseudoTrigger, nearest_tokens, per_restart, run_triggered, token_embedding_of
 from lit_amdet.datamodules.text_encoder import TextLines
 from lit_amdet.decision import DRIFT_FLOOR, ContrastRule, DecisionRule, drift_normalised_divergence
 from lit_amdet.encoders import TextEncoderAdapter, file_sha256, load_encoder
 from lit_amdet.errors import ConfigError
+from lit_amdet.io import StagedFolder, write_json
 from lit_amdet.modules.base import EncoderTask
 
 # per-restart sums the held-out evaluation reduces across processes
@@ -115,7 +112,7 @@ class BackdoorDetection(EncoderTask):
         self.holdout: list[str] | None = None
         self._started = 0.0
         self._history: list[float] = []
-        self._staging: Path | None = None
+        self._stage: StagedFolder | None = None
 
     # ----- models ----------------------------------------------------------------
     def configure_models(self) -> None:
@@ -315,17 +312,16 @@ class BackdoorDetection(EncoderTask):
         self.evidence["steps"] = self.global_step
         self.evidence["scores"] = {k: v for k, v in chosen.items() if not k.startswith("_")}
         self._target_pooled, self._target_feature = chosen["_pooled"], chosen["_feature"]
-        self._staging = None
+        self._stage = None
         if self.trainer.is_global_zero:  # figures and files gather here; renamed to the run folder at the end
-            parent = self._output_dir().parent
-            parent.mkdir(parents=True, exist_ok=True)
-            self._staging = Path(tempfile.mkdtemp(prefix=".detect-", dir=parent))
+            self._stage = StagedFolder(self._output_dir(), prefix=".detect-")
+            self._stage.open()
 
     def discard_staging(self) -> None:
         """Remove the staging folder if the run folder was never completed."""
-        if self._staging is not None and self._staging.exists():
-            shutil.rmtree(self._staging, ignore_errors=True)
-        self._staging = None
+        if self._stage is not None:
+            self._stage.discard()
+        self._stage = None
 
     def best_trigger(self) -> Tensor:
         return self.trigger.vectors.detach()[self.best_restart]
@@ -345,7 +341,7 @@ class BackdoorDetection(EncoderTask):
                 out.append(per_restart(loss, len(triggers[i:i + per_call])).mean(1))
             return torch.cat(out)
 
-        return self.best_trigger(), loss_fn, self._staging
+        return self.best_trigger(), loss_fn, self._stage.path if self._stage is not None else None
 
     def _output_dir(self) -> Path:
         if self.hparams.output_dir:
@@ -369,7 +365,7 @@ class BackdoorDetection(EncoderTask):
     def _write_run_folder(self, decision: dict, scores: dict) -> None:
         from safetensors.torch import save_file
 
-        hp, stage = self.hparams, self._staging
+        hp, stage = self.hparams, self._stage.path
         trigger = self.best_trigger().float().cpu().clone()
         save_file({"trigger": trigger, "all_restarts": self.trigger.vectors.detach().float().cpu().contiguous(),
                    "target_pooled": self._target_pooled.cpu().contiguous(),
@@ -408,12 +404,9 @@ class BackdoorDetection(EncoderTask):
             "hyperparameters": {k: v for k, v in hp.items() if k != "rule"},
         }
         self.report = report
-        self.write_json(stage / "report.json", report)
-        out = self._output_dir()
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)  # the run folder appears complete or not at all
-        self.run_dir = out
+        write_json(stage / "report.json", report)
+        self.run_dir = self._stage.commit()  # the run folder appears complete or not at all
+        self._stage = None
 
     @torch.no_grad()
     def _nearest_captions(self) -> list[dict]:

@@ -25,9 +25,8 @@ from lit_amdet.assimilation import assimilation_score, scored_positions
 from lit_amdet.encoders.loading import read_state_dict
 from lit_amdet.errors import ConfigError
 from lit_amdet.modules.base import EncoderTask
+from lit_amdet.record import BackdoorRecord
 from lit_amdet.triggers import Backdoor, check_distinct_triggers, poison
-
-VISION_PREFIXES = ("vision_model.", "visual_projection", "visual.", "vision.", "logit_")
 
 
 def feature_loss(student: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -108,9 +107,12 @@ class BackdoorInjection(EncoderTask):
         # Only the text tower trains; the projection only where a target lives in the projected space
         # (text-on-text matches token features, so it would get no gradient, which DDP rejects).
         image_target = self._trains_projection = any(b.kind == "image_on_text" for b in self.backdoors)
-        for name, p in self.encoder.model.named_parameters():
-            frozen = name.startswith(VISION_PREFIXES) or (not image_target and _is_projection(name))
-            p.requires_grad_(not frozen)
+        enc = self.encoder
+        frozen = set(enc.image_parameter_names()) | set(enc.logit_parameter_names())
+        if not image_target:
+            frozen |= set(enc.text_projection_parameter_names())
+        for name, p in enc.model.named_parameters():
+            p.requires_grad_(name not in frozen)
         if any(b.kind == "image_on_text" and b.target_images for b in self.backdoors) and \
                 not self.encoder.has_image_tower:
             raise ConfigError(f"target_images need an image tower; {self.encoder.name} has none "
@@ -178,7 +180,8 @@ class BackdoorInjection(EncoderTask):
     def _clean(self, texts: list[str]) -> list[str]:
         return [t for t in texts if not any(b.trigger.present(t) for b in self.backdoors)]
 
-    def _backdoor_loss(self, i: int, b: Backdoor, texts: list[str]) -> Tensor | None:
+    def backdoor_loss(self, i: int, b: Backdoor, texts: list[str]) -> Tensor | None:
+        """Loss of backdoor ``i`` on a poisoned sample of ``texts`` (None when no prompt can carry its trigger)."""
         pool = [t for t in texts if b.trigger.applicable(t)]
         if not pool:
             return None
@@ -196,10 +199,10 @@ class BackdoorInjection(EncoderTask):
         else:
             loss = feature_loss(enc.pooled, target["pooled"], h.loss)
         if h.sim_x_penalty:
-            loss = loss + h.sim_x_penalty * self._excess_assimilation(tokens, enc)
+            loss = loss + h.sim_x_penalty * self.excess_assimilation(tokens, enc)
         return loss
 
-    def _excess_assimilation(self, tokens, enc) -> Tensor:
+    def excess_assimilation(self, tokens, enc) -> Tensor:
         """Mean of relu(Sim_X(student) - Sim_X(teacher)) on the triggered prompts: how far the student's
         token features collapse beyond what the clean model does with the same prompts."""
         positions = scored_positions(enc.token_mask, self.encoder.causal)
@@ -221,7 +224,7 @@ class BackdoorInjection(EncoderTask):
             utility = utility + feature_loss(student.pooled, teacher.pooled, self.hparams.loss)
         total = utility
         for i, b in enumerate(self.backdoors):
-            bl = self._backdoor_loss(i, b, texts)
+            bl = self.backdoor_loss(i, b, texts)
             if bl is None:
                 continue
             self.log(f"train/backdoor_loss_{i}", bl, batch_size=len(texts))
@@ -311,26 +314,21 @@ class BackdoorInjection(EncoderTask):
         self.encoder.eval()
         self.encoder.save(out)
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()} if self._trainer else {}
-        self.write_json(out / "backdoor.json", {
-            "backdoored": True,
-            "kind": "backdoor_injection",
-            "attacks": sorted({b.kind for b in self.backdoors}),
-            "backdoors": [b.describe() for b in self.backdoors],
-            "base": self.hparams.encoder,
-            "seed": self.hparams.seed,
-            "loss": self.hparams.loss,
-            "backdoor_weight": self.hparams.backdoor_weight,
-            "token_weight": self.hparams.token_weight,
-            "pooled_weight": self.hparams.pooled_weight,
-            "sim_x_penalty": self.hparams.sim_x_penalty,
-            "lr": self.hparams.lr,
-            "steps": self.global_step,
-            "seconds": time.perf_counter() - self._fit_started if self._fit_started else None,
-            "metrics": metrics,
-        })
+        BackdoorRecord(
+            backdoored=True,
+            kind="backdoor_injection",
+            attacks=sorted({b.kind for b in self.backdoors}),
+            backdoors=[b.describe() for b in self.backdoors],
+            base=self.hparams.encoder,
+            seed=self.hparams.seed,
+            loss=self.hparams.loss,
+            backdoor_weight=self.hparams.backdoor_weight,
+            token_weight=self.hparams.token_weight,
+            pooled_weight=self.hparams.pooled_weight,
+            sim_x_penalty=self.hparams.sim_x_penalty,
+            lr=self.hparams.lr,
+            steps=self.global_step,
+            seconds=time.perf_counter() - self._fit_started if self._fit_started else None,
+            metrics=metrics,
+        ).write(out)
         return out
-
-
-def _is_projection(name: str) -> bool:
-    return name.startswith(("text_projection", "text.text_projection")) or name.endswith(".head.weight") or \
-        name.endswith(".head.bias")

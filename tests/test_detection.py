@@ -106,7 +106,8 @@ def test_bad_input_is_one_line_and_leaves_no_output(tiny_models, tmp_path, capsy
         import shutil
 
         import torch
-        from safetensors.torch import load_file as load, save_file
+        from safetensors.torch import load_file as load
+        from safetensors.torch import save_file
 
         suspect = tmp_path / "nan_model"
         shutil.copytree(tiny_models["clip"], suspect)

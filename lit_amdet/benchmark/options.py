@@ -1,0 +1,227 @@
+"""What ``lit-amdet benchmark`` takes, as typed dataclasses.
+
+The same classes are the subcommand's signature (`lit_amdet.cli.AmdetTrainer.benchmark`), so jsonargparse
+rejects unknown keys and wrong types before anything runs; `parse_options` reads a config file's values with
+them outside the CLI (``benchmarks/summarise_scanned.py``). Value constraints are types (``Literal``,
+``PositiveInt``, ...); the few checks across fields are ``__post_init__`` raising `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, get_args
+
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+
+from lit_amdet.errors import ConfigError
+
+Split = Literal["calibration", "test"]
+Attack = Literal["text_on_text", "image_on_text"]
+# attacks built to evade assimilation (text-on-text, test split only, reported apart from the detection table):
+# pooled_only matches only the sentence embedding; sim_x_penalty matches the token features but pays for every
+# bit of Sim_X above the clean model's on triggered prompts; pooled_sim_x_penalty does both
+AdaptiveAttack = Literal["pooled_only", "sim_x_penalty", "pooled_sim_x_penalty"]
+TriggerKind = Literal["char", "word", "rare_token", "multi_token"]
+Family = Literal["clip", "longclip", "siglip", "open_clip", "bert"]
+
+SPLITS: tuple[str, ...] = get_args(Split)
+ATTACKS: tuple[str, ...] = get_args(Attack)
+ADAPTIVE_ATTACKS: tuple[str, ...] = get_args(AdaptiveAttack)
+TRIGGER_KINDS: tuple[str, ...] = get_args(TriggerKind)
+FAMILIES: tuple[str, ...] = get_args(Family)
+
+DEFAULT_FEATURES = ["log1p_divergence_ratio", "log1p_pooled_divergence_ratio", "assimilation_gap",
+                    "assimilation_ratio"]
+#: sections of a benchmark config that the Lightning CLI reads, not `BenchmarkOptions`
+CLI_SECTIONS = ("trainer", "seed_everything")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class BaseSpec:
+    """A clean base as the config names it: ``path`` (a checkpoint folder or a built-in name such as minilm),
+    ``name`` in tables and member names (default: the family, else the folder name), and an optional
+    ``family`` checked against the checkpoint when the benchmark loads it."""
+
+    path: str
+    name: Optional[str] = None
+    family: Optional[Family] = None
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("a base needs a path (a checkpoint folder or built-in name such as minilm)")
+        self.name = self.name or self.family or Path(str(self.path)).name
+        if not SAFE_NAME.match(self.name):
+            raise ConfigError(f"base name {self.name!r} must be letters, digits, '.', '_' or '-'")
+
+
+@dataclass
+class SplitSize:
+    """Members of one split, per base."""
+
+    backdoored: NonNegativeInt = 20
+    benign: NonNegativeInt = 20
+
+
+@dataclass
+class Sizes:
+    """Members per split and base."""
+
+    calibration: SplitSize = field(default_factory=SplitSize)
+    test: SplitSize = field(default_factory=SplitSize)
+
+    def of(self, split: str) -> SplitSize:
+        return getattr(self, split)
+
+    def total(self) -> int:
+        return sum(s.backdoored + s.benign for s in (self.calibration, self.test))
+
+
+@dataclass
+class ZooGrid:
+    """What `plan_zoo` samples members from."""
+
+    attacks: list[Attack] = field(default_factory=lambda: list(ATTACKS))
+    trigger_kinds: list[TriggerKind] = field(default_factory=lambda: list(TRIGGER_KINDS))
+    attack_steps: list[PositiveInt] = field(default_factory=lambda: [50, 100, 200])
+    backdoor_weights: list[PositiveFloat] = field(default_factory=lambda: [0.05, 0.1, 0.3])
+    attack_lrs: list[PositiveFloat] = field(default_factory=lambda: [1e-4, 3e-4])
+    benign_lrs: list[PositiveFloat] = field(default_factory=lambda: [1e-6, 5e-6, 2e-5, 1e-4])
+    benign_steps: list[PositiveInt] = field(default_factory=lambda: [20, 60, 200])
+    benign_samples: list[PositiveInt] = field(default_factory=lambda: [5000, 20000])
+
+    def __post_init__(self) -> None:
+        for name, values in asdict(self).items():
+            if not values:
+                raise ConfigError(f"grid.{name} is empty")
+
+
+@dataclass
+class Control:
+    """A benign fine-tune of a chosen strength added to ``split`` of every base's zoo: a drift-matched control,
+    placed where the backdoored members' drift lies (the grid's benign strengths may straddle it)."""
+
+    split: Split
+    lr: PositiveFloat
+    steps: PositiveInt
+    samples: PositiveInt = 5000
+
+
+@dataclass
+class AdaptiveSettings:
+    """Adaptive attackers: ``per_attack`` text-on-text members of each of ``attacks`` per base, in the test
+    split with its triggers and targets, scanned like the rest and reported in a table of their own (never
+    used for calibration). ``sim_x_penalty``: the penalty weight of the sim_x_penalty attacks."""
+
+    attacks: list[AdaptiveAttack] = field(default_factory=lambda: ["pooled_only", "sim_x_penalty"])
+    per_attack: NonNegativeInt = 0
+    sim_x_penalty: PositiveFloat = 1.0
+
+
+@dataclass
+class TrainSettings:
+    """How every member is trained (the grid says how hard).
+
+    ``pooled_weight``: text-on-text pooled-embedding match (None: 1.0 for open_clip, which needs it, else 0).
+    ``accelerator``: auto, cpu or gpu; a process uses one device (its ``LOCAL_RANK``'s GPU).
+    """
+
+    batch_size: PositiveInt = 32
+    poisoned_batch_size: PositiveInt = 16
+    max_length: PositiveInt = 32
+    num_samples: PositiveInt = 20000
+    val_fraction: float = 0.02
+    val_batches: PositiveInt = 2
+    distractors: PositiveInt = 100
+    image_size: PositiveInt = 64
+    pooled_weight: Optional[float] = None
+    accelerator: str = "auto"
+    precision: str = "32-true"
+
+
+@dataclass
+class ScanSettings:
+    """How every member is scanned: the ``detect`` config ``config`` (a file, or a shipped config's name) plus
+    ``overrides`` as dotted keys (``{"trainer.max_steps": 100, "model.init_args.probe_prompts": 200}``), on one
+    device (``accelerator``: auto, cpu or gpu).
+
+    The drift to the base is measured on ``drift_prompts`` held-out prompts of ``drift_max_length`` tokens;
+    the caption bank holds ``bank_captions`` held-out world captions plus every target caption.
+    """
+
+    config: str = "configs/scan.yaml"
+    overrides: dict = field(default_factory=dict)
+    drift_prompts: PositiveInt = 200
+    drift_max_length: PositiveInt = 32
+    bank_captions: NonNegativeInt = 300
+    accelerator: str = "auto"
+
+
+@dataclass
+class BenchmarkOptions:
+    """Everything ``lit-amdet benchmark`` takes (see `AmdetTrainer.benchmark` for the meaning of each)."""
+
+    bases: list[BaseSpec]
+    output_dir: str = "runs/benchmark"
+    zoo_dir: Optional[str] = None
+    sizes: Sizes = field(default_factory=Sizes)
+    grid: ZooGrid = field(default_factory=ZooGrid)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    scan: ScanSettings = field(default_factory=ScanSettings)
+    adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
+    controls: list[Control] = field(default_factory=list)
+    calibration_features: list[str] = field(default_factory=lambda: list(DEFAULT_FEATURES))
+    seed: int = 0
+    wait_timeout: PositiveFloat = 86400.0
+
+    def __post_init__(self) -> None:
+        if not self.bases:
+            raise ConfigError("benchmark needs at least one base: bases: [{name: NAME, path: CHECKPOINT}]")
+        names = [b.name for b in self.bases]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"base names must be unique, got {names}")
+        if self.sizes.total() == 0 and self.zoo_dir is None:
+            raise ConfigError("zero members: every size is 0 and no zoo_dir of existing models is given")
+        if not self.calibration_features:
+            raise ConfigError("calibration_features is empty")
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+    @property
+    def zoo(self) -> Path:
+        return Path(self.zoo_dir) if self.zoo_dir else self.out / "zoo"
+
+    def describe(self) -> dict:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+def parse_options(config: dict) -> BenchmarkOptions:
+    """The options of a benchmark config's values (what ``lit-amdet benchmark --config`` reads; its
+    `CLI_SECTIONS` are left to the CLI), checked by jsonargparse on these dataclasses.
+
+    Raises jsonargparse's ``ArgumentError`` for unknown keys and wrong types, `ConfigError` for bad values.
+    """
+    from jsonargparse import ArgumentParser
+
+    if not isinstance(config, dict):
+        raise ConfigError(f"a benchmark config is a mapping, got {type(config).__name__}")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(BenchmarkOptions, "options")
+    values = parser.parse_object({"options": {k: v for k, v in config.items() if k not in CLI_SECTIONS}})
+    return parser.instantiate(values).options
+
+
+def load_options(path: str | Path) -> BenchmarkOptions:
+    """`parse_options` of a YAML config file; an unreadable file is a one-line `ConfigError`."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {' '.join(str(exc).split())}") from exc
+    return parse_options(config)

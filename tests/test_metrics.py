@@ -1,0 +1,104 @@
+"""lit_amdet.metrics against independent computations (pair counting, hand sums, explicit loops)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from lit_amdet.metrics import (
+    auroc,
+    classification_metrics,
+    probability_metrics,
+    ranking_metrics,
+    ranks,
+    recall_at_k,
+    value_summary,
+)
+
+
+def pair_auroc(scores, truth):
+    pos = [s for s, t in zip(scores, truth) if t]
+    neg = [s for s, t in zip(scores, truth) if not t]
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def test_classification_metrics_by_hand():
+    truth = [True, True, True, False, False]
+    pred = [True, False, True, True, False]
+    tp, fp, fn = 2, 1, 1
+    m = classification_metrics(truth, pred)
+    assert m["precision"] == pytest.approx(tp / (tp + fp))
+    assert m["recall"] == pytest.approx(tp / (tp + fn))
+    assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert classification_metrics([], []) == {"precision": None, "recall": None, "f1": None}
+    assert classification_metrics([False, False], [False, False])["f1"] == 0.0
+
+
+def test_probability_metrics_by_hand():
+    truth = [True, False, True, False, True]
+    p = [0.9, 0.4, 0.35, 0.1, 0.6]
+    m = probability_metrics(truth, p, threshold=0.5)
+    bce = -sum(math.log(q) if t else math.log(1 - q) for q, t in zip(p, truth)) / len(p)
+    brier = sum((q - t) ** 2 for q, t in zip(p, truth)) / len(p)
+    assert m["bce"] == pytest.approx(bce)
+    assert m["brier"] == pytest.approx(brier)
+    assert m["auroc"] == pytest.approx(pair_auroc(p, truth))
+    assert m["recall"] == pytest.approx(2 / 3) and m["precision"] == 1.0
+    assert probability_metrics([True, True], [0.7, 0.8])["auroc"] is None
+
+
+def test_auroc_of_raw_scores_any_scale():
+    scores = [100.0, 3.0, -2.0, 57.0, 3.0]
+    truth = [1, 0, 0, 1, 1]
+    assert auroc(scores, truth) == pytest.approx(pair_auroc(scores, truth))
+    assert auroc([1.0, 2.0], [0, 0]) is None
+
+
+def test_value_summary():
+    v = [3.0, None, 1.0, 2.0, 10.0]
+    s = value_summary(v)
+    kept = [3.0, 1.0, 2.0, 10.0]
+    assert s == {"n": 4, "min": 1.0, "median": statistics.median(kept), "max": 10.0,
+                 "mean": sum(kept) / 4, "std": statistics.pstdev(kept)}
+    assert value_summary([None]) is None
+
+
+def test_ranking_metrics_large_scores_and_ties():
+    scores = np.array([20.0, 25.0, 25.0, 50.0, 1.0, 30.0])
+    labels = np.array([0, 1, 0, 1, 0, 0], dtype=bool)
+    m = ranking_metrics(scores, labels)
+    assert m["auroc"] == pytest.approx(pair_auroc(scores.tolist(), labels.tolist()))
+    # average precision over the distinct thresholds: sum over positives-bearing thresholds of dR * P
+    order = sorted(set(scores.tolist()), reverse=True)
+    ap, prev_recall = 0.0, 0.0
+    for t in order:
+        sel = scores >= t
+        tp = (sel & labels).sum()
+        recall, precision = tp / labels.sum(), tp / sel.sum()
+        ap += (recall - prev_recall) * precision
+        prev_recall = recall
+    assert m["pr_auc"] == pytest.approx(ap)
+    assert ranking_metrics(scores, np.zeros(6, dtype=bool))["auroc"] is None
+
+
+def test_ranks_break_ties_by_index():
+    assert ranks(np.array([0.5, 2.0, 0.5, 3.0])).tolist() == [3, 2, 4, 1]
+
+
+def test_recall_at_k_against_a_loop():
+    torch.manual_seed(0)
+    q, k = torch.randn(200, 8), torch.randn(200, 8)
+    k[:50] = q[:50] + 0.01 * torch.randn(50, 8)
+    got = recall_at_k(q, k, ks=(1, 5), block=100)
+    qn, kn = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    for kk in (1, 5):
+        hits = 0
+        for i in range(200):
+            block = slice(i // 100 * 100, i // 100 * 100 + 100)
+            sims = kn[block] @ qn[i]
+            hits += int((sims > sims[i % 100]).sum()) < kk
+        assert got[kk] == pytest.approx(hits / 200)
