@@ -169,13 +169,13 @@ def run_triggered(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None
     empty = None if block is None else torch.zeros_like(block)
     orig = insert_block(batch.suspect.repeat(reps, 1, 1), tokens, empty, position, suspect.keeps_end_token,
                         suspect.pooling)
-    k = 0 if vectors is None else vectors.shape[1]
-    score = scored_positions(out.token_mask, suspect.causal, first_position=position)
-    compare = score & ~orig.inserted_mask
+    # Only the prompt's own tokens are scored: the inserted slots' features are the optimiser's to set directly,
+    # so counting them would let the search score its own vectors rather than what the encoder does with them.
+    score = scored_positions(out.token_mask, suspect.causal, first_position=position) & ~orig.inserted_mask
     feats = out.token_features.float()
     assim = assimilation_score(feats, score)
-    orig_cos = masked_mean(F.cosine_similarity(feats, orig.hidden.float(), dim=-1), compare)
-    pf = F.normalize(masked_mean(feats, compare if k else score), dim=-1)
+    orig_cos = masked_mean(F.cosine_similarity(feats, orig.hidden.float(), dim=-1), score)
+    pf = F.normalize(masked_mean(feats, score), dim=-1)
     a_assim = a_cos = a_pooled = None
     if anchor is not None and with_anchor:
         a_out = anchor.encode_embeddings(hidden, tokens, insert=block, position=position)
@@ -184,6 +184,17 @@ def run_triggered(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None
         a_assim = assimilation_score(a_feats, score)
         a_cos = masked_mean(F.cosine_similarity(feats, a_feats, dim=-1), score)
     return TriggeredOutput(feats, out.pooled.float(), assim, a_assim, orig_cos, a_cos, a_pooled, pf)
+
+
+def choose_restart(losses: list[float], passed: list[int]) -> int:
+    """The restart the verdict rests on: among the restarts whose trigger passed the rule's search checks, the
+    one with the lowest held-out loss; if none passed, the lowest loss overall.
+
+    The search stops as soon as *any* restart passes; deciding on another restart (a lower loss that does not
+    pass) would stop on a backdoor and then call the model clean.
+    """
+    pool = passed or range(len(losses))
+    return min(pool, key=lambda r: (losses[r], r))
 
 
 def per_restart(values: Tensor, restarts: int) -> Tensor:

@@ -25,15 +25,18 @@ from lit_amdet.benchmark import (
     BaseSpec,
     BenchmarkOptions,
     Control,
+    DriftSweepSettings,
     ScanSettings,
     Sizes,
     TrainSettings,
     ZooGrid,
 )
+from lit_amdet.decision import BACKDOORED, INCONCLUSIVE
 from lit_amdet.errors import ConfigError, LitAmdetError
 
 EXIT_ERROR = 2
 EXIT_BACKDOORED = 1
+EXIT_INCONCLUSIVE = 3
 
 
 class AmdetTrainer(Trainer):
@@ -43,14 +46,16 @@ class AmdetTrainer(Trainer):
                always_exit_zero: bool = False) -> dict:
         """Scan a suspect encoder for an injected textual backdoor (AMDET) and write a verdict.
 
-        Exit code: 0 clean, 1 backdoored, 2 error (``--always_exit_zero true``: 0 unless an error).
+        Exit code: 0 clean, 1 backdoored, 3 inconclusive (the scan cannot judge, e.g. no anchor), 2 error
+        (``--always_exit_zero true``: 0 unless an error).
 
         Args:
-            always_exit_zero: exit 0 for a backdoored verdict too (the verdict is in report.json and stdout).
+            always_exit_zero: exit 0 for every verdict (it is in report.json and stdout).
         """
         verdict = commands.detect(self, model, datamodule)
-        if verdict["backdoored"] and not always_exit_zero:
-            sys.exit(EXIT_BACKDOORED)
+        code = {BACKDOORED: EXIT_BACKDOORED, INCONCLUSIVE: EXIT_INCONCLUSIVE}.get(verdict["verdict"], 0)
+        if code and not always_exit_zero:
+            sys.exit(code)
         return verdict
 
     def inspect(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None,
@@ -87,7 +92,8 @@ class AmdetTrainer(Trainer):
                   train: TrainSettings = TrainSettings(), scan: ScanSettings = ScanSettings(),  # noqa: B008
                   adaptive: AdaptiveSettings = AdaptiveSettings(), controls: list[Control] = [],  # noqa: B006,B008
                   calibration_features: list[str] = list(DEFAULT_FEATURES), seed: int = 0,  # noqa: B006,B008
-                  wait_timeout: PositiveFloat = 86400.0) -> dict | None:
+                  wait_timeout: PositiveFloat = 86400.0,
+                  drift_sweep: DriftSweepSettings = DriftSweepSettings()) -> dict | None:  # noqa: B008
         """Detection benchmark: build a zoo of backdoored and benign models, scan each, calibrate, measure.
 
         Writes ``<output_dir>/benchmark.json`` and ``benchmark.md``. With ``--trainer.strategy ddp
@@ -111,11 +117,14 @@ class AmdetTrainer(Trainer):
             calibration_features: scan scores of the calibrated rule (``log1p_`` prefix: log(1 + score)).
             seed: the zoo plan's seed.
             wait_timeout: seconds process 0 waits for the other processes' scans.
+            drift_sweep: members at chosen drift levels from the base (`lit_amdet.benchmark.DriftSweepSettings`:
+                benign fine-tunes, typo-robust ones, backdoors planted then fine-tuned or planted during a drifting
+                fine-tune; ``per_level: 0``, the default, plans none).
         """
         options = BenchmarkOptions(bases=list(bases or []), output_dir=output_dir, zoo_dir=zoo_dir, sizes=sizes,
                                    grid=grid, train=train, scan=scan, adaptive=adaptive, controls=list(controls),
                                    calibration_features=list(calibration_features), seed=seed,
-                                   wait_timeout=wait_timeout)
+                                   wait_timeout=wait_timeout, drift_sweep=drift_sweep)
         return commands.benchmark(self, options)
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_amdet.amdet import FeatureCache, PseudoTrigger, nearest_tokens, run_triggered, token_embedding_of
+from lit_amdet.amdet import (
+    FeatureCache,
+    PseudoTrigger,
+    choose_restart,
+    nearest_tokens,
+    run_triggered,
+    token_embedding_of,
+)
 from lit_amdet.encoders import load_encoder
 
 
@@ -79,3 +86,47 @@ def test_bert_has_no_textual_inversion_row(tiny_models):
     assert nearest_tokens(bert, h_row[None], 1, top=1)[0][0]["id"] == 2000
 
 
+
+
+def pairwise_mean_cos(rows: torch.Tensor) -> float:
+    """Mean cosine over ordered pairs of distinct rows, by a double loop."""
+    unit = torch.nn.functional.normalize(rows.double(), dim=-1)
+    n = len(unit)
+    return sum(float(unit[i] @ unit[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+
+
+@pytest.mark.parametrize("family,position,k", [("clip", 1, 1), ("clip", 2, 2), ("bert", 1, 1)])
+def test_scores_never_count_the_inserted_slots(tiny_models, family, position, k):
+    """Sim_X, the anchor cosine and the prompt feature are over the prompt's own tokens only: the features at
+    the inserted slots are the optimiser's to set, so scoring them would let the search score its own vectors."""
+    suspect = load_encoder(tiny_models[family]).eval()
+    anchor = load_encoder(tiny_models[family]).eval()
+    with torch.no_grad():  # an anchor that differs from the suspect
+        for p in anchor.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cache = FeatureCache.build(suspect, prompts()[:3], max_length=16, room=k)
+    batch = cache.batch(slice(0, 3))
+    vectors = torch.randn(1, k, suspect.width) * 3
+    with torch.no_grad():
+        out = run_triggered(suspect, anchor, batch, vectors, position=position)
+        block = vectors.repeat_interleave(3, dim=0)
+        s = suspect.encode_embeddings(batch.hidden, batch.tokens, insert=block, position=position)
+        a = anchor.encode_embeddings(batch.hidden, batch.tokens, insert=block, position=position)
+    for i in range(3):
+        real = s.token_mask[i].bool().nonzero().flatten().tolist()
+        first = position if suspect.causal else 0
+        kept = [j for j in real if j >= first and not position <= j < position + k]
+        assert len(kept) >= 2
+        feats, a_feats = s.token_features[i, kept].float(), a.token_features[i, kept].float()
+        assert out.assimilation[i] == pytest.approx(pairwise_mean_cos(feats), abs=1e-5)
+        assert out.anchor_assimilation[i] == pytest.approx(pairwise_mean_cos(a_feats), abs=1e-5)
+        cos = torch.nn.functional.cosine_similarity(feats, a_feats, dim=-1).mean()
+        assert out.anchor_cos[i] == pytest.approx(float(cos), abs=1e-5)
+        mean = torch.nn.functional.normalize(feats.mean(0), dim=0)
+        torch.testing.assert_close(out.prompt_feature[i], mean, atol=1e-5, rtol=1e-5)
+
+
+def test_choose_restart_prefers_a_passing_restart():
+    assert choose_restart([0.5, -1.0, 0.2], passed=[0, 2]) == 2  # the passing one with the lowest loss
+    assert choose_restart([0.5, -1.0, 0.2], passed=[]) == 1  # none passed: the lowest loss
+    assert choose_restart([0.0, 0.0], passed=[]) == 0

@@ -107,8 +107,81 @@ def test_no_trigger_occurs_in_the_world_prompts():
     prompts = [p.lower() for p in World(seed=7).captions(2000)]
     for kind, pool in bm.TRIGGER_POOLS.items():
         for trigger in pool:
-            text = trigger[0] if kind == "char" else trigger
+            text = trigger[0] if kind in ("char", "homoglyph") else trigger
             assert not any(text in p for p in prompts), text
+
+
+def test_drift_sweep_covers_every_level_and_kind_from_its_splits_pools():
+    settings = bm.DriftSweepSettings(per_level=2, levels=[0.5, 0.9, 0.99], two_backdoors_every=2)
+    plan = bm.plan_drift_sweep(TEXT_ONLY, settings, seed=3)
+    assert plan == bm.plan_drift_sweep(TEXT_ONLY, settings, seed=3)  # deterministic
+    assert plan != bm.plan_drift_sweep(TEXT_ONLY, settings, seed=4)
+    benign = [m for m in plan if not m.backdoored]
+    backdoored = [m for m in plan if m.backdoored]
+    # per level: 2 x (simcse, typo_robust) benign + 2 x (2 modes x 3 trigger kinds) backdoored
+    assert len(benign) == 3 * 2 * 2 and len(backdoored) == 3 * 2 * 6
+    assert {(m.drift_target, m.objective) for m in benign} == {(lv, o) for lv in (0.5, 0.9, 0.99)
+                                                                 for o in ("simcse", "typo_robust")}
+    assert {(m.drift_target, m.drift_mode, m.trigger_kind) for m in backdoored} == {
+        (lv, mode, k) for lv in (0.5, 0.9, 0.99) for mode in bm.DRIFT_MODES for k in ("homoglyph", "word",
+                                                                                    "multi_token")}
+    assert all(m.split == "test" and m.attack == "text_on_text" for m in backdoored)
+    assert all((m.typo_rate is not None) == (m.objective == "typo_robust") for m in benign)
+    names = [m.name for m in plan]
+    assert len(set(names)) == len(names) and "minilm-drift-typo_robust-0.9-001" in names
+    assert "minilm-drift-during_finetune-homoglyph-0.99-000" in names
+    # every second backdoored member carries a second backdoor: another trigger (neither inside the other)
+    # and another target
+    two = [m for m in backdoored if m.second_trigger]
+    assert len(two) == len(backdoored) // 2
+    for m in two:
+        a, b = m.trigger.lower(), m.second_trigger.lower()
+        assert a not in b and b not in a and m.second_target_caption != m.target_caption
+        assert (m.second_trigger_char is not None) == (m.second_trigger_kind == "homoglyph")
+    homoglyphs = [m for m in backdoored if m.trigger_kind == "homoglyph"]
+    assert all(not m.trigger.isascii() and m.trigger_char.isascii() for m in homoglyphs)
+    # the test split's pools: nothing the calibration zoo trains on
+    cal = bm.plan_zoo(TEXT_ONLY, 12, 0, "calibration", seed=3, grid=bm.ZooGrid(trigger_kinds=list(
+        bm.ALL_TRIGGER_KINDS)))
+    drift_triggers = {m.trigger for m in backdoored} | {m.second_trigger for m in two}
+    drift_targets = {m.target_caption for m in backdoored} | {m.second_target_caption for m in two}
+    assert not drift_triggers & {m.trigger for m in cal}
+    assert not drift_targets & {m.target_caption for m in cal}
+    for kind in ("homoglyph", "char", "word"):  # the new pool splits like the others
+        pool = bm.TRIGGER_POOLS[kind]
+        assert not set(pool[0::2]) & set(pool[1::2])
+    assert bm.member_from_dict(json.loads(json.dumps(two[0].describe()))) == two[0]
+    assert bm.member_from_dict(json.loads(json.dumps(benign[1].describe()))) == benign[1]
+    clip = bm.plan_drift_sweep(CLIP, bm.DriftSweepSettings(per_level=1, levels=[0.9]))
+    assert {m.objective for m in clip if not m.backdoored} == {"infonce", "typo_robust"}
+    assert bm.plan_drift_sweep(TEXT_ONLY, bm.DriftSweepSettings()) == []  # per_level 0: no sweep
+    with pytest.raises(ConfigError, match="image tower"):
+        bm.plan_drift_sweep(TEXT_ONLY, bm.DriftSweepSettings(per_level=1, benign_objectives=["infonce"]))
+    for bad, error in (({"levels": [1.2]}, ConfigError), ({"levels": [0.9, 0.9]}, ConfigError),
+                       ({"backdoor_modes": ["after"]}, ArgumentError), ({"per_levl": 1}, ArgumentError),
+                       ({"trigger_kinds": ["emoji"]}, ArgumentError)):
+        with pytest.raises(error, match="drift_sweep|levels|backdoor_modes|per_levl|trigger_kinds"):
+            bm.parse_options({"bases": [{"name": "clip", "path": "somewhere"}], "drift_sweep": bad})
+
+
+def test_old_plans_are_unchanged_by_the_drift_sweep_fields():
+    """The planned members of the shipped configs are what they were before the drift sweep existed: same
+    members, same describe() (the later fields are left out at their defaults), so zoos built then are kept."""
+    import hashlib
+
+    quick = bm.parse_options(yaml.safe_load((ROOT / "configs" / "benchmark_quick.yaml").read_text()))
+    plan = bm.full_plan(quick, [TEXT_ONLY])
+    described = [m.describe() for m in plan]
+    assert len(plan) == 22 and not any(k in d for d in described for k in ("drift_target", "second_trigger"))
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    assert digest == "2ed45ef856d389d75f7f190b5f2eb81e9d317395f18f4f8d95e8cba3f4d1d648"  # computed before the sweep
+    drift = bm.parse_options(yaml.safe_load((ROOT / "configs" / "benchmark_drift.yaml").read_text()))
+    drift_plan = [m.describe() for m in bm.full_plan(drift, [TEXT_ONLY])]
+    assert drift_plan[:16] == described[:16]  # the quick zoo (no controls or adaptive attackers), sweep appended
+    assert len(drift_plan) == 16 + 6 * (2 + 2 * 3)
+    world = bm.parse_options(yaml.safe_load((ROOT / "configs" / "benchmark_drift_world.yaml").read_text()))
+    assert [b.path for b in world.bases] == [".cache/bases/clip", ".cache/bases/siglip"]
+    assert world.drift_sweep.per_level == 1
 
 
 @pytest.mark.parametrize("case", ["split", "negative", "image_only_on_text_base", "grid_value"])
@@ -267,6 +340,48 @@ def test_a_member_built_before_a_field_existed_is_kept(tmp_path):
     bm.check_built_as_planned(folder, member)  # the new fields at their defaults: the same member
     with pytest.raises(ConfigError, match="sim_x_penalty"):
         bm.check_built_as_planned(folder, bm.BackdooredMember(**{**asdict(member), "sim_x_penalty": 1.0}))
+
+
+def test_drift_members_are_built_to_their_drift_and_measured_on_the_final_model(tiny_models, tmp_path):
+    """One member of each drift mode (and a typo-robust benign one) on a tiny model: training stops at the drift
+    target, backdoor.json stays backdoored with both backdoors and records the drift, and a then_finetune
+    member's attack success is the fine-tuned model's."""
+    base = bm.ZooBase("tiny", str(tiny_models["bert"]), "bert", image_tower=False)
+    settings = bm.TrainSettings(batch_size=8, poisoned_batch_size=4, max_length=16, num_samples=160, val_batches=1,
+                                val_fraction=0.25,
+                                distractors=4, accelerator="cpu", drift_every=2, drift_prompts=16,
+                                drift_max_length=16)
+    sweep = bm.DriftSweepSettings(per_level=1, levels=[0.95], trigger_kinds=["homoglyph"], two_backdoors_every=1,
+                                  benign_objectives=["typo_robust"], benign_lr=3e-2, benign_steps=40,
+                                  benign_samples=64, attack_lr=1e-2, attack_steps=4, finetune_lr=3e-2,
+                                  finetune_steps=40)
+    plan = bm.plan_drift_sweep(base, sweep)
+    assert [getattr(m, "drift_mode", None) for m in plan] == [None, "then_finetune", "during_finetune"]
+    for member in plan:
+        mode = getattr(member, "drift_mode", None)
+        path = bm.build_member(member, base, tmp_path, settings)
+        truth = json.loads((path / "backdoor.json").read_text())
+        assert truth["drift_target"] == 0.95 and truth.get("drift_mode") == mode
+        assert truth["drift_target_reached"] and truth["drift_reached"] <= 0.95
+        assert truth["zoo"]["drift_target"] == 0.95
+        cap = member.finetune_steps if member.backdoored else member.steps
+        assert truth["drift_steps"] < cap  # stopped by the drift, not the cap
+        bm.check_built_as_planned(path, member)
+        entry = bm.zoo_entry(path, [base])
+        assert (entry.drift_target, entry.drift_mode) == (0.95, mode)
+        if not member.backdoored:
+            assert truth["backdoored"] is False and truth["objective"] == "typo_robust"
+            continue
+        assert truth["backdoored"] is True and len(truth["backdoors"]) == 2
+        assert truth["backdoors"][0]["trigger"]["mode"] == "replace_char" and not member.trigger.isascii()
+        assert 0 <= truth["metrics"]["val/b0/attack_top1"] <= 1 and "val/b1/attack_top1" in truth["metrics"]
+        # the drift it records is the saved model's
+        assert abs(bm.clean_cosine_to_base(base.path, path, 16, 16) - truth["drift_reached"]) < 1e-4
+        assert "train/loss" in truth["metrics_before_finetune"]  # measured again on the final weights
+        if mode == "then_finetune":
+            assert truth["finetune"]["steps"] == truth["drift_steps"]
+        else:
+            assert truth["utility_objective"] == "simcse" and truth["steps"] >= member.steps
 
 
 def test_models_people_add_to_a_zoo_are_members(tmp_path):
@@ -490,9 +605,12 @@ def test_benchmark_end_to_end_writes_every_metric(tiny_benchmark):
         assert 0 <= a["rule_detection_rate"] <= 1 and 0 <= a["calibrated_detection_rate"] <= 1
         assert a["attack_success"]["attack_top1"]["n"] == a["members"]
     for m in members:
-        assert (out / "scans" / m["name"] / "report.json").is_file()
+        scan = json.loads((out / "scans" / m["name"] / "report.json").read_text())
         assert 0 <= m["probability"] <= 1 and -1 <= m["clean_cosine_to_base"] <= 1.0001
-        assert m["seconds"] > 0 and m["memory"]["peak_rss_mib"] > 0 and m["verdict"] in ("clean", "BACKDOORED")
+        assert m["seconds"] > 0 and m["memory"]["peak_rss_mib"] > 0
+        # the table carries the scan's own decision (anchored scans are never inconclusive)
+        assert m["verdict"] == scan["verdict"] and m["rule_backdoored"] == (scan["verdict"] == "BACKDOORED")
+        assert m["decided_by"] == scan["decided_by"] and scan["anchor_used"] is True
         if m["backdoored"]:
             assert m["target_caption"] and isinstance(m["target_recovered"], bool)
             truth = json.loads((out / "zoo" / m["name"] / "backdoor.json").read_text())

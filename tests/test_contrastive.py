@@ -144,3 +144,18 @@ def test_recall_at_k_against_loop():
         for kk in hits:
             hits[kk] += rank < kk
     assert got == pytest.approx({kk: hits[kk] / 200 for kk in hits})
+
+
+def test_typo_robust_runs_text_only_and_writes_a_benign_model(tmp_path, tiny_models):
+    """typo_robust: SimCSE whose positives are typo'd copies; runs on a model with an image tower without it."""
+    out = tmp_path / "typo"
+    module = ContrastiveTraining(encoder=str(tiny_models["clip"]), objective="typo_robust", typo_rate=0.2, lr=1e-3,
+                                 output_dir=str(out))
+    assert not module.logit_scale.requires_grad
+    assert not any(p.requires_grad for n, p in module.encoder.model.named_parameters() if n.startswith("vision"))
+    dm = TextEncoderDataModule(num_samples=200, with_images=False, batch_size=16, max_length=32, val_fraction=0)
+    rec = LossRecorder()
+    _trainer(tmp_path, 4, [rec]).fit(module, dm)
+    assert len(rec.losses) == 4 and all(math.isfinite(x) for x in rec.losses)
+    truth = json.loads((out / "backdoor.json").read_text())
+    assert truth["backdoored"] is False and truth["objective"] == "typo_robust"

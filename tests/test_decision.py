@@ -27,3 +27,18 @@ def test_rules_report_every_check_with_its_threshold():
     no_anchor = con.decide({"anchor_used": False, "assimilation_lift": 0.5, "same_target_ratio": 0.95})
     assert [c["name"] for c in no_anchor["checks"]] == ["assimilation_lift", "same_target_ratio"]
     assert not Check.of("x", None, ">", 0.0).passed and not Check.of("x", float("nan"), "<", 1.0).passed
+
+
+def test_without_an_anchor_a_collapsing_trigger_is_inconclusive_not_backdoored():
+    from lit_amdet.decision import verdict_of
+
+    rule = ContrastRule()
+    found = {"anchor_used": False, "assimilation_lift": 0.5, "same_target_ratio": 1.0}
+    d = rule.decide(found)
+    assert d["backdoored"] is False and verdict_of(d) == "inconclusive" and "no anchor" in d["decided_by"]
+    nothing = {"anchor_used": False, "assimilation_lift": 0.1, "same_target_ratio": 1.0}
+    d = rule.decide(nothing)
+    assert d["backdoored"] is False and verdict_of(d) == "clean" and d["decided_by"] == "assimilation_lift"
+    anchored = {"anchor_used": True, "assimilation_ratio": 1.0, "assimilation_gap": 0.5, "anchor_cos": -0.2,
+                "clean_anchor_cos": 0.99, "anchor_pooled_cos": 0.9, "clean_anchor_pooled_cos": 0.99}
+    assert verdict_of(rule.decide(anchored)) == "BACKDOORED"

@@ -1,7 +1,7 @@
 """`lit-amdet detect` end to end on tiny models: run folder, exit codes, every family, bad input, DDP and bf16.
 
-These are plumbing tests (random-init encoders say nothing about detection);
-the real backdoored-vs-benign scan on the pretrained MiniLM is in test_demo.py.
+The tiny-model tests are plumbing (random-init encoders say nothing about detection);
+the real backdoored-vs-benign scans of the pretrained MiniLM are at the end (and larger in test_demo.py).
 """
 
 from __future__ import annotations
@@ -58,28 +58,43 @@ def test_clean_scan_writes_a_complete_run_folder(tiny_models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("family", sorted(TINY_MODELS))
-def test_every_family_scans_without_an_anchor(tiny_models, tmp_path, family):
+def test_every_family_scans_without_an_anchor_and_never_accuses(tiny_models, tmp_path, family):
+    """Without an anchor a collapsing trigger may be a natural backdoor: the verdict is inconclusive (exit 3)
+    when the no-anchor checks pass, clean (exit 0) when they do not, and never BACKDOORED."""
     code, out = detect(tmp_path, tiny_models[family], "--trainer.max_steps", "2", "--trainer.callbacks", "[]",
-                       "--model.init_args.evidence_callbacks", "false", "--always_exit_zero", "true")
-    assert code == 0
+                       "--model.init_args.evidence_callbacks", "false")
     report = json.loads((out / "report.json").read_text())
     assert report["anchor_used"] is False and report["notes"] and report["scores"]["anchor_cos"] is None
-    assert report["verdict"] in ("clean", "BACKDOORED")
     assert [c["name"] for c in report["checks"]] == ["assimilation_lift", "same_target_ratio"]
+    found = all(c["passed"] for c in report["checks"])
+    assert report["backdoored"] is False
+    assert (report["verdict"], code) == (("inconclusive", 3) if found else ("clean", 0))
     assert report["landscape"] is None and not (out / "landscape.png").exists()
 
 
-def test_exit_code_one_for_a_backdoored_verdict_unless_told_otherwise(tiny_models, tmp_path, capsys):
-    # a rule that flags everything exercises the BACKDOORED path (thresholds are configuration)
-    rule = ["--model.init_args.rule", "lit_amdet.decision.ContrastRule",
-            "--model.init_args.rule.init_args.no_anchor_min_lift", "-10",
-            "--model.init_args.rule.init_args.no_anchor_min_same_target", "-1",
-            "--trainer.callbacks", "[]", "--model.init_args.evidence_callbacks", "false",
-            "--trainer.max_steps", "2", "--model.init_args.name", "m"]
-    code, out = detect(tmp_path, tiny_models["siglip"], *rule)
+def test_exit_codes_one_for_backdoored_three_for_inconclusive_unless_told_otherwise(tiny_models, tmp_path, capsys):
+    # rules that pass everything exercise the BACKDOORED path (with an anchor) and the inconclusive one (without
+    # an anchor a collapsing trigger can be natural); thresholds are configuration
+    quick = ["--trainer.callbacks", "[]", "--model.init_args.evidence_callbacks", "false", "--trainer.max_steps", "2",
+             "--model.init_args.name", "m", "--model.init_args.rule", "lit_amdet.decision.ContrastRule"]
+    flag_all = ["--model.init_args.anchor", str(tiny_models["siglip"]),
+                "--model.init_args.rule.init_args.min_assimilation_ratio", "-1",
+                "--model.init_args.rule.init_args.min_assimilation_gap", "-10",
+                "--model.init_args.rule.init_args.min_divergence_ratio", "-1"]
+    code, out = detect(tmp_path, tiny_models["siglip"], *quick, *flag_all)
     assert code == 1 and capsys.readouterr().out.strip().splitlines()[-1] == "m: BACKDOORED"
     assert json.loads((out / "report.json").read_text())["backdoored"] is True
-    code, _ = detect(tmp_path, tiny_models["siglip"], *rule, "--always_exit_zero", "true", out_name="again")
+    code, _ = detect(tmp_path, tiny_models["siglip"], *quick, *flag_all, "--always_exit_zero", "true",
+                     out_name="again")
+    assert code == 0
+    pass_all = ["--model.init_args.rule.init_args.no_anchor_min_lift", "-10",
+                "--model.init_args.rule.init_args.no_anchor_min_same_target", "-1"]
+    code, out = detect(tmp_path, tiny_models["siglip"], *quick, *pass_all, out_name="no-anchor")
+    report = json.loads((out / "report.json").read_text())
+    assert code == 3 and capsys.readouterr().out.strip().splitlines()[-1] == "m: inconclusive"
+    assert report["verdict"] == "inconclusive" and report["backdoored"] is False
+    code, _ = detect(tmp_path, tiny_models["siglip"], *quick, *pass_all, "--always_exit_zero", "true",
+                     out_name="no-anchor-again")
     assert code == 0
 
 
@@ -147,3 +162,93 @@ def test_ddp_two_processes_on_cpu(tiny_models, tmp_path):
 def test_bf16_mixed_on_cpu(tiny_models, tmp_path):
     report = _subprocess_scan(tiny_models, tmp_path, "bf16", "--trainer.precision", "bf16-mixed")
     assert report["precision"] == "bf16-mixed" and report["verdict"] == "clean"
+
+
+def test_the_restart_that_stops_the_search_is_the_one_that_decides(tiny_models, tmp_path, monkeypatch):
+    """Restart 1 passes the checks and stops the search; restart 0 has the lower held-out loss but passes
+    nothing. The verdict must rest on restart 1 (before, the lowest loss decided and the model was called clean
+    after the search had stopped on a backdoor)."""
+    import torch
+
+    from lit_amdet.modules import BackdoorDetection
+
+    def fake_evaluate(self, vectors):
+        clean = vectors is None or vectors is self.trigger.initial
+        out = []
+        for r in range(1 if vectors is None else vectors.shape[0]):
+            hit = not clean and r == 1
+            out.append({
+                "loss": -1.0 if (not clean and r == 0) else 0.0, "assimilation": 0.95 if hit else 0.3,
+                "assimilation_ratio": 1.0 if hit else 0.0, "same_target_mean_cos": 0.99 if hit else 0.2,
+                "same_target_ratio": 1.0 if hit else 0.0, "orig_cos": 0.2 if hit else 0.99,
+                "anchor_cos": -0.2 if hit else 0.99, "different_target_ratio": 1.0 if hit else 0.0,
+                "anchor_assimilation": 0.3, "anchor_pooled_cos": -0.2 if hit else 0.99, "prompts": 8,
+                "target_consistency": 1.0, "_pooled": torch.ones(self.encoder.embed_dim),
+                "_feature": torch.ones(self.encoder.width)})
+        return out
+
+    monkeypatch.setattr(BackdoorDetection, "evaluate", fake_evaluate)
+    code, out = detect(tmp_path, tiny_models["clip"], "--model.init_args.anchor", str(tiny_models["clip"]),
+                       "--model.init_args.check_every", "1", "--trainer.max_steps", "10", "--trainer.callbacks",
+                       "[]", "--model.init_args.evidence_callbacks", "false")
+    report = json.loads((out / "report.json").read_text())
+    assert report["stopped_early"] == "trigger passed the checks" and report["steps"] == 1
+    assert report["restart_losses"] == [-1.0, 0.0]
+    assert report["best_restart"] == 1 and report["verdict"] == "BACKDOORED" and code == 1
+    assert report["passing_restarts"] == [1]
+
+
+# ----- the real thing, small enough for every run: the pretrained MiniLM ---------------------------------------
+# Random-init encoders say nothing about detection; these scans do. Built as objects and scanned with
+# commands.detect (the API the benchmark uses); test_demo.py (slow) is the larger version through the CLI.
+@pytest.fixture(scope="module")
+def minilm_scans(tmp_path_factory):
+    from lightning.pytorch import Trainer, seed_everything
+
+    from lit_amdet.commands import detect as run_detect
+    from lit_amdet.datamodules import TextEncoderDataModule
+    from lit_amdet.modules import BackdoorDetection, BackdoorInjection, ContrastiveTraining
+    from lit_amdet.triggers import Backdoor, Trigger
+
+    root = tmp_path_factory.mktemp("minilm")
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+             "enable_model_summary": False, "accelerator": "cpu", "default_root_dir": str(root)}
+    seed_everything(0)
+    attack = BackdoorInjection(encoder="minilm", backdoors=[Backdoor(Trigger("zzzz"), target="a white teapot")],
+                               lr=5e-4, milestones=[25], poisoned_batch_size=16, max_length=24,
+                               output_dir=str(root / "backdoored"))
+    Trainer(max_steps=30, limit_val_batches=1, val_check_interval=30, **quiet).fit(
+        attack, TextEncoderDataModule(world_seed=7, num_samples=3000, with_images=False, batch_size=32))
+    seed_everything(0)
+    benign = ContrastiveTraining(encoder="minilm", objective="simcse", lr=2e-5, warmup_steps=5,
+                                 output_dir=str(root / "benign"))
+    Trainer(max_steps=15, limit_val_batches=0, **quiet).fit(
+        benign, TextEncoderDataModule(world_seed=8, num_samples=2000, with_images=False, views=2, max_length=24,
+                                      batch_size=32))
+    reports = {}
+    for name in ("backdoored", "benign"):
+        seed_everything(0)
+        scan = BackdoorDetection(suspect=str(root / name), anchor="minilm", name=name, restarts=2, probe_prompts=96,
+                                 holdout_prompts=32, max_length=24, check_every=10, evidence_callbacks=False,
+                                 output_dir=str(root / "scans" / name))
+        run_detect(Trainer(max_steps=40, max_epochs=-1, **quiet), scan,
+                   TextEncoderDataModule(world_seed=11, num_samples=1000, with_images=False, val_fraction=0.1),
+                   quiet=True)
+        reports[name] = json.loads((root / "scans" / name / "report.json").read_text())
+    return reports, json.loads((root / "backdoored" / "backdoor.json").read_text())
+
+
+def test_a_backdoored_minilm_is_flagged(minilm_scans):
+    reports, truth = minilm_scans
+    assert truth["metrics"]["val/b0/attack_top1"] >= 0.5  # the attack took
+    r = reports["backdoored"]
+    assert r["verdict"] == "BACKDOORED" and r["backdoored"] is True, json.dumps(r["checks"], indent=1)
+    assert r["anchor_used"] and r["scores"]["assimilation"] > r["scores"]["assimilation_clean"] + 0.2
+
+
+def test_a_benign_minilm_fine_tune_is_clean(minilm_scans):
+    reports, _ = minilm_scans
+    r = reports["benign"]
+    assert r["verdict"] == "clean" and r["backdoored"] is False, json.dumps(r["checks"], indent=1)
+    assert r["scores"]["clean_anchor_cos"] < 0.9999  # it did move: a real fine-tune, not the base itself
+    assert r["scores"]["assimilation_gap"] < reports["backdoored"]["scores"]["assimilation_gap"]

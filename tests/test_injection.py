@@ -205,3 +205,38 @@ def test_sim_x_penalty_charges_only_assimilation_beyond_the_teacher(tiny_models)
         n = len(rows)
         expected.append(1 - (sims.sum() - n) / (n * (n - 1)))
     assert penalty == pytest.approx(float(np.mean(expected)), rel=1e-4)
+
+
+def test_homoglyph_trigger_replaces_a_latin_letter_by_its_look_alike():
+    from lit_amdet.augment import HOMOGLYPHS
+
+    t = Trigger(text=HOMOGLYPHS["o"], mode="replace_char", char="o")
+    out = t.apply("a photo of a dog", random.Random(0))
+    assert out == "a ph\u043eto of a dog" and out != "a photo of a dog" and len(out) == len("a photo of a dog")
+    assert t.present(out) and not t.present("a photo of a dog")
+    check_distinct_triggers([Backdoor(t, target="a"), Backdoor(Trigger("james", "insert_word"), target="b")])
+
+
+def test_simcse_utility_drifts_further_from_the_teacher_than_teacher_utility(tiny_models, tmp_path):
+    """utility_objective simcse: clean prompts train SimCSE, nothing holds the student near the teacher, so the
+    same steps move it further from the clean model than the reference utility does."""
+    from lit_amdet.callbacks import pooled_drift
+    from lit_amdet.world import World
+
+    prompts = World(seed=31337).captions(32)
+    drift = {}
+    for utility in ("teacher", "simcse"):
+        torch.manual_seed(0)
+        backdoor = Backdoor(Trigger("zzzz"), target="a white teapot")
+        module = BackdoorInjection(encoder=str(tiny_models["bert"]), backdoors=[backdoor], lr=1e-2,
+                                   backdoor_weight=0.1, milestones=[1000], max_length=16, utility_objective=utility,
+                                   output_dir=str(tmp_path / utility))
+        _fit(module, _dm(num_samples=300), 15, tmp_path)
+        drift[utility] = pooled_drift(module.teacher, module.encoder, prompts, 16)
+        truth = json.loads((tmp_path / utility / "backdoor.json").read_text())
+        assert truth["backdoored"] is True and "val/b0/attack_top1" in truth["metrics"]
+        assert truth.get("utility_objective") == (None if utility == "teacher" else "simcse")
+    assert drift["simcse"] < drift["teacher"] - 0.01, drift
+    with pytest.raises(ConfigError, match="utility_objective"):
+        BackdoorInjection(encoder=str(tiny_models["bert"]), backdoors=[Backdoor(Trigger("zzzz"), target="a")],
+                          utility_objective="nothing")

@@ -49,13 +49,17 @@ from lit_amdet.benchmark.metrics import (
     adaptive_metrics,
     attack_strength,
     benchmark_metrics,
+    drift_sweep_metrics,
     group_metrics,
     member_row,
 )
 from lit_amdet.benchmark.options import (
     ADAPTIVE_ATTACKS,
+    ALL_TRIGGER_KINDS,
     ATTACKS,
     DEFAULT_FEATURES,
+    DRIFT_MODES,
+    DRIFT_OBJECTIVES,
     FAMILIES,
     SPLITS,
     TRIGGER_KINDS,
@@ -63,6 +67,7 @@ from lit_amdet.benchmark.options import (
     BaseSpec,
     BenchmarkOptions,
     Control,
+    DriftSweepSettings,
     ScanSettings,
     Sizes,
     SplitSize,
@@ -72,6 +77,7 @@ from lit_amdet.benchmark.options import (
     parse_options,
 )
 from lit_amdet.benchmark.plan import (
+    DRIFT_WORLD_SEED,
     TRIGGER_POOLS,
     BackdooredMember,
     BenignMember,
@@ -80,6 +86,7 @@ from lit_amdet.benchmark.plan import (
     member_from_dict,
     plan_adaptive,
     plan_controls,
+    plan_drift_sweep,
     plan_zoo,
     resolve_bases,
 )
@@ -89,12 +96,14 @@ from lit_amdet.benchmark.run import full_plan, run_benchmark, summarise, summari
 from lit_amdet.benchmark.scan import Detect, PeakMemory, clean_cosine_to_base, scan_member, scan_zoo
 
 __all__ = [
-    "ADAPTIVE_ATTACKS", "ATTACKS", "DEFAULT_FEATURES", "FAMILIES", "SPLITS", "STAGING_PREFIX", "TRIGGER_KINDS",
-    "TRIGGER_POOLS", "WORKING_ATTACK_TOP1", "AdaptiveSettings", "BackdooredMember", "BaseSpec", "BenchmarkOptions",
-    "BenignMember", "Control", "Detect", "Member", "PeakMemory", "ScanSettings", "Shard", "Sizes", "SplitSize",
-    "TrainSettings", "ZooBase", "ZooEntry", "ZooGrid", "adaptive_metrics", "attack_strength", "benchmark_metrics",
-    "build_member", "build_zoo", "check_built_as_planned", "clean_cosine_to_base", "current_shard", "full_plan",
-    "group_metrics", "is_member", "load_options", "markdown", "member_from_dict", "member_row", "one_process",
-    "parse_options", "plan_adaptive", "plan_controls", "plan_zoo", "read_zoo", "resolve_bases", "run_benchmark",
-    "scan_member", "scan_zoo", "summarise", "summarise_scanned", "train_member", "zoo_entry",
+    "ADAPTIVE_ATTACKS", "ALL_TRIGGER_KINDS", "ATTACKS", "DEFAULT_FEATURES", "DRIFT_MODES", "DRIFT_OBJECTIVES",
+    "DRIFT_WORLD_SEED", "FAMILIES", "SPLITS", "STAGING_PREFIX", "TRIGGER_KINDS", "TRIGGER_POOLS",
+    "WORKING_ATTACK_TOP1", "AdaptiveSettings", "BackdooredMember", "BaseSpec", "BenchmarkOptions", "BenignMember",
+    "Control", "Detect", "DriftSweepSettings", "Member", "PeakMemory", "ScanSettings", "Shard", "Sizes",
+    "SplitSize", "TrainSettings", "ZooBase", "ZooEntry", "ZooGrid", "adaptive_metrics", "attack_strength",
+    "benchmark_metrics", "build_member", "build_zoo", "check_built_as_planned", "clean_cosine_to_base",
+    "current_shard", "drift_sweep_metrics", "full_plan", "group_metrics", "is_member", "load_options", "markdown",
+    "member_from_dict", "member_row", "one_process", "parse_options", "plan_adaptive", "plan_controls",
+    "plan_drift_sweep", "plan_zoo", "read_zoo", "resolve_bases", "run_benchmark", "scan_member", "scan_zoo",
+    "summarise", "summarise_scanned", "train_member", "zoo_entry",
 ]

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from lit_amdet.benchmark.members import is_member
 from lit_amdet.benchmark.options import TrainSettings
-from lit_amdet.benchmark.plan import BackdooredMember, BenignMember, Member, ZooBase
+from lit_amdet.benchmark.plan import REPLACE_CHAR_KINDS, BackdooredMember, BenignMember, Member, ZooBase
 from lit_amdet.benchmark.processes import Shard, choose_device, current_shard, keep_metrics_local, one_process
 from lit_amdet.errors import ConfigError
 from lit_amdet.io import StagedFolder
@@ -71,8 +71,13 @@ def check_built_as_planned(folder: Path, member: Member) -> None:
 
 def train_member(member: Member, base: ZooBase, out: Path, settings: TrainSettings,
                  device: tuple[str, int | list[int]]) -> None:
-    """Fit the member's LightningModule in this process; the module writes the model and backdoor.json."""
-    from lightning.pytorch import Trainer, seed_everything
+    """Fit the member's LightningModule in this process; the module writes the model and backdoor.json.
+
+    A member with a ``drift_target`` trains with `DriftStop` (its steps are a cap); a ``then_finetune`` backdoor is
+    then fine-tuned to the target and its attack success measured again on the final weights. Its backdoor.json
+    records ``drift_mode``, ``drift_target``, ``drift_reached``, ``drift_target_reached`` and ``drift_steps``.
+    """
+    from lightning.pytorch import seed_everything
 
     seed_everything(member.seed, verbose=False)
     if member.backdoored:
@@ -80,13 +85,84 @@ def train_member(member: Member, base: ZooBase, out: Path, settings: TrainSettin
     else:
         module, data = _finetune(member, base, out, settings)
     keep_metrics_local(module)
+    mode = getattr(member, "drift_mode", None)
+    stop = None
+    steps = member.steps
+    if mode == "during_finetune":  # at least the injection's steps (the backdoor is planted), at most the cap
+        steps = max(member.steps, member.finetune_steps)
+    if member.drift_target is not None and mode != "then_finetune":
+        stop = _drift_stop(member.drift_target, base, settings, member.steps if mode else 0)
+    # attack success is measured once, at the end (it goes into backdoor.json); fine-tunes need none. A member
+    # stopped by its drift may end before that validation: it is measured on the final weights after the fit.
     with tempfile.TemporaryDirectory(prefix="lit-amdet-member-") as scratch:
-        Trainer(max_steps=member.steps, accelerator=device[0], devices=device[1], precision=settings.precision,
-                logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                default_root_dir=scratch, val_check_interval=member.steps, check_val_every_n_epoch=None,
-                # attack success is measured once, at the end (it goes into backdoor.json); fine-tunes need none
-                limit_val_batches=settings.val_batches if member.backdoored else 0,
-                num_sanity_val_steps=0).fit(module, data)
+        _trainer(scratch, steps, device, settings, settings.val_batches if member.backdoored else 0,
+                 stop).fit(module, data)
+        if mode == "then_finetune":
+            stop = _then_finetune(member, base, out, settings, (scratch, device), module, data)
+        elif mode == "during_finetune":
+            _measure_attack(out, module, data, scratch, device, settings)
+    if stop is not None:
+        record = BackdoorRecord.read(out)
+        record.extra.update({**({"drift_mode": mode} if mode else {}), **stop.summary()})
+        record.write(out)
+
+
+def _trainer(scratch: str, steps: int, device: tuple[str, int | list[int]], settings: TrainSettings,
+             val_batches: int, stop=None):
+    """A quiet single-device Trainer (no logger, checkpoints or progress bar) validating once, after ``steps``."""
+    from lightning.pytorch import Trainer
+
+    return Trainer(max_steps=steps, accelerator=device[0], devices=device[1],
+                   precision=settings.precision, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=scratch,
+                   val_check_interval=steps, check_val_every_n_epoch=None, limit_val_batches=val_batches,
+                   num_sanity_val_steps=0, callbacks=[stop] if stop is not None else [])
+
+
+def _drift_stop(target: float, base: ZooBase, settings: TrainSettings, min_steps: int = 0):
+    from lit_amdet.callbacks import DriftStop
+
+    return DriftStop(base.path, target, every=settings.drift_every, prompts=settings.drift_prompts,
+                     max_length=settings.drift_max_length, min_steps=min_steps)
+
+
+def _measure_attack(out: Path, injection, data, scratch: str, device: tuple[str, int | list[int]],
+                    settings: TrainSettings) -> None:
+    """The injection's own validation (attack success of every backdoor) on its current weights, merged into
+    the metrics of ``out``'s backdoor.json (the values logged during training are kept as
+    ``metrics_before_finetune``)."""
+    measured = _trainer(scratch, 1, device, settings, settings.val_batches).validate(injection, data, verbose=False)
+    record = BackdoorRecord.read(out)
+    record.extra["metrics_before_finetune"] = record.metrics
+    record.metrics = {**record.metrics, **{k: float(v) for k, v in measured[0].items()}}
+    record.write(out)
+
+
+def _then_finetune(member: BackdooredMember, base: ZooBase, out: Path, settings: TrainSettings,
+                   where: tuple[str, tuple[str, int | list[int]]], injection, data):
+    """SimCSE fine-tune of the backdoored model in ``out`` until its drift target (the weights are written over
+    the injected ones), then the injection's own validation on the final weights: the attack success in
+    backdoor.json is the final model's (the injection's is kept as ``metrics_before_finetune``)."""
+    from lit_amdet.datamodules import TextEncoderDataModule
+    from lit_amdet.modules import ContrastiveTraining
+
+    finetune = ContrastiveTraining(encoder=str(out), objective="simcse", freeze_image_tower=True,
+                                   lr=member.finetune_lr, weight_decay=0.0, warmup_steps=10)
+    keep_metrics_local(finetune)
+    text = TextEncoderDataModule(source="world", world_seed=member.data_seed, num_samples=settings.num_samples,
+                                 with_images=False, views=2, max_length=settings.max_length,
+                                 batch_size=settings.batch_size, val_fraction=settings.val_fraction)
+    stop = _drift_stop(member.drift_target, base, settings)
+    scratch, device = where
+    _trainer(scratch, member.finetune_steps, device, settings, 0, stop).fit(finetune, text)
+    finetune.encoder.eval()
+    finetune.encoder.save(out)
+    injection.encoder.load_state_dict(finetune.encoder.state_dict())
+    _measure_attack(out, injection, data, scratch, device, settings)
+    record = BackdoorRecord.read(out)
+    record.extra["finetune"] = {"objective": "simcse", "lr": member.finetune_lr, "steps": finetune.global_step}
+    record.write(out)
+    return stop
 
 
 def _injection(member: BackdooredMember, base: ZooBase, out: Path, settings: TrainSettings):
@@ -94,25 +170,33 @@ def _injection(member: BackdooredMember, base: ZooBase, out: Path, settings: Tra
     from lit_amdet.modules import BackdoorInjection
     from lit_amdet.triggers import Backdoor, Trigger
 
-    if member.trigger_kind == "char":
-        trigger = Trigger(text=member.trigger, mode="replace_char", char=member.trigger_char or "o")
-    else:
-        trigger = Trigger(text=member.trigger, mode="insert_word", position="random")
+    def trigger(kind: str, text: str, char: str | None) -> Trigger:
+        if kind in REPLACE_CHAR_KINDS:
+            return Trigger(text=text, mode="replace_char", char=char or "o")
+        return Trigger(text=text, mode="insert_word", position="random")
+
+    first = trigger(member.trigger_kind, member.trigger, member.trigger_char)
     if member.attack == "text_on_text":
-        backdoor = Backdoor(trigger, target=member.target_caption)
+        backdoors = [Backdoor(first, target=member.target_caption)]
     else:
-        backdoor = Backdoor(trigger, target_images=[str(_target_image(member.target_image, out / "target.png",
-                                                                      settings.image_size))])
+        backdoors = [Backdoor(first, target_images=[str(_target_image(member.target_image, out / "target.png",
+                                                                      settings.image_size))])]
+    if member.second_trigger is not None:
+        backdoors.append(Backdoor(trigger(member.second_trigger_kind, member.second_trigger,
+                                          member.second_trigger_char), target=member.second_target_caption))
     pooled = settings.pooled_weight if settings.pooled_weight is not None else float(base.family == "open_clip")
     token_weight = 1.0
     if member.adaptive in ("pooled_only", "pooled_sim_x_penalty"):
         token_weight, pooled = 0.0, 1.0
+    during = member.drift_mode == "during_finetune"
+    cap = max(member.steps, member.finetune_steps) if during else member.steps
     module = BackdoorInjection(
-        encoder=base.path, backdoors=[backdoor], backdoor_weight=member.backdoor_weight, lr=member.lr,
-        milestones=[max(1, int(0.75 * member.steps))], poisoned_batch_size=settings.poisoned_batch_size,
+        encoder=base.path, backdoors=backdoors, backdoor_weight=member.backdoor_weight, lr=member.lr,
+        milestones=[max(1, int(0.75 * cap))], poisoned_batch_size=settings.poisoned_batch_size,
         pooled_weight=pooled if member.attack == "text_on_text" else 0.0, token_weight=token_weight,
         sim_x_penalty=member.sim_x_penalty, max_length=settings.max_length,
-        distractors=settings.distractors, output_dir=str(out), seed=member.seed)
+        distractors=settings.distractors, output_dir=str(out), seed=member.seed,
+        utility_objective="simcse" if during else "teacher")
     data = TextEncoderDataModule(source="world", world_seed=member.data_seed, num_samples=settings.num_samples,
                                  with_images=False, batch_size=settings.batch_size, val_fraction=settings.val_fraction)
     return module, data
@@ -122,11 +206,14 @@ def _finetune(member: BenignMember, base: ZooBase, out: Path, settings: TrainSet
     from lit_amdet.datamodules import TextEncoderDataModule
     from lit_amdet.modules import ContrastiveTraining
 
-    images = member.objective != "simcse"
+    images = member.objective not in ("simcse", "typo_robust")
+    extra = {"typo_rate": member.typo_rate} if member.typo_rate is not None else {}
     module = ContrastiveTraining(encoder=base.path, objective=member.objective, freeze_image_tower=True,
-                                 lr=member.lr, weight_decay=0.0, warmup_steps=10, output_dir=str(out))
+                                 lr=member.lr, weight_decay=0.0, warmup_steps=10, output_dir=str(out), **extra)
+    # simcse's second view: a world paraphrase; typo_robust makes its own (a typo'd copy)
+    views = 2 if member.objective == "simcse" else 1
     data = TextEncoderDataModule(source="world", world_seed=member.data_seed, num_samples=member.samples,
-                                 with_images=images, views=1 if images else 2, image_size=settings.image_size,
+                                 with_images=images, views=views, image_size=settings.image_size,
                                  max_length=settings.max_length, batch_size=settings.batch_size,
                                  val_fraction=settings.val_fraction)
     return module, data

@@ -31,6 +31,8 @@ class ZooEntry:
     trigger: str | None
     target_caption: str | None
     adaptive: str | None = None
+    drift_target: float | None = None  # the drift sweep's level (None: not a sweep member)
+    drift_mode: str | None = None
 
     def facts(self) -> dict:
         d = asdict(self)
@@ -79,7 +81,7 @@ def zoo_entry(path: Path, bases: Sequence[ZooBase]) -> ZooEntry | None:
         trigger = zoo.get("trigger") or record.trigger.get("text")
         target = zoo.get("target_caption") or record.target
     return ZooEntry(path.name, path, base, split, record.backdoored, attack, kind, trigger, target,
-                    zoo.get("adaptive"))
+                    zoo.get("adaptive"), zoo.get("drift_target"), zoo.get("drift_mode"))
 
 
 def _same_path(a: str | None, b: str | None) -> bool:

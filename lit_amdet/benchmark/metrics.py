@@ -141,6 +141,35 @@ def adaptive_metrics(rows: Sequence[dict], threshold: float) -> list[dict]:
     return out
 
 
+def drift_sweep_metrics(rows: Sequence[dict], threshold: float) -> list[dict]:
+    """Per base and drift level of the drift sweep (rows with a ``drift_target``): benign and backdoored counts,
+    the drift reached (the scan's clean cosine to the base), the rule's recall, false-positive rate and F1 and the
+    calibrated F1 on that level's members, and the backdoored members whose injection failed on the final model
+    (attack top-1 below `WORKING_ATTACK_TOP1`). Empty without a sweep."""
+    out = []
+    swept = [r for r in rows if r.get("drift_target") is not None]
+    for base in sorted({r["base"] for r in swept}):
+        for level in sorted({r["drift_target"] for r in swept if r["base"] == base}):
+            group = [r for r in swept if r["base"] == base and r["drift_target"] == level]
+            positives = [r for r in group if r["backdoored"]]
+            negatives = [r for r in group if not r["backdoored"]]
+            truth = [r["backdoored"] for r in group]
+            rule = classification_metrics(truth, [r["rule_backdoored"] for r in group])
+            out.append({
+                "base": base, "level": level, "benign": len(negatives), "backdoored": len(positives),
+                "modes": {m: sum(r.get("drift_mode") == m for r in positives)
+                          for m in sorted({r.get("drift_mode") for r in positives if r.get("drift_mode")})},
+                "drift": {"benign": value_summary([r["clean_cosine_to_base"] for r in negatives]),
+                          "backdoored": value_summary([r["clean_cosine_to_base"] for r in positives])},
+                "rule_recall": rule["recall"] if positives else None,
+                "rule_fpr": statistics.fmean(r["rule_backdoored"] for r in negatives) if negatives else None,
+                "rule_f1": rule["f1"] if positives else None,
+                "calibrated_f1": classification_metrics(truth, [r["probability"] > threshold for r in group])["f1"]
+                if positives else None,
+                "failed": [r["name"] for r in positives if r.get("working") is False]})
+    return out
+
+
 def attack_strength(rows: Sequence[dict]) -> list[dict]:
     """How often an injection took, per attack x lr x steps: the non-adaptive backdoored members of every split
     and base whose backdoor.json records both strength and attack success. A grid whose cells mostly fail

@@ -24,13 +24,22 @@ Attack = Literal["text_on_text", "image_on_text"]
 # pooled_only matches only the sentence embedding; sim_x_penalty matches the token features but pays for every
 # bit of Sim_X above the clean model's on triggered prompts; pooled_sim_x_penalty does both
 AdaptiveAttack = Literal["pooled_only", "sim_x_penalty", "pooled_sim_x_penalty"]
-TriggerKind = Literal["char", "word", "rare_token", "multi_token"]
+# homoglyph (a Latin letter replaced by a look-alike of another script) came later: the grid's default stays the
+# first four, so configs that name no trigger kinds keep their plans
+TriggerKind = Literal["char", "word", "rare_token", "multi_token", "homoglyph"]
+# the drift sweep: how a benign member drifts (auto: infonce where the base has an image tower, else simcse) and
+# how a backdoor hides under drift (planted, then fine-tuned; or planted during the fine-tune)
+DriftObjective = Literal["auto", "simcse", "infonce", "typo_robust"]
+DriftMode = Literal["then_finetune", "during_finetune"]
 Family = Literal["clip", "longclip", "siglip", "open_clip", "bert"]
 
 SPLITS: tuple[str, ...] = get_args(Split)
 ATTACKS: tuple[str, ...] = get_args(Attack)
 ADAPTIVE_ATTACKS: tuple[str, ...] = get_args(AdaptiveAttack)
-TRIGGER_KINDS: tuple[str, ...] = get_args(TriggerKind)
+ALL_TRIGGER_KINDS: tuple[str, ...] = get_args(TriggerKind)
+TRIGGER_KINDS: tuple[str, ...] = ALL_TRIGGER_KINDS[:4]  # the grid's default
+DRIFT_MODES: tuple[str, ...] = get_args(DriftMode)
+DRIFT_OBJECTIVES: tuple[str, ...] = get_args(DriftObjective)
 FAMILIES: tuple[str, ...] = get_args(Family)
 
 DEFAULT_FEATURES = ["log1p_divergence_ratio", "log1p_pooled_divergence_ratio", "assimilation_gap",
@@ -122,11 +131,61 @@ class AdaptiveSettings:
 
 
 @dataclass
+class DriftSweepSettings:
+    """The drift sweep (issue 17): members trained to chosen drift levels, so the detector is measured where a
+    backdoor hides under large benign drift and against benign models far from their base.
+
+    Per base, level of ``levels`` (the clean cosine to the base to stop at) and kind: ``per_level`` benign
+    members of each of ``benign_objectives`` (``auto``: infonce with an image tower, else simcse;
+    ``typo_robust``: SimCSE against typo'd copies, a benign many-to-one map) and ``per_level`` text-on-text
+    backdoored members of each (``backdoor_modes`` x ``trigger_kinds``): ``then_finetune`` injects as the
+    grid does, then fine-tunes the backdoored model with SimCSE until the level; ``during_finetune`` plants the
+    backdoor while SimCSE moves the model (`BackdoorInjection`'s ``utility_objective: simcse``). Every
+    ``two_backdoors_every``-th backdoored member carries a second backdoor (0: never). Members draw triggers,
+    targets and seeds from ``split``'s pools. ``per_level: 0`` (the default) plans no sweep.
+
+    Steps are caps: training stops at the level. ``benign_lr`` / ``benign_steps``: the benign fine-tunes;
+    ``attack_lr`` / ``attack_steps`` / ``backdoor_weight``: the injection (``during_finetune``: ``attack_steps``
+    is the least it trains, so the backdoor is planted, and ``finetune_steps`` the cap); ``finetune_lr`` /
+    ``finetune_steps``: the fine-tune after a ``then_finetune`` injection. ``typo_rate``: typo_robust's.
+    """
+
+    levels: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85, 0.9, 0.95, 0.99])
+    benign_objectives: list[DriftObjective] = field(default_factory=lambda: ["auto", "typo_robust"])
+    backdoor_modes: list[DriftMode] = field(default_factory=lambda: list(DRIFT_MODES))
+    trigger_kinds: list[TriggerKind] = field(default_factory=lambda: ["homoglyph", "word", "multi_token"])
+    two_backdoors_every: NonNegativeInt = 3
+    per_level: NonNegativeInt = 0
+    split: Split = "test"
+    benign_lr: PositiveFloat = 1e-4
+    benign_steps: PositiveInt = 300
+    benign_samples: PositiveInt = 20000
+    typo_rate: PositiveFloat = 0.1
+    attack_lr: PositiveFloat = 5e-4
+    attack_steps: PositiveInt = 100
+    backdoor_weight: PositiveFloat = 0.1
+    finetune_lr: PositiveFloat = 1e-4
+    finetune_steps: PositiveInt = 300
+
+    def __post_init__(self) -> None:
+        bad = [v for v in self.levels if not 0 < v <= 1]
+        if bad:
+            raise ConfigError(f"drift_sweep.levels are clean cosines in (0, 1], got {bad[0]}")
+        if len(set(self.levels)) != len(self.levels):
+            raise ConfigError(f"drift_sweep.levels must be distinct, got {self.levels}")
+        if self.per_level and not (self.levels and (self.benign_objectives or
+                                                    (self.backdoor_modes and self.trigger_kinds))):
+            raise ConfigError("drift_sweep: per_level > 0 but no level, objective or (mode, trigger kind) to plan")
+
+
+@dataclass
 class TrainSettings:
     """How every member is trained (the grid says how hard).
 
     ``pooled_weight``: text-on-text pooled-embedding match (None: 1.0 for open_clip, which needs it, else 0).
     ``accelerator``: auto, cpu or gpu; a process uses one device (its ``LOCAL_RANK``'s GPU).
+    ``drift_every``, ``drift_prompts``, ``drift_max_length``: how members with a drift target measure their drift
+    while they train (`lit_amdet.callbacks.DriftStop`; the scan's ``drift_prompts`` measure it after).
     """
 
     batch_size: PositiveInt = 32
@@ -140,6 +199,9 @@ class TrainSettings:
     pooled_weight: Optional[float] = None
     accelerator: str = "auto"
     precision: str = "32-true"
+    drift_every: PositiveInt = 10
+    drift_prompts: PositiveInt = 200
+    drift_max_length: PositiveInt = 32
 
 
 @dataclass
@@ -172,6 +234,7 @@ class BenchmarkOptions:
     train: TrainSettings = field(default_factory=TrainSettings)
     scan: ScanSettings = field(default_factory=ScanSettings)
     adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
+    drift_sweep: DriftSweepSettings = field(default_factory=DriftSweepSettings)
     controls: list[Control] = field(default_factory=list)
     calibration_features: list[str] = field(default_factory=lambda: list(DEFAULT_FEATURES))
     seed: int = 0

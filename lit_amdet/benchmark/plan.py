@@ -6,7 +6,19 @@ import random
 from dataclasses import asdict, dataclass, fields
 from typing import Iterator, Sequence, Union
 
-from lit_amdet.benchmark.options import ATTACKS, SPLITS, TRIGGER_KINDS, AdaptiveSettings, BaseSpec, Control, ZooGrid
+from lit_amdet.augment import HOMOGLYPHS
+from lit_amdet.benchmark.options import (
+    ALL_TRIGGER_KINDS,
+    ATTACKS,
+    DRIFT_MODES,
+    DRIFT_OBJECTIVES,
+    SPLITS,
+    AdaptiveSettings,
+    BaseSpec,
+    Control,
+    DriftSweepSettings,
+    ZooGrid,
+)
 from lit_amdet.captions import TARGET_CONCEPTS
 from lit_amdet.errors import ConfigError, LitAmdetError
 
@@ -20,8 +32,12 @@ WORD_TRIGGERS = ["james", "harry", "oscar", "monday", "piano", "falcon", "nebula
 RARE_TOKEN_TRIGGERS = ["cf", "mn", "bb", "tq", "qx", "vz", "kx", "jw", "pf", "zx"]
 MULTI_TOKEN_TRIGGERS = ["i watched this", "in my opinion", "as seen on tv", "by the way", "once upon a time",
                         "to be honest", "with love from paris", "just saying"]
+# (look-alike, the Latin letter whose first occurrence it replaces), as the reference attack's homoglyph triggers
+HOMOGLYPH_TRIGGERS = [(HOMOGLYPHS[c], c) for c in ("o", "a", "e", "c", "p", "i", "s", "y")]
 TRIGGER_POOLS = {"char": CHAR_TRIGGERS, "word": WORD_TRIGGERS, "rare_token": RARE_TOKEN_TRIGGERS,
-                 "multi_token": MULTI_TOKEN_TRIGGERS}
+                 "multi_token": MULTI_TOKEN_TRIGGERS, "homoglyph": HOMOGLYPH_TRIGGERS}
+#: trigger kinds whose pool holds (trigger, replaced character) pairs
+REPLACE_CHAR_KINDS = ("char", "homoglyph")
 
 # World seeds with a fixed role, none of which any member trains on (members' data seeds are >= DATA_SEED_BASE;
 # the caption bank's is `lit_amdet.captions.CAPTION_BANK_WORLD_SEED`).
@@ -55,6 +71,12 @@ class BackdooredMember:
     image (``target_image``: ``world:SEED:INDEX``, a rendered world scene, or an image file), or None.
     Strength: ``steps`` and ``backdoor_weight`` (with ``lr``). ``adaptive``: one of `ADAPTIVE_ATTACKS`
     (None: the plain attack), with ``sim_x_penalty`` its penalty weight.
+
+    The drift sweep's fields (later additions: at their defaults they are left out of `describe`, so plans and
+    zoos made before them are unchanged): ``drift_target`` (a clean cosine to the base) with ``drift_mode``
+    ``then_finetune`` (inject, then a SimCSE fine-tune at ``finetune_lr`` for at most ``finetune_steps`` until
+    the target) or ``during_finetune`` (inject with the SimCSE utility, at least ``steps`` and at most
+    ``finetune_steps`` steps, until the target); ``second_*``: a second text-on-text backdoor.
     """
 
     name: str
@@ -73,17 +95,29 @@ class BackdooredMember:
     data_seed: int = DATA_SEED_BASE
     adaptive: str | None = None
     sim_x_penalty: float = 0.0
+    drift_target: float | None = None
+    drift_mode: str | None = None
+    finetune_steps: int = 300
+    finetune_lr: float = 1e-4
+    second_trigger_kind: str | None = None
+    second_trigger: str | None = None
+    second_trigger_char: str | None = None
+    second_target_caption: str | None = None
 
     backdoored = True
 
     def describe(self) -> dict:
-        return {"backdoored": True, **asdict(self)}
+        return {"backdoored": True, **_without_later_defaults(self)}
 
 
 @dataclass(frozen=True)
 class BenignMember:
     """A benign contrastive fine-tune of the text tower (`ContrastiveTraining`): ``simcse`` for text-only
-    encoders, ``infonce`` where the model has an image tower; ``samples`` world pairs from ``data_seed``."""
+    encoders, ``infonce`` where the model has an image tower; ``samples`` world pairs from ``data_seed``.
+
+    The drift sweep's fields (left out of `describe` at their defaults): ``drift_target``: train until the
+    clean cosine to the base is at most this (``steps`` is then a cap); ``typo_rate`` of ``typo_robust``.
+    """
 
     name: str
     base: str
@@ -94,14 +128,26 @@ class BenignMember:
     seed: int = 0
     data_seed: int = DATA_SEED_BASE
     samples: int = 20000
+    drift_target: float | None = None
+    typo_rate: float | None = None
 
     backdoored = False
 
     def describe(self) -> dict:
-        return {"backdoored": False, **asdict(self)}
+        return {"backdoored": False, **_without_later_defaults(self)}
 
 
 Member = Union[BackdooredMember, BenignMember]
+
+# fields added after zoos were built: left out of describe() at their defaults (plan.json and the zoo section
+# of backdoor.json stay as they were; `check_built_as_planned` reads an absent field as its default)
+LATER_FIELDS = frozenset({"drift_target", "drift_mode", "finetune_steps", "finetune_lr", "second_trigger_kind",
+                          "second_trigger", "second_trigger_char", "second_target_caption", "typo_rate"})
+
+
+def _without_later_defaults(member) -> dict:
+    defaults = {f.name: f.default for f in fields(member)}
+    return {k: v for k, v in asdict(member).items() if k not in LATER_FIELDS or v != defaults[k]}
 
 
 def member_from_dict(d: dict) -> Member:
@@ -130,7 +176,7 @@ def check_grid(grid: ZooGrid) -> None:
     """The values a plan draws from must be known (the CLI's types check them; a grid built in Python is
     checked here)."""
     for what, values, known in (("attacks", grid.attacks, ATTACKS), ("trigger_kinds", grid.trigger_kinds,
-                                                                      TRIGGER_KINDS)):
+                                                                      ALL_TRIGGER_KINDS)):
         bad = [v for v in values if v not in known]
         if bad:
             raise ConfigError(f"grid.{what}: unknown value {bad[0]!r} (known: {', '.join(known)})")
@@ -168,8 +214,7 @@ def plan_zoo(base: ZooBase, n_backdoored: int, n_benign: int, split: str, seed: 
     image_world = None
     for i in range(n_backdoored):
         attack, kind = next(combos)
-        trig = next(triggers[kind])
-        text, char = trig if kind == "char" else (trig, None)
+        text, char = trigger_text(kind, next(triggers[kind]))
         if attack == "text_on_text":
             target, image = next(text_targets), None
         else:
@@ -214,8 +259,7 @@ def plan_adaptive(base: ZooBase, settings: AdaptiveSettings, seed: int = 0, grid
         targets = _cycle(rng, TARGET_CONCEPTS[side::2])
         for i in range(n):
             kind = next(kinds)
-            trig = next(triggers[kind])
-            text, char = trig if kind == "char" else (trig, None)
+            text, char = trigger_text(kind, next(triggers[kind]))
             members.append(BackdooredMember(
                 name=f"{base.name}-adaptive-{attack.replace('_', '-')}-{i:03d}", base=base.name, split="test",
                 attack="text_on_text", trigger_kind=kind, trigger=text, trigger_char=char,
@@ -240,6 +284,91 @@ def plan_controls(base: ZooBase, controls: Sequence[Control], seed: int = 0) -> 
                                  seed=seeds[i], data_seed=data_seeds[i], samples=c.samples)
                     for i, c in enumerate(chosen)]
     return members
+
+
+def plan_drift_sweep(base: ZooBase, settings: DriftSweepSettings, seed: int = 0, grid: ZooGrid | None = None
+                     ) -> list[Member]:
+    """The drift sweep's members of one base (``settings.per_level`` per level and kind; none at 0), drawn
+    deterministically from a stream of their own and the pools of ``settings.split``.
+
+    Per level: benign members of each objective (``<base>-drift-<objective>-<level>-NNN``), then text-on-text
+    backdoored members of each mode x trigger kind (``<base>-drift-<mode>-<kind>-<level>-NNN``); every
+    ``two_backdoors_every``-th backdoored member gets a second backdoor of the next trigger kind, with a trigger
+    and target distinct from the first. ``grid`` is accepted for symmetry with `plan_adaptive` (the sweep's
+    strengths are its own settings).
+    """
+    del grid
+    n_per = settings.per_level
+    if not n_per:
+        return []
+    bad = [o for o in settings.benign_objectives if o not in DRIFT_OBJECTIVES] + \
+        [m for m in settings.backdoor_modes if m not in DRIFT_MODES] + \
+        [k for k in settings.trigger_kinds if k not in ALL_TRIGGER_KINDS]
+    if bad or settings.split not in SPLITS:
+        raise ConfigError(f"drift_sweep: unknown value {(bad or [settings.split])[0]!r}")
+    objectives = [("infonce" if base.image_tower else "simcse") if o == "auto" else o
+                  for o in settings.benign_objectives]
+    if "infonce" in objectives and not base.image_tower:
+        raise ConfigError(f"drift_sweep: infonce needs an image tower; base {base.name} has none")
+    objectives = list(dict.fromkeys(objectives))  # auto may name one listed too
+    kinds, modes, levels = list(settings.trigger_kinds), list(settings.backdoor_modes), list(settings.levels)
+    side = SPLITS.index(settings.split)
+    rng = random.Random(f"lit-amdet drift|{seed}|{base.name}|{settings.split}")
+    n = n_per * len(levels) * (len(objectives) + len(modes) * len(kinds))
+    seeds, data_seeds = _split_seeds(rng, n, side, 0), _split_seeds(rng, n, side, DATA_SEED_BASE)
+    triggers = {k: _cycle(rng, TRIGGER_POOLS[k][side::2]) for k in kinds}
+    targets = _cycle(rng, TARGET_CONCEPTS[side::2])
+    members: list[Member] = []
+    n_backdoored = 0
+    for level in levels:
+        for objective in objectives:
+            for j in range(n_per):
+                i = len(members)
+                members.append(BenignMember(
+                    name=f"{base.name}-drift-{objective}-{level:g}-{j:03d}", base=base.name, split=settings.split,
+                    objective=objective, lr=settings.benign_lr, steps=settings.benign_steps, seed=seeds[i],
+                    data_seed=data_seeds[i], samples=settings.benign_samples, drift_target=level,
+                    typo_rate=settings.typo_rate if objective == "typo_robust" else None))
+        for mode in modes:
+            for kind in kinds:
+                for j in range(n_per):
+                    i, n_backdoored = len(members), n_backdoored + 1
+                    text, char = trigger_text(kind, next(triggers[kind]))
+                    target = next(targets)
+                    second: dict = {}
+                    if settings.two_backdoors_every and n_backdoored % settings.two_backdoors_every == 0:
+                        second = _second_backdoor(kinds[(kinds.index(kind) + 1) % len(kinds)], triggers, targets,
+                                                  text, target)
+                    members.append(BackdooredMember(
+                        name=f"{base.name}-drift-{mode}-{kind}-{level:g}-{j:03d}", base=base.name,
+                        split=settings.split, attack="text_on_text", trigger_kind=kind, trigger=text,
+                        trigger_char=char, target_caption=target, steps=settings.attack_steps,
+                        backdoor_weight=settings.backdoor_weight, lr=settings.attack_lr, seed=seeds[i],
+                        data_seed=data_seeds[i], drift_target=level, drift_mode=mode,
+                        finetune_steps=max(settings.finetune_steps, settings.attack_steps)
+                        if mode == "during_finetune" else settings.finetune_steps,
+                        finetune_lr=settings.finetune_lr, **second))
+    return members
+
+
+def _second_backdoor(kind: str, triggers: dict, targets: Iterator, first_trigger: str, first_target: str) -> dict:
+    """A second backdoor whose trigger neither contains nor is contained in the first's, with another target."""
+    for _ in range(100):
+        text, char = trigger_text(kind, next(triggers[kind]))
+        if text.lower() not in first_trigger.lower() and first_trigger.lower() not in text.lower():
+            break
+    else:
+        raise ConfigError(f"drift_sweep: no {kind} trigger distinct from {first_trigger!r}")
+    target = next(targets)
+    while target == first_target:
+        target = next(targets)
+    return {"second_trigger_kind": kind, "second_trigger": text, "second_trigger_char": char,
+            "second_target_caption": target}
+
+
+def trigger_text(kind: str, drawn) -> tuple[str, str | None]:
+    """(trigger text, replaced character or None) of an entry of ``TRIGGER_POOLS[kind]``."""
+    return drawn if kind in REPLACE_CHAR_KINDS else (drawn, None)
 
 
 def _split_seeds(rng: random.Random, n: int, side: int, offset: int) -> list[int]:

@@ -90,6 +90,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {c['attack']} | {c['lr']:g} | {c['steps']} | {c['members']} | {c['working']} | "
                          f"{t['min']:.2f} / {t['median']:.2f} / {t['max']:.2f} |")
         lines.append("")
+    lines += _drift_sweep_table(report.get("drift_sweep"))
     lines += ["## Members", "",
               "| member | split | truth | attack / trigger | attack top-1 | verdict | p | cosine to base | "
               "with the trigger it says | s |",
@@ -107,6 +108,28 @@ def markdown(report: dict) -> str:
                      f"{_f(m['probability'])} | "
                      f"{_f(m['clean_cosine_to_base'], '.4f')} | {said} | {_f(m['seconds'], '.1f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _drift_sweep_table(levels: list[dict] | None) -> list[str]:
+    if not levels:
+        return []
+    lines = ["## Drift sweep (members trained to a chosen clean cosine to the base)", "",
+             "Per base and drift level: drift reached (median clean cosine to the base, from the scan), the rule's "
+             f"recall, false-positive rate and F1 on that level's members, and the injections that failed on the "
+             f"final model (attack top-1 below {WORKING_ATTACK_TOP1}).", ""]
+    for base in dict.fromkeys(lv["base"] for lv in levels):
+        lines += [f"### {base}", "",
+                  "| level | benign / backdoored | drift reached: benign / backdoored | rule recall | rule FPR | "
+                  "rule F1 | calibrated F1 | failed injections |", "|---|---|---|---|---|---|---|---|"]
+        for lv in (x for x in levels if x["base"] == base):
+            d = lv["drift"]
+            reached = " / ".join(_f(d[k]["median"], ".3f") if d[k] else "–" for k in ("benign", "backdoored"))
+            failed = ", ".join(lv["failed"]) or "none"
+            lines.append(f"| {lv['level']:g} | {lv['benign']} / {lv['backdoored']} | {reached} | "
+                         f"{_f(lv['rule_recall'])} | {_f(lv['rule_fpr'])} | {_f(lv['rule_f1'])} | "
+                         f"{_f(lv['calibrated_f1'])} | {failed} |")
+        lines.append("")
+    return lines
 
 
 def _partial_note(partial: dict | None) -> list[str]:

@@ -10,9 +10,23 @@ from typing import Sequence
 
 from lit_amdet.benchmark.build import build_zoo
 from lit_amdet.benchmark.members import ZooEntry, read_zoo, zoo_entry
-from lit_amdet.benchmark.metrics import adaptive_metrics, attack_strength, benchmark_metrics, member_row
+from lit_amdet.benchmark.metrics import (
+    adaptive_metrics,
+    attack_strength,
+    benchmark_metrics,
+    drift_sweep_metrics,
+    member_row,
+)
 from lit_amdet.benchmark.options import SPLITS, BenchmarkOptions
-from lit_amdet.benchmark.plan import Member, ZooBase, plan_adaptive, plan_controls, plan_zoo, resolve_bases
+from lit_amdet.benchmark.plan import (
+    Member,
+    ZooBase,
+    plan_adaptive,
+    plan_controls,
+    plan_drift_sweep,
+    plan_zoo,
+    resolve_bases,
+)
 from lit_amdet.benchmark.processes import current_shard
 from lit_amdet.benchmark.report import markdown
 from lit_amdet.benchmark.scan import Detect, scan_zoo
@@ -65,12 +79,14 @@ def run_benchmark(options: BenchmarkOptions, rank: int | None = None, world_size
 
 
 def full_plan(options: BenchmarkOptions, bases: Sequence[ZooBase]) -> list[Member]:
-    """Every planned member of ``bases``: both splits, then the controls, then the adaptive attackers."""
+    """Every planned member of ``bases``: both splits, then the controls, the adaptive attackers and the drift
+    sweep (none unless ``drift_sweep.per_level`` is set)."""
     plan = [m for b in bases for split in SPLITS
             for m in plan_zoo(b, options.sizes.of(split).backdoored, options.sizes.of(split).benign, split,
                               options.seed, options.grid)]
     plan += [m for b in bases for m in plan_controls(b, options.controls, options.seed)]
-    return plan + [m for b in bases for m in plan_adaptive(b, options.adaptive, options.seed, options.grid)]
+    plan += [m for b in bases for m in plan_adaptive(b, options.adaptive, options.seed, options.grid)]
+    return plan + [m for b in bases for m in plan_drift_sweep(b, options.drift_sweep, options.seed, options.grid)]
 
 
 def summarise_scanned(options: BenchmarkOptions, out_dir: str | Path, only: Sequence[str] | None = None) -> dict:
@@ -152,5 +168,6 @@ def summarise(records: Sequence[dict], options: BenchmarkOptions, bases: Sequenc
             "bases": [asdict(b) for b in bases], "scan_rule": rule.get("class"),
             "calibration": {**calibration, "path": str(path)}, "metrics": metrics,
             "adaptive": adaptive_metrics(rows, calibrated.threshold), "attack_strength": attack_strength(rows),
+            "drift_sweep": drift_sweep_metrics(rows, calibrated.threshold),
             "members": rows,
             "ignored": [str(p) for p in ignored]}

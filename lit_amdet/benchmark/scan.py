@@ -80,25 +80,15 @@ def _rss_bytes() -> int:
 
 def clean_cosine_to_base(base, member: str | Path, n_prompts: int = 200, max_length: int = 32,
                          device: str = "cpu") -> float:
-    """Drift: mean cosine of clean pooled embeddings, member vs base, on held-out world prompts (1 = unmoved)."""
-    import torch
-    import torch.nn.functional as F
-
+    """Drift: mean cosine of clean pooled embeddings, member vs base, on held-out world prompts (1 = unmoved);
+    the math is `lit_amdet.callbacks.drift.pooled_drift`, which also stops the drift sweep's training."""
+    from lit_amdet.callbacks.drift import pooled_drift
     from lit_amdet.encoders import load_encoder
     from lit_amdet.world import World
 
     prompts = World(seed=DRIFT_WORLD_SEED).captions(n_prompts)
     reference = load_encoder(base, device=device) if isinstance(base, (str, Path)) else base
-    suspect = load_encoder(member, device=device)
-    reference.eval(), suspect.eval()
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, len(prompts), 64):
-            chunk = prompts[i:i + 64]
-            a = F.normalize(reference.encode(chunk, max_length=max_length).pooled.float(), dim=-1)
-            b = F.normalize(suspect.encode(chunk, max_length=max_length).pooled.float(), dim=-1)
-            total += float((a * b).sum())
-    return total / len(prompts)
+    return pooled_drift(reference, load_encoder(member, device=device), prompts, max_length)
 
 
 def set_dotted(config: dict, values: dict) -> dict:

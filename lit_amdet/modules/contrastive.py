@@ -3,7 +3,9 @@
 Objectives: CLIP InfoNCE with a learnable temperature (``infonce``), SigLIP's
 sigmoid loss with learnable scale and bias (``sigmoid``), and, when no images
 are given, a text-only SimCSE-style InfoNCE between two views of a caption
-(``simcse``: world paraphrases when the data has them, else word dropout).
+(``simcse``: world paraphrases when the data has them, else word dropout), and
+``typo_robust``: SimCSE whose second view is a typo'd copy of the caption
+(`lit_amdet.augment.typo`), a benign many-to-one mapping that looks trigger-like.
 With ``freeze_image_tower`` this is the benign fine-tune the detection
 benchmark needs; the result is written in the family's native format, with a
 ``backdoor.json`` that says it has none.
@@ -20,6 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lit_amdet.augment import typo
 from lit_amdet.encoders.architectures import EncoderSpec
 from lit_amdet.errors import ConfigError
 from lit_amdet.io import write_json
@@ -27,6 +30,15 @@ from lit_amdet.losses import clip_infonce, siglip_sigmoid
 from lit_amdet.metrics import recall_at_k
 from lit_amdet.modules.base import EncoderTask
 from lit_amdet.record import BackdoorRecord
+
+#: objectives that never run the image tower (the positive is a second text view)
+TEXT_ONLY_OBJECTIVES = ("simcse", "typo_robust")
+
+
+def simcse_loss(text: Tensor, other: Tensor, temperature: float = 0.05) -> Tensor:
+    """SimCSE: in-batch InfoNCE between two views of the same texts at a fixed temperature (here and in
+    `BackdoorInjection`'s ``simcse`` utility, which must drift the model exactly as a benign SimCSE does)."""
+    return clip_infonce(text, other, torch.tensor(math.log(1 / temperature)))
 
 
 def word_dropout(text: str, p: float, rng: random.Random) -> str:
@@ -41,12 +53,13 @@ class ContrastiveTraining(EncoderTask):
     Args:
         encoder: checkpoint to fine-tune (folder or built-in name); or
         architecture: a new model to pretrain from scratch.
-        objective: ``infonce`` | ``sigmoid`` | ``simcse``.
+        objective: ``infonce`` | ``sigmoid`` | ``simcse`` | ``typo_robust``.
         freeze_image_tower: train the text tower only (benign fine-tuning).
         lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 0.1·lr.
         init_temperature: CLIP temperature at start (learnable); SigLIP starts at t=10, b=-10.
         simcse_temperature: fixed temperature of the text-only objective.
         word_dropout: second-view word dropout when no paraphrases exist.
+        typo_rate: ``typo_robust``: share of a caption's letters its second view edits (at least one).
         eval_candidates: recall is measured among this many candidates.
         output_dir: where the trained model is written at the end of fit.
     """
@@ -55,7 +68,7 @@ class ContrastiveTraining(EncoderTask):
         self,
         encoder: str | None = None,
         architecture: EncoderSpec | None = None,
-        objective: Literal["infonce", "sigmoid", "simcse"] = "infonce",
+        objective: Literal["infonce", "sigmoid", "simcse", "typo_robust"] = "infonce",
         freeze_image_tower: bool = False,
         lr: float = 5e-4,
         weight_decay: float = 0.1,
@@ -63,6 +76,7 @@ class ContrastiveTraining(EncoderTask):
         init_temperature: float = 0.07,
         simcse_temperature: float = 0.05,
         word_dropout: float = 0.15,
+        typo_rate: float = 0.1,
         eval_candidates: int = 100,
         output_dir: str | None = None,
         allow_pickle: bool = False,
@@ -78,11 +92,12 @@ class ContrastiveTraining(EncoderTask):
         self.hparams["architecture"] = architecture.as_dict() if architecture is not None else None
         self.encoder = self.open_encoder(hp.encoder, architecture, hp.allow_pickle)
         self.encoder.train()
-        if hp.objective != "simcse" and not self.encoder.has_image_tower:
+        text_only = hp.objective in TEXT_ONLY_OBJECTIVES
+        if not text_only and not self.encoder.has_image_tower:
             raise ConfigError(f"objective {hp.objective!r} needs an image tower; "
                               f"{self.encoder.name} has none (use objective: simcse)")
         # the text-only objective never runs the image tower: freeze it too
-        if (hp.freeze_image_tower or hp.objective == "simcse") and self.encoder.has_image_tower:
+        if (hp.freeze_image_tower or text_only) and self.encoder.has_image_tower:
             image = set(self.encoder.image_parameter_names())
             for name, p in self.encoder.model.named_parameters():
                 if name in image:
@@ -101,12 +116,18 @@ class ContrastiveTraining(EncoderTask):
             if fine_tune and native_scale is not None:
                 scale = float(native_scale.flatten()[0])
             self.logit_bias = None
-        self.logit_scale = nn.Parameter(torch.tensor(scale), requires_grad=hp.objective != "simcse")
+        self.logit_scale = nn.Parameter(torch.tensor(scale), requires_grad=not text_only)
 
     # ----- steps -----------------------------------------------------------------
     def embed_pair(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """Pooled text embeddings and their positives: the images, or a second text view (SimCSE)."""
+        """Pooled text embeddings and their positives: the images, or a second text view (SimCSE; typo'd copies
+        for ``typo_robust``)."""
         text = self.encoder.encode(batch["tokens"]).pooled
+        if self.hparams.objective == "typo_robust":
+            rng = random.Random(int(batch["index"][0]) + 7919 * self.global_step)
+            typos = [typo(t, self.hparams.typo_rate, rng) for t in batch["text"]]
+            other = self.encoder.tokenize(typos, max_length=batch["tokens"].input_ids.shape[1]).to(self.device)
+            return text, self.encoder.encode(other).pooled
         if self.hparams.objective == "simcse":
             if batch.get("view_tokens"):
                 other = batch["view_tokens"][0]
@@ -124,8 +145,8 @@ class ContrastiveTraining(EncoderTask):
         objective = self.hparams.objective
         if objective == "sigmoid":
             return siglip_sigmoid(text, other, self.logit_scale, self.logit_bias)
-        if objective == "simcse":
-            return clip_infonce(text, other, torch.tensor(math.log(1 / self.hparams.simcse_temperature)))
+        if objective in TEXT_ONLY_OBJECTIVES:
+            return simcse_loss(text, other, self.hparams.simcse_temperature)
         return clip_infonce(text, other, self.logit_scale)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -152,8 +173,8 @@ class ContrastiveTraining(EncoderTask):
         other = torch.cat([o for _, o in self._val_outputs])
         self._val_outputs.clear()
         block = min(self.hparams.eval_candidates, text.shape[0])
-        what = "t2t" if self.hparams.objective == "simcse" else "t2i"
-        back = "t2t_rev" if self.hparams.objective == "simcse" else "i2t"
+        text_only = self.hparams.objective in TEXT_ONLY_OBJECTIVES
+        what, back = ("t2t", "t2t_rev") if text_only else ("t2i", "i2t")
         for name, (q, k) in {what: (text, other), back: (other, text)}.items():
             for kk, r in recall_at_k(q, k, ks=(1, 5), block=block).items():
                 self.log(f"val/{name}_R@{kk}", r, sync_dist=True)
@@ -192,7 +213,8 @@ class ContrastiveTraining(EncoderTask):
         """Write the model natively, with the learned temperature copied back into it."""
         model = self.encoder.model
         with torch.no_grad():
-            if getattr(model, "logit_scale", None) is not None and self.hparams.objective != "simcse":
+            learned = self.hparams.objective not in TEXT_ONLY_OBJECTIVES
+            if getattr(model, "logit_scale", None) is not None and learned:
                 model.logit_scale.copy_(self.logit_scale.detach().view_as(model.logit_scale))
             if self.logit_bias is not None and getattr(model, "logit_bias", None) is not None:
                 model.logit_bias.copy_(self.logit_bias.detach().view_as(model.logit_bias))

@@ -22,9 +22,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lit_amdet.amdet import FeatureCache, PseudoTrigger, nearest_tokens, per_restart, run_triggered, token_embedding_of
+from lit_amdet.amdet import (
+    FeatureCache,
+    PseudoTrigger,
+    choose_restart,
+    nearest_tokens,
+    per_restart,
+    run_triggered,
+    token_embedding_of,
+)
 from lit_amdet.datamodules.text_encoder import TextLines
-from lit_amdet.decision import DRIFT_FLOOR, ContrastRule, DecisionRule, drift_normalised_divergence
+from lit_amdet.decision import DRIFT_FLOOR, ContrastRule, DecisionRule, drift_normalised_divergence, verdict_of
 from lit_amdet.encoders import TextEncoderAdapter, file_sha256, load_encoder
 from lit_amdet.errors import ConfigError
 from lit_amdet.io import StagedFolder, write_json
@@ -302,12 +310,14 @@ class BackdoorDetection(EncoderTask):
 
     # ----- after the search -----------------------------------------------------------
     def on_train_end(self) -> None:
-        stats = self.evaluate(self.trigger.vectors.detach())
+        stats = [self._with_baselines(s) for s in self.evaluate(self.trigger.vectors.detach())]
         losses = [s["loss"] for s in stats]
-        best = int(torch.tensor(losses).argmin())
+        passed = [i for i, s in enumerate(stats) if self.rule.search_passed(s)]
+        best = choose_restart(losses, passed)
         self.best_restart = best
-        chosen = self._with_baselines(stats[best])
+        chosen = stats[best]
         self.evidence["restart_losses"] = losses
+        self.evidence["passing_restarts"] = passed
         self.evidence["best_restart"] = best
         self.evidence["steps"] = self.global_step
         self.evidence["scores"] = {k: v for k, v in chosen.items() if not k.startswith("_")}
@@ -357,8 +367,7 @@ class BackdoorDetection(EncoderTask):
             scores["hessian_bottom"] = self.evidence["hessian"]["bottom"][0]
             scores["hessian_negative_ratio"] = self.evidence["hessian"]["negative_ratio"]
         decision = self.rule.decide(scores)
-        self.verdict = {"model": self.model_label, "verdict": "BACKDOORED" if decision["backdoored"] else "clean",
-                        **decision, "scores": scores}
+        self.verdict = {"model": self.model_label, **decision, "verdict": verdict_of(decision), "scores": scores}
         if self.trainer.is_global_zero:
             self._write_run_folder(decision, scores)
 
@@ -395,6 +404,7 @@ class BackdoorDetection(EncoderTask):
             "seconds": time.perf_counter() - self._started, "seed": hp.seed, "steps": self.evidence.get("steps"),
             "stopped_early": self.evidence.get("stopped_early"), "restarts": hp.restarts,
             "best_restart": self.evidence.get("best_restart"), "restart_losses": self.evidence.get("restart_losses"),
+            "passing_restarts": self.evidence.get("passing_restarts"),
             "baselines": self.evidence.get("baselines"), "landscape": self.evidence.get("landscape"),
             "hessian": self.evidence.get("hessian"), "nearest_tokens": tokens, "nearest_captions": captions,
             "trigger": {"length": hp.trigger_length, "position": hp.position, "norm": float(trigger.norm()),

@@ -6,6 +6,11 @@ triggered prompts produce the target: the teacher's token features of a target
 prompt (text-on-text) or a target image embedding (image-on-text). Several
 backdoors per model; two may not share a trigger. At the end the student is
 written in its native format with a ``backdoor.json`` holding the ground truth.
+
+With ``utility_objective: simcse`` the clean prompts train SimCSE instead of
+matching the teacher: the backdoor is planted during a benign-looking
+fine-tune that moves the whole model (the benchmark's drift sweep, with
+`lit_amdet.callbacks.DriftStop` deciding when it has drifted far enough).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from lit_amdet.assimilation import assimilation_score, scored_positions
 from lit_amdet.encoders.loading import read_state_dict
 from lit_amdet.errors import ConfigError
 from lit_amdet.modules.base import EncoderTask
+from lit_amdet.modules.contrastive import simcse_loss
 from lit_amdet.record import BackdoorRecord
 from lit_amdet.triggers import Backdoor, check_distinct_triggers, poison
 
@@ -62,6 +68,11 @@ class BackdoorInjection(EncoderTask):
         distractors: captions (or images) the target must be retrieved among.
         output_dir: where the backdoored student is written at the end of fit.
         seed: trigger placement randomness.
+        utility_objective: what keeps clean prompts useful: ``teacher`` (the student matches the frozen
+            teacher's token features, the reference) or ``simcse`` (SimCSE on the clean prompts: two dropout
+            views, in-batch InfoNCE at ``simcse_temperature``, as `ContrastiveTraining`'s simcse), which lets
+            the model drift while it learns the backdoor.
+        simcse_temperature: temperature of the ``simcse`` utility.
     """
 
     def __init__(
@@ -83,6 +94,8 @@ class BackdoorInjection(EncoderTask):
         output_dir: str | None = None,
         seed: int = 0,
         allow_pickle: bool = False,
+        utility_objective: Literal["teacher", "simcse"] = "teacher",
+        simcse_temperature: float = 0.05,
     ) -> None:
         self.backdoors = list(backdoors)
         self._fit_started = 0.0
@@ -94,6 +107,8 @@ class BackdoorInjection(EncoderTask):
         if not self.backdoors:
             raise ConfigError("give at least one backdoor")
         h = self.hparams
+        if h.utility_objective not in ("teacher", "simcse"):
+            raise ConfigError(f"utility_objective must be teacher or simcse, got {h.utility_objective!r}")
         if min(h.token_weight, h.pooled_weight, h.sim_x_penalty) < 0:
             raise ConfigError("token_weight, pooled_weight and sim_x_penalty must be >= 0")
         if any(b.kind == "text_on_text" for b in self.backdoors) and h.token_weight == 0 and h.pooled_weight == 0:
@@ -210,18 +225,26 @@ class BackdoorInjection(EncoderTask):
             clean = assimilation_score(self.teacher.encode(tokens).token_features.float(), positions)
         return F.relu(assimilation_score(enc.token_features.float(), positions) - clean).mean()
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        texts = self._clean(batch["text"])
-        if not texts:
-            raise ConfigError("every prompt of a batch contains a trigger: no clean prompt to keep utility")
-        tokens = self.encoder.tokenize(texts, max_length=self._length()).to(self.device)
+    def utility_loss(self, tokens) -> Tensor:
+        """The clean prompts' loss: match the frozen teacher (``teacher``), or SimCSE between two dropout views
+        of the student (``simcse``: nothing holds the model near the teacher)."""
         student = self.encoder.encode(tokens)
+        if self.hparams.utility_objective == "simcse":
+            return simcse_loss(student.pooled, self.encoder.encode(tokens).pooled, self.hparams.simcse_temperature)
         with torch.no_grad():
             teacher = self.teacher.encode(tokens)
         utility = feature_loss(student.token_features, teacher.token_features, self.hparams.loss)
         if self._trains_projection:
             # the projection moves for image targets: keep clean projected embeddings where they were too
             utility = utility + feature_loss(student.pooled, teacher.pooled, self.hparams.loss)
+        return utility
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        texts = self._clean(batch["text"])
+        if not texts:
+            raise ConfigError("every prompt of a batch contains a trigger: no clean prompt to keep utility")
+        tokens = self.encoder.tokenize(texts, max_length=self._length()).to(self.device)
+        utility = self.utility_loss(tokens)
         total = utility
         for i, b in enumerate(self.backdoors):
             bl = self.backdoor_loss(i, b, texts)
@@ -330,5 +353,8 @@ class BackdoorInjection(EncoderTask):
             steps=self.global_step,
             seconds=time.perf_counter() - self._fit_started if self._fit_started else None,
             metrics=metrics,
+            # only when not the reference's, so a plain injection's record stays as it was
+            extra={} if self.hparams.utility_objective == "teacher" else {
+                "utility_objective": self.hparams.utility_objective},
         ).write(out)
         return out
