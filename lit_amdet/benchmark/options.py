@@ -45,7 +45,7 @@ FAMILIES: tuple[str, ...] = get_args(Family)
 DEFAULT_FEATURES = ["log1p_divergence_ratio", "log1p_pooled_divergence_ratio", "assimilation_gap",
                     "assimilation_ratio"]
 #: sections of a benchmark config that the Lightning CLI reads, not `BenchmarkOptions`
-CLI_SECTIONS = ("trainer", "seed_everything")
+CLI_SECTIONS = ("trainer", "seed_everything", "model", "data")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
