@@ -157,8 +157,10 @@ class ContrastRule(DecisionRule):
                          self.min_pooled_divergence_ratio)]
 
     def search_passed(self, scores: dict) -> bool:
-        # stop early only once the trigger is also consistent, so the recovered target means something
-        return self.decide(scores)["backdoored"] and (scores.get("same_target_ratio") or 0) > self.search_same_target
+        # stop early once the trigger is found (flagged, or without an anchor inconclusive: the search has found
+        # what it can) and is also consistent, so the recovered target means something
+        found = verdict_of(self.decide(scores)) != CLEAN
+        return found and (scores.get("same_target_ratio") or 0) > self.search_same_target
 
     def decide(self, scores: dict) -> dict:
         if not scores.get("anchor_used"):

@@ -52,6 +52,18 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise ConfigError(f"{path}: unreadable {what} ({exc})") from exc
 
 
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """Parse a YAML file (an empty one is {}); a missing or unreadable one is a one-line `ConfigError` naming it."""
+    import yaml
+
+    from lit_amdet.errors import ConfigError
+
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: unreadable {what} ({' '.join(str(exc).split())})") from exc
+
+
 class StagedFolder:
     """A folder built under a hidden sibling name and renamed into place in one step.
 

@@ -36,6 +36,7 @@ def test_without_an_anchor_a_collapsing_trigger_is_inconclusive_not_backdoored()
     found = {"anchor_used": False, "assimilation_lift": 0.5, "same_target_ratio": 1.0}
     d = rule.decide(found)
     assert d["backdoored"] is False and verdict_of(d) == "inconclusive" and "no anchor" in d["decided_by"]
+    assert rule.search_passed(found)  # the search stops on it: nothing more to find without an anchor
     nothing = {"anchor_used": False, "assimilation_lift": 0.1, "same_target_ratio": 1.0}
     d = rule.decide(nothing)
     assert d["backdoored"] is False and verdict_of(d) == "clean" and d["decided_by"] == "assimilation_lift"

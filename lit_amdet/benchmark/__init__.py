@@ -77,7 +77,6 @@ from lit_amdet.benchmark.options import (
     parse_options,
 )
 from lit_amdet.benchmark.plan import (
-    DRIFT_WORLD_SEED,
     TRIGGER_POOLS,
     BackdooredMember,
     BenignMember,
@@ -94,6 +93,7 @@ from lit_amdet.benchmark.processes import Shard, current_shard, one_process
 from lit_amdet.benchmark.report import markdown
 from lit_amdet.benchmark.run import full_plan, run_benchmark, summarise, summarise_scanned
 from lit_amdet.benchmark.scan import Detect, PeakMemory, clean_cosine_to_base, scan_member, scan_zoo
+from lit_amdet.callbacks.drift import DRIFT_WORLD_SEED
 
 __all__ = [
     "ADAPTIVE_ATTACKS", "ALL_TRIGGER_KINDS", "ATTACKS", "DEFAULT_FEATURES", "DRIFT_MODES", "DRIFT_OBJECTIVES",

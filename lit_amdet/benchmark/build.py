@@ -94,17 +94,25 @@ def train_member(member: Member, base: ZooBase, out: Path, settings: TrainSettin
         stop = _drift_stop(member.drift_target, base, settings, member.steps if mode else 0)
     # attack success is measured once, at the end (it goes into backdoor.json); fine-tunes need none. A member
     # stopped by its drift may end before that validation: it is measured on the final weights after the fit.
+    extra: dict = {}
+    measured = None
     with tempfile.TemporaryDirectory(prefix="lit-amdet-member-") as scratch:
         _trainer(scratch, steps, device, settings, settings.val_batches if member.backdoored else 0,
                  stop).fit(module, data)
         if mode == "then_finetune":
-            stop = _then_finetune(member, base, out, settings, (scratch, device), module, data)
-        elif mode == "during_finetune":
-            _measure_attack(out, module, data, scratch, device, settings)
+            stop, extra["finetune"] = _then_finetune(member, base, out, settings, (scratch, device), module)
+        if mode is not None:  # attack success on the final weights
+            measured = _measure_attack(module, data, scratch, device, settings)
+    if stop is None and measured is None:
+        return
+    # one update of the record the module wrote: the final attack success, the fine-tune, the drift reached
+    record = BackdoorRecord.read(out)
+    if measured is not None:
+        record.extra["metrics_before_finetune"] = record.metrics
+        record.metrics = {**record.metrics, **measured}
     if stop is not None:
-        record = BackdoorRecord.read(out)
-        record.extra.update({**({"drift_mode": mode} if mode else {}), **stop.summary()})
-        record.write(out)
+        record.extra.update({**extra, **({"drift_mode": mode} if mode else {}), **stop.summary()})
+    record.write(out)
 
 
 def _trainer(scratch: str, steps: int, device: tuple[str, int | list[int]], settings: TrainSettings,
@@ -126,23 +134,18 @@ def _drift_stop(target: float, base: ZooBase, settings: TrainSettings, min_steps
                      max_length=settings.drift_max_length, min_steps=min_steps)
 
 
-def _measure_attack(out: Path, injection, data, scratch: str, device: tuple[str, int | list[int]],
-                    settings: TrainSettings) -> None:
-    """The injection's own validation (attack success of every backdoor) on its current weights, merged into
-    the metrics of ``out``'s backdoor.json (the values logged during training are kept as
-    ``metrics_before_finetune``)."""
+def _measure_attack(injection, data, scratch: str, device: tuple[str, int | list[int]],
+                    settings: TrainSettings) -> dict:
+    """The injection's own validation (attack success of every backdoor) on its current weights."""
     measured = _trainer(scratch, 1, device, settings, settings.val_batches).validate(injection, data, verbose=False)
-    record = BackdoorRecord.read(out)
-    record.extra["metrics_before_finetune"] = record.metrics
-    record.metrics = {**record.metrics, **{k: float(v) for k, v in measured[0].items()}}
-    record.write(out)
+    return {k: float(v) for k, v in measured[0].items()}
 
 
 def _then_finetune(member: BackdooredMember, base: ZooBase, out: Path, settings: TrainSettings,
-                   where: tuple[str, tuple[str, int | list[int]]], injection, data):
-    """SimCSE fine-tune of the backdoored model in ``out`` until its drift target (the weights are written over
-    the injected ones), then the injection's own validation on the final weights: the attack success in
-    backdoor.json is the final model's (the injection's is kept as ``metrics_before_finetune``)."""
+                   where: tuple[str, tuple[str, int | list[int]]], injection):
+    """SimCSE fine-tune of the backdoored model in ``out`` until its drift target: the weights are written over
+    the injected ones, and loaded into ``injection`` so its validation measures the final model. Returns the
+    `DriftStop` and what the record says of the fine-tune."""
     from lit_amdet.datamodules import TextEncoderDataModule
     from lit_amdet.modules import ContrastiveTraining
 
@@ -158,11 +161,7 @@ def _then_finetune(member: BackdooredMember, base: ZooBase, out: Path, settings:
     finetune.encoder.eval()
     finetune.encoder.save(out)
     injection.encoder.load_state_dict(finetune.encoder.state_dict())
-    _measure_attack(out, injection, data, scratch, device, settings)
-    record = BackdoorRecord.read(out)
-    record.extra["finetune"] = {"objective": "simcse", "lr": member.finetune_lr, "steps": finetune.global_step}
-    record.write(out)
-    return stop
+    return stop, {"objective": "simcse", "lr": member.finetune_lr, "steps": finetune.global_step}
 
 
 def _injection(member: BackdooredMember, base: ZooBase, out: Path, settings: TrainSettings):

@@ -17,6 +17,7 @@ from typing import Literal, Optional, get_args
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from lit_amdet.errors import ConfigError
+from lit_amdet.io import read_yaml
 
 Split = Literal["calibration", "test"]
 Attack = Literal["text_on_text", "image_on_text"]
@@ -281,10 +282,4 @@ def parse_options(config: dict) -> BenchmarkOptions:
 
 def load_options(path: str | Path) -> BenchmarkOptions:
     """`parse_options` of a YAML config file; an unreadable file is a one-line `ConfigError`."""
-    import yaml
-
-    try:
-        config = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: {' '.join(str(exc).split())}") from exc
-    return parse_options(config)
+    return parse_options(read_yaml(path, "benchmark config"))

@@ -40,9 +40,9 @@ TRIGGER_POOLS = {"char": CHAR_TRIGGERS, "word": WORD_TRIGGERS, "rare_token": RAR
 REPLACE_CHAR_KINDS = ("char", "homoglyph")
 
 # World seeds with a fixed role, none of which any member trains on (members' data seeds are >= DATA_SEED_BASE;
-# the caption bank's is `lit_amdet.captions.CAPTION_BANK_WORLD_SEED`).
+# the caption bank's is `lit_amdet.captions.CAPTION_BANK_WORLD_SEED`, the drift prompts'
+# `lit_amdet.callbacks.drift.DRIFT_WORLD_SEED`).
 IMAGE_TARGET_WORLD_SEEDS = {"calibration": 4242, "test": 4243}  # scenes rendered as image-on-text targets
-DRIFT_WORLD_SEED = 31337  # held-out prompts the drift to the base is measured on
 DATA_SEED_BASE = 10_000_000
 IMAGE_TARGET_SCENES = 1000
 
@@ -59,6 +59,11 @@ class ZooBase:
     path: str
     family: str
     image_tower: bool = False
+
+    @property
+    def contrastive_objective(self) -> str:
+        """The benign fine-tune's loss: InfoNCE against images where the base has an image tower, else SimCSE."""
+        return "infonce" if self.image_tower else "simcse"
 
 
 @dataclass(frozen=True)
@@ -233,7 +238,7 @@ def plan_zoo(base: ZooBase, n_backdoored: int, n_benign: int, split: str, seed: 
     middle = strengths[1:-1]
     rng.shuffle(middle)
     order = [strengths[0], strengths[-1]] + middle if len(strengths) > 1 else strengths
-    objective = "infonce" if base.image_tower else "simcse"
+    objective = base.contrastive_objective
     for j in range(n_benign):
         lr, steps = order[j % len(order)]
         members.append(BenignMember(
@@ -280,24 +285,21 @@ def plan_controls(base: ZooBase, controls: Sequence[Control], seed: int = 0) -> 
         seeds, data_seeds = _split_seeds(rng, len(chosen), side, 0), _split_seeds(rng, len(chosen), side,
                                                                                 DATA_SEED_BASE)
         members += [BenignMember(name=f"{base.name}-{split}-control-{i:03d}", base=base.name, split=split,
-                                 objective="infonce" if base.image_tower else "simcse", lr=c.lr, steps=c.steps,
+                                 objective=base.contrastive_objective, lr=c.lr, steps=c.steps,
                                  seed=seeds[i], data_seed=data_seeds[i], samples=c.samples)
                     for i, c in enumerate(chosen)]
     return members
 
 
-def plan_drift_sweep(base: ZooBase, settings: DriftSweepSettings, seed: int = 0, grid: ZooGrid | None = None
-                     ) -> list[Member]:
+def plan_drift_sweep(base: ZooBase, settings: DriftSweepSettings, seed: int = 0) -> list[Member]:
     """The drift sweep's members of one base (``settings.per_level`` per level and kind; none at 0), drawn
     deterministically from a stream of their own and the pools of ``settings.split``.
 
     Per level: benign members of each objective (``<base>-drift-<objective>-<level>-NNN``), then text-on-text
     backdoored members of each mode x trigger kind (``<base>-drift-<mode>-<kind>-<level>-NNN``); every
     ``two_backdoors_every``-th backdoored member gets a second backdoor of the next trigger kind, with a trigger
-    and target distinct from the first. ``grid`` is accepted for symmetry with `plan_adaptive` (the sweep's
-    strengths are its own settings).
+    and target distinct from the first. The sweep's strengths are its own settings, not the grid's.
     """
-    del grid
     n_per = settings.per_level
     if not n_per:
         return []
@@ -306,7 +308,7 @@ def plan_drift_sweep(base: ZooBase, settings: DriftSweepSettings, seed: int = 0,
         [k for k in settings.trigger_kinds if k not in ALL_TRIGGER_KINDS]
     if bad or settings.split not in SPLITS:
         raise ConfigError(f"drift_sweep: unknown value {(bad or [settings.split])[0]!r}")
-    objectives = [("infonce" if base.image_tower else "simcse") if o == "auto" else o
+    objectives = [base.contrastive_objective if o == "auto" else o
                   for o in settings.benign_objectives]
     if "infonce" in objectives and not base.image_tower:
         raise ConfigError(f"drift_sweep: infonce needs an image tower; base {base.name} has none")

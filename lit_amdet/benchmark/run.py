@@ -86,7 +86,7 @@ def full_plan(options: BenchmarkOptions, bases: Sequence[ZooBase]) -> list[Membe
                               options.seed, options.grid)]
     plan += [m for b in bases for m in plan_controls(b, options.controls, options.seed)]
     plan += [m for b in bases for m in plan_adaptive(b, options.adaptive, options.seed, options.grid)]
-    return plan + [m for b in bases for m in plan_drift_sweep(b, options.drift_sweep, options.seed, options.grid)]
+    return plan + [m for b in bases for m in plan_drift_sweep(b, options.drift_sweep, options.seed)]
 
 
 def summarise_scanned(options: BenchmarkOptions, out_dir: str | Path, only: Sequence[str] | None = None) -> dict:

@@ -17,10 +17,11 @@ from typing import Any, Callable, Sequence
 
 from lit_amdet.benchmark.members import ZooEntry, zoo_entry
 from lit_amdet.benchmark.options import ScanSettings
-from lit_amdet.benchmark.plan import DRIFT_WORLD_SEED, ZooBase
+from lit_amdet.benchmark.plan import ZooBase
 from lit_amdet.benchmark.processes import Shard, choose_device, current_shard, one_process, torch_device
+from lit_amdet.callbacks.drift import DRIFT_WORLD_SEED, pooled_drift
 from lit_amdet.errors import ConfigError
-from lit_amdet.io import read_json, write_json
+from lit_amdet.io import read_json, read_yaml, write_json
 from lit_amdet.resources import config_path
 
 #: ``detect(trainer, model, datamodule)``: runs the scan, writes the run folder, returns the verdict
@@ -82,7 +83,6 @@ def clean_cosine_to_base(base, member: str | Path, n_prompts: int = 200, max_len
                          device: str = "cpu") -> float:
     """Drift: mean cosine of clean pooled embeddings, member vs base, on held-out world prompts (1 = unmoved);
     the math is `lit_amdet.callbacks.drift.pooled_drift`, which also stops the drift sweep's training."""
-    from lit_amdet.callbacks.drift import pooled_drift
     from lit_amdet.encoders import load_encoder
     from lit_amdet.world import World
 
@@ -115,13 +115,8 @@ def scan_config(entry: ZooEntry, base: ZooBase, run_dir: Path, scan: ScanSetting
                 device: tuple[str, int | list[int]], bank: str | Path | None = None) -> dict:
     """The ``detect`` config of one member's scan: ``scan.config`` with the single-device, quiet trainer,
     then ``scan.overrides``, then what makes it the scan of this member (overrides cannot change that)."""
-    import yaml
-
     path = config_path(scan.config)
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: unreadable scan config ({exc})") from exc
+    config = read_yaml(path, "scan config")
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a scan config is a mapping")
     set_dotted(config, {"trainer.logger": False, "trainer.enable_progress_bar": False,
