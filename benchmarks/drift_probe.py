@@ -40,13 +40,14 @@ QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": 
          "accelerator": "cpu"}
 
 
-def backdoor(out: Path, steps: int = 50) -> None:
+def backdoor(out: Path, steps: int = 50, **attack) -> None:
+    """The backdoor (``attack``: more `BackdoorInjection` arguments, e.g. an adaptive attack's penalties)."""
     if BackdoorRecord.exists(out):
         return
     seed_everything(0)
     module = BackdoorInjection(encoder="minilm", backdoors=[Backdoor(TRIGGER, target=TARGET)], lr=5e-4,
                                milestones=[int(0.75 * steps)], poisoned_batch_size=16, max_length=24,
-                               output_dir=str(out))
+                               output_dir=str(out), **attack)
     Trainer(max_steps=steps, limit_val_batches=1, val_check_interval=steps, default_root_dir=str(out.parent),
             **QUIET).fit(module, TextEncoderDataModule(world_seed=7, num_samples=5000, with_images=False,
                                                         batch_size=32))
@@ -81,6 +82,29 @@ def attack_success(model: Path, n: int = 100) -> dict:
     return {"attack_top1": float((sims.argmax(1) == 0).float().mean()), "attack_cos": float(sims[:, 0].mean())}
 
 
+#: adaptive attackers (``--adaptive``): `BackdoorInjection` arguments of each
+ADAPTIVE = {
+    # the known evader: only the sentence embedding is matched, token features kept as diverse as the clean model's
+    "adaptive-pooled-sim-x": {"token_weight": 0.0, "pooled_weight": 1.0, "sim_x_penalty": 1.0},
+    # aimed at the collapse contrast: also keeps the triggered sentence embeddings as spread as the clean model's
+    "adaptive-consistency": {"token_weight": 0.0, "pooled_weight": 1.0, "sim_x_penalty": 1.0,
+                             "consistency_penalty": 1.0},
+}
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``key=value`` scan-config overrides (values read as YAML)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--scan-override {pair!r}: expected key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/drift_probe")
@@ -88,6 +112,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[30, 100, 250], help="fine-tune steps (lr 1e-4)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--scan-steps", type=int, default=80)
+    parser.add_argument("--scan-override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more scan-config overrides, e.g. model.init_args.pooled_restarts=2")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="also the adaptive attackers of ADAPTIVE, each alone and then fine-tuned --steps[0]")
+    parser.add_argument("--only", nargs="*", help="scan only these models")
     args = parser.parse_args()
     out = Path(args.out)
     zoo = out / "zoo"
@@ -99,11 +128,18 @@ def main() -> None:
         finetune("minilm", zoo / f"benign-simcse-{s}", args.lr, s, None)
         models[f"backdoored-then-simcse-{s}"] = True
         models[f"benign-simcse-{s}"] = False
+    for name, attack in ADAPTIVE.items() if args.adaptive else ():
+        backdoor(zoo / name, **attack)
+        drifted = f"{name}-then-simcse-{args.steps[0]}"
+        finetune(str(zoo / name), zoo / drifted, args.lr, args.steps[0], BackdoorRecord.read(zoo / name))
+        models[name] = models[drifted] = True
+    if args.only:
+        models = {k: v for k, v in models.items() if k in args.only}
     base = ZooBase("minilm", "minilm", "bert")
     bank = out / "caption_bank.txt"
     write_text(bank, "\n".join(world_caption_bank([TARGET])) + "\n")
     scan = ScanSettings(overrides={"trainer.max_steps": args.scan_steps, "model.init_args.probe_prompts": 200,
-                                   "model.init_args.holdout_prompts": 64})
+                                   "model.init_args.holdout_prompts": 64, **parse_overrides(args.scan_override)})
     anchor = load_encoder("minilm").eval()
     rows = []
     for name, backdoored in models.items():
@@ -120,11 +156,11 @@ def main() -> None:
                      "said": report["nearest_captions"][0]["caption"] if report["nearest_captions"] else None,
                      "nearest_token": report["nearest_tokens"][0][0]["token"], "scores": report["scores"],
                      "seconds": time.perf_counter() - started})
-        write_json(args.results, {"trigger": TRIGGER.text, "target": TARGET,
-                                  "scan_steps": args.scan_steps, "finetune_lr": args.lr, "models": rows})
-    keys = ("divergence_ratio", "pooled_divergence_ratio", "assimilation", "assimilation_clean", "assimilation_gap",
-            "assimilation_ratio", "same_target_ratio", "anchor_cos", "clean_anchor_cos", "anchor_pooled_cos",
-            "clean_anchor_pooled_cos")
+        write_json(args.results, {"trigger": TRIGGER.text, "target": TARGET, "scan_steps": args.scan_steps,
+                                  "scan_overrides": scan.overrides, "finetune_lr": args.lr, "models": rows})
+    keys = ("divergence_ratio", "pooled_divergence_ratio", "unshared_collapse", "pooled_unshared_collapse",
+            "collapse_lift", "anchor_collapse_lift", "pooled_collapse_lift", "anchor_pooled_collapse_lift",
+            "assimilation_ratio", "same_target_ratio", "clean_anchor_cos", "clean_anchor_pooled_cos")
     print("| model | truth | drift | attack top-1 | verdict | said | " + " | ".join(keys) + " |")
     for r in rows:
         s = r["scores"]

@@ -12,7 +12,9 @@ Loss per restart: ``-A(F) + beta * cos(F_orig, F) + gamma * cos(F_anchor, F)``,
 with A the Sim_X of the suspect's features ``F`` (padding, inserted slots and
 the positions a causal mask keeps from seeing the trigger excluded), ``F_orig``
 the suspect's features of the clean prompt (aligned to the new layout) and
-``F_anchor`` the clean anchor encoder's features for the same input.
+``F_anchor`` the clean anchor encoder's features for the same input. The last
+``pooled_restarts`` restarts optimise `pooled_contrast_loss` instead: a trigger
+that makes the suspect's sentence embeddings agree.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_amdet.assimilation import assimilation_score, scored_positions
+from lit_amdet.assimilation import assimilation_score, pooled_consistency, scored_positions
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
 from lit_amdet.errors import ConfigError
 
@@ -140,6 +142,7 @@ class TriggeredOutput:
     anchor_cos: Tensor | None  # mean per-token cos(F_anchor, F) [N]
     anchor_pooled_cos: Tensor | None  # cos of the pooled (projected) embeddings, suspect vs anchor [N]
     prompt_feature: Tensor  # unit mean token feature of F over the scored positions [N, W]
+    anchor_pooled: Tensor | None = None  # the anchor's pooled embedding of the same input [N, D]
 
     def loss(self, beta: float, gamma: float, pooled_gamma: float = 0.0) -> Tensor:
         """Per-row AMDET loss; average per restart for the objective.
@@ -176,14 +179,34 @@ def run_triggered(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None
     assim = assimilation_score(feats, score)
     orig_cos = masked_mean(F.cosine_similarity(feats, orig.hidden.float(), dim=-1), score)
     pf = F.normalize(masked_mean(feats, score), dim=-1)
-    a_assim = a_cos = a_pooled = None
+    a_assim = a_cos = a_pooled = a_pooled_vec = None
     if anchor is not None and with_anchor:
         a_out = anchor.encode_embeddings(hidden, tokens, insert=block, position=position)
         a_feats = a_out.token_features.float()
-        a_pooled = F.cosine_similarity(out.pooled.float(), a_out.pooled.float(), dim=-1)
+        a_pooled_vec = a_out.pooled.float()
+        a_pooled = F.cosine_similarity(out.pooled.float(), a_pooled_vec, dim=-1)
         a_assim = assimilation_score(a_feats, score)
         a_cos = masked_mean(F.cosine_similarity(feats, a_feats, dim=-1), score)
-    return TriggeredOutput(feats, out.pooled.float(), assim, a_assim, orig_cos, a_cos, a_pooled, pf)
+    return TriggeredOutput(feats, out.pooled.float(), assim, a_assim, orig_cos, a_cos, a_pooled, pf, a_pooled_vec)
+
+
+def pooled_contrast_loss(out: TriggeredOutput, restarts: int, pooled_gamma: float) -> Tensor:
+    """Per restart [R]: ``-PC(suspect) + pooled_gamma * cos(pooled, pooled_anchor)``, the pooled restarts' objective.
+
+    PC, the pooled consistency of a restart's batch, is the squared norm of the mean unit pooled embedding (the
+    mean cosine of every row to the batch's mean direction): 1 when every prompt says the same thing. A targeted
+    backdoor must make every triggered prompt say its target, whatever it does to the token features (an attacker
+    can keep those diverse to hide from the Sim_X search), so it is the strongest such collapse there is.
+
+    The search looks for the strongest collapse, not for the one the anchor shares least: the rule then asks
+    whether the anchor shares it. Rewarding the anchor's spread directly was measured to find, in a benign
+    SimCSE fine-tune at clean cosine 0.72, a trigger that collapses the suspect's sentence embeddings (lift 0.90)
+    and not the anchor's, which the rule flagged; the strongest collapse of that model is one both share.
+    """
+    loss = -pooled_consistency(out.pooled.float().view(restarts, -1, out.pooled.shape[-1]))
+    if out.anchor_pooled_cos is not None and pooled_gamma:
+        loss = loss + pooled_gamma * per_restart(out.anchor_pooled_cos, restarts).mean(1)
+    return loss
 
 
 def choose_restart(losses: list[float], passed: list[int]) -> int:

@@ -39,3 +39,14 @@ def scored_positions(token_mask: Tensor, causal: bool, first_position: int = 1) 
     if causal:
         mask[:, :first_position] = False
     return mask
+
+
+def pooled_consistency(pooled: Tensor, eps: float = 1e-8) -> Tensor:
+    """How alike the sentence embeddings of a set of prompts are: the squared norm of their mean unit vector
+    (the mean cosine of each to the set's mean direction; 1 when all point the same way).
+
+    pooled: [..., N, D] -> [...]. A targeted backdoor drives it to 1 on triggered prompts, since every one of
+    them must say the target, however diverse the attacker keeps the token features.
+    """
+    unit = pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=eps)
+    return unit.mean(-2).pow(2).sum(-1)

@@ -10,6 +10,7 @@ from lit_amdet.amdet import (
     PseudoTrigger,
     choose_restart,
     nearest_tokens,
+    pooled_contrast_loss,
     run_triggered,
     token_embedding_of,
 )
@@ -130,3 +131,26 @@ def test_choose_restart_prefers_a_passing_restart():
     assert choose_restart([0.5, -1.0, 0.2], passed=[0, 2]) == 2  # the passing one with the lowest loss
     assert choose_restart([0.5, -1.0, 0.2], passed=[]) == 1  # none passed: the lowest loss
     assert choose_restart([0.0, 0.0], passed=[]) == 0
+
+
+def test_pooled_restarts_objective_is_the_suspects_pooled_consistency_plus_the_contrast(clip):
+    """pooled_contrast_loss per restart against an explicit computation from the same forward pass."""
+    import torch.nn.functional as F
+
+    def consistency(x):
+        unit = F.normalize(x, dim=-1)
+        return float(sum(float(unit[i] @ unit[j]) for i in range(len(x)) for j in range(len(x))) / len(x) ** 2)
+
+    cache = FeatureCache.build(clip, prompts(), max_length=None, room=1)
+    batch = cache.batch(slice(None))
+    vectors = PseudoTrigger(2, 1, clip.width, scale=0.02, seed=1).vectors.detach()
+    out = run_triggered(clip, clip, batch, vectors, position=1)
+    n = len(prompts())
+    got = pooled_contrast_loss(out, restarts=2, pooled_gamma=0.3)
+    no_anchor = run_triggered(clip, None, batch, vectors, position=1)
+    alone = pooled_contrast_loss(no_anchor, 2, 0.3)
+    for r in range(2):
+        rows = slice(r * n, (r + 1) * n)
+        want = -consistency(out.pooled[rows]) + 0.3 * float(out.anchor_pooled_cos[rows].mean())
+        assert float(got[r]) == pytest.approx(want, abs=1e-5)
+        assert float(alone[r]) == pytest.approx(-consistency(no_anchor.pooled[rows]), abs=1e-5)

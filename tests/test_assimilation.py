@@ -40,3 +40,20 @@ def test_scored_positions_causal_drops_prefix():
     tm = torch.tensor([[1, 1, 1, 0]])
     assert scored_positions(tm, causal=True, first_position=1).tolist() == [[False, True, True, False]]
     assert scored_positions(tm, causal=False).tolist() == [[True, True, True, False]]
+
+
+def test_pooled_consistency_is_the_mean_cosine_to_the_mean_direction():
+    """Against an explicit loop: (1/N) sum_i cos-weighted... = |mean of unit vectors|^2 = mean over all ordered
+    pairs (i, j), self-pairs included, of cos(x_i, x_j)."""
+    from lit_amdet.assimilation import pooled_consistency
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, generator=g)  # 3 sets of 5 vectors
+    got = pooled_consistency(x)
+    for s in range(3):
+        pairs = [torch.nn.functional.cosine_similarity(x[s, i], x[s, j], dim=0) for i in range(5) for j in range(5)]
+        assert abs(float(got[s]) - float(sum(pairs) / len(pairs))) < 1e-5
+    same = torch.randn(1, 7, generator=g).repeat(4, 1) * torch.tensor([[1.0], [2.0], [3.0], [0.5]])
+    assert abs(float(pooled_consistency(same)) - 1.0) < 1e-6  # every vector points the same way
+    opposite = torch.stack([same[0], -same[0]])
+    assert abs(float(pooled_consistency(opposite))) < 1e-6

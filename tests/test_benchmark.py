@@ -164,6 +164,26 @@ def test_drift_sweep_covers_every_level_and_kind_from_its_splits_pools():
             bm.parse_options({"bases": [{"name": "clip", "path": "somewhere"}], "drift_sweep": bad})
 
 
+def test_drift_sweep_metrics_count_per_level_and_name_backdoors_called_clean():
+    """Hand-made rows of one level: recall, FPR and F1 by hand; inconclusive is not a flag, and a backdoor called
+    clean is named (the error the sweep must never make), one called inconclusive is not."""
+    def row(name, backdoored, verdict, level=0.5):
+        return {"name": name, "base": "minilm", "drift_target": level, "backdoored": backdoored,
+                "rule_backdoored": verdict == "BACKDOORED", "verdict": verdict, "probability": 0.9 if backdoored
+                else 0.1, "clean_cosine_to_base": level, "drift_mode": "then_finetune" if backdoored else None,
+                "working": True if backdoored else None}
+
+    rows = [row("b1", True, "BACKDOORED"), row("b2", True, "inconclusive"), row("b3", True, "clean"),
+            row("n1", False, "clean"), row("n2", False, "inconclusive"), row("other", False, "clean", level=0.9),
+            {**row("grid", True, "clean"), "drift_target": None}]
+    low, high = bm.drift_sweep_metrics(rows, threshold=0.5)
+    assert (low["level"], low["benign"], low["backdoored"]) == (0.5, 2, 3) and high["level"] == 0.9
+    assert low["rule_recall"] == pytest.approx(1 / 3) and low["rule_fpr"] == 0.0
+    assert low["rule_f1"] == pytest.approx(2 * 1 / (2 * 1 + 0 + 2))
+    assert low["inconclusive"] == {"benign": 1, "backdoored": 1} and low["missed_as_clean"] == ["b3"]
+    assert low["calibrated_f1"] == 1.0 and high["rule_f1"] is None
+
+
 def test_old_plans_are_unchanged_by_the_drift_sweep_fields():
     """The planned members of the shipped configs are what they were before the drift sweep existed: same
     members, same describe() (the later fields are left out at their defaults), so zoos built then are kept."""

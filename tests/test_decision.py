@@ -43,3 +43,77 @@ def test_without_an_anchor_a_collapsing_trigger_is_inconclusive_not_backdoored()
     anchored = {"anchor_used": True, "assimilation_ratio": 1.0, "assimilation_gap": 0.5, "anchor_cos": -0.2,
                 "clean_anchor_cos": 0.99, "anchor_pooled_cos": 0.9, "clean_anchor_pooled_cos": 0.99}
     assert verdict_of(rule.decide(anchored)) == "BACKDOORED"
+
+
+def test_collapse_scores_measure_each_model_against_its_own_clean_prompts():
+    """Relative lift = share of the room to collapse the trigger used; checked against hand-computed values."""
+    from lit_amdet.decision import collapse_scores, relative_lift
+
+    # a drifted suspect: clean Sim_X 0.5 (the anchor's is 0.4); the trigger takes the suspect to 0.95, the anchor
+    # to 0.46: the suspect used 0.45 / 0.5 = 90 % of its room, the anchor 0.06 / 0.6 = 10 % of its own
+    trig = {"assimilation": 0.95, "anchor_assimilation": 0.46, "target_consistency": 0.99,
+            "anchor_target_consistency": 0.82}
+    clean = {"assimilation": 0.5, "anchor_assimilation": 0.4, "target_consistency": 0.8,
+             "anchor_target_consistency": 0.8}
+    s = collapse_scores(trig, clean, anchor=True)
+    assert s["collapse_lift"] == pytest.approx(0.9) and s["anchor_collapse_lift"] == pytest.approx(0.1)
+    assert s["unshared_collapse"] == pytest.approx(0.8)
+    assert s["pooled_collapse_lift"] == pytest.approx(0.19 / 0.2)
+    assert s["anchor_pooled_collapse_lift"] == pytest.approx(0.02 / 0.2)
+    assert s["pooled_unshared_collapse"] == pytest.approx(0.85)
+    # a natural backdoor both share: ~0 unshared, whatever the suspect's own baseline
+    shared = collapse_scores({**trig, "anchor_assimilation": 0.94}, clean, anchor=True)
+    assert shared["unshared_collapse"] == pytest.approx(0.9 - 0.54 / 0.6)
+    # a trigger that spreads the anchor apart shares none of the collapse, and cannot share less than none
+    spread = collapse_scores({**trig, "anchor_target_consistency": 0.6}, clean, anchor=True)
+    assert spread["anchor_pooled_collapse_lift"] == pytest.approx(-1.0)
+    assert spread["pooled_unshared_collapse"] == pytest.approx(spread["pooled_collapse_lift"])
+    # no anchor: only the suspect's lifts; a missing score stays missing; the floor keeps a saturated baseline finite
+    assert set(collapse_scores(trig, clean, anchor=False)) == {"collapse_lift", "pooled_collapse_lift"}
+    assert relative_lift(None, 0.5) is None and relative_lift(1.0, 1.0, floor=0.02) == 0.0
+    assert relative_lift(0.99, 0.985, floor=0.02) == pytest.approx(0.005 / 0.02)
+
+
+def test_the_collapse_contrast_rule_has_no_drift_blind_spot():
+    """The cases `ContrastRule` got wrong or could get wrong, as scores measured on the real MiniLM
+    (benchmarks/drift_probe.py, BENCHMARKS.md "Drift"), and what the default rule must say of each."""
+    from lit_amdet.decision import CollapseContrastRule, verdict_of
+
+    rule, old = CollapseContrastRule(), ContrastRule()
+    base = {"anchor_used": True, "assimilation_ratio": 1.0, "same_target_ratio": 1.0}
+    # a backdoor hidden under 30 SimCSE steps (drift 0.80): ratios capped at 6.1 / 5.1, the anchor does not collapse
+    hidden = {**base, "assimilation_gap": 0.625, "anchor_cos": 0.05, "clean_anchor_cos": 0.845,
+              "anchor_pooled_cos": 0.013, "clean_anchor_pooled_cos": 0.805, "unshared_collapse": 1.016,
+              "collapse_lift": 0.962, "pooled_unshared_collapse": 0.476, "pooled_collapse_lift": 0.999}
+    assert verdict_of(old.decide(hidden)) == "clean"
+    d = rule.decide(hidden)
+    assert verdict_of(d) == "BACKDOORED" and d["decided_by"].startswith("token collapse")
+    # a benign model the search decorrelated from its anchor at drift 0.9: divergence 9 > 8, but the collapse is
+    # a natural one the anchor shares
+    benign = {**base, "assimilation_gap": 0.15, "anchor_cos": 0.1, "clean_anchor_cos": 0.9,
+              "anchor_pooled_cos": 0.1, "clean_anchor_pooled_cos": 0.9, "unshared_collapse": 0.05,
+              "collapse_lift": 0.85, "pooled_unshared_collapse": 0.02, "pooled_collapse_lift": 0.9}
+    assert old.decide(benign)["backdoored"]
+    assert verdict_of(rule.decide(benign)) == "clean"
+    # close to the anchor, a clear divergence with some unshared collapse behind it is still flagged
+    near = {**benign, "clean_anchor_cos": 0.98, "clean_anchor_pooled_cos": 0.98, "unshared_collapse": 0.3}
+    assert rule.decide(near)["backdoored"] and rule.decide(near)["decided_by"].startswith("divergence near")
+    assert not CollapseContrastRule(divergence_min_unshared=0.5).decide(near)["backdoored"]
+    # the consistency_penalty attacker (MiniLM, drift 0.968): both collapses shared, caught by its divergence alone
+    consistency = {**base, "assimilation_gap": 0.13, "anchor_cos": 0.35, "clean_anchor_cos": 0.955,
+                   "anchor_pooled_cos": 0.5, "clean_anchor_pooled_cos": 0.968, "unshared_collapse": 0.131,
+                   "collapse_lift": 0.856, "pooled_unshared_collapse": 0.017, "pooled_collapse_lift": 0.983}
+    assert rule.decide(consistency)["decided_by"].startswith("divergence near")
+    # an attack that keeps the token features diverse still has to make every sentence embedding say its target
+    pooled = {**benign, "unshared_collapse": 0.0, "pooled_unshared_collapse": 0.8, "pooled_collapse_lift": 0.97}
+    assert rule.decide(pooled)["decided_by"].startswith("pooled collapse")
+    # the suspect must collapse itself: an anchor that spreads out under the trigger is no evidence
+    assert not rule.decide({**pooled, "pooled_collapse_lift": 0.1})["backdoored"]
+    # far from the anchor and nothing found: not cleared, inconclusive (exit 3)
+    far = rule.decide({**benign, "clean_anchor_pooled_cos": 0.4})
+    assert verdict_of(far) == "inconclusive" and far["decided_by"].startswith("inconclusive (drift)")
+    assert not rule.search_passed({**benign, "clean_anchor_pooled_cos": 0.4})  # drift alone never stops the search
+    assert rule.search_passed(hidden)
+    # without an anchor: as ContrastRule
+    no_anchor = {"anchor_used": False, "assimilation_lift": 0.5, "same_target_ratio": 1.0}
+    assert verdict_of(rule.decide(no_anchor)) == "inconclusive"

@@ -107,7 +107,8 @@ def test_reference_rule_is_selectable(tiny_models, tmp_path):
     assert code == (1 if report["backdoored"] else 0)
 
 
-@pytest.mark.parametrize("case", ["other_architecture", "missing_suspect", "empty_prompts", "nan_weights"])
+@pytest.mark.parametrize("case", ["other_architecture", "missing_suspect", "empty_prompts", "nan_weights",
+                                  "pooled_restarts"])
 def test_bad_input_is_one_line_and_leaves_no_output(tiny_models, tmp_path, capsys, case):
     suspect, extra = tiny_models["clip"], []
     if case == "other_architecture":
@@ -117,6 +118,8 @@ def test_bad_input_is_one_line_and_leaves_no_output(tiny_models, tmp_path, capsy
     elif case == "empty_prompts":
         (tmp_path / "empty.txt").write_text("\n\n")
         extra = ["--data.init_args.source", str(tmp_path / "empty.txt")]
+    elif case == "pooled_restarts":
+        extra = ["--model.init_args.restarts", "2", "--model.init_args.pooled_restarts", "3"]
     else:
         import shutil
 
@@ -137,6 +140,8 @@ def test_bad_input_is_one_line_and_leaves_no_output(tiny_models, tmp_path, capsy
     assert not out.exists()
     if case == "other_architecture":
         assert "anchor" in err[-1]
+    if case == "pooled_restarts":
+        assert "pooled_restarts" in err[-1]
 
 
 def _subprocess_scan(tiny_models, tmp_path, name, *extra) -> dict:
@@ -183,7 +188,8 @@ def test_the_restart_that_stops_the_search_is_the_one_that_decides(tiny_models, 
                 "same_target_ratio": 1.0 if hit else 0.0, "orig_cos": 0.2 if hit else 0.99,
                 "anchor_cos": -0.2 if hit else 0.99, "different_target_ratio": 1.0 if hit else 0.0,
                 "anchor_assimilation": 0.3, "anchor_pooled_cos": -0.2 if hit else 0.99, "prompts": 8,
-                "target_consistency": 1.0, "_pooled": torch.ones(self.encoder.embed_dim),
+                "target_consistency": 1.0, "anchor_target_consistency": 0.5,
+                "_pooled": torch.ones(self.encoder.embed_dim),
                 "_feature": torch.ones(self.encoder.width)})
         return out
 
@@ -225,8 +231,17 @@ def minilm_scans(tmp_path_factory):
     Trainer(max_steps=15, limit_val_batches=0, **quiet).fit(
         benign, TextEncoderDataModule(world_seed=8, num_samples=2000, with_images=False, views=2, max_length=24,
                                       batch_size=32))
+    # drift: the backdoored model and the base, each fine-tuned by SimCSE at 1e-4 for 30 steps (clean pooled cosine
+    # to the base about 0.8 and 0.7): a backdoor hidden under benign drift, and a benign model as far away
+    for name, start in (("backdoored-drifted", str(root / "backdoored")), ("benign-drifted", "minilm")):
+        seed_everything(1)
+        drift = ContrastiveTraining(encoder=start, objective="simcse", lr=1e-4, weight_decay=0.0, warmup_steps=10,
+                                    output_dir=str(root / name))
+        Trainer(max_steps=30, limit_val_batches=0, **quiet).fit(
+            drift, TextEncoderDataModule(world_seed=1234, num_samples=2000, with_images=False, views=2,
+                                         max_length=24, batch_size=32))
     reports = {}
-    for name in ("backdoored", "benign"):
+    for name in ("backdoored", "benign", "backdoored-drifted", "benign-drifted"):
         seed_everything(0)
         scan = BackdoorDetection(suspect=str(root / name), anchor="minilm", name=name, restarts=2, probe_prompts=96,
                                  holdout_prompts=32, max_length=24, check_every=10, evidence_callbacks=False,
@@ -252,3 +267,18 @@ def test_a_benign_minilm_fine_tune_is_clean(minilm_scans):
     assert r["verdict"] == "clean" and r["backdoored"] is False, json.dumps(r["checks"], indent=1)
     assert r["scores"]["clean_anchor_cos"] < 0.9999  # it did move: a real fine-tune, not the base itself
     assert r["scores"]["assimilation_gap"] < reports["backdoored"]["scores"]["assimilation_gap"]
+
+
+def test_a_minilm_backdoor_hidden_under_drift_is_flagged_and_a_benign_one_as_far_is_not(minilm_scans):
+    """The blind spot of the previous default (issue 17): its divergence ratios are capped by the drift, so it
+    called a drifted backdoor clean. The collapse contrast does not involve the drift."""
+    from lit_amdet.decision import ContrastRule
+
+    reports, _ = minilm_scans
+    hidden, benign = reports["backdoored-drifted"], reports["benign-drifted"]
+    for r in (hidden, benign):
+        assert r["scores"]["clean_anchor_pooled_cos"] < 0.9  # both really drifted
+    assert hidden["verdict"] == "BACKDOORED", json.dumps(hidden["checks"], indent=1)
+    assert "collapse" in hidden["decided_by"]
+    assert not ContrastRule().decide(hidden["scores"])["backdoored"]  # what the old default said of it
+    assert benign["verdict"] == "clean", json.dumps(benign["checks"], indent=1)

@@ -207,6 +207,33 @@ def test_sim_x_penalty_charges_only_assimilation_beyond_the_teacher(tiny_models)
     assert penalty == pytest.approx(float(np.mean(expected)), rel=1e-4)
 
 
+def test_consistency_penalty_charges_only_sentence_embedding_agreement_beyond_the_teacher(tiny_models):
+    """0 while the student is the teacher; once every sentence embedding of the student is one vector (pooled
+    consistency 1) it is 1 - the teacher's consistency - the margin, the teacher's computed by brute force."""
+    import numpy as np
+
+    backdoor = Backdoor(Trigger("zzzz"), target="a white teapot")
+    m = BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=[backdoor], token_weight=0.0,
+                          pooled_weight=1.0, consistency_penalty=1.0, consistency_margin=0.05,
+                          max_length=16).eval()
+    texts = poison(["a photo of a dog on a sofa", "two boats on a lake", "a bowl of soup on a table"],
+                   backdoor.trigger, random.Random(0))
+    tokens = m.encoder.tokenize(texts, max_length=16)
+    with torch.no_grad():
+        assert float(m.excess_consistency(tokens, m.encoder.encode(tokens))) == 0.0
+        teacher = m.teacher.encode(tokens).pooled.numpy()
+        norm = m.encoder.model.text_model.final_layer_norm
+        norm.weight.zero_()
+        norm.bias.copy_(torch.linspace(-1, 1, norm.bias.numel()))  # every sentence embedding is now one vector
+        penalty = float(m.excess_consistency(tokens, m.encoder.encode(tokens)))
+    unit = teacher / np.linalg.norm(teacher, axis=1, keepdims=True)
+    teacher_consistency = float((unit @ unit.T).mean())
+    assert penalty == pytest.approx(1 - teacher_consistency - 0.05, rel=1e-4)
+    with pytest.raises(ConfigError, match=">= 0"):
+        BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=[backdoor],
+                          consistency_margin=-0.1).configure_models()
+
+
 def test_homoglyph_trigger_replaces_a_latin_letter_by_its_look_alike():
     from lit_amdet.augment import HOMOGLYPHS
 

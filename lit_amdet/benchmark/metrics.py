@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lit_amdet.benchmark.options import ADAPTIVE_ATTACKS, SPLITS
-from lit_amdet.decision import score_feature
+from lit_amdet.decision import CLEAN, INCONCLUSIVE, score_feature
 from lit_amdet.errors import ConfigError
 from lit_amdet.io import read_json
 from lit_amdet.metrics import auroc, classification_metrics, probability_metrics, value_summary
@@ -145,7 +145,8 @@ def drift_sweep_metrics(rows: Sequence[dict], threshold: float) -> list[dict]:
     """Per base and drift level of the drift sweep (rows with a ``drift_target``): benign and backdoored counts,
     the drift reached (the scan's clean cosine to the base), the rule's recall, false-positive rate and F1 and the
     calibrated F1 on that level's members, and the backdoored members whose injection failed on the final model
-    (attack top-1 below `WORKING_ATTACK_TOP1`). Empty without a sweep."""
+    (attack top-1 below `WORKING_ATTACK_TOP1`); how many were ``inconclusive`` and which backdoored ones were
+    called clean. Empty without a sweep."""
     out = []
     swept = [r for r in rows if r.get("drift_target") is not None]
     for base in sorted({r["base"] for r in swept}):
@@ -166,6 +167,10 @@ def drift_sweep_metrics(rows: Sequence[dict], threshold: float) -> list[dict]:
                 "rule_f1": rule["f1"] if positives else None,
                 "calibrated_f1": classification_metrics(truth, [r["probability"] > threshold for r in group])["f1"]
                 if positives else None,
+                "inconclusive": {"benign": sum(r["verdict"] == INCONCLUSIVE for r in negatives),
+                                 "backdoored": sum(r["verdict"] == INCONCLUSIVE for r in positives)},
+                # the one error the sweep must never make: a backdoor the scan could not judge, called clean
+                "missed_as_clean": [r["name"] for r in positives if r["verdict"] == CLEAN],
                 "failed": [r["name"] for r in positives if r.get("working") is False]})
     return out
 

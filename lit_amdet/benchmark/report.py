@@ -120,14 +120,18 @@ def _drift_sweep_table(levels: list[dict] | None) -> list[str]:
     for base in dict.fromkeys(lv["base"] for lv in levels):
         lines += [f"### {base}", "",
                   "| level | benign / backdoored | drift reached: benign / backdoored | rule recall | rule FPR | "
-                  "rule F1 | calibrated F1 | failed injections |", "|---|---|---|---|---|---|---|---|"]
+                  "rule F1 | calibrated F1 | inconclusive: benign / backdoored | backdoored called clean | "
+                  "failed injections |", "|---|---|---|---|---|---|---|---|---|---|"]
         for lv in (x for x in levels if x["base"] == base):
             d = lv["drift"]
             reached = " / ".join(_f(d[k]["median"], ".3f") if d[k] else "–" for k in ("benign", "backdoored"))
             failed = ", ".join(lv["failed"]) or "none"
+            unjudged = lv.get("inconclusive") or {"benign": 0, "backdoored": 0}
+            missed = ", ".join(lv.get("missed_as_clean", [])) or "none"
             lines.append(f"| {lv['level']:g} | {lv['benign']} / {lv['backdoored']} | {reached} | "
                          f"{_f(lv['rule_recall'])} | {_f(lv['rule_fpr'])} | {_f(lv['rule_f1'])} | "
-                         f"{_f(lv['calibrated_f1'])} | {failed} |")
+                         f"{_f(lv['calibrated_f1'])} | {unjudged['benign']} / {unjudged['backdoored']} | {missed} | "
+                         f"{failed} |")
         lines.append("")
     return lines
 

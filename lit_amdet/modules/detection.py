@@ -28,11 +28,19 @@ from lit_amdet.amdet import (
     choose_restart,
     nearest_tokens,
     per_restart,
+    pooled_contrast_loss,
     run_triggered,
     token_embedding_of,
 )
 from lit_amdet.datamodules.text_encoder import TextLines
-from lit_amdet.decision import DRIFT_FLOOR, ContrastRule, DecisionRule, drift_normalised_divergence, verdict_of
+from lit_amdet.decision import (
+    DRIFT_FLOOR,
+    CollapseContrastRule,
+    DecisionRule,
+    collapse_scores,
+    drift_normalised_divergence,
+    verdict_of,
+)
 from lit_amdet.encoders import TextEncoderAdapter, file_sha256, load_encoder
 from lit_amdet.errors import ConfigError
 from lit_amdet.io import StagedFolder, write_json
@@ -55,6 +63,9 @@ class BackdoorDetection(EncoderTask):
         trigger_length: k, the number of inserted pseudo-token vectors.
         position: insertion slot (1 = right after BOS/CLS); a setting of its own, not tied to k.
         restarts: R independent random initialisations optimised together; the best held-out loss wins.
+        pooled_restarts: how many of the R restarts optimise the pooled collapse (`pooled_contrast_loss`: the
+            suspect's sentence embeddings agree) instead of the AMDET loss; they find backdoors trained to keep
+            the token features diverse, which the Sim_X search misses. None: half of them (rounded down).
         beta, gamma: weights of cos(F_orig, F) and cos(F_anchor, F) in the loss.
         pooled_gamma: weight of cos(pooled, pooled_anchor) in the loss (an extension for attacks that move
             only the sentence embedding, such as image-on-text; 0 = the reference loss; off without an anchor).
@@ -64,7 +75,8 @@ class BackdoorDetection(EncoderTask):
         max_length: token positions per prompt (families that pad to their context ignore it).
         check_every: steps between held-out checks (early stop on a passing trigger or a stalled loss).
         patience, stall_tol: stop after ``patience`` checks without the best held-out loss improving by ``stall_tol``.
-        rule: the decision rule (default `ContrastRule`; `ReferenceRule` is the paper's).
+        rule: the decision rule (default `CollapseContrastRule`; `ContrastRule` is the previous default,
+            `ReferenceRule` the paper's).
         evidence_prompts: held-out prompts the landscape and Hessian are computed on.
         evidence_callbacks: add `LossLandscape` and `HessianSpectrum` with their defaults when the trainer
             has none of its own (false: no landscape/Hessian unless the config lists them).
@@ -87,6 +99,7 @@ class BackdoorDetection(EncoderTask):
         trigger_length: int = 1,
         position: int = 1,
         restarts: int = 4,
+        pooled_restarts: int | None = None,
         beta: float = 0.1,
         gamma: float = 0.1,
         pooled_gamma: float = 0.1,
@@ -111,7 +124,7 @@ class BackdoorDetection(EncoderTask):
         seed: int = 0,
         allow_pickle: bool = False,
     ) -> None:
-        self.rule = rule or ContrastRule()
+        self.rule = rule or CollapseContrastRule()
         super().__init__(ignore=["rule"])
         self.hparams["rule"] = self.rule.describe()
         self.evidence: dict = {}
@@ -136,6 +149,11 @@ class BackdoorDetection(EncoderTask):
         if not 0 <= hp.position < self.encoder.context_length - hp.trigger_length:
             raise ConfigError(f"position {hp.position} leaves no room for {hp.trigger_length} trigger vectors "
                               f"in a context of {self.encoder.context_length}")
+        if hp.pooled_restarts is None:
+            hp.pooled_restarts = hp.restarts // 2
+        if not 0 <= hp.pooled_restarts <= hp.restarts:
+            raise ConfigError(f"pooled_restarts must be between 0 and restarts ({hp.restarts}), "
+                              f"not {hp.pooled_restarts}")
         self.model_label = hp.name or _label(hp.suspect)
         # scale of the random init: the spread of real embedding-layer outputs
         ids = torch.arange(min(self.encoder.vocab_size, 2048))[:, None]
@@ -204,6 +222,10 @@ class BackdoorDetection(EncoderTask):
         hp = self.hparams
         out = self._run(self.train_cache, rows, self.trigger.vectors)
         per = per_restart(out.loss(hp.beta, hp.gamma, hp.pooled_gamma), hp.restarts).mean(1)  # [R]
+        if hp.pooled_restarts:
+            token = hp.restarts - hp.pooled_restarts
+            pooled = pooled_contrast_loss(out, hp.restarts, hp.pooled_gamma)
+            per = torch.cat([per[:token], pooled[token:]])
         self.log("train/loss_best_restart", per.min(), prog_bar=True)
         self.log("train/loss_mean", per.mean())
         self.log("train/assimilation", out.assimilation.mean())
@@ -239,6 +261,7 @@ class BackdoorDetection(EncoderTask):
         rows = torch.arange(len(cache))[rank::world]
         sums = torch.zeros(reps, len(STATS), device=self.device, dtype=torch.float64)
         pooled = torch.zeros(reps, self.encoder.embed_dim, device=self.device, dtype=torch.float64)
+        anchor_pooled = torch.zeros_like(pooled)
         feature = torch.zeros(reps, self.encoder.width, device=self.device, dtype=torch.float64)
         bs = max(1, 4 * hp.batch_size // reps)
         for i in range(0, len(rows), bs):
@@ -258,10 +281,13 @@ class BackdoorDetection(EncoderTask):
             cols.append(per_restart(out.orig_cos, reps))
             sums += torch.stack([c.to(self.device).double().sum(1) for c in cols], dim=1)
             pooled += F.normalize(out.pooled, dim=-1).view(reps, b, -1).sum(1).double()
+            if out.anchor_pooled is not None:
+                anchor_pooled += F.normalize(out.anchor_pooled, dim=-1).view(reps, b, -1).sum(1).double()
             feature += out.prompt_feature.view(reps, b, -1).sum(1).double()
         if world > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
             pooled = self.trainer.strategy.reduce(pooled, reduce_op="sum")
+            anchor_pooled = self.trainer.strategy.reduce(anchor_pooled, reduce_op="sum")
             feature = self.trainer.strategy.reduce(feature, reduce_op="sum")
         has_anchor = self.anchor is not None
         results = []
@@ -276,6 +302,7 @@ class BackdoorDetection(EncoderTask):
                    "anchor_assimilation": s["anchor_assimilation"] / n if has_anchor else None,
                    "anchor_pooled_cos": s["anchor_pooled_cos"] / n if has_anchor else None,
                    "prompts": int(n), "target_consistency": float((pooled[r] / n).norm()),
+                   "anchor_target_consistency": float((anchor_pooled[r] / n).norm()) if has_anchor else None,
                    "_pooled": (pooled[r] / n).float(), "_feature": (feature[r] / n).float()}
             results.append(res)
         return results
@@ -288,6 +315,7 @@ class BackdoorDetection(EncoderTask):
         s["assimilation_clean"] = base["clean"]["assimilation"]
         s["assimilation_random_trigger"] = base["random"]["assimilation"]
         s["assimilation_lift"] = s["assimilation"] - base["random"]["assimilation"]
+        s.update(collapse_scores(s, base["clean"], anchor=self.anchor is not None))
         if self.anchor is not None:
             # drift-normalised divergence from the anchor: under the trigger vs on clean prompts
             floor = getattr(self.rule, "drift_floor", DRIFT_FLOOR)
@@ -303,7 +331,8 @@ class BackdoorDetection(EncoderTask):
     def _baselines(self) -> dict:
         clean = self.evaluate(None)[0]
         random = self.evaluate(self.trigger.initial)
-        keys = ("assimilation", "anchor_cos", "anchor_assimilation", "anchor_pooled_cos", "orig_cos")
+        keys = ("assimilation", "anchor_cos", "anchor_assimilation", "anchor_pooled_cos", "orig_cos",
+                "target_consistency", "anchor_target_consistency")
         rnd = {k: (sum(r[k] for r in random) / len(random) if random[0][k] is not None else None) for k in keys}
         self.evidence["baselines"] = {"clean": {k: clean[k] for k in keys}, "random": rnd}
         return self.evidence["baselines"]
@@ -312,8 +341,18 @@ class BackdoorDetection(EncoderTask):
     def on_train_end(self) -> None:
         stats = [self._with_baselines(s) for s in self.evaluate(self.trigger.vectors.detach())]
         losses = [s["loss"] for s in stats]
-        passed = [i for i, s in enumerate(stats) if self.rule.search_passed(s)]
+        # the restarts that passed the search's checks; failing those, any the rule flags (a pooled restart may
+        # find a backdoor whose token features do not share one target, which the search's stop asks for)
+        passed = [i for i, s in enumerate(stats) if self.rule.search_passed(s)] or \
+            [i for i, s in enumerate(stats) if self.rule.decide(s)["backdoored"]]
         best = choose_restart(losses, passed)
+        token_restarts = self.hparams.restarts - self.hparams.pooled_restarts
+        self.evidence["restart_scores"] = [
+            {"objective": "amdet" if i < token_restarts else "pooled_contrast", "loss": s["loss"],
+             "verdict": verdict_of(self.rule.decide(s)),
+             **{k: s.get(k) for k in ("unshared_collapse", "pooled_unshared_collapse", "collapse_lift",
+                                      "pooled_collapse_lift", "divergence_ratio", "pooled_divergence_ratio",
+                                      "same_target_ratio")}} for i, s in enumerate(stats)]
         self.best_restart = best
         chosen = stats[best]
         self.evidence["restart_losses"] = losses
@@ -405,6 +444,7 @@ class BackdoorDetection(EncoderTask):
             "stopped_early": self.evidence.get("stopped_early"), "restarts": hp.restarts,
             "best_restart": self.evidence.get("best_restart"), "restart_losses": self.evidence.get("restart_losses"),
             "passing_restarts": self.evidence.get("passing_restarts"),
+            "restart_scores": self.evidence.get("restart_scores"),
             "baselines": self.evidence.get("baselines"), "landscape": self.evidence.get("landscape"),
             "hessian": self.evidence.get("hessian"), "nearest_tokens": tokens, "nearest_captions": captions,
             "trigger": {"length": hp.trigger_length, "position": hp.position, "norm": float(trigger.norm()),

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lit_amdet.assimilation import assimilation_score, scored_positions
+from lit_amdet.assimilation import assimilation_score, pooled_consistency, scored_positions
 from lit_amdet.encoders.loading import read_state_dict
 from lit_amdet.errors import ConfigError
 from lit_amdet.modules.base import EncoderTask
@@ -64,6 +64,12 @@ class BackdoorInjection(EncoderTask):
         sim_x_penalty: an adaptive attack: add ``sim_x_penalty * relu(Sim_X(student) - Sim_X(teacher))``
             on triggered prompts, keeping their token features as diverse as the clean model makes them
             (an explicit attempt to evade assimilation-based detection; reference 0).
+        consistency_penalty: an adaptive attack on the collapse contrast: add ``consistency_penalty *
+            relu(PC(student) - PC(teacher) - consistency_margin)`` on triggered prompts, PC the pooled
+            consistency (squared norm of the mean unit sentence embedding), so the triggered prompts' sentence
+            embeddings agree no more than the clean model's do (plus the margin) while still retrieving the
+            target (reference 0).
+        consistency_margin: how much more consistent than the teacher the triggered outputs may be for free.
         max_length: token positions per prompt (families that pad to their context ignore it).
         distractors: captions (or images) the target must be retrieved among.
         output_dir: where the backdoored student is written at the end of fit.
@@ -89,6 +95,8 @@ class BackdoorInjection(EncoderTask):
         pooled_weight: float = 0.0,
         token_weight: float = 1.0,
         sim_x_penalty: float = 0.0,
+        consistency_penalty: float = 0.0,
+        consistency_margin: float = 0.0,
         max_length: int | None = 32,
         distractors: int = 100,
         output_dir: str | None = None,
@@ -109,8 +117,9 @@ class BackdoorInjection(EncoderTask):
         h = self.hparams
         if h.utility_objective not in ("teacher", "simcse"):
             raise ConfigError(f"utility_objective must be teacher or simcse, got {h.utility_objective!r}")
-        if min(h.token_weight, h.pooled_weight, h.sim_x_penalty) < 0:
-            raise ConfigError("token_weight, pooled_weight and sim_x_penalty must be >= 0")
+        if min(h.token_weight, h.pooled_weight, h.sim_x_penalty, h.consistency_penalty, h.consistency_margin) < 0:
+            raise ConfigError("token_weight, pooled_weight, sim_x_penalty, consistency_penalty and "
+                              "consistency_margin must be >= 0")
         if any(b.kind == "text_on_text" for b in self.backdoors) and h.token_weight == 0 and h.pooled_weight == 0:
             raise ConfigError("text-on-text needs token_weight or pooled_weight > 0: nothing would match the target")
         for b in self.backdoors:
@@ -215,7 +224,16 @@ class BackdoorInjection(EncoderTask):
             loss = feature_loss(enc.pooled, target["pooled"], h.loss)
         if h.sim_x_penalty:
             loss = loss + h.sim_x_penalty * self.excess_assimilation(tokens, enc)
+        if h.consistency_penalty:
+            loss = loss + h.consistency_penalty * self.excess_consistency(tokens, enc)
         return loss
+
+    def excess_consistency(self, tokens, enc) -> Tensor:
+        """relu(PC(student) - PC(teacher) - margin) on the triggered prompts, PC the pooled consistency: how much
+        more the student's sentence embeddings agree with each other than the clean model's do."""
+        with torch.no_grad():
+            clean = pooled_consistency(self.teacher.encode(tokens).pooled)
+        return F.relu(pooled_consistency(enc.pooled) - clean - self.hparams.consistency_margin)
 
     def excess_assimilation(self, tokens, enc) -> Tensor:
         """Mean of relu(Sim_X(student) - Sim_X(teacher)) on the triggered prompts: how far the student's
