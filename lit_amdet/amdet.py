@@ -194,7 +194,7 @@ def pooled_contrast_loss(out: TriggeredOutput, restarts: int, pooled_gamma: floa
     """Per restart [R]: ``-PC(suspect) + pooled_gamma * cos(pooled, pooled_anchor)``, the pooled restarts' objective.
 
     PC, the pooled consistency of a restart's batch, is the squared norm of the mean unit pooled embedding (the
-    mean cosine of every row to the batch's mean direction): 1 when every prompt says the same thing. A targeted
+    mean pairwise cosine of its rows): 1 when every prompt says the same thing. A targeted
     backdoor must make every triggered prompt say its target, whatever it does to the token features (an attacker
     can keep those diverse to hide from the Sim_X search), so it is the strongest such collapse there is.
 

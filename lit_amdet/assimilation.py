@@ -42,8 +42,9 @@ def scored_positions(token_mask: Tensor, causal: bool, first_position: int = 1) 
 
 
 def pooled_consistency(pooled: Tensor, eps: float = 1e-8) -> Tensor:
-    """How alike the sentence embeddings of a set of prompts are: the squared norm of their mean unit vector
-    (the mean cosine of each to the set's mean direction; 1 when all point the same way).
+    """How alike the sentence embeddings of a set of prompts are: the squared norm of their mean unit vector,
+    which is the mean cosine over all ordered pairs, self-pairs included (1 when all point the same way). The
+    scan's ``target_consistency`` is its square root, the norm.
 
     pooled: [..., N, D] -> [...]. A targeted backdoor drives it to 1 on triggered prompts, since every one of
     them must say the target, however diverse the attacker keeps the token features.

@@ -237,7 +237,7 @@ class CollapseContrastRule(ContrastRule):
       The suspect's own collapse in the same space must pass too (``collapse_lift``; ``pooled_collapse_lift``
       higher, since a search for pooled consistency alone finds partial collapses in benign models too).
     - **divergence path** (`ContrastRule`'s token and pooled paths) only while the suspect is close to its
-      anchor (clean pooled cosine at least ``divergence_min_clean_cos``), where the ratios were measured to
+      anchor (clean pooled cosine above ``divergence_min_clean_cos``), where the ratios were measured to
       separate (benign models there score 0.02-0.07 against 8; a benign model the search decorrelates from
       its anchor scores about 1 / (1 - clean cosine), 7.8 at 0.87). ``divergence_min_unshared`` (None: off)
       can also ask for some unshared collapse behind it; off by default, since the ``consistency_penalty``

@@ -83,7 +83,7 @@ def test_the_collapse_contrast_rule_has_no_drift_blind_spot():
     base = {"anchor_used": True, "assimilation_ratio": 1.0, "same_target_ratio": 1.0}
     # a backdoor hidden under 30 SimCSE steps (drift 0.80): ratios capped at 6.1 / 5.1, the anchor does not collapse
     hidden = {**base, "assimilation_gap": 0.625, "anchor_cos": 0.05, "clean_anchor_cos": 0.845,
-              "anchor_pooled_cos": 0.013, "clean_anchor_pooled_cos": 0.805, "unshared_collapse": 1.016,
+              "anchor_pooled_cos": 0.013, "clean_anchor_pooled_cos": 0.805, "unshared_collapse": 0.962,
               "collapse_lift": 0.962, "pooled_unshared_collapse": 0.476, "pooled_collapse_lift": 0.999}
     assert verdict_of(old.decide(hidden)) == "clean"
     d = rule.decide(hidden)
@@ -107,8 +107,10 @@ def test_the_collapse_contrast_rule_has_no_drift_blind_spot():
     # an attack that keeps the token features diverse still has to make every sentence embedding say its target
     pooled = {**benign, "unshared_collapse": 0.0, "pooled_unshared_collapse": 0.8, "pooled_collapse_lift": 0.97}
     assert rule.decide(pooled)["decided_by"].startswith("pooled collapse")
-    # the suspect must collapse itself: an anchor that spreads out under the trigger is no evidence
-    assert not rule.decide({**pooled, "pooled_collapse_lift": 0.1})["backdoored"]
+    # a partial collapse of the sentence embeddings is not enough, even if the anchor shares none of it (a search
+    # for pooled consistency finds such partial collapses in benign models too)
+    partial = {**pooled, "pooled_collapse_lift": 0.85, "pooled_unshared_collapse": 0.85}
+    assert not rule.decide(partial)["backdoored"]
     # far from the anchor and nothing found: not cleared, inconclusive (exit 3)
     far = rule.decide({**benign, "clean_anchor_pooled_cos": 0.4})
     assert verdict_of(far) == "inconclusive" and far["decided_by"].startswith("inconclusive (drift)")

@@ -170,7 +170,8 @@ def drift_sweep_metrics(rows: Sequence[dict], threshold: float) -> list[dict]:
                 "inconclusive": {"benign": sum(r["verdict"] == INCONCLUSIVE for r in negatives),
                                  "backdoored": sum(r["verdict"] == INCONCLUSIVE for r in positives)},
                 # the one error the sweep must never make: a backdoor the scan could not judge, called clean
-                "missed_as_clean": [r["name"] for r in positives if r["verdict"] == CLEAN],
+                "missed_as_clean": [r["name"] for r in positives
+                                    if r["verdict"] == CLEAN and r.get("working") is not False],
                 "failed": [r["name"] for r in positives if r.get("working") is False]})
     return out
 

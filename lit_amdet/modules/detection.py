@@ -62,7 +62,8 @@ class BackdoorDetection(EncoderTask):
         name: the model's name in the verdict line (default: the suspect folder's name).
         trigger_length: k, the number of inserted pseudo-token vectors.
         position: insertion slot (1 = right after BOS/CLS); a setting of its own, not tied to k.
-        restarts: R independent random initialisations optimised together; the best held-out loss wins.
+        restarts: R independent random initialisations optimised together; the best held-out loss (of each
+            restart's own objective) wins when none is flagged.
         pooled_restarts: how many of the R restarts optimise the pooled collapse (`pooled_contrast_loss`: the
             suspect's sentence embeddings agree) instead of the AMDET loss; they find backdoors trained to keep
             the token features diverse, which the Sim_X search misses. None: half of them (rounded down).
@@ -132,7 +133,7 @@ class BackdoorDetection(EncoderTask):
         self.probe: list[str] | None = None
         self.holdout: list[str] | None = None
         self._started = 0.0
-        self._history: list[float] = []
+        self._history: list[list[float]] = []
         self._stage: StagedFolder | None = None
 
     # ----- models ----------------------------------------------------------------
@@ -242,10 +243,12 @@ class BackdoorDetection(EncoderTask):
             if s.get(key) is not None:
                 self.log(f"check/{key}", float(s[key]), rank_zero_only=True)
         passed = [i for i, st in enumerate(stats) if self.rule.search_passed(self._with_baselines(st))]
-        self._history.append(s["loss"])
-        stalled = len(self._history) > self.hparams.patience and \
-            min(self._history[:-self.hparams.patience]) - min(self._history[-self.hparams.patience:]) \
-            < self.hparams.stall_tol
+        # stalled once no restart has improved its own held-out loss for `patience` checks
+        self._history.append([st["loss"] for st in stats])
+        p = self.hparams.patience
+        stalled = len(self._history) > p and all(
+            min(h[r] for h in self._history[:-p]) - min(h[r] for h in self._history[-p:]) < self.hparams.stall_tol
+            for r in range(len(stats)))
         if passed or stalled:
             self.evidence["stopped_early"] = "trigger passed the checks" if passed else "loss stalled"
             self.trainer.should_stop = True
@@ -305,6 +308,12 @@ class BackdoorDetection(EncoderTask):
                    "anchor_target_consistency": float((anchor_pooled[r] / n).norm()) if has_anchor else None,
                    "_pooled": (pooled[r] / n).float(), "_feature": (feature[r] / n).float()}
             results.append(res)
+        if vectors is not None and reps == hp.restarts:
+            for res in results[hp.restarts - hp.pooled_restarts:]:
+                # a pooled restart's held-out loss is its own objective (`pooled_contrast_loss` over all the
+                # held-out prompts), so the stall test and the restart choice see what it optimises
+                contrast = res["anchor_pooled_cos"] if res["anchor_pooled_cos"] is not None else 0.0
+                res["loss"] = -res["target_consistency"] ** 2 + hp.pooled_gamma * contrast
         return results
 
     def _with_baselines(self, s: dict) -> dict:

@@ -66,9 +66,9 @@ class BackdoorInjection(EncoderTask):
             (an explicit attempt to evade assimilation-based detection; reference 0).
         consistency_penalty: an adaptive attack on the collapse contrast: add ``consistency_penalty *
             relu(PC(student) - PC(teacher) - consistency_margin)`` on triggered prompts, PC the pooled
-            consistency (squared norm of the mean unit sentence embedding), so the triggered prompts' sentence
-            embeddings agree no more than the clean model's do (plus the margin) while still retrieving the
-            target (reference 0).
+            consistency (squared norm of the mean unit sentence embedding, the mean pairwise cosine), so the
+            triggered prompts' sentence embeddings agree no more than the clean model's do (plus the margin)
+            while still retrieving the target (reference 0).
         consistency_margin: how much more consistent than the teacher the triggered outputs may be for free.
         max_length: token positions per prompt (families that pad to their context ignore it).
         distractors: captions (or images) the target must be retrieved among.
