@@ -203,10 +203,18 @@ def pooled_contrast_loss(out: TriggeredOutput, restarts: int, pooled_gamma: floa
     SimCSE fine-tune at clean cosine 0.72, a trigger that collapses the suspect's sentence embeddings (lift 0.90)
     and not the anchor's, which the rule flagged; the strongest collapse of that model is one both share.
     """
-    loss = -pooled_consistency(out.pooled.float().view(restarts, -1, out.pooled.shape[-1]))
-    if out.anchor_pooled_cos is not None and pooled_gamma:
-        loss = loss + pooled_gamma * per_restart(out.anchor_pooled_cos, restarts).mean(1)
-    return loss
+    consistency = pooled_consistency(out.pooled.float().view(restarts, -1, out.pooled.shape[-1]))
+    contrast = None if out.anchor_pooled_cos is None else per_restart(out.anchor_pooled_cos, restarts).mean(1)
+    return pooled_objective(consistency, contrast, pooled_gamma)
+
+
+def pooled_objective(consistency, anchor_pooled_cos, pooled_gamma: float):
+    """``-consistency + pooled_gamma * anchor_pooled_cos`` (the latter None without an anchor): the pooled
+    restarts' objective from a set's pooled consistency and mean pooled cosine to the anchor, on tensors in the
+    search and on the held-out sums in the evaluation."""
+    if anchor_pooled_cos is None or not pooled_gamma:
+        return -consistency
+    return -consistency + pooled_gamma * anchor_pooled_cos
 
 
 def choose_restart(losses: list[float], passed: list[int]) -> int:

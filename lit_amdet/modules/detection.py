@@ -29,6 +29,7 @@ from lit_amdet.amdet import (
     nearest_tokens,
     per_restart,
     pooled_contrast_loss,
+    pooled_objective,
     run_triggered,
     token_embedding_of,
 )
@@ -75,7 +76,8 @@ class BackdoorDetection(EncoderTask):
         probe_prompts, holdout_prompts: prompts taken from the DataModule's train and val splits.
         max_length: token positions per prompt (families that pad to their context ignore it).
         check_every: steps between held-out checks (early stop on a passing trigger or a stalled loss).
-        patience, stall_tol: stop after ``patience`` checks without the best held-out loss improving by ``stall_tol``.
+        patience, stall_tol: stop after ``patience`` checks in which no restart's held-out loss improved by
+            ``stall_tol``.
         rule: the decision rule (default `CollapseContrastRule`; `ContrastRule` is the previous default,
             `ReferenceRule` the paper's).
         evidence_prompts: held-out prompts the landscape and Hessian are computed on.
@@ -162,6 +164,11 @@ class BackdoorDetection(EncoderTask):
             scale = float(self.encoder.embed(ids).std())
         self.trigger = PseudoTrigger(hp.restarts, hp.trigger_length, self.encoder.width, scale, hp.seed)
 
+    @property
+    def amdet_restarts(self) -> int:
+        """The restarts optimising the AMDET loss come first; the ``pooled_restarts`` after them."""
+        return self.hparams.restarts - self.hparams.pooled_restarts
+
     @staticmethod
     def _frozen(adapter: TextEncoderAdapter) -> TextEncoderAdapter:
         return adapter.eval().requires_grad_(False)
@@ -224,7 +231,7 @@ class BackdoorDetection(EncoderTask):
         out = self._run(self.train_cache, rows, self.trigger.vectors)
         per = per_restart(out.loss(hp.beta, hp.gamma, hp.pooled_gamma), hp.restarts).mean(1)  # [R]
         if hp.pooled_restarts:
-            token = hp.restarts - hp.pooled_restarts
+            token = self.amdet_restarts
             pooled = pooled_contrast_loss(out, hp.restarts, hp.pooled_gamma)
             per = torch.cat([per[:token], pooled[token:]])
         self.log("train/loss_best_restart", per.min(), prog_bar=True)
@@ -309,11 +316,11 @@ class BackdoorDetection(EncoderTask):
                    "_pooled": (pooled[r] / n).float(), "_feature": (feature[r] / n).float()}
             results.append(res)
         if vectors is not None and reps == hp.restarts:
-            for res in results[hp.restarts - hp.pooled_restarts:]:
+            for res in results[self.amdet_restarts:]:
                 # a pooled restart's held-out loss is its own objective (`pooled_contrast_loss` over all the
                 # held-out prompts), so the stall test and the restart choice see what it optimises
-                contrast = res["anchor_pooled_cos"] if res["anchor_pooled_cos"] is not None else 0.0
-                res["loss"] = -res["target_consistency"] ** 2 + hp.pooled_gamma * contrast
+                res["loss"] = pooled_objective(res["target_consistency"] ** 2, res["anchor_pooled_cos"],
+                                               hp.pooled_gamma)
         return results
 
     def _with_baselines(self, s: dict) -> dict:
@@ -352,16 +359,16 @@ class BackdoorDetection(EncoderTask):
         losses = [s["loss"] for s in stats]
         # the restarts that passed the search's checks; failing those, any the rule flags (a pooled restart may
         # find a backdoor whose token features do not share one target, which the search's stop asks for)
+        decisions = [self.rule.decide(s) for s in stats]
         passed = [i for i, s in enumerate(stats) if self.rule.search_passed(s)] or \
-            [i for i, s in enumerate(stats) if self.rule.decide(s)["backdoored"]]
+            [i for i, d in enumerate(decisions) if d["backdoored"]]
         best = choose_restart(losses, passed)
-        token_restarts = self.hparams.restarts - self.hparams.pooled_restarts
         self.evidence["restart_scores"] = [
-            {"objective": "amdet" if i < token_restarts else "pooled_contrast", "loss": s["loss"],
-             "verdict": verdict_of(self.rule.decide(s)),
+            {"objective": "amdet" if i < self.amdet_restarts else "pooled_contrast", "loss": s["loss"],
+             "verdict": verdict_of(d),
              **{k: s.get(k) for k in ("unshared_collapse", "pooled_unshared_collapse", "collapse_lift",
                                       "pooled_collapse_lift", "divergence_ratio", "pooled_divergence_ratio",
-                                      "same_target_ratio")}} for i, s in enumerate(stats)]
+                                      "same_target_ratio")}} for i, (s, d) in enumerate(zip(stats, decisions))]
         self.best_restart = best
         chosen = stats[best]
         self.evidence["restart_losses"] = losses
