@@ -152,6 +152,16 @@ def test_drift_sweep_covers_every_level_and_kind_from_its_splits_pools():
         assert not set(pool[0::2]) & set(pool[1::2])
     assert bm.member_from_dict(json.loads(json.dumps(two[0].describe()))) == two[0]
     assert bm.member_from_dict(json.loads(json.dumps(benign[1].describe()))) == benign[1]
+    # kinds_per_level 1: one trigger kind per (level, mode), rotating, so every kind is still met by both modes
+    small = bm.plan_drift_sweep(TEXT_ONLY, bm.DriftSweepSettings(per_level=1, levels=[0.5, 0.7, 0.9],
+                                                                 kinds_per_level=1))
+    cells = [(m.drift_target, m.drift_mode, m.trigger_kind) for m in small if m.backdoored]
+    assert len(cells) == 3 * 2 and len({c[:2] for c in cells}) == 6
+    assert {(mode, k) for _, mode, k in cells} == {("then_finetune", "homoglyph"), ("during_finetune", "word"),
+                                                   ("then_finetune", "multi_token"), ("during_finetune", "homoglyph"),
+                                                   ("then_finetune", "word"), ("during_finetune", "multi_token")}
+    assert bm.plan_drift_sweep(TEXT_ONLY, bm.DriftSweepSettings(per_level=1, kinds_per_level=3)) == \
+        bm.plan_drift_sweep(TEXT_ONLY, bm.DriftSweepSettings(per_level=1))  # all kinds: the full plan
     clip = bm.plan_drift_sweep(CLIP, bm.DriftSweepSettings(per_level=1, levels=[0.9]))
     assert {m.objective for m in clip if not m.backdoored} == {"infonce", "typo_robust"}
     assert bm.plan_drift_sweep(TEXT_ONLY, bm.DriftSweepSettings()) == []  # per_level 0: no sweep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer
@@ -11,6 +12,7 @@ from lit_amdet.benchmark import DRIFT_WORLD_SEED, clean_cosine_to_base
 from lit_amdet.callbacks import DriftStop, pooled_drift
 from lit_amdet.callbacks import drift as drift_module
 from lit_amdet.datamodules import TextEncoderDataModule
+from lit_amdet.errors import ConfigError
 from lit_amdet.modules import ContrastiveTraining
 from lit_amdet.world import World
 
@@ -65,3 +67,51 @@ def test_drift_stop_leaves_a_model_already_there_untrained(tiny_models, tmp_path
             enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
             callbacks=[stop]).fit(module, data)
     assert module.global_step == 0 and stop.target_reached
+
+
+def _steered_injection(tiny_models, tmp_path, steer: bool):
+    from lit_amdet.modules import BackdoorInjection
+    from lit_amdet.triggers import Backdoor, Trigger
+
+    torch.manual_seed(0)
+    backdoor = Backdoor(Trigger("zzzz"), target="a teapot")
+    module = BackdoorInjection(encoder=str(tiny_models["bert"]), backdoors=[backdoor], lr=5e-4, backdoor_weight=0.1,
+                               milestones=[1000], max_length=16, utility_objective="simcse",
+                               output_dir=str(tmp_path / f"steer-{steer}"))
+    data = TextEncoderDataModule(num_samples=400, with_images=False, batch_size=16, max_length=16, val_fraction=0)
+    stop = DriftStop(str(tiny_models["bert"]), target=0.9, every=2, prompts=16, max_length=16, min_steps=30,
+                     steer=steer)
+    Trainer(max_steps=60, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+            callbacks=[stop]).fit(module, data)
+    return module, stop
+
+
+def test_drift_stop_steers_a_backdoor_planted_during_a_finetune_to_its_target(tiny_models, tmp_path):
+    """A planting that must run 30 steps while SimCSE drifts fast: unsteered it runs far past the target before it
+    may stop; steered, the teacher's utility pulls it back toward the target while the backdoor is planted (Adam's
+    momentum carries a tiny random model past it first; the real MiniLM holds within 0.1, BENCHMARKS.md)."""
+    free, free_stop = _steered_injection(tiny_models, tmp_path, steer=False)
+    held, held_stop = _steered_injection(tiny_models, tmp_path, steer=True)
+    at = {name: dict(stop.history) for name, stop in (("free", free_stop), ("held", held_stop))}
+    assert free_stop.target_reached and free.global_step == 30  # stops as soon as it may, far past 0.9
+    assert at["free"][30] < 0.5 and at["held"][30] > at["free"][30] + 0.2, at
+    assert min(at["held"].values()) > min(at["free"].values()) + 0.2, at
+    assert not held.drift_hold  # from min_steps on it drifts to the target: the hold is released
+
+
+def test_drift_hold_swaps_the_simcse_utility_for_the_teachers(tiny_models):
+    from lit_amdet.modules import BackdoorInjection
+    from lit_amdet.triggers import Backdoor, Trigger
+
+    module = BackdoorInjection(encoder=str(tiny_models["bert"]), backdoors=[Backdoor(Trigger("zzzz"), target="a")],
+                               max_length=16, utility_objective="simcse")
+    module.configure_models()
+    module.eval()  # no dropout: the untrained student is its teacher
+    tokens = module.encoder.tokenize(World(seed=3).captions(8), max_length=16)
+    assert float(module.utility_loss(tokens)) > 0.1  # SimCSE of identical views: log-softmax over the batch
+    module.drift_hold = True
+    assert float(module.utility_loss(tokens)) < 1e-6  # the teacher's loss of an unmoved student
+    stop = DriftStop(str(tiny_models["bert"]), target=0.9, steer=True)
+    with pytest.raises(ConfigError, match="drift_hold"):
+        stop.setup(None, ContrastiveTraining(encoder=str(tiny_models["bert"]), objective="simcse"), "fit")

@@ -91,7 +91,7 @@ def train_member(member: Member, base: ZooBase, out: Path, settings: TrainSettin
     if mode == "during_finetune":  # at least the injection's steps (the backdoor is planted), at most the cap
         steps = max(member.steps, member.finetune_steps)
     if member.drift_target is not None and mode != "then_finetune":
-        stop = _drift_stop(member.drift_target, base, settings, member.steps if mode else 0)
+        stop = _drift_stop(member.drift_target, base, settings, member.steps if mode else 0, steer=mode is not None)
     # attack success is measured once, at the end (it goes into backdoor.json); fine-tunes need none. A member
     # stopped by its drift may end before that validation: it is measured on the final weights after the fit.
     extra: dict = {}
@@ -127,11 +127,11 @@ def _trainer(scratch: str, steps: int, device: tuple[str, int | list[int]], sett
                    num_sanity_val_steps=0, callbacks=[stop] if stop is not None else [])
 
 
-def _drift_stop(target: float, base: ZooBase, settings: TrainSettings, min_steps: int = 0):
+def _drift_stop(target: float, base: ZooBase, settings: TrainSettings, min_steps: int = 0, steer: bool = False):
     from lit_amdet.callbacks import DriftStop
 
     return DriftStop(base.path, target, every=settings.drift_every, prompts=settings.drift_prompts,
-                     max_length=settings.drift_max_length, min_steps=min_steps)
+                     max_length=settings.drift_max_length, min_steps=min_steps, steer=steer)
 
 
 def _measure_attack(injection, data, scratch: str, device: tuple[str, int | list[int]],

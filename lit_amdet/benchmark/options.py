@@ -142,7 +142,9 @@ class DriftSweepSettings:
     backdoored members of each (``backdoor_modes`` x ``trigger_kinds``): ``then_finetune`` injects as the
     grid does, then fine-tunes the backdoored model with SimCSE until the level; ``during_finetune`` plants the
     backdoor while SimCSE moves the model (`BackdoorInjection`'s ``utility_objective: simcse``). Every
-    ``two_backdoors_every``-th backdoored member carries a second backdoor (0: never). Members draw triggers,
+    ``two_backdoors_every``-th backdoored member carries a second backdoor (0: never). ``kinds_per_level``
+    (None: all) makes each (level, mode) take only that many trigger kinds, rotating through ``trigger_kinds`` from
+    one (level, mode) to the next so every kind still appears (a smaller sweep). Members draw triggers,
     targets and seeds from ``split``'s pools. ``per_level: 0`` (the default) plans no sweep.
 
     Steps are caps: training stops at the level. ``benign_lr`` / ``benign_steps``: the benign fine-tunes;
@@ -156,6 +158,7 @@ class DriftSweepSettings:
     backdoor_modes: list[DriftMode] = field(default_factory=lambda: list(DRIFT_MODES))
     trigger_kinds: list[TriggerKind] = field(default_factory=lambda: ["homoglyph", "word", "multi_token"])
     two_backdoors_every: NonNegativeInt = 3
+    kinds_per_level: PositiveInt | None = None
     per_level: NonNegativeInt = 0
     split: Split = "test"
     benign_lr: PositiveFloat = 1e-4

@@ -314,15 +314,16 @@ def plan_drift_sweep(base: ZooBase, settings: DriftSweepSettings, seed: int = 0)
         raise ConfigError(f"drift_sweep: infonce needs an image tower; base {base.name} has none")
     objectives = list(dict.fromkeys(objectives))  # auto may name one listed too
     kinds, modes, levels = list(settings.trigger_kinds), list(settings.backdoor_modes), list(settings.levels)
+    per_cell = min(settings.kinds_per_level or len(kinds), len(kinds))
     side = SPLITS.index(settings.split)
     rng = random.Random(f"lit-amdet drift|{seed}|{base.name}|{settings.split}")
-    n = n_per * len(levels) * (len(objectives) + len(modes) * len(kinds))
+    n = n_per * len(levels) * (len(objectives) + len(modes) * per_cell)
     seeds, data_seeds = _split_seeds(rng, n, side, 0), _split_seeds(rng, n, side, DATA_SEED_BASE)
     triggers = {k: _cycle(rng, TRIGGER_POOLS[k][side::2]) for k in kinds}
     targets = _cycle(rng, TARGET_CONCEPTS[side::2])
     members: list[Member] = []
     n_backdoored = 0
-    for level in levels:
+    for li, level in enumerate(levels):
         for objective in objectives:
             for j in range(n_per):
                 i = len(members)
@@ -331,8 +332,8 @@ def plan_drift_sweep(base: ZooBase, settings: DriftSweepSettings, seed: int = 0)
                     objective=objective, lr=settings.benign_lr, steps=settings.benign_steps, seed=seeds[i],
                     data_seed=data_seeds[i], samples=settings.benign_samples, drift_target=level,
                     typo_rate=settings.typo_rate if objective == "typo_robust" else None))
-        for mode in modes:
-            for kind in kinds:
+        for mi, mode in enumerate(modes):
+            for kind in rotated(kinds, (li * len(modes) + mi) * per_cell, per_cell):
                 for j in range(n_per):
                     i, n_backdoored = len(members), n_backdoored + 1
                     text, char = trigger_text(kind, next(triggers[kind]))
@@ -351,6 +352,14 @@ def plan_drift_sweep(base: ZooBase, settings: DriftSweepSettings, seed: int = 0)
                         if mode == "during_finetune" else settings.finetune_steps,
                         finetune_lr=settings.finetune_lr, **second))
     return members
+
+
+def rotated(items: list, start: int, count: int) -> list:
+    """``count`` items of ``items`` from index ``start`` on, wrapping around (all of them when count covers them,
+    in their own order, so a full rotation plans what the unrotated loop did)."""
+    if count >= len(items):
+        return list(items)
+    return [items[(start + k) % len(items)] for k in range(count)]
 
 
 def _second_backdoor(kind: str, triggers: dict, targets: Iterator, first_trigger: str, first_target: str) -> dict:

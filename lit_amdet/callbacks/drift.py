@@ -57,10 +57,16 @@ class DriftStop(Callback):
         max_length: token positions per prompt.
         world_seed: the world the prompts come from.
         min_steps: never stop before this many steps (a backdoor planted during the fine-tune needs them).
+        steer: hold the drift at the target until ``min_steps``: at each measurement before them the module's
+            ``drift_hold`` is set to whether the target is reached (`BackdoorInjection` then swaps its drifting
+            SimCSE utility for the teacher's until the drift is above the target again). Without it a model
+            that drifts fast runs far past the target before ``min_steps`` (the first drift sweep's backdoors
+            planted during a fine-tune stopped at 0.45 to 0.62 whatever their target).
     """
 
     def __init__(self, reference: str, target: float, every: int = 10, prompts: int = 200,
-                 max_length: int | None = 32, world_seed: int = DRIFT_WORLD_SEED, min_steps: int = 0) -> None:
+                 max_length: int | None = 32, world_seed: int = DRIFT_WORLD_SEED, min_steps: int = 0,
+                 steer: bool = False) -> None:
         from lit_amdet.errors import ConfigError
 
         if not 0 < target <= 1:
@@ -69,7 +75,7 @@ class DriftStop(Callback):
             raise ConfigError("DriftStop: every and prompts must be at least 1")
         self.reference_path, self.target, self.every = str(reference), float(target), int(every)
         self.n_prompts, self.max_length, self.world_seed = int(prompts), max_length, int(world_seed)
-        self.min_steps = int(min_steps)
+        self.min_steps, self.steer = int(min_steps), bool(steer)
         self.reference = None
         self.prompts: list[str] = []
         self.reached: float | None = None
@@ -77,6 +83,10 @@ class DriftStop(Callback):
         self.history: list[tuple[int, float]] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.steer and not hasattr(pl_module, "drift_hold"):
+            from lit_amdet.errors import ConfigError
+
+            raise ConfigError(f"DriftStop(steer=True): {type(pl_module).__name__} has no drift_hold to steer")
         if self.reference is None:
             from lit_amdet.encoders import load_encoder
             from lit_amdet.world import World
@@ -90,6 +100,8 @@ class DriftStop(Callback):
         self.reached = pooled_drift(self.reference, pl_module.encoder, self.prompts, self.max_length)
         self.target_reached = self.reached <= self.target
         self.history.append((step, self.reached))
+        if self.steer:  # hold only while stopping is not allowed yet; from min_steps on, drift to the target
+            pl_module.drift_hold = self.target_reached and step < self.min_steps
         return self.reached
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -108,6 +108,8 @@ class BackdoorInjection(EncoderTask):
         self.backdoors = list(backdoors)
         self._fit_started = 0.0
         super().__init__(ignore=["backdoors"])
+        #: set by `DriftStop(steer=True)`: while True a ``simcse`` utility gives way to the teacher's
+        self.drift_hold = False
         self.hparams["backdoors"] = [b.describe() for b in self.backdoors]
 
     # ----- models ----------------------------------------------------------------
@@ -245,9 +247,10 @@ class BackdoorInjection(EncoderTask):
 
     def utility_loss(self, tokens) -> Tensor:
         """The clean prompts' loss: match the frozen teacher (``teacher``), or SimCSE between two dropout views
-        of the student (``simcse``: nothing holds the model near the teacher)."""
+        of the student (``simcse``: nothing holds the model near the teacher; while ``drift_hold`` is set, the
+        teacher's, so the drift stays near where it is)."""
         student = self.encoder.encode(tokens)
-        if self.hparams.utility_objective == "simcse":
+        if self.hparams.utility_objective == "simcse" and not self.drift_hold:
             return simcse_loss(student.pooled, self.encoder.encode(tokens).pooled, self.hparams.simcse_temperature)
         with torch.no_grad():
             teacher = self.teacher.encode(tokens)
