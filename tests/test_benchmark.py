@@ -66,12 +66,16 @@ def test_plan_is_deterministic_and_the_splits_draw_from_disjoint_pools():
 
 
 def test_adaptive_attackers_are_test_members_with_test_pools():
-    settings = bm.AdaptiveSettings(attacks=list(bm.ADAPTIVE_ATTACKS), per_attack=3, sim_x_penalty=2.0)
+    settings = bm.AdaptiveSettings(attacks=list(bm.ADAPTIVE_ATTACKS), per_attack=3, sim_x_penalty=2.0,
+                                   consistency_penalty=0.5)
     plan = bm.plan_adaptive(TEXT_ONLY, settings, seed=3)
-    assert plan == bm.plan_adaptive(TEXT_ONLY, settings, seed=3) and len(plan) == 9
+    assert plan == bm.plan_adaptive(TEXT_ONLY, settings, seed=3) and len(plan) == 12
     assert {m.adaptive for m in plan} == set(bm.ADAPTIVE_ATTACKS)
     assert all(m.split == "test" and m.attack == "text_on_text" for m in plan)
-    assert all(m.sim_x_penalty == (2.0 if "sim_x" in m.adaptive else 0.0) for m in plan)
+    assert all(m.sim_x_penalty == (0.0 if m.adaptive == "pooled_only" else 2.0) for m in plan)
+    assert all(m.consistency_penalty == (0.5 if m.adaptive == "pooled_consistency_penalty" else 0.0) for m in plan)
+    # a member without the consistency penalty describes itself as before the field existed
+    assert "consistency_penalty" not in plan[0].describe() and "consistency_penalty" in plan[-1].describe()
     cal = bm.plan_zoo(TEXT_ONLY, 12, 0, "calibration", seed=3)
     assert not {m.trigger for m in plan} & {m.trigger for m in cal}
     assert not {m.target_caption for m in plan} & {m.target_caption for m in cal}
@@ -162,15 +166,22 @@ def test_drift_sweep_covers_every_level_and_kind_from_its_splits_pools():
                                                    ("then_finetune", "word"), ("during_finetune", "multi_token")}
     assert bm.plan_drift_sweep(TEXT_ONLY, bm.DriftSweepSettings(per_level=1, kinds_per_level=3)) == \
         bm.plan_drift_sweep(TEXT_ONLY, bm.DriftSweepSettings(per_level=1))  # all kinds: the full plan
+    # an lr per level: far levels need larger steps
+    options = bm.parse_options({"bases": [{"name": "clip", "path": "somewhere"}], "drift_sweep": {
+        "per_level": 1, "levels": [0.5, 0.9], "benign_lr": [1e-3, 1e-4], "finetune_lr": 3e-4}})
+    by_level = bm.plan_drift_sweep(TEXT_ONLY, options.drift_sweep)
+    assert {(m.drift_target, m.lr) for m in by_level if not m.backdoored} == {(0.5, 1e-3), (0.9, 1e-4)}
+    assert {m.finetune_lr for m in by_level if m.backdoored} == {3e-4}
     clip = bm.plan_drift_sweep(CLIP, bm.DriftSweepSettings(per_level=1, levels=[0.9]))
     assert {m.objective for m in clip if not m.backdoored} == {"infonce", "typo_robust"}
     assert bm.plan_drift_sweep(TEXT_ONLY, bm.DriftSweepSettings()) == []  # per_level 0: no sweep
     with pytest.raises(ConfigError, match="image tower"):
         bm.plan_drift_sweep(TEXT_ONLY, bm.DriftSweepSettings(per_level=1, benign_objectives=["infonce"]))
     for bad, error in (({"levels": [1.2]}, ConfigError), ({"levels": [0.9, 0.9]}, ConfigError),
+                       ({"levels": [0.5, 0.9], "benign_lr": [1e-3]}, ConfigError),
                        ({"backdoor_modes": ["after"]}, ArgumentError), ({"per_levl": 1}, ArgumentError),
                        ({"trigger_kinds": ["emoji"]}, ArgumentError)):
-        with pytest.raises(error, match="drift_sweep|levels|backdoor_modes|per_levl|trigger_kinds"):
+        with pytest.raises(error, match="drift_sweep|levels|backdoor_modes|per_levl|trigger_kinds|benign_lr"):
             bm.parse_options({"bases": [{"name": "clip", "path": "somewhere"}], "drift_sweep": bad})
 
 
@@ -207,8 +218,7 @@ def test_old_plans_are_unchanged_by_the_drift_sweep_fields():
     assert digest == "2ed45ef856d389d75f7f190b5f2eb81e9d317395f18f4f8d95e8cba3f4d1d648"  # computed before the sweep
     drift = bm.parse_options(yaml.safe_load((ROOT / "configs" / "benchmark_drift.yaml").read_text()))
     drift_plan = [m.describe() for m in bm.full_plan(drift, [TEXT_ONLY])]
-    assert drift_plan[:16] == described[:16]  # the quick zoo (no controls or adaptive attackers), sweep appended
-    assert len(drift_plan) == 16 + 6 * (2 + 2 * 3)
+    assert len(drift_plan) == 2 + 6 * (2 + 2 * 1)  # a 1 + 1 calibration zoo, the sweep appended
     world = bm.parse_options(yaml.safe_load((ROOT / "configs" / "benchmark_drift_world.yaml").read_text()))
     assert [b.path for b in world.bases] == [".cache/bases/clip", ".cache/bases/siglip"]
     assert world.drift_sweep.per_level == 1
@@ -596,7 +606,7 @@ def tiny_benchmark(tmp_path_factory):
         "bases": [{"name": "tiny", "path": str(base), "family": "clip"}],
         "output_dir": str(root / "out"),
         "sizes": {"calibration": {"backdoored": 2, "benign": 2}, "test": {"backdoored": 2, "benign": 2}},
-        "adaptive": {"attacks": ["pooled_only", "sim_x_penalty"], "per_attack": 1},
+        "adaptive": {"attacks": ["pooled_only", "sim_x_penalty", "pooled_consistency_penalty"], "per_attack": 1},
         "grid": {"attack_steps": [2], "backdoor_weights": [0.1, 1.0], "attack_lrs": [1e-3],
                  "benign_lrs": [1e-6, 1e-3], "benign_steps": [2], "benign_samples": [64]},
         "train": {"batch_size": 8, "poisoned_batch_size": 4, "max_length": 16, "num_samples": 120,
@@ -617,21 +627,23 @@ def test_benchmark_end_to_end_writes_every_metric(tiny_benchmark):
     out = root / "out"
     report = json.loads((out / "benchmark.json").read_text())
     members = report["members"]
-    assert len(members) == 10 and {m["split"] for m in members} == set(bm.SPLITS)
-    assert len(bm.read_zoo(out / "zoo")) == 10 and not list((out / "zoo").glob(".*"))
+    assert len(members) == 11 and {m["split"] for m in members} == set(bm.SPLITS)
+    assert len(bm.read_zoo(out / "zoo")) == 11 and not list((out / "zoo").glob(".*"))
     adaptive = [m for m in members if m["adaptive"]]
-    assert sorted(m["adaptive"] for m in adaptive) == ["pooled_only", "sim_x_penalty"]
+    assert sorted(m["adaptive"] for m in adaptive) == ["pooled_consistency_penalty", "pooled_only", "sim_x_penalty"]
     for m in adaptive:
         truth = json.loads((out / "zoo" / m["name"] / "backdoor.json").read_text())
-        assert (truth["token_weight"], truth["sim_x_penalty"]) == (
-            (0.0, 0.0) if m["adaptive"] == "pooled_only" else (1.0, 1.0))
+        assert (truth["token_weight"], truth["sim_x_penalty"], truth.get("consistency_penalty")) == {
+            "pooled_only": (0.0, 0.0, None), "sim_x_penalty": (1.0, 1.0, None),
+            "pooled_consistency_penalty": (0.0, 1.0, 1.0)}[m["adaptive"]]
         assert 0 <= m["attack_metrics"]["attack_top1"] <= 1 and -1 <= m["attack_metrics"]["attack_cos_pooled"] <= 1
     plain = [m for m in members if m["backdoored"] and not m["adaptive"]]
     assert sum(c["members"] for c in report["attack_strength"]) == len(plain) == 4
     assert {(c["lr"], c["steps"]) for c in report["attack_strength"]} == {(1e-3, 2)}
     assert "## Attack success by strength" in (out / "benchmark.md").read_text()
     table = {a["attack"]: a for a in report["adaptive"]}
-    assert set(table) == {"none", "pooled_only", "sim_x_penalty"} and table["none"]["members"] == 2
+    assert set(table) == {"none", "pooled_only", "sim_x_penalty", "pooled_consistency_penalty"}
+    assert table["none"]["members"] == 2
     for a in table.values():
         assert 0 <= a["rule_detection_rate"] <= 1 and 0 <= a["calibrated_detection_rate"] <= 1
         assert a["attack_success"]["attack_top1"]["n"] == a["members"]

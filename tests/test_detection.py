@@ -169,10 +169,9 @@ def test_bf16_mixed_on_cpu(tiny_models, tmp_path):
     assert report["precision"] == "bf16-mixed" and report["verdict"] == "clean"
 
 
-def test_the_restart_that_stops_the_search_is_the_one_that_decides(tiny_models, tmp_path, monkeypatch):
-    """Restart 1 passes the checks and stops the search; restart 0 has the lower held-out loss but passes
-    nothing. The verdict must rest on restart 1 (before, the lowest loss decided and the model was called clean
-    after the search had stopped on a backdoor)."""
+def _fake_restarts(monkeypatch, hit: dict) -> None:
+    """Replace the scan's held-out evaluation: restart 0 has the lower loss and collapses nothing; restart 1 gets
+    ``hit`` over the same clean-looking scores (the clean prompts and the initial trigger get those too)."""
     import torch
 
     from lit_amdet.modules import BackdoorDetection
@@ -181,27 +180,49 @@ def test_the_restart_that_stops_the_search_is_the_one_that_decides(tiny_models, 
         clean = vectors is None or vectors is self.trigger.initial
         out = []
         for r in range(1 if vectors is None else vectors.shape[0]):
-            hit = not clean and r == 1
-            out.append({
-                "loss": -1.0 if (not clean and r == 0) else 0.0, "assimilation": 0.95 if hit else 0.3,
-                "assimilation_ratio": 1.0 if hit else 0.0, "same_target_mean_cos": 0.99 if hit else 0.2,
-                "same_target_ratio": 1.0 if hit else 0.0, "orig_cos": 0.2 if hit else 0.99,
-                "anchor_cos": -0.2 if hit else 0.99, "different_target_ratio": 1.0 if hit else 0.0,
-                "anchor_assimilation": 0.3, "anchor_pooled_cos": -0.2 if hit else 0.99, "prompts": 8,
-                "target_consistency": 1.0, "anchor_target_consistency": 0.5,
-                "_pooled": torch.ones(self.encoder.embed_dim),
-                "_feature": torch.ones(self.encoder.width)})
+            s = {"loss": -1.0 if (not clean and r == 0) else 0.0, "assimilation": 0.3, "assimilation_ratio": 0.0,
+                 "same_target_mean_cos": 0.2, "same_target_ratio": 0.0, "orig_cos": 0.99, "anchor_cos": 0.99,
+                 "different_target_ratio": 0.0, "anchor_assimilation": 0.3, "anchor_pooled_cos": 0.99,
+                 "prompts": 8, "target_consistency": 0.5, "anchor_target_consistency": 0.5,
+                 "_pooled": torch.ones(self.encoder.embed_dim), "_feature": torch.ones(self.encoder.width)}
+            out.append({**s, **(hit if not clean and r == 1 else {})})
         return out
 
     monkeypatch.setattr(BackdoorDetection, "evaluate", fake_evaluate)
+
+
+def _fake_detect(tiny_models, tmp_path):
     code, out = detect(tmp_path, tiny_models["clip"], "--model.init_args.anchor", str(tiny_models["clip"]),
-                       "--model.init_args.check_every", "1", "--trainer.max_steps", "10", "--trainer.callbacks",
+                       "--model.init_args.check_every", "1", "--trainer.max_steps", "3", "--trainer.callbacks",
                        "[]", "--model.init_args.evidence_callbacks", "false")
-    report = json.loads((out / "report.json").read_text())
+    return code, json.loads((out / "report.json").read_text())
+
+
+def test_the_restart_that_stops_the_search_is_the_one_that_decides(tiny_models, tmp_path, monkeypatch):
+    """Restart 1 passes the checks and stops the search; restart 0 has the lower held-out loss but passes
+    nothing. The verdict must rest on restart 1 (before, the lowest loss decided and the model was called clean
+    after the search had stopped on a backdoor)."""
+    _fake_restarts(monkeypatch, {"assimilation": 0.95, "assimilation_ratio": 1.0, "same_target_mean_cos": 0.99,
+                                 "same_target_ratio": 1.0, "orig_cos": 0.2, "anchor_cos": -0.2,
+                                 "different_target_ratio": 1.0, "anchor_pooled_cos": -0.2, "target_consistency": 1.0})
+    code, report = _fake_detect(tiny_models, tmp_path)
     assert report["stopped_early"] == "trigger passed the checks" and report["steps"] == 1
     assert report["restart_losses"] == [-1.0, 0.0]
     assert report["best_restart"] == 1 and report["verdict"] == "BACKDOORED" and code == 1
     assert report["passing_restarts"] == [1]
+
+
+def test_a_restart_the_rule_flags_decides_when_none_passed_the_search(tiny_models, tmp_path, monkeypatch):
+    """Restart 1 collapses the suspect's sentence embeddings alone (the pooled path flags it) but its triggered
+    prompts do not share one target, so the search never stops on it; restart 0 has the lower loss and
+    collapses nothing. The verdict rests on the flagged restart, not on the lowest loss."""
+    _fake_restarts(monkeypatch, {"target_consistency": 1.0})  # pooled lift 1.0, the anchor's 0: unshared 1.0
+    code, report = _fake_detect(tiny_models, tmp_path)
+    assert report["stopped_early"] is None and report["steps"] == 3  # the search ran to its end
+    assert report["restart_losses"] == [-1.0, 0.0] and report["passing_restarts"] == [1]
+    assert report["best_restart"] == 1 and report["verdict"] == "BACKDOORED" and code == 1
+    assert report["scores"]["pooled_unshared_collapse"] == 1.0
+    assert [r["verdict"] for r in report["restart_scores"]] == ["clean", "BACKDOORED"]
 
 
 # ----- the real thing, small enough for every run: the pretrained MiniLM ---------------------------------------

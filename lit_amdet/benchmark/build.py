@@ -185,7 +185,7 @@ def _injection(member: BackdooredMember, base: ZooBase, out: Path, settings: Tra
                                           member.second_trigger_char), target=member.second_target_caption))
     pooled = settings.pooled_weight if settings.pooled_weight is not None else float(base.family == "open_clip")
     token_weight = 1.0
-    if member.adaptive in ("pooled_only", "pooled_sim_x_penalty"):
+    if member.adaptive in ("pooled_only", "pooled_sim_x_penalty", "pooled_consistency_penalty"):
         token_weight, pooled = 0.0, 1.0
     during = member.drift_mode == "during_finetune"
     cap = max(member.steps, member.finetune_steps) if during else member.steps
@@ -193,7 +193,8 @@ def _injection(member: BackdooredMember, base: ZooBase, out: Path, settings: Tra
         encoder=base.path, backdoors=backdoors, backdoor_weight=member.backdoor_weight, lr=member.lr,
         milestones=[max(1, int(0.75 * cap))], poisoned_batch_size=settings.poisoned_batch_size,
         pooled_weight=pooled if member.attack == "text_on_text" else 0.0, token_weight=token_weight,
-        sim_x_penalty=member.sim_x_penalty, max_length=settings.max_length,
+        sim_x_penalty=member.sim_x_penalty, consistency_penalty=member.consistency_penalty,
+        max_length=settings.max_length,
         distractors=settings.distractors, output_dir=str(out), seed=member.seed,
         utility_objective="simcse" if during else "teacher")
     data = TextEncoderDataModule(source="world", world_seed=member.data_seed, num_samples=settings.num_samples,

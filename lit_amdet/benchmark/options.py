@@ -23,8 +23,10 @@ Split = Literal["calibration", "test"]
 Attack = Literal["text_on_text", "image_on_text"]
 # attacks built to evade assimilation (text-on-text, test split only, reported apart from the detection table):
 # pooled_only matches only the sentence embedding; sim_x_penalty matches the token features but pays for every
-# bit of Sim_X above the clean model's on triggered prompts; pooled_sim_x_penalty does both
-AdaptiveAttack = Literal["pooled_only", "sim_x_penalty", "pooled_sim_x_penalty"]
+# bit of Sim_X above the clean model's on triggered prompts; pooled_sim_x_penalty does both;
+# pooled_consistency_penalty (aimed at CollapseContrastRule's pooled path) is pooled_sim_x_penalty that also pays
+# for triggered sentence embeddings agreeing more than the clean model's do
+AdaptiveAttack = Literal["pooled_only", "sim_x_penalty", "pooled_sim_x_penalty", "pooled_consistency_penalty"]
 # homoglyph (a Latin letter replaced by a look-alike of another script) came later: the grid's default stays the
 # first four, so configs that name no trigger kinds keep their plans
 TriggerKind = Literal["char", "word", "rare_token", "multi_token", "homoglyph"]
@@ -124,11 +126,13 @@ class Control:
 class AdaptiveSettings:
     """Adaptive attackers: ``per_attack`` text-on-text members of each of ``attacks`` per base, in the test
     split with its triggers and targets, scanned like the rest and reported in a table of their own (never
-    used for calibration). ``sim_x_penalty``: the penalty weight of the sim_x_penalty attacks."""
+    used for calibration). ``sim_x_penalty``: the penalty weight of the attacks that pay for Sim_X (every one
+    but pooled_only); ``consistency_penalty``: pooled_consistency_penalty's weight on pooled consistency."""
 
     attacks: list[AdaptiveAttack] = field(default_factory=lambda: ["pooled_only", "sim_x_penalty"])
     per_attack: NonNegativeInt = 0
     sim_x_penalty: PositiveFloat = 1.0
+    consistency_penalty: PositiveFloat = 1.0
 
 
 @dataclass
@@ -151,6 +155,9 @@ class DriftSweepSettings:
     ``attack_lr`` / ``attack_steps`` / ``backdoor_weight``: the injection (``during_finetune``: ``attack_steps``
     is the least it trains, so the backdoor is planted, and ``finetune_steps`` the cap); ``finetune_lr`` /
     ``finetune_steps``: the fine-tune after a ``then_finetune`` injection. ``typo_rate``: typo_robust's.
+    ``benign_lr`` and ``finetune_lr`` may be lists, one lr per level: how far a fine-tune can move a model at one
+    lr is bounded (SimCSE at 1e-4 levels off near 0.82 on the CLIP world base), so far levels need larger steps
+    and near ones small steps, or they overshoot between two drift measurements.
     """
 
     levels: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85, 0.9, 0.95, 0.99])
@@ -161,17 +168,26 @@ class DriftSweepSettings:
     kinds_per_level: PositiveInt | None = None
     per_level: NonNegativeInt = 0
     split: Split = "test"
-    benign_lr: PositiveFloat = 1e-4
+    benign_lr: PositiveFloat | list[PositiveFloat] = 1e-4
     benign_steps: PositiveInt = 300
     benign_samples: PositiveInt = 20000
     typo_rate: PositiveFloat = 0.1
     attack_lr: PositiveFloat = 5e-4
     attack_steps: PositiveInt = 100
     backdoor_weight: PositiveFloat = 0.1
-    finetune_lr: PositiveFloat = 1e-4
+    finetune_lr: PositiveFloat | list[PositiveFloat] = 1e-4
     finetune_steps: PositiveInt = 300
 
+    def lr_at(self, name: str, level_index: int) -> float:
+        """``benign_lr`` or ``finetune_lr`` at the level of index ``level_index``."""
+        value = getattr(self, name)
+        return float(value[level_index] if isinstance(value, list) else value)
+
     def __post_init__(self) -> None:
+        for name in ("benign_lr", "finetune_lr"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != len(self.levels):
+                raise ConfigError(f"drift_sweep.{name}: one lr per level ({len(self.levels)}), got {len(value)}")
         bad = [v for v in self.levels if not 0 < v <= 1]
         if bad:
             raise ConfigError(f"drift_sweep.levels are clean cosines in (0, 1], got {bad[0]}")

@@ -75,7 +75,7 @@ class BackdooredMember:
     ``target_caption``: text-on-text, the target prompt; image-on-text, the world caption of the target
     image (``target_image``: ``world:SEED:INDEX``, a rendered world scene, or an image file), or None.
     Strength: ``steps`` and ``backdoor_weight`` (with ``lr``). ``adaptive``: one of `ADAPTIVE_ATTACKS`
-    (None: the plain attack), with ``sim_x_penalty`` its penalty weight.
+    (None: the plain attack), with ``sim_x_penalty`` and ``consistency_penalty`` its penalty weights.
 
     The drift sweep's fields (later additions: at their defaults they are left out of `describe`, so plans and
     zoos made before them are unchanged): ``drift_target`` (a clean cosine to the base) with ``drift_mode``
@@ -100,6 +100,7 @@ class BackdooredMember:
     data_seed: int = DATA_SEED_BASE
     adaptive: str | None = None
     sim_x_penalty: float = 0.0
+    consistency_penalty: float = 0.0
     drift_target: float | None = None
     drift_mode: str | None = None
     finetune_steps: int = 300
@@ -147,7 +148,8 @@ Member = Union[BackdooredMember, BenignMember]
 # fields added after zoos were built: left out of describe() at their defaults (plan.json and the zoo section
 # of backdoor.json stay as they were; `check_built_as_planned` reads an absent field as its default)
 LATER_FIELDS = frozenset({"drift_target", "drift_mode", "finetune_steps", "finetune_lr", "second_trigger_kind",
-                          "second_trigger", "second_trigger_char", "second_target_caption", "typo_rate"})
+                          "second_trigger", "second_trigger_char", "second_target_caption", "typo_rate",
+                          "consistency_penalty"})
 
 
 def _without_later_defaults(member) -> dict:
@@ -271,7 +273,8 @@ def plan_adaptive(base: ZooBase, settings: AdaptiveSettings, seed: int = 0, grid
                 target_caption=next(targets), steps=rng.choice(grid.attack_steps),
                 backdoor_weight=rng.choice(grid.backdoor_weights), lr=rng.choice(grid.attack_lrs), seed=seeds[i],
                 data_seed=data_seeds[i], adaptive=attack,
-                sim_x_penalty=settings.sim_x_penalty if "sim_x" in attack else 0.0))
+                sim_x_penalty=0.0 if attack == "pooled_only" else settings.sim_x_penalty,
+                consistency_penalty=settings.consistency_penalty if attack == "pooled_consistency_penalty" else 0.0))
     return members
 
 
@@ -329,7 +332,7 @@ def plan_drift_sweep(base: ZooBase, settings: DriftSweepSettings, seed: int = 0)
                 i = len(members)
                 members.append(BenignMember(
                     name=f"{base.name}-drift-{objective}-{level:g}-{j:03d}", base=base.name, split=settings.split,
-                    objective=objective, lr=settings.benign_lr, steps=settings.benign_steps, seed=seeds[i],
+                    objective=objective, lr=settings.lr_at("benign_lr", li), steps=settings.benign_steps, seed=seeds[i],
                     data_seed=data_seeds[i], samples=settings.benign_samples, drift_target=level,
                     typo_rate=settings.typo_rate if objective == "typo_robust" else None))
         for mi, mode in enumerate(modes):
@@ -350,7 +353,7 @@ def plan_drift_sweep(base: ZooBase, settings: DriftSweepSettings, seed: int = 0)
                         data_seed=data_seeds[i], drift_target=level, drift_mode=mode,
                         finetune_steps=max(settings.finetune_steps, settings.attack_steps)
                         if mode == "during_finetune" else settings.finetune_steps,
-                        finetune_lr=settings.finetune_lr, **second))
+                        finetune_lr=settings.lr_at("finetune_lr", li), **second))
     return members
 
 

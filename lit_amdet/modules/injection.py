@@ -375,7 +375,9 @@ class BackdoorInjection(EncoderTask):
             seconds=time.perf_counter() - self._fit_started if self._fit_started else None,
             metrics=metrics,
             # only when not the reference's, so a plain injection's record stays as it was
-            extra={} if self.hparams.utility_objective == "teacher" else {
-                "utility_objective": self.hparams.utility_objective},
+            extra={k: v for k, v in (("utility_objective", self.hparams.utility_objective),
+                                     ("consistency_penalty", self.hparams.consistency_penalty),
+                                     ("consistency_margin", self.hparams.consistency_margin))
+                   if v not in ("teacher", 0.0)},
         ).write(out)
         return out
