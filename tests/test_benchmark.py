@@ -164,6 +164,9 @@ def test_drift_sweep_covers_every_level_and_kind_from_its_splits_pools():
     assert {(mode, k) for _, mode, k in cells} == {("then_finetune", "homoglyph"), ("during_finetune", "word"),
                                                    ("then_finetune", "multi_token"), ("during_finetune", "homoglyph"),
                                                    ("then_finetune", "word"), ("during_finetune", "multi_token")}
+    with pytest.raises(ConfigError, match="same kinds"):  # 2 modes x 2 of 4 kinds: each mode pinned to 2 kinds
+        bm.plan_drift_sweep(TEXT_ONLY, bm.DriftSweepSettings(per_level=1, kinds_per_level=2, trigger_kinds=[
+            "homoglyph", "word", "multi_token", "char"]))
     assert bm.plan_drift_sweep(TEXT_ONLY, bm.DriftSweepSettings(per_level=1, kinds_per_level=3)) == \
         bm.plan_drift_sweep(TEXT_ONLY, bm.DriftSweepSettings(per_level=1))  # all kinds: the full plan
     # an lr per level: far levels need larger steps
@@ -219,6 +222,9 @@ def test_old_plans_are_unchanged_by_the_drift_sweep_fields():
     drift = bm.parse_options(yaml.safe_load((ROOT / "configs" / "benchmark_drift.yaml").read_text()))
     drift_plan = [m.describe() for m in bm.full_plan(drift, [TEXT_ONLY])]
     assert len(drift_plan) == 2 + 6 * (2 + 2 * 1)  # a 1 + 1 calibration zoo, the sweep appended
+    # the MiniLM sweep as built and measured (benchmarks/results/benchmark_drift_minilm): its plan.json's digest
+    digest = hashlib.sha256(json.dumps(drift_plan, sort_keys=True).encode()).hexdigest()
+    assert digest == "70ae0710ef956888786c8c8427f00494ff8e3d49de12edef004c3a08b8ae8ed1"
     world = bm.parse_options(yaml.safe_load((ROOT / "configs" / "benchmark_drift_world.yaml").read_text()))
     assert [b.path for b in world.bases] == [".cache/bases/clip", ".cache/bases/siglip"]
     assert world.drift_sweep.per_level == 1

@@ -73,9 +73,21 @@ def _steered_injection(tiny_models, tmp_path, steer: bool):
     from lit_amdet.modules import BackdoorInjection
     from lit_amdet.triggers import Backdoor, Trigger
 
+    class HoldSpy(BackdoorInjection):
+        """Keeps every value given to drift_hold."""
+
+        @property
+        def drift_hold(self) -> bool:
+            return self.__dict__.get("_hold", False)
+
+        @drift_hold.setter
+        def drift_hold(self, value: bool) -> None:
+            self.__dict__["_hold"] = value
+            self.__dict__.setdefault("holds", []).append(value)
+
     torch.manual_seed(0)
     backdoor = Backdoor(Trigger("zzzz"), target="a teapot")
-    module = BackdoorInjection(encoder=str(tiny_models["bert"]), backdoors=[backdoor], lr=5e-4, backdoor_weight=0.1,
+    module = HoldSpy(encoder=str(tiny_models["bert"]), backdoors=[backdoor], lr=5e-4, backdoor_weight=0.1,
                                milestones=[1000], max_length=16, utility_objective="simcse",
                                output_dir=str(tmp_path / f"steer-{steer}"))
     data = TextEncoderDataModule(num_samples=400, with_images=False, batch_size=16, max_length=16, val_fraction=0)
@@ -97,7 +109,9 @@ def test_drift_stop_steers_a_backdoor_planted_during_a_finetune_to_its_target(ti
     assert free_stop.target_reached and free.global_step == 30  # stops as soon as it may, far past 0.9
     assert at["free"][30] < 0.5 and at["held"][30] > at["free"][30] + 0.2, at
     assert min(at["held"].values()) > min(at["free"].values()) + 0.2, at
-    assert not held.drift_hold  # from min_steps on it drifts to the target: the hold is released
+    assert True in held.holds and True not in free.holds  # steered: held at some measurement before step 30
+    assert not held.drift_hold  # released at the end
+    assert held_stop.summary()["drift_steered"] is True and "drift_steered" not in free_stop.summary()
 
 
 def test_drift_hold_swaps_the_simcse_utility_for_the_teachers(tiny_models):

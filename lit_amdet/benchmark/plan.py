@@ -299,7 +299,8 @@ def plan_drift_sweep(base: ZooBase, settings: DriftSweepSettings, seed: int = 0)
     deterministically from a stream of their own and the pools of ``settings.split``.
 
     Per level: benign members of each objective (``<base>-drift-<objective>-<level>-NNN``), then text-on-text
-    backdoored members of each mode x trigger kind (``<base>-drift-<mode>-<kind>-<level>-NNN``); every
+    backdoored members of each mode x trigger kind (``<base>-drift-<mode>-<kind>-<level>-NNN``; with
+    ``kinds_per_level``, that many kinds per mode, rotating from one (level, mode) to the next); every
     ``two_backdoors_every``-th backdoored member gets a second backdoor of the next trigger kind, with a trigger
     and target distinct from the first. The sweep's strengths are its own settings, not the grid's.
     """
@@ -318,6 +319,9 @@ def plan_drift_sweep(base: ZooBase, settings: DriftSweepSettings, seed: int = 0)
     objectives = list(dict.fromkeys(objectives))  # auto may name one listed too
     kinds, modes, levels = list(settings.trigger_kinds), list(settings.backdoor_modes), list(settings.levels)
     per_cell = min(settings.kinds_per_level or len(kinds), len(kinds))
+    if per_cell < len(kinds) and len(modes) > 1 and (len(modes) * per_cell) % len(kinds) == 0:
+        raise ConfigError(f"drift_sweep.kinds_per_level {per_cell} with {len(modes)} modes and {len(kinds)} trigger "
+                          "kinds would give each mode the same kinds at every level; choose another count")
     side = SPLITS.index(settings.split)
     rng = random.Random(f"lit-amdet drift|{seed}|{base.name}|{settings.split}")
     n = n_per * len(levels) * (len(objectives) + len(modes) * per_cell)

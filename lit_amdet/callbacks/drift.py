@@ -117,8 +117,12 @@ class DriftStop(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.history or self.history[-1][0] != trainer.global_step:
             self.measure(pl_module, trainer.global_step)
+        if self.steer:  # a fit that ended before min_steps must not leave the module held
+            pl_module.drift_hold = False
 
     def summary(self) -> dict:
-        """What a record keeps: target, drift reached, whether it got there, and the step it stopped at."""
+        """What a record keeps: target, drift reached, whether it got there, the step it stopped at, and
+        ``drift_steered`` when the drift was held (`steer`)."""
         return {"drift_target": self.target, "drift_reached": self.reached, "drift_target_reached":
-                self.target_reached, "drift_steps": self.history[-1][0] if self.history else None}
+                self.target_reached, "drift_steps": self.history[-1][0] if self.history else None,
+                **({"drift_steered": True} if self.steer else {})}
