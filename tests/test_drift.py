@@ -102,7 +102,8 @@ def _steered_injection(tiny_models, tmp_path, steer: bool):
 def test_drift_stop_steers_a_backdoor_planted_during_a_finetune_to_its_target(tiny_models, tmp_path):
     """A planting that must run 30 steps while SimCSE drifts fast: unsteered it runs far past the target before it
     may stop; steered, the teacher's utility pulls it back toward the target while the backdoor is planted (Adam's
-    momentum carries a tiny random model past it first; the real MiniLM holds within 0.1, BENCHMARKS.md)."""
+    momentum carries a tiny random model past it first; the MiniLM sweep's steered members stopped within about 0.05 of
+    their level, BENCHMARKS.md)."""
     free, free_stop = _steered_injection(tiny_models, tmp_path, steer=False)
     held, held_stop = _steered_injection(tiny_models, tmp_path, steer=True)
     at = {name: dict(stop.history) for name, stop in (("free", free_stop), ("held", held_stop))}
