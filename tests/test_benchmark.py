@@ -71,6 +71,8 @@ def test_adaptive_attackers_are_test_members_with_test_pools():
     plan = bm.plan_adaptive(TEXT_ONLY, settings, seed=3)
     assert plan == bm.plan_adaptive(TEXT_ONLY, settings, seed=3) and len(plan) == 12
     assert {m.adaptive for m in plan} == set(bm.ADAPTIVE_ATTACKS)
+    from lit_amdet.benchmark.options import ADAPTIVE_RECIPES
+    assert set(ADAPTIVE_RECIPES) == set(bm.ADAPTIVE_ATTACKS)  # every attack the options accept says what it does
     assert all(m.split == "test" and m.attack == "text_on_text" for m in plan)
     assert all(m.sim_x_penalty == (0.0 if m.adaptive == "pooled_only" else 2.0) for m in plan)
     assert all(m.consistency_penalty == (0.5 if m.adaptive == "pooled_consistency_penalty" else 0.0) for m in plan)

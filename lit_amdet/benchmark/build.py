@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lit_amdet.benchmark.members import is_member
-from lit_amdet.benchmark.options import TrainSettings
+from lit_amdet.benchmark.options import ADAPTIVE_RECIPES, TrainSettings
 from lit_amdet.benchmark.plan import REPLACE_CHAR_KINDS, BackdooredMember, BenignMember, Member, ZooBase
 from lit_amdet.benchmark.processes import Shard, choose_device, current_shard, keep_metrics_local, one_process
 from lit_amdet.errors import ConfigError
@@ -185,7 +185,7 @@ def _injection(member: BackdooredMember, base: ZooBase, out: Path, settings: Tra
                                           member.second_trigger_char), target=member.second_target_caption))
     pooled = settings.pooled_weight if settings.pooled_weight is not None else float(base.family == "open_clip")
     token_weight = 1.0
-    if member.adaptive in ("pooled_only", "pooled_sim_x_penalty", "pooled_consistency_penalty"):
+    if member.adaptive and ADAPTIVE_RECIPES[member.adaptive].pooled_only:
         token_weight, pooled = 0.0, 1.0
     during = member.drift_mode == "during_finetune"
     cap = max(member.steps, member.finetune_steps) if during else member.steps

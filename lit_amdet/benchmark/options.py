@@ -39,6 +39,25 @@ Family = Literal["clip", "longclip", "siglip", "open_clip", "bert"]
 SPLITS: tuple[str, ...] = get_args(Split)
 ATTACKS: tuple[str, ...] = get_args(Attack)
 ADAPTIVE_ATTACKS: tuple[str, ...] = get_args(AdaptiveAttack)
+
+
+@dataclass(frozen=True)
+class AdaptiveRecipe:
+    """How an adaptive attack trains: ``pooled_only`` matches only the sentence embedding (no token features);
+    ``pays_sim_x`` adds `AdaptiveSettings.sim_x_penalty`, ``pays_consistency`` its ``consistency_penalty``."""
+
+    pooled_only: bool
+    pays_sim_x: bool
+    pays_consistency: bool
+
+
+#: the one place an adaptive attack's name is read (the planner sets the penalties, the builder the matching)
+ADAPTIVE_RECIPES: dict[str, AdaptiveRecipe] = {
+    "pooled_only": AdaptiveRecipe(pooled_only=True, pays_sim_x=False, pays_consistency=False),
+    "sim_x_penalty": AdaptiveRecipe(pooled_only=False, pays_sim_x=True, pays_consistency=False),
+    "pooled_sim_x_penalty": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=False),
+    "pooled_consistency_penalty": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=True),
+}
 ALL_TRIGGER_KINDS: tuple[str, ...] = get_args(TriggerKind)
 TRIGGER_KINDS: tuple[str, ...] = ALL_TRIGGER_KINDS[:4]  # the grid's default
 DRIFT_MODES: tuple[str, ...] = get_args(DriftMode)

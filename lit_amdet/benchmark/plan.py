@@ -8,6 +8,7 @@ from typing import Iterator, Sequence, Union
 
 from lit_amdet.augment import HOMOGLYPHS
 from lit_amdet.benchmark.options import (
+    ADAPTIVE_RECIPES,
     ALL_TRIGGER_KINDS,
     ATTACKS,
     DRIFT_MODES,
@@ -258,6 +259,7 @@ def plan_adaptive(base: ZooBase, settings: AdaptiveSettings, seed: int = 0, grid
     side = SPLITS.index("test")
     members = []
     for attack in settings.attacks:
+        recipe = ADAPTIVE_RECIPES[attack]
         rng = random.Random(f"lit-amdet adaptive|{seed}|{base.name}|{attack}")
         n = settings.per_attack
         seeds, data_seeds = _split_seeds(rng, n, side, 0), _split_seeds(rng, n, side, DATA_SEED_BASE)
@@ -273,8 +275,8 @@ def plan_adaptive(base: ZooBase, settings: AdaptiveSettings, seed: int = 0, grid
                 target_caption=next(targets), steps=rng.choice(grid.attack_steps),
                 backdoor_weight=rng.choice(grid.backdoor_weights), lr=rng.choice(grid.attack_lrs), seed=seeds[i],
                 data_seed=data_seeds[i], adaptive=attack,
-                sim_x_penalty=0.0 if attack == "pooled_only" else settings.sim_x_penalty,
-                consistency_penalty=settings.consistency_penalty if attack == "pooled_consistency_penalty" else 0.0))
+                sim_x_penalty=settings.sim_x_penalty if recipe.pays_sim_x else 0.0,
+                consistency_penalty=settings.consistency_penalty if recipe.pays_consistency else 0.0))
     return members
 
 
@@ -340,7 +342,7 @@ def plan_drift_sweep(base: ZooBase, settings: DriftSweepSettings, seed: int = 0)
                     data_seed=data_seeds[i], samples=settings.benign_samples, drift_target=level,
                     typo_rate=settings.typo_rate if objective == "typo_robust" else None))
         for mi, mode in enumerate(modes):
-            for kind in rotated(kinds, (li * len(modes) + mi) * per_cell, per_cell):
+            for kind in _rotated(kinds, (li * len(modes) + mi) * per_cell, per_cell):
                 for j in range(n_per):
                     i, n_backdoored = len(members), n_backdoored + 1
                     text, char = trigger_text(kind, next(triggers[kind]))
@@ -361,7 +363,7 @@ def plan_drift_sweep(base: ZooBase, settings: DriftSweepSettings, seed: int = 0)
     return members
 
 
-def rotated(items: list, start: int, count: int) -> list:
+def _rotated(items: list, start: int, count: int) -> list:
     """``count`` items of ``items`` from index ``start`` on, wrapping around (all of them when count covers them,
     in their own order, so a full rotation plans what the unrotated loop did)."""
     if count >= len(items):

@@ -374,10 +374,10 @@ class BackdoorInjection(EncoderTask):
             steps=self.global_step,
             seconds=time.perf_counter() - self._fit_started if self._fit_started else None,
             metrics=metrics,
-            # only when not the reference's, so a plain injection's record stays as it was
-            extra={k: v for k, v in (("utility_objective", self.hparams.utility_objective),
-                                     ("consistency_penalty", self.hparams.consistency_penalty),
-                                     ("consistency_margin", self.hparams.consistency_margin))
-                   if v not in ("teacher", 0.0)},
+            # only what differs from the reference, so a plain injection's record stays as it was
+            extra={k: self.hparams[k] for k, reference in (("utility_objective", "teacher"),
+                                                           ("consistency_penalty", 0.0),
+                                                           ("consistency_margin", 0.0))
+                   if self.hparams[k] != reference},
         ).write(out)
         return out
