@@ -176,14 +176,14 @@ def write_feature_files(suspect, prompts: list[str], max_length: int, features_d
     (features_dir / "OriginalFeature").mkdir(parents=True, exist_ok=True)
     batches = []
     for idx, prompt in enumerate(prompts):
-        tokens = suspect.tokenize([prompt.strip()], max_length=max_length)
+        tokens = suspect.tokenize([prompt.strip()], max_length=max_length).to(suspect.device)
         hidden = suspect.embed(tokens.input_ids)
         original = suspect.encode_embeddings(hidden, tokens).token_features
         name = f"{idx:06d}.npy"  # zero-padded: sorted order is prompt order
         np.save(features_dir / "HiddenStates" / name, hidden.cpu().numpy())
         np.save(features_dir / "OriginalFeature" / name, original.cpu().numpy())
         batches.append(tokens)
-    return TokenBatch(*(torch.cat([getattr(b, f) for b in batches]) for f in
+    return TokenBatch(*(torch.cat([getattr(b, f).cpu() for b in batches]) for f in
                         ("input_ids", "attention_mask", "token_mask", "pool_index")))
 
 
@@ -196,13 +196,16 @@ class ReferenceScan:
         self.beta, self.gamma = beta, gamma
 
     def features(self, encoder, hidden: torch.Tensor, index: torch.Tensor, trigger: torch.Tensor) -> torch.Tensor:
-        """F = encoder(H with the trigger inserted at position 1, cut back to L)."""
-        return encoder.encode_embeddings(hidden, self.tokens[index], insert=trigger,
+        """F = encoder(H with the trigger inserted at position 1, cut back to L), on the encoder's device (the
+        reference moves every batch there as it comes from the loader)."""
+        device = encoder.device
+        return encoder.encode_embeddings(hidden.to(device), self.tokens[index].to(device), insert=trigger.to(device),
                                          position=INSERT_POSITION).token_features
 
     def loss(self, trigger, hidden, original, index):
         new = self.features(self.suspect, hidden, index, trigger)
         anchor = self.features(self.anchor, hidden, index, trigger)
+        original = original.to(new.device)
         loss = -assimilation_loop(new) + self.beta * similarity(original, new) + self.gamma * similarity(anchor, new)
         return loss, new
 
@@ -254,7 +257,7 @@ class ReferenceScan:
 
 def reference_scan(suspect_path: str, anchor_path: str, prompts: list[str], work_dir: Path, max_length: int = 32,
                    grid: int = 50, epochs: int = 2, schedule: str = "issue", seed: int = SEED,
-                   plot: bool = True) -> dict:
+                   plot: bool = True, device: str = "cpu") -> dict:
     """Run the reference procedure on ``prompts`` (first 80 % search, last 20 % held out) inside ``work_dir``."""
     import random
 
@@ -279,7 +282,7 @@ def reference_scan(suspect_path: str, anchor_path: str, prompts: list[str], work
     features_dir, results_dir = work_dir / "Features", work_dir / "Results"
     # preprocess(): the suspect alone, every prompt at batch size 1
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    suspect = load_encoder(suspect_path).eval()
+    suspect = load_encoder(suspect_path).eval().to(device)
     tokens = write_feature_files(suspect, prompts, max_length, features_dir)
     del suspect  # the reference frees its preprocessing model and loads the suspect again
     lap("feature_files")
@@ -287,8 +290,8 @@ def reference_scan(suspect_path: str, anchor_path: str, prompts: list[str], work
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     results_dir.mkdir(parents=True, exist_ok=True)
     # the reference never calls requires_grad_(False): backward also fills both encoders' weight gradients
-    anchor = load_encoder(anchor_path).eval().requires_grad_(True)
-    suspect = load_encoder(suspect_path).eval().requires_grad_(True)
+    anchor = load_encoder(anchor_path).eval().requires_grad_(True).to(device)
+    suspect = load_encoder(suspect_path).eval().requires_grad_(True).to(device)
     lap("load_models")
     train_loader = torch.utils.data.DataLoader(ReferenceFeatures(features_dir, "train"), batch_size=BATCH_SIZE,
                                                shuffle=True)
@@ -298,7 +301,7 @@ def reference_scan(suspect_path: str, anchor_path: str, prompts: list[str], work
     lap("load_feature_files")
 
     scan = ReferenceScan(suspect, anchor, tokens)
-    trigger = torch.randn(TRIGGER_LENGTH, suspect.width).requires_grad_(True)
+    trigger = torch.randn(TRIGGER_LENGTH, suspect.width).to(device).requires_grad_(True)
     torch.save(trigger.detach().cpu(), results_dir / "Backdoor_Embedding_init.pt")
     optimizer = torch.optim.Adam([trigger], lr=LR, weight_decay=WEIGHT_DECAY)
     checks: list[dict] = []
@@ -399,13 +402,15 @@ def save_plots(surface: np.ndarray, spectrum: np.ndarray, results_dir: Path) -> 
 
 
 # ----- our scan, for the comparison ------------------------------------------------------------------------------
-def run_our_scan(suspect: str, anchor: str, side_dir: Path, overrides: list[str], timer_record: Path) -> dict:
+def run_our_scan(suspect: str, anchor: str, side_dir: Path, overrides: list[str], timer_record: Path,
+                 device: str = "cpu") -> dict:
     """``lit-amdet detect --config configs/scan.yaml`` writing everything under ``side_dir``; stage times via
     `StageTimer` (appended to the config's callbacks)."""
     from lit_amdet.cli import main as cli_main
 
     run_dir = side_dir / "run"
-    argv = ["detect", "--config", str(SCAN_CONFIG), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+    argv = ["detect", "--config", str(SCAN_CONFIG), "--trainer.accelerator", accelerator_of(device),
+            "--trainer.devices", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.default_root_dir", str(side_dir / "root"),
             "--trainer.logger.init_args.save_dir", str(side_dir / "root"),
@@ -475,8 +480,9 @@ def thread_env(threads: int) -> dict[str, str]:
             "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_child(argv: list[str], log_path: Path, threads: int = 1) -> dict:
-    """Run ``python argv...`` to completion; its wall seconds and lifetime peak RSS (``wait4``, this child only)."""
+def run_child(argv: list[str], log_path: Path, threads: int = 1, ok_codes: tuple[int, ...] = (0,)) -> dict:
+    """Run ``python argv...`` to completion; its wall seconds and lifetime peak RSS (``wait4``, this child only).
+    ``ok_codes``: the exit codes that are results, not failures (``detect`` exits 1 on a backdoor, 3 inconclusive)."""
     started = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -484,10 +490,19 @@ def run_child(argv: list[str], log_path: Path, threads: int = 1) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    if proc.returncode not in ok_codes:
         tail = log_path.read_text().strip().splitlines()[-5:]
         raise RuntimeError(f"{' '.join(argv[:3])} exited {proc.returncode}: {' | '.join(tail)}")
     return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024}  # ru_maxrss is KiB on Linux
+
+
+def accelerator_of(device: str) -> str:
+    """Lightning's accelerator name for a torch device name (cpu, cuda, cuda:0)."""
+    if device == "cpu":
+        return "cpu"
+    if device.startswith("cuda"):
+        return "gpu"
+    raise ValueError(f"device must be cpu or cuda, not {device!r}")
 
 
 def split_sizes(n: int) -> tuple[int, int]:
@@ -533,11 +548,11 @@ def child_main(args: argparse.Namespace) -> None:
         elif args.one == "reference":
             prompts = [ln for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
             result = reference_scan(args.model, args.anchor, prompts, side_dir, args.max_length, args.grid,
-                                    args.epochs, args.schedule)
+                                    args.epochs, args.schedule, device=args.device)
         else:
             overrides = our_prompt_overrides(args.probe_prompts, args.max_length) + list(args.ours_arg or [])
             result = run_our_scan(args.model, args.anchor, side_dir, overrides, Path(args.record).with_suffix(
-                ".timer.json"))
+                ".timer.json"), device=args.device)
     result["in_process_s"] = time.perf_counter() - started
     result["sampled_memory"] = peak.result()
     result["torch_threads"] = torch.get_num_threads()
@@ -604,7 +619,8 @@ def compare_main(args: argparse.Namespace) -> None:
             argv = [str(Path(__file__).resolve()), "--one", side, "--model", str(model), "--anchor", args.anchor,
                     "--side-dir", str(side_dir), "--record", str(record), "--probe-prompts",
                     str(args.probe_prompts), "--max-length", str(args.max_length), "--grid", str(args.grid),
-                    "--epochs", str(args.epochs), "--schedule", args.schedule, "--prompts-file", str(prompts_file)]
+                    "--epochs", str(args.epochs), "--schedule", args.schedule, "--prompts-file", str(prompts_file),
+                    "--device", args.device]
             print(f"[{Path(model).name}] {side} ...", flush=True)
             argv += ["--threads", str(args.threads)] + [f"--ours-arg={a}" for a in args.ours_arg or []]
             measured = run_child(argv, work_root / f"{Path(model).name}.{side}.log", args.threads)
@@ -624,7 +640,7 @@ def compare_main(args: argparse.Namespace) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": "python " + " ".join([str(Path(__file__).relative_to(REPO)), *sys.argv[1:]]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "threads_per_side": args.threads, "device": "cpu",
+                    "threads_per_side": args.threads, "device": args.device,
                     "load_average_at_end": os.getloadavg()},
         "settings": {"probe_prompts": args.probe_prompts, "search_prompts": search, "held_out_prompts": held_out,
                      "max_length": args.max_length, "grid": args.grid, "plot_grid": PLOT_GRID,
@@ -716,6 +732,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--estimate-only", action="store_true",
                    help="only add the estimate to an existing --out (its work root must still hold prompts.txt)")
     p.add_argument("--keep", action="store_true", help="keep the work folders (feature files, run folders)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
     # one side in this process (what the comparison starts as a child)
     p.add_argument("--one", choices=("reference", "ours", "landscape"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

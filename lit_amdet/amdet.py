@@ -161,7 +161,11 @@ class TriggeredOutput:
 
 def run_triggered(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, batch: CachedBatch,
                   vectors: Tensor | None, position: int, with_anchor: bool = True) -> TriggeredOutput:
-    """Run every trigger in ``vectors`` ([R, k, W]; None = the clean prompt) on every prompt of ``batch``."""
+    """Run every trigger in ``vectors`` ([R, k, W]; None = the clean prompt) on every prompt of ``batch``.
+
+    The gamma terms backpropagate through the anchor too: run as constants (a third less arithmetic per step)
+    they were measured to change verdicts on SigLIP (a benign drift-0.5 fine-tune flagged, an adaptive backdoor
+    missed): the search must be able to move what the anchor says, not only what the suspect says."""
     b = len(batch)
     reps = 1 if vectors is None else vectors.shape[0]
     tokens = batch.tokens[torch.arange(b).repeat(reps)]  # restart-major copies of the prompts
@@ -226,6 +230,25 @@ def choose_restart(losses: list[float], passed: list[int]) -> int:
     """
     pool = passed or range(len(losses))
     return min(pool, key=lambda r: (losses[r], r))
+
+
+def reachable(progress: list[float], checks_left: int, speedup: float = 2.0, window: int = 2,
+              min_checks: int = 2) -> bool:
+    """The benign stop's bound: can a restart whose rule progress (1 = flagged) was ``progress`` (the random
+    start, then one value per held-out check) still reach 1 within ``checks_left`` more checks?
+
+    Assumed: no later check gains more than ``speedup`` times the largest of the last ``window`` gains. Under
+    that assumption ``progress[-1] + checks_left * speedup * max(recent gains, 0) < 1`` means the restart cannot
+    be flagged by the step limit, so running it on is wasted. Undecided (True) before ``min_checks`` checks,
+    while the first climb from the random start is the only gain measured. The ``speedup`` allowance is there
+    because searches do speed up: a SigLIP backdoor's restart went 0.01, 0.10, 0.30, 2.00 at checks 1-4 (it
+    needs an allowance of 1.25 at check 2); with 2, none of the 146 measured search curves that ended flagged
+    would have been dropped (BENCHMARKS.md, "Speed").
+    """
+    if not progress or progress[-1] >= 1 or len(progress) <= min_checks:
+        return True
+    gains = [b - a for a, b in zip(progress[:-1], progress[1:])][-window:]
+    return progress[-1] + checks_left * speedup * max(max(gains), 0.0) >= 1
 
 
 def per_restart(values: Tensor, restarts: int) -> Tensor:

@@ -90,6 +90,8 @@ class DecisionRule:
     assimilation_threshold: float = 0.8
     #: a prompt counts as "same target" above this cosine to the reference prompt's feature
     same_target_cos: float = 0.92
+    #: the rule reads the loss landscape / Hessian, so the scan computes them (they are off otherwise)
+    reads_evidence: bool = False
 
     def search_passed(self, scores: dict) -> bool:
         """True once a trigger is good enough to stop the search early."""
@@ -97,6 +99,11 @@ class DecisionRule:
 
     def trigger_checks(self, scores: dict) -> list[Check]:
         raise NotImplementedError
+
+    def progress(self, scores: dict) -> float | None:
+        """How far a trigger has come towards being flagged, 1 on the thresholds (None: the rule has no such
+        measure, so the scan's early benign stop is off and the search runs to its step limit)."""
+        return None
 
     def decide(self, scores: dict) -> dict:
         """``{"backdoored", "checks": [...], "decided_by", "rule"}``; backdoored iff every check passes."""
@@ -119,6 +126,8 @@ class ReferenceRule(DecisionRule):
     On real pretrained encoders it flags nothing (SPEC §7): benign models hold
     natural backdoors, and cos(F, F_anchor) rarely goes below 0.
     """
+
+    reads_evidence = True  # the landscape filter
 
     def __init__(self, assimilation_threshold: float = 0.8, assimilation_ratio: float = 0.8,
                  same_target_cos: float = 0.92, same_target_ratio: float = 0.995,
@@ -302,11 +311,39 @@ class CollapseContrastRule(ContrastRule):
                                   f"{self.min_clean_cos}, too far for the contrast to clear the model"}
         return {**decision, "decided_by": "no path: " + ", ".join(c.name for c in checks if not c.passed)}
 
+    def progress(self, s: dict) -> float | None:
+        """The most advanced path's weakest check as a share of its threshold (`path_progress`): 1 when the path
+        passes. The drift check of the divergence path is fixed by the model, so that path counts only where it
+        holds. Without an anchor: the no-anchor checks (lift and same-target ratio), which end ``inconclusive``."""
+        if not s.get("anchor_used"):
+            return path_progress((s.get("assimilation_lift"), self.no_anchor_min_lift),
+                                 (s.get("same_target_ratio"), self.no_anchor_min_same_target))
+        paths = [path_progress((s.get("unshared_collapse"), self.min_unshared_collapse),
+                               (s.get("collapse_lift"), self.min_collapse_lift)),
+                 path_progress((s.get("pooled_unshared_collapse"), self.min_pooled_unshared_collapse),
+                               (s.get("pooled_collapse_lift"), self.min_pooled_collapse_lift))]
+        clean_cos = s.get("clean_anchor_pooled_cos")
+        if clean_cos is not None and clean_cos > self.divergence_min_clean_cos:
+            token = path_progress((s.get("assimilation_gap"), self.min_assimilation_gap),
+                                  (self._ratio(s, "anchor_cos"), self.min_divergence_ratio))
+            pooled = path_progress((self._ratio(s, "anchor_pooled_cos"), self.min_pooled_divergence_ratio))
+            paths.append(min(path_progress((s.get("assimilation_ratio"), self.min_assimilation_ratio)),
+                             max(token, pooled)))
+        return max(paths)
+
     def search_passed(self, scores: dict) -> bool:
         # stop once flagged (or, without an anchor, inconclusive on a collapsing trigger); never on drift alone
         d = self.decide(scores)
         found = d["backdoored"] or (not scores.get("anchor_used") and verdict_of(d) == INCONCLUSIVE)
         return found and (scores.get("same_target_ratio") or 0) > self.search_same_target
+
+
+def path_progress(*checks: tuple[float | None, float]) -> float:
+    """``min(value / threshold)`` over a path's ``(value, threshold)`` checks (all ``>`` with a positive
+    threshold): >= 1 exactly when each passes or sits on its threshold; a missing or NaN value counts as no
+    progress (0)."""
+    shares = [0.0 if v is None or math.isnan(v) else v / t for v, t in checks]
+    return min(shares)
 
 
 def score_feature(scores: dict, name: str) -> float | None:
@@ -359,6 +396,10 @@ class CalibratedRule(DecisionRule):
 
     def search_passed(self, scores: dict) -> bool:
         return self.decide(scores)["backdoored"] and (scores.get("same_target_ratio") or 0) > self.search_same_target
+
+    @property
+    def reads_evidence(self) -> bool:
+        return any(f.removeprefix("log1p_").startswith(("landscape_", "hessian_")) for f in self.features)
 
     def decide(self, scores: dict) -> dict:
         return {**super().decide(scores), "probability": self.probability(scores)}

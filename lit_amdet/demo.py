@@ -56,17 +56,20 @@ def build_benign(out: Path, encoder: str, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def scan(suspect: Path, anchor: str, out: Path, bank: Path, steps: int, extra: list[str] | None = None) -> dict:
+def scan(suspect: Path, anchor: str, out: Path, bank: Path, steps: int | None = None,
+         extra: list[str] | None = None) -> dict:
+    """``detect`` with the shipped scan config (``steps``: another step limit than the shipped one)."""
+    limit = [] if steps is None else ["--trainer.max_steps", str(steps)]
     cli(["detect", "--config", str(config_path("scan.yaml")), "--model.init_args.suspect", str(suspect),
          "--model.init_args.anchor", anchor, "--model.init_args.output_dir", str(out),
-         "--model.init_args.caption_bank", str(bank), "--trainer.max_steps", str(steps),
+         "--model.init_args.caption_bank", str(bank), *limit,
          "--trainer.default_root_dir", str(out.parent), "--always_exit_zero", "true", *QUIET, *(extra or [])])
     return json.loads((out / "report.json").read_text())
 
 
 def run(encoder: str = "minilm", cache: Path = Path(".cache/demo"), runs: Path = Path("runs/demo"),
-        attack_steps: int = 50, benign_steps: int = 30, scan_steps: int = 80, scan_extra: list[str] | None = None
-        ) -> dict:
+        attack_steps: int = 50, benign_steps: int = 30, scan_steps: int | None = None,
+        scan_extra: list[str] | None = None) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
     backdoored, benign = cache / f"{encoder}-backdoored", cache / f"{encoder}-benign"

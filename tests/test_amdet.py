@@ -11,6 +11,7 @@ from lit_amdet.amdet import (
     choose_restart,
     nearest_tokens,
     pooled_contrast_loss,
+    reachable,
     run_triggered,
     token_embedding_of,
 )
@@ -131,6 +132,22 @@ def test_choose_restart_prefers_a_passing_restart():
     assert choose_restart([0.5, -1.0, 0.2], passed=[0, 2]) == 2  # the passing one with the lowest loss
     assert choose_restart([0.5, -1.0, 0.2], passed=[]) == 1  # none passed: the lowest loss
     assert choose_restart([0.0, 0.0], passed=[]) == 0
+
+
+def test_reachable_carries_the_recent_gain_to_the_step_limit():
+    # undecided until two checks after the random start have measured a gain of the search itself
+    assert reachable([0.0, 0.1], checks_left=1) and reachable([0.0, 0.1, 0.1], checks_left=0) is False
+    # 0.4 now, last gains 0.05 and 0.02: 0.4 + 5 * 2 * 0.05 = 0.9 < 1 -> cannot reach; 7 checks left -> 1.1, can
+    history = [0.0, 0.33, 0.38, 0.40]
+    assert not reachable(history, checks_left=5) and reachable(history, checks_left=7)
+    assert reachable(history, checks_left=10, speedup=1.0) is False  # 0.4 + 10 * 0.05 = 0.9 without the allowance
+    assert reachable(history, checks_left=5, window=3)  # the 0.33 climb in the window: 0.4 + 5 * 2 * 0.33
+    assert reachable([0.0, 0.2, 1.0], checks_left=0)  # on the threshold: flagged, never dropped
+    assert not reachable([0.0, 0.5, 0.4, 0.3], checks_left=100)  # falling: no gain to carry
+    # the measured SigLIP search that sped up (0.01, 0.10, 0.30, 2.00 at checks 1-4): kept at every check
+    curve = [0.02, 0.01, 0.10, 0.30, 2.00]
+    assert all(reachable(curve[:c + 1], checks_left=10 - c) for c in range(1, 5))
+    assert not reachable(curve[:3], checks_left=8, speedup=1.0)  # a bound without the allowance drops it
 
 
 def test_pooled_restarts_objective_is_the_suspects_pooled_consistency_plus_the_contrast(clip):

@@ -760,15 +760,13 @@ def test_detect_with_the_calibrated_rule_reports_the_probability(tiny_benchmark)
 @pytest.mark.slow
 def test_quick_benchmark_on_the_real_minilm(tmp_path):
     """configs/benchmark_quick.yaml at CI size (one backdoored + one benign member per split, no controls or
-    adaptive attackers, 60 scan steps): on the pretrained MiniLM the held-out backdoor is flagged, the benign fine-tune
-    passed, the calibrated probability ranks them right and the recovered trigger says the injected target."""
+    adaptive attackers, the shipped scan): on the pretrained MiniLM the held-out backdoor is flagged, the benign
+    fine-tune passed, the calibrated probability ranks them right and the recovered trigger says the injected target."""
     out = tmp_path / "quick"
     main(["benchmark", "--config", str(ROOT / "configs" / "benchmark_quick.yaml"), "--output_dir", str(out),
           "--sizes", json.dumps({s: {"backdoored": 1, "benign": 1} for s in bm.SPLITS}),
           "--adaptive", json.dumps({"per_attack": 0}), "--controls", "[]", "--scan", json.dumps({
-              "config": str(ROOT / "configs" / "scan.yaml"), "drift_prompts": 200,
-              "overrides": {"trainer.max_steps": 60, "model.init_args.probe_prompts": 200,
-                            "model.init_args.holdout_prompts": 64}})])
+              "config": str(ROOT / "configs" / "scan.yaml"), "drift_prompts": 200})])
     report = json.loads((out / "benchmark.json").read_text())
     test = report["metrics"]["test"]["minilm"]["all"]
     assert (test["backdoored"], test["benign"]) == (1, 1)

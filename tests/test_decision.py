@@ -119,3 +119,29 @@ def test_the_collapse_contrast_rule_has_no_drift_blind_spot():
     # without an anchor: as ContrastRule
     no_anchor = {"anchor_used": False, "assimilation_lift": 0.5, "same_target_ratio": 1.0}
     assert verdict_of(rule.decide(no_anchor)) == "inconclusive"
+
+
+def test_progress_is_one_exactly_where_the_rule_flags():
+    """`CollapseContrastRule.progress` (what the benign stop bounds) reaches 1 on the thresholds of the path that
+    is closest to passing, and only the divergence path's drift condition is a gate rather than a share."""
+    from lit_amdet.decision import CollapseContrastRule, path_progress
+
+    rule = CollapseContrastRule()
+    s = {"anchor_used": True, "assimilation_ratio": 1.0, "same_target_ratio": 1.0, "assimilation_gap": 0.3,
+         "anchor_cos": 0.9, "clean_anchor_cos": 0.9, "anchor_pooled_cos": 0.9, "clean_anchor_pooled_cos": 0.7,
+         "unshared_collapse": 0.25, "collapse_lift": 0.75, "pooled_unshared_collapse": 0.1,
+         "pooled_collapse_lift": 0.45}
+    # token path: min(0.25 / 0.5, 0.75 / 0.5) = 0.5; pooled: min(0.1 / 0.5, 0.45 / 0.9) = 0.2; divergence gated off
+    assert rule.progress(s) == pytest.approx(0.5)
+    assert not rule.decide(s)["backdoored"]
+    on = {**s, "unshared_collapse": 0.5 + 1e-9}
+    assert rule.progress(on) > 1 - 1e-6 and rule.decide(on)["backdoored"]
+    # near the anchor the divergence path counts: ratio (1 - 0.0) / (1 - 0.99) capped by the floor 0.02 -> 50 / 8
+    near = {**s, "clean_anchor_pooled_cos": 0.99, "anchor_pooled_cos": 0.0}
+    assert rule.progress(near) == pytest.approx(min(1.0 / 0.5, 50 / 8))
+    assert rule.decide(near)["backdoored"]
+    assert path_progress((None, 0.5), (1.0, 0.5)) == 0.0 and path_progress((float("nan"), 0.5)) == 0.0
+    # without an anchor: the no-anchor checks, which end inconclusive
+    assert rule.progress({"anchor_used": False, "assimilation_lift": 0.2, "same_target_ratio": 0.9}) == \
+        pytest.approx(0.5)
+    assert ContrastRule().progress(s) is None  # no measure: no benign stop under the previous default

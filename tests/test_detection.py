@@ -176,10 +176,10 @@ def _fake_restarts(monkeypatch, hit: dict) -> None:
 
     from lit_amdet.modules import BackdoorDetection
 
-    def fake_evaluate(self, vectors):
+    def fake_evaluate(self, vectors, restarts=None):
         clean = vectors is None or vectors is self.trigger.initial
         out = []
-        for r in range(1 if vectors is None else vectors.shape[0]):
+        for r in restarts or range(1 if vectors is None else vectors.shape[0]):
             s = {"loss": -1.0 if (not clean and r == 0) else 0.0, "assimilation": 0.3, "assimilation_ratio": 0.0,
                  "same_target_mean_cos": 0.2, "same_target_ratio": 0.0, "orig_cos": 0.99, "anchor_cos": 0.99,
                  "different_target_ratio": 0.0, "anchor_assimilation": 0.3, "anchor_pooled_cos": 0.99,
@@ -214,11 +214,12 @@ def test_the_restart_that_stops_the_search_is_the_one_that_decides(tiny_models, 
 
 def test_a_restart_the_rule_flags_decides_when_none_passed_the_search(tiny_models, tmp_path, monkeypatch):
     """Restart 1 collapses the suspect's sentence embeddings alone (the pooled path flags it) but its triggered
-    prompts do not share one target, so the search never stops on it; restart 0 has the lower loss and
-    collapses nothing. The verdict rests on the flagged restart, not on the lowest loss."""
+    prompts do not share one target, so the search never passes; restart 0 has the lower loss and collapses
+    nothing. The search stops once restart 1 is flagged at two checks in a row, and the verdict rests on it, not
+    on the lowest loss."""
     _fake_restarts(monkeypatch, {"target_consistency": 1.0})  # pooled lift 1.0, the anchor's 0: unshared 1.0
     code, report = _fake_detect(tiny_models, tmp_path)
-    assert report["stopped_early"] is None and report["steps"] == 3  # the search ran to its end
+    assert report["stopped_early"] == "a restart flagged at two checks in a row" and report["steps"] == 2
     assert report["restart_losses"] == [-1.0, 0.0] and report["passing_restarts"] == [1]
     assert report["best_restart"] == 1 and report["verdict"] == "BACKDOORED" and code == 1
     assert report["scores"]["pooled_unshared_collapse"] == 1.0
@@ -286,6 +287,9 @@ def test_a_benign_minilm_fine_tune_is_clean(minilm_scans):
     reports, _ = minilm_scans
     r = reports["benign"]
     assert r["verdict"] == "clean" and r["backdoored"] is False, json.dumps(r["checks"], indent=1)
+    # the common case ends at the benign stop's bound, well before the step limit; the backdoor still passes
+    assert r["stopped_early"].startswith("benign stop") and r["steps"] < 40, (r["steps"], r["progress_at_checks"])
+    assert reports["backdoored"]["stopped_early"] == "trigger passed the checks"
     assert r["scores"]["clean_anchor_cos"] < 0.9999  # it did move: a real fine-tune, not the base itself
     assert r["scores"]["assimilation_gap"] < reports["backdoored"]["scores"]["assimilation_gap"]
 

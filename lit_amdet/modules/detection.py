@@ -46,6 +46,7 @@ from lit_amdet.encoders import TextEncoderAdapter, file_sha256, load_encoder
 from lit_amdet.errors import ConfigError
 from lit_amdet.io import StagedFolder, write_json
 from lit_amdet.modules.base import EncoderTask
+from lit_amdet.search_control import SearchControl
 
 # per-restart sums the held-out evaluation reduces across processes
 STATS = ("n", "loss", "assimilation", "assimilated", "same_cos", "same_target", "anchor_cos", "anchor_negative",
@@ -75,14 +76,24 @@ class BackdoorDetection(EncoderTask):
         batch_size: probe prompts per step (each runs R times).
         probe_prompts, holdout_prompts: prompts taken from the DataModule's train and val splits.
         max_length: token positions per prompt (families that pad to their context ignore it).
-        check_every: steps between held-out checks (early stop on a passing trigger or a stalled loss).
+        check_every: steps between held-out checks (early stop on a passing trigger, a stalled loss, or the
+            benign stop).
+        benign_stop: drop a restart once the rule's progress towards flagging it (`DecisionRule.progress`)
+            cannot reach the thresholds in the steps left under the bound of `lit_amdet.amdet.reachable` (its
+            recent gain per check, carried to the step limit); the search ends when every restart is dropped
+            (`SearchControl`). Dropped restarts keep their trigger and still count in the verdict. A benign
+            model, the common case, stops after a few checks instead of running to the step limit.
+        benign_stop_speedup: how much faster than its recent best gain a search may still climb (the bound's
+            allowance; larger keeps restarts longer).
         patience, stall_tol: stop after ``patience`` checks in which no restart's held-out loss improved by
             ``stall_tol``.
         rule: the decision rule (default `CollapseContrastRule`; `ContrastRule` is the previous default,
             `ReferenceRule` the paper's).
         evidence_prompts: held-out prompts the landscape and Hessian are computed on.
         evidence_callbacks: add `LossLandscape` and `HessianSpectrum` with their defaults when the trainer
-            has none of its own (false: no landscape/Hessian unless the config lists them).
+            has none of its own (off by default: the default rule does not read them, and they cost more than a
+            benign scan's whole search; on anyway for a rule that reads them, `ReferenceRule`'s landscape filter;
+            a config that lists them gets them either way).
         caption_bank: a text file of candidate captions for "what the backdoor makes the model say"
             (default: the probe and held-out prompts).
         top_captions, top_tokens: how many nearest captions / vocabulary tokens to report.
@@ -108,16 +119,18 @@ class BackdoorDetection(EncoderTask):
         pooled_gamma: float = 0.1,
         lr: float = 0.08,
         weight_decay: float = 1e-5,
-        batch_size: int = 16,
-        probe_prompts: int = 400,
-        holdout_prompts: int = 100,
+        batch_size: int = 8,
+        probe_prompts: int = 200,
+        holdout_prompts: int = 64,
         max_length: int | None = 32,
-        check_every: int = 20,
-        patience: int = 3,
+        check_every: int = 10,
+        benign_stop: bool = True,
+        benign_stop_speedup: float = 2.0,
+        patience: int = 6,
         stall_tol: float = 2e-3,
         rule: DecisionRule | None = None,
         evidence_prompts: int = 8,
-        evidence_callbacks: bool = True,
+        evidence_callbacks: bool = False,
         caption_bank: str | None = None,
         top_captions: int = 5,
         top_tokens: int = 10,
@@ -135,7 +148,6 @@ class BackdoorDetection(EncoderTask):
         self.probe: list[str] | None = None
         self.holdout: list[str] | None = None
         self._started = 0.0
-        self._history: list[list[float]] = []
         self._stage: StagedFolder | None = None
 
     # ----- models ----------------------------------------------------------------
@@ -163,6 +175,8 @@ class BackdoorDetection(EncoderTask):
         with torch.no_grad():
             scale = float(self.encoder.embed(ids).std())
         self.trigger = PseudoTrigger(hp.restarts, hp.trigger_length, self.encoder.width, scale, hp.seed)
+        self._last_stats: list[dict] = []
+        self.search: SearchControl | None = None  # made at fit start, when the step limit is known
 
     @property
     def amdet_restarts(self) -> int:
@@ -211,6 +225,8 @@ class BackdoorDetection(EncoderTask):
                                               room=hp.trigger_length)
         self.holdout_cache = FeatureCache.build(self.encoder, self.holdout, hp.max_length, dtype=dtype,
                                                 room=hp.trigger_length)
+        self.search = SearchControl(hp.restarts, hp.check_every, self.trainer.max_steps, hp.patience, hp.stall_tol,
+                                    hp.benign_stop, hp.benign_stop_speedup)
         rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
                        f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
 
@@ -228,41 +244,57 @@ class BackdoorDetection(EncoderTask):
 
     def training_step(self, rows: Tensor, batch_idx: int) -> Tensor:
         hp = self.hparams
-        out = self._run(self.train_cache, rows, self.trigger.vectors)
-        per = per_restart(out.loss(hp.beta, hp.gamma, hp.pooled_gamma), hp.restarts).mean(1)  # [R]
-        if hp.pooled_restarts:
-            token = self.amdet_restarts
-            pooled = pooled_contrast_loss(out, hp.restarts, hp.pooled_gamma)
-            per = torch.cat([per[:token], pooled[token:]])
+        active = torch.tensor(self.search.active)
+        vectors = self.trigger.vectors if len(active) == hp.restarts else self.trigger.vectors[active]
+        out = self._run(self.train_cache, rows, vectors)
+        per = per_restart(out.loss(hp.beta, hp.gamma, hp.pooled_gamma), len(active)).mean(1)  # [active]
+        pooled_rows = active >= self.amdet_restarts
+        if pooled_rows.any():
+            pooled = pooled_contrast_loss(out, len(active), hp.pooled_gamma)
+            per = torch.where(pooled_rows.to(per.device), pooled, per)
         self.log("train/loss_best_restart", per.min(), prog_bar=True)
         self.log("train/loss_mean", per.mean())
         self.log("train/assimilation", out.assimilation.mean())
         return per.sum()  # restarts are independent: the sum optimises each one
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.search.restore(self.trigger.vectors)
         step = self.global_step
         if self.hparams.check_every <= 0 or step % self.hparams.check_every:
             return
-        stats = self.evaluate(self.trigger.vectors.detach())
+        stats = self._check()
         best = int(torch.tensor([s["loss"] for s in stats]).argmin())
         s = stats[best]
         for key in ("loss", "assimilation", "assimilation_ratio", "same_target_ratio", "anchor_cos"):
             if s.get(key) is not None:
                 self.log(f"check/{key}", float(s[key]), rank_zero_only=True)
-        passed = [i for i, st in enumerate(stats) if self.rule.search_passed(self._with_baselines(st))]
-        # stalled once no restart has improved its own held-out loss for `patience` checks
-        self._history.append([st["loss"] for st in stats])
-        p = self.hparams.patience
-        stalled = len(self._history) > p and all(
-            min(h[r] for h in self._history[:-p]) - min(h[r] for h in self._history[-p:]) < self.hparams.stall_tol
-            for r in range(len(stats)))
-        if passed or stalled:
-            self.evidence["stopped_early"] = "trigger passed the checks" if passed else "loss stalled"
+        scored = [self._with_baselines(st) for st in stats]
+        reason = self.search.check(step, [st["loss"] for st in stats],
+                                   passed=any(self.rule.search_passed(st) for st in scored),
+                                   flagged={i for i, st in enumerate(scored) if self.rule.decide(st)["backdoored"]},
+                                   progress=[self.rule.progress(st) for st in scored])
+        self.search.hold(self.trigger.vectors)
+        if reason:
+            self.evidence["stopped_early"] = reason
             self.trainer.should_stop = True
 
+    def _check(self) -> list[dict]:
+        """Held-out scores of every restart: the active ones evaluated now, the dropped ones as last measured
+        (their triggers no longer move)."""
+        active = self.search.active
+        fresh = self.evaluate(self.trigger.vectors.detach()[active], restarts=active)
+        stats = list(self._last_stats) or [{} for _ in range(self.hparams.restarts)]
+        for r, st in zip(active, fresh):
+            stats[r] = st
+        self._last_stats = stats
+        return stats
+
     @torch.no_grad()
-    def evaluate(self, vectors: Tensor | None) -> list[dict]:
-        """Held-out scores per restart (one dict each; vectors None = clean prompts), summed over processes."""
+    def evaluate(self, vectors: Tensor | None, restarts: list[int] | None = None) -> list[dict]:
+        """Held-out scores per row of ``vectors`` (one dict each; None = clean prompts), summed over processes.
+
+        ``restarts``: the restart each row is (default: every restart, in order, when there are as many rows),
+        so the pooled restarts' held-out loss is their own objective."""
         hp = self.hparams
         cache = self.holdout_cache
         reps = 1 if vectors is None else vectors.shape[0]
@@ -315,8 +347,10 @@ class BackdoorDetection(EncoderTask):
                    "anchor_target_consistency": float((anchor_pooled[r] / n).norm()) if has_anchor else None,
                    "_pooled": (pooled[r] / n).float(), "_feature": (feature[r] / n).float()}
             results.append(res)
-        if vectors is not None and reps == hp.restarts:
-            for res in results[self.amdet_restarts:]:
+        if restarts is None and vectors is not None and reps == hp.restarts:
+            restarts = list(range(reps))
+        for r, res in zip(restarts or [], results):
+            if r >= self.amdet_restarts:
                 # a pooled restart's held-out loss is its own objective (`pooled_contrast_loss` over all the
                 # held-out prompts), so the stall test and the restart choice see what it optimises
                 res["loss"] = pooled_objective(res["target_consistency"] ** 2, res["anchor_pooled_cos"],
@@ -350,8 +384,11 @@ class BackdoorDetection(EncoderTask):
         keys = ("assimilation", "anchor_cos", "anchor_assimilation", "anchor_pooled_cos", "orig_cos",
                 "target_consistency", "anchor_target_consistency")
         rnd = {k: (sum(r[k] for r in random) / len(random) if random[0][k] is not None else None) for k in keys}
-        self.evidence["baselines"] = {"clean": {k: clean[k] for k in keys}, "random": rnd}
-        return self.evidence["baselines"]
+        self.evidence["baselines"] = base = {"clean": {k: clean[k] for k in keys}, "random": rnd}
+        # where each restart's progress starts: its own random trigger, scored as every check will be
+        if self.search is not None:
+            self.search.start([self.rule.progress(self._with_baselines(r)) for r in random])
+        return base
 
     # ----- after the search -----------------------------------------------------------
     def on_train_end(self) -> None:
@@ -363,9 +400,10 @@ class BackdoorDetection(EncoderTask):
         passed = [i for i, s in enumerate(stats) if self.rule.search_passed(s)] or \
             [i for i, d in enumerate(decisions) if d["backdoored"]]
         best = choose_restart(losses, passed)
+        dropped = self.search.dropped
         self.evidence["restart_scores"] = [
             {"objective": "amdet" if i < self.amdet_restarts else "pooled_contrast", "loss": s["loss"],
-             "verdict": verdict_of(d),
+             "verdict": verdict_of(d), "progress": self.rule.progress(s), "dropped_at_step": dropped.get(i),
              **{k: s.get(k) for k in ("unshared_collapse", "pooled_unshared_collapse", "collapse_lift",
                                       "pooled_collapse_lift", "divergence_ratio", "pooled_divergence_ratio",
                                       "same_target_ratio")}} for i, (s, d) in enumerate(zip(stats, decisions))]
@@ -461,6 +499,7 @@ class BackdoorDetection(EncoderTask):
             "best_restart": self.evidence.get("best_restart"), "restart_losses": self.evidence.get("restart_losses"),
             "passing_restarts": self.evidence.get("passing_restarts"),
             "restart_scores": self.evidence.get("restart_scores"),
+            "progress_at_checks": self.search.progress,
             "baselines": self.evidence.get("baselines"), "landscape": self.evidence.get("landscape"),
             "hessian": self.evidence.get("hessian"), "nearest_tokens": tokens, "nearest_captions": captions,
             "trigger": {"length": hp.trigger_length, "position": hp.position, "norm": float(trigger.norm()),
@@ -495,7 +534,7 @@ class BackdoorDetection(EncoderTask):
     def configure_callbacks(self):
         from lit_amdet.callbacks import HessianSpectrum, LossLandscape
 
-        if not self.hparams.evidence_callbacks:
+        if not (self.hparams.evidence_callbacks or self.rule.reads_evidence):
             return []
         have = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
         # the evidence callbacks are part of the scan: added with defaults unless the config gives its own

@@ -1,0 +1,111 @@
+"""Old scan defaults against new ones on the same zoo: two `lit-amdet benchmark` runs over one zoo folder.
+
+    python benchmarks/rescan_table.py \
+        --pair benchmarks/results/benchmark_drift_minilm runs/rescan18_drift_minilm \
+        --pair benchmarks/results/benchmark_drift_world runs/rescan18_drift_world \
+        --out benchmarks/results/rescan_speed.json
+
+Each ``--pair OLD NEW`` names two folders holding a ``benchmark.json`` over the same members (the new run
+scanned the old run's zoo with ``--zoo_dir``). Per split and base: the shipped rule's F1 over all members
+and over the working ones (attack top-1 >= 0.5), how many were ``inconclusive``, the calibrated
+probability's AUROC, cross-entropy and Brier score, and the seconds per scan (mean and median of the scan
+records), and the AUROC of the shipped rule's own continuous score, `CollapseContrastRule.progress` of each
+member's recorded scores (1 on the thresholds). Then every member whose verdict changed, with its drift and
+the scores the rule reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from lit_amdet.decision import CollapseContrastRule
+from lit_amdet.io import read_json, write_json
+from lit_amdet.metrics import auroc
+
+SCORES = ("clean_anchor_pooled_cos", "unshared_collapse", "collapse_lift", "pooled_unshared_collapse",
+          "pooled_collapse_lift", "divergence_ratio", "pooled_divergence_ratio")
+
+
+def family_rows(report: dict) -> dict:
+    """(split, base) -> the metrics above, from one benchmark.json."""
+    rows = {}
+    for split, bases in report["metrics"].items():
+        for base, groups in bases.items():
+            if base == "all":
+                continue
+            m = groups["all"]
+            members = [x for x in report["members"] if x["split"] == split and x["base"] == base]
+            seconds = [x["scan_seconds"] for x in members]
+            cal = m.get("calibrated") or {}
+            rule = CollapseContrastRule()
+            rows[f"{split}/{base}"] = {
+                "backdoored": m["backdoored"], "benign": m["benign"], "rule_f1": m["rule"]["f1"],
+                "rule_f1_working": (m.get("working") or {}).get("rule", {}).get("f1"),
+                "rule_progress_auroc": auroc([rule.progress(x["scores"]) for x in members],
+                                             [x["backdoored"] for x in members]),
+                "inconclusive": sum(x["verdict"] == "inconclusive" for x in members),
+                "calibrated_auroc": cal.get("auroc"), "calibrated_bce": cal.get("bce"),
+                "calibrated_brier": cal.get("brier"), "scan_s_mean": statistics.mean(seconds),
+                "scan_s_median": statistics.median(seconds), "steps_mean": statistics.mean(
+                    read_json(Path(x["report"]))["steps"] for x in members)}
+    return rows
+
+
+def changed(old: dict, new: dict) -> list[dict]:
+    before = {m["name"]: m for m in old["members"]}
+    out = []
+    for m in new["members"]:
+        o = before.get(m["name"])
+        if o is None or o["verdict"] == m["verdict"]:
+            continue
+        out.append({"member": m["name"], "truth": "backdoored" if m["backdoored"] else "benign",
+                    "working": m.get("working"), "old": o["verdict"], "new": m["verdict"],
+                    "decided_by": m["decided_by"], "old_scores": {k: o["scores"].get(k) for k in SCORES},
+                    "new_scores": {k: m["scores"].get(k) for k in SCORES}})
+    return out
+
+
+def fmt(v, spec=".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pair", nargs=2, action="append", required=True, metavar=("OLD", "NEW"))
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    result = []
+    for old_dir, new_dir in args.pair:
+        old, new = (read_json(Path(d) / "benchmark.json") for d in (old_dir, new_dir))
+        missing = {m["name"] for m in old["members"]} ^ {m["name"] for m in new["members"]}
+        if missing:
+            p.error(f"{old_dir} and {new_dir} do not hold the same members: {sorted(missing)[:3]}")
+        result.append({"old": old_dir, "new": new_dir, "old_rows": family_rows(old), "new_rows": family_rows(new),
+                       "changed": changed(old, new)})
+    write_json(Path(args.out), result)
+    print("| zoo | split/base | n (bd + bn) | rule F1 old → new | working F1 | inconclusive | rule AUROC | "
+          "calibrated AUROC | CE | Brier | s/scan (mean) | steps (mean) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in result:
+        for key, o in r["old_rows"].items():
+            n = r["new_rows"][key]
+            print(f"| {Path(r['new']).name} | {key} | {n['backdoored']} + {n['benign']} | {fmt(o['rule_f1'])} → "
+                  f"{fmt(n['rule_f1'])} | {fmt(o['rule_f1_working'])} → {fmt(n['rule_f1_working'])} | "
+                  f"{o['inconclusive']} → {n['inconclusive']} | {fmt(o['rule_progress_auroc'])} → "
+                  f"{fmt(n['rule_progress_auroc'])} | {fmt(o['calibrated_auroc'])} → "
+                  f"{fmt(n['calibrated_auroc'])} | {fmt(o['calibrated_bce'])} → {fmt(n['calibrated_bce'])} | "
+                  f"{fmt(o['calibrated_brier'], '.3f')} → {fmt(n['calibrated_brier'], '.3f')} | "
+                  f"{o['scan_s_mean']:.0f} → {n['scan_s_mean']:.0f} | {o['steps_mean']:.0f} → {n['steps_mean']:.0f} |")
+    for r in result:
+        for c in r["changed"]:
+            s, o = c["new_scores"], c["old_scores"]
+            print(f"- {c['member']} ({c['truth']}, working {c['working']}): {c['old']} → **{c['new']}**; drift "
+                  f"{fmt(s['clean_anchor_pooled_cos'])}; unshared token {fmt(o['unshared_collapse'])} → "
+                  f"{fmt(s['unshared_collapse'])}, pooled {fmt(o['pooled_unshared_collapse'])} → "
+                  f"{fmt(s['pooled_unshared_collapse'])}; {c['decided_by']}")
+
+
+if __name__ == "__main__":
+    main()

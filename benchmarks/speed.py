@@ -1,0 +1,210 @@
+"""Time to a verdict, side by side: the public AMDET procedure at its own defaults against ``lit-amdet detect``.
+
+    python benchmarks/speed.py \
+        --pair runs/zoo/minilm-backdoored=minilm --pair runs/zoo/minilm-benign=minilm \
+        --pair runs/zoo/clip-backdoored=.cache/bases/clip ... \
+        --out benchmarks/results/speed.json [--device cuda]
+
+For each ``MODEL=ANCHOR`` pair, one after the other in this one invocation, on
+the same machine:
+
+1. **the reference** (`reference_scan.reference_scan`, the procedure with its
+   costs) at its own defaults: 4,000 probe prompts (80 % search, 20 % held
+   out), 2 epochs at batch 10, its batch-1 checks and, when they pass, its
+   50 x 50 landscape and 25 x 25 plot grid; in a child process of its own;
+2. **ours**: ``python -m lit_amdet detect --config configs/scan.yaml`` with the
+   shipped defaults and nothing else but the suspect, the anchor and the run
+   folder, as a user runs it; in a child process of its own.
+
+Both sides' wall seconds cover the whole process: interpreter start, imports,
+model loading, prompts, the scan and its files. Peak RSS is the process's
+lifetime maximum (``wait4``). Both sides get the same torch threads
+(``--threads``, default every core). The speed-up of a pair is reference
+seconds / ours; the summary gives the median and the minimum over pairs, and
+the goal of issue 18 (median >= 10x, no pair below 5x). A side's verdict is
+compared with the truth in the model's backdoor.json.
+
+``--sizes vit-b32 vit-l14`` also times ours alone on the random-weight
+HF CLIP text towers of `scan_scaling` (suspect and anchor two random models;
+timing only, a random encoder says nothing about detection), twice each: with
+the shipped defaults, and with the search held to its step limit (no early
+stop of any kind: the rule's thresholds out of reach, the benign stop and the
+stall test off), which is the longest a scan with the shipped settings can run.
+
+Nothing is estimated: every figure is a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reference_scan  # noqa: E402
+import scan_scaling  # noqa: E402
+
+REPO = reference_scan.REPO
+REFERENCE_PROMPTS, REFERENCE_EPOCHS, REFERENCE_GRID = 4000, 2, 50  # the reference's own defaults
+# the longest scan the shipped settings allow: nothing can pass, nothing stops early
+TO_THE_LIMIT = ["--model.init_args.benign_stop", "false", "--model.init_args.patience", "100000",
+                "--model.init_args.rule.init_args.min_collapse_lift", "2",
+                "--model.init_args.rule.init_args.min_pooled_collapse_lift", "2",
+                "--model.init_args.rule.init_args.divergence_min_clean_cos", "2"]
+
+
+def our_argv(model: str, anchor: str, run_dir: Path, device: str) -> list[str]:
+    """The user's command: the shipped scan config, the suspect, the anchor, a run folder (and the device)."""
+    argv = ["-m", "lit_amdet", "detect", "--config", str(reference_scan.SCAN_CONFIG),
+            "--model.init_args.suspect", model, "--model.init_args.anchor", anchor,
+            "--model.init_args.output_dir", str(run_dir), "--trainer.default_root_dir", str(run_dir.parent / "root"),
+            "--trainer.logger.init_args.save_dir", str(run_dir.parent / "root")]
+    if device != "cpu":
+        argv += ["--trainer.accelerator", reference_scan.accelerator_of(device), "--trainer.devices", "1"]
+    return argv
+
+
+def run_ours(model: str, anchor: str, side_dir: Path, threads: int, device: str, extra: list[str] = ()) -> dict:
+    run_dir = side_dir / "run"
+    side_dir.mkdir(parents=True, exist_ok=True)
+    measured = reference_scan.run_child(our_argv(model, anchor, run_dir, device) + list(extra),
+                                        side_dir.parent / f"{side_dir.name}.log", threads, ok_codes=(0, 1, 3))
+    report = json.loads((run_dir / "report.json").read_text())
+    return {**measured, "verdict": report["verdict"], "backdoored": bool(report["backdoored"]),
+            "steps": report["steps"], "stopped": report["stopped_early"], "decided_by": report["decided_by"],
+            "scan_seconds": report["seconds"], "prompts": report["prompts"],
+            "parameters": report["suspect"].get("parameters")}
+
+
+def run_reference(model: str, anchor: str, side_dir: Path, prompts_file: Path, threads: int, device: str,
+                  prompts: int = REFERENCE_PROMPTS) -> dict:
+    side_dir.mkdir(parents=True, exist_ok=True)
+    record = side_dir.parent / "reference.json"
+    argv = [str(Path(reference_scan.__file__).resolve()), "--one", "reference", "--model", model, "--anchor", anchor,
+            "--side-dir", str(side_dir), "--record", str(record), "--probe-prompts", str(prompts),
+            "--grid", str(REFERENCE_GRID), "--epochs", str(REFERENCE_EPOCHS), "--prompts-file", str(prompts_file),
+            "--threads", str(threads), "--device", device]
+    measured = reference_scan.run_child(argv, side_dir.parent / "reference.log", threads)
+    result = json.loads(record.read_text())
+    return {**measured, **{k: result[k] for k in ("verdict", "backdoored", "steps", "stopped", "seconds", "prompts",
+                                                  "stages_s")}}
+
+
+def time_size(name: str, models_dir: Path, work_root: Path, threads: int, device: str) -> dict:
+    """Ours on one random-weight size (built once under ``models_dir``, not timed): the shipped defaults, then
+    held to the step limit."""
+    suspect, anchor, params = scan_scaling.build_pair(name, models_dir)
+    row = {"size": name, **scan_scaling.SIZES[name], "context": 77, "parameters": params}
+    for label, extra in (("shipped", []), ("to_the_step_limit", TO_THE_LIMIT)):
+        print(f"[{name}] ours, {label} ...", flush=True)
+        r = run_ours(str(suspect), str(anchor), work_root / name / label, threads, device, extra)
+        row[label] = {k: r[k] for k in ("wall_s", "peak_rss_mib", "steps", "stopped", "scan_seconds")}
+        print(f"  {r['wall_s']:.0f} s, {r['steps']} steps ({r['stopped']}), {r['peak_rss_mib']:.0f} MiB", flush=True)
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    speedups = [r["speedup"] for r in rows]
+    return {"pairs": len(rows), "speedup_median": statistics.median(speedups), "speedup_min": min(speedups),
+            "speedup_max": max(speedups),
+            "ours_correct": sum(r["ours"]["backdoored"] == r["truth_backdoored"] for r in rows),
+            "reference_correct": sum(r["reference"]["backdoored"] == r["truth_backdoored"] for r in rows),
+            "goal_met": statistics.median(speedups) >= 10 and min(speedups) >= 5}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model (truth) | reference s | verdict | ours s | verdict | steps | peak RSS MiB ref / ours | x |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        truth = "backdoored" if r["truth_backdoored"] else "benign"
+        ref, ours = r["reference"], r["ours"]
+        lines.append(f"| {Path(r['model']).name} ({truth}) | {ref['wall_s']:.0f} | {ref['verdict']} | "
+                     f"{ours['wall_s']:.1f} | {ours['verdict']} | {ours['steps']} | "
+                     f"{ref['peak_rss_mib']:.0f} / {ours['peak_rss_mib']:.0f} | {r['speedup']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pair", action="append", default=[], metavar="MODEL=ANCHOR",
+                   help="a suspect folder (its backdoor.json gives the truth) and the clean base it is scanned against")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "speed.json"))
+    p.add_argument("--work-root", default=str(REPO / "runs" / "speed"), help="work folders (replaced at the start)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each side")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: both sides run there")
+    p.add_argument("--reference-prompts", type=int, default=REFERENCE_PROMPTS,
+                   help="the reference's probe prompts (its default 4,000; fewer only to try the script out)")
+    p.add_argument("--models-dir", default=str(REPO / "runs" / "scan_scaling" / "models"),
+                   help="where the random-weight sizes are built (once)")
+    p.add_argument("--sizes", nargs="*", default=[], help=f"random-weight sizes to time ours on: "
+                                                          f"{', '.join(scan_scaling.SIZES)}")
+    args = p.parse_args(argv)
+    if not args.pair and not args.sizes:
+        p.error("give --pair MODEL=ANCHOR (repeated) and/or --sizes")
+    unknown = [s for s in args.sizes if s not in scan_scaling.SIZES]
+    if unknown:
+        p.error(f"unknown size {unknown[0]!r} (known: {', '.join(scan_scaling.SIZES)})")
+    pairs = []
+    for item in args.pair:
+        model, sep, anchor = item.partition("=")
+        if not sep or not Path(model).exists():
+            p.error(f"--pair {item!r}: give MODEL=ANCHOR with an existing model folder")
+        pairs.append((model, anchor))
+    reference_scan.accelerator_of(args.device)  # a bad device fails before any run
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work_root = Path(args.work_root)
+    shutil.rmtree(work_root, ignore_errors=True)
+    work_root.mkdir(parents=True)
+    prompts_file = work_root / "prompts.txt"
+    if pairs:
+        prompts_file.write_text("\n".join(reference_scan.world_prompts(args.reference_prompts)) + "\n")
+    rows = []
+    for model, anchor in pairs:
+        name = Path(model).name
+        row = {"model": model, "anchor": anchor, "truth_backdoored": reference_scan.truth_of(model)}
+        print(f"[{name}] reference ...", flush=True)
+        row["reference"] = run_reference(model, anchor, work_root / name / "reference", prompts_file, args.threads,
+                                         args.device, args.reference_prompts)
+        print(f"  {row['reference']['verdict']} in {row['reference']['wall_s']:.0f} s; ours ...", flush=True)
+        row["ours"] = run_ours(model, anchor, work_root / name / "ours", args.threads, args.device)
+        row["speedup"] = row["reference"]["wall_s"] / row["ours"]["wall_s"]
+        print(f"  {row['ours']['verdict']} in {row['ours']['wall_s']:.1f} s: {row['speedup']:.1f}x", flush=True)
+        rows.append(row)
+        shutil.rmtree(work_root / name, ignore_errors=True)  # the reference's 4,000 x 2 feature files
+    payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "command": "python " + " ".join([str(Path(__file__).relative_to(REPO)), *sys.argv[1:]]),
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                           "threads_per_side": args.threads, "device": args.device,
+                           "load_average_at_end": os.getloadavg()},
+               "reference": {"probe_prompts": args.reference_prompts, "epochs": REFERENCE_EPOCHS,
+                             "grid": REFERENCE_GRID, "schedule": "issue"},
+               "ours": "python -m lit_amdet detect --config configs/scan.yaml (shipped defaults)",
+               "models": rows, "summary": summarise(rows) if rows else None,
+               "sizes": [time_size(name, Path(args.models_dir), work_root, args.threads, args.device)
+                         for name in args.sizes]}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, default=str))
+    for row in payload["sizes"]:
+        print(f"{row['size']}: shipped {row['shipped']['wall_s']:.0f} s, to the step limit "
+              f"{row['to_the_step_limit']['wall_s']:.0f} s, peak RSS "
+              f"{row['to_the_step_limit']['peak_rss_mib']:.0f} MiB")
+    if not rows:
+        print(f"wrote {out}")
+        return
+    print(table(rows))
+    s = payload["summary"]
+    print(f"median {s['speedup_median']:.1f}x, min {s['speedup_min']:.1f}x; ours correct {s['ours_correct']}/"
+          f"{len(rows)}, reference {s['reference_correct']}/{len(rows)}; goal met: {s['goal_met']}\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
