@@ -48,9 +48,14 @@ def family_rows(report: dict) -> dict:
                 "inconclusive": sum(x["verdict"] == "inconclusive" for x in members),
                 "calibrated_auroc": cal.get("auroc"), "calibrated_bce": cal.get("bce"),
                 "calibrated_brier": cal.get("brier"), "scan_s_mean": statistics.mean(seconds),
-                "scan_s_median": statistics.median(seconds), "steps_mean": statistics.mean(
-                    read_json(Path(x["report"]))["steps"] for x in members)}
+                "scan_s_median": statistics.median(seconds), "steps_mean": mean_steps(members)}
     return rows
+
+
+def mean_steps(members: list[dict]) -> float | None:
+    """Mean search steps, from the members' report.json files where they still exist (None if none does)."""
+    steps = [read_json(Path(x["report"]))["steps"] for x in members if Path(x["report"]).is_file()]
+    return statistics.mean(steps) if steps else None
 
 
 def changed(old: dict, new: dict) -> list[dict]:
@@ -97,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{fmt(n['rule_progress_auroc'])} | {fmt(o['calibrated_auroc'])} → "
                   f"{fmt(n['calibrated_auroc'])} | {fmt(o['calibrated_bce'])} → {fmt(n['calibrated_bce'])} | "
                   f"{fmt(o['calibrated_brier'], '.3f')} → {fmt(n['calibrated_brier'], '.3f')} | "
-                  f"{o['scan_s_mean']:.0f} → {n['scan_s_mean']:.0f} | {o['steps_mean']:.0f} → {n['steps_mean']:.0f} |")
+                  f"{o['scan_s_mean']:.0f} → {n['scan_s_mean']:.0f} | {fmt(o['steps_mean'], '.0f')} → "
+                  f"{fmt(n['steps_mean'], '.0f')} |")
     for r in result:
         for c in r["changed"]:
             s, o = c["new_scores"], c["old_scores"]

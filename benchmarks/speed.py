@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         shutil.rmtree(work_root / name, ignore_errors=True)  # the reference's 4,000 x 2 feature files
     payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "command": "python " + " ".join([str(Path(__file__).relative_to(REPO)), *sys.argv[1:]]),
+               "command": "python " + " ".join([str(Path(__file__).resolve().relative_to(REPO)), *sys.argv[1:]]),
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                            "threads_per_side": args.threads, "device": args.device,
                            "load_average_at_end": os.getloadavg()},

@@ -70,6 +70,8 @@ class SearchControl:
         if not self.max_steps or self.max_steps <= 0 or not self.progress:
             return None  # no step limit to bound against, or a rule without a progress measure
         left = -(-(self.max_steps - step) // self.check_every)  # checks still to come, the last one included
+        if left <= 0:
+            return None  # the step limit ends the search now: nothing is dropped, it simply ran its course
         for r in list(self.active):
             if not reachable(self.progress[r], left, speedup=self.speedup):
                 self.active.remove(r)

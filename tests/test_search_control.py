@@ -44,6 +44,12 @@ def test_the_other_stops_come_first_and_a_rule_without_progress_has_no_benign_st
     reasons = [stall.check(10 * i, [-1.0, -2.0], passed=False, flagged=set(), progress=[0.0, 0.0])
                for i in range(1, 4)]
     assert reasons == [None, None, "loss stalled"] and stall.active == [0, 1]  # benign stop off: none dropped
+    # at the step limit itself nothing is dropped: the search simply ran its course
+    last = SearchControl(restarts=1, check_every=10, max_steps=30)
+    last.start([0.0])
+    reasons = [last.check(step, [-p], passed=False, flagged=set(), progress=[p])
+               for step, p in ((10, 0.3), (20, 0.5), (30, 0.6))]  # at 20: 0.5 + 1 * 2 * 0.3 >= 1, kept
+    assert reasons == [None, None, None] and last.active == [0] and not last.dropped
     # no step limit to bound against: nothing is dropped
     free = SearchControl(restarts=1, check_every=10, max_steps=-1)
     free.start([0.0])

@@ -177,6 +177,7 @@ class BackdoorDetection(EncoderTask):
         self.trigger = PseudoTrigger(hp.restarts, hp.trigger_length, self.encoder.width, scale, hp.seed)
         self._last_stats: list[dict] = []
         self.search: SearchControl | None = None  # made at fit start, when the step limit is known
+        self._checked_at = -1
 
     @property
     def amdet_restarts(self) -> int:
@@ -244,7 +245,9 @@ class BackdoorDetection(EncoderTask):
 
     def training_step(self, rows: Tensor, batch_idx: int) -> Tensor:
         hp = self.hparams
-        active = torch.tensor(self.search.active)
+        if not self.search.active:  # every restart dropped, and the trainer refused to stop (min_steps)
+            return None
+        active = torch.tensor(self.search.active, dtype=torch.long)
         vectors = self.trigger.vectors if len(active) == hp.restarts else self.trigger.vectors[active]
         out = self._run(self.train_cache, rows, vectors)
         per = per_restart(out.loss(hp.beta, hp.gamma, hp.pooled_gamma), len(active)).mean(1)  # [active]
@@ -260,8 +263,10 @@ class BackdoorDetection(EncoderTask):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.search.restore(self.trigger.vectors)
         step = self.global_step
-        if self.hparams.check_every <= 0 or step % self.hparams.check_every:
+        # one check per optimiser step (with gradient accumulation several batches share a step)
+        if self.hparams.check_every <= 0 or step % self.hparams.check_every or step == self._checked_at:
             return
+        self._checked_at = step
         stats = self._check()
         best = int(torch.tensor([s["loss"] for s in stats]).argmin())
         s = stats[best]
