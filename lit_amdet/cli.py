@@ -8,6 +8,7 @@ code 2; no traceback unless ``LIT_AMDET_DEBUG=1``.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -33,14 +34,26 @@ from lit_amdet.benchmark import (
 )
 from lit_amdet.decision import BACKDOORED, INCONCLUSIVE
 from lit_amdet.errors import ConfigError, LitAmdetError
+from lit_amdet.resources import config_path
+from lit_amdet.screening import ERROR
 
 EXIT_ERROR = 2
 EXIT_BACKDOORED = 1
 EXIT_INCONCLUSIVE = 3
 
+#: the shipped config a subcommand reads when the command line has no ``--config`` (``scan_data.yaml`` is not
+#: one: its encoder and data paths are placeholders that a fresh install does not have)
+DEFAULT_CONFIGS = {"detect": "scan.yaml"}
+CONFIG_FLAGS = ("-c", "--config")
+
 
 class AmdetTrainer(Trainer):
     """Lightning's Trainer with the project's extra subcommands."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        #: its own arguments, so a screening of several suspects makes a fresh Trainer per scan like it
+        self.init_kwargs = dict(kwargs)
 
     def detect(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None,
                always_exit_zero: bool = False) -> dict:
@@ -53,7 +66,8 @@ class AmdetTrainer(Trainer):
             always_exit_zero: exit 0 for every verdict (it is in report.json and stdout).
         """
         verdict = commands.detect(self, model, datamodule)
-        code = {BACKDOORED: EXIT_BACKDOORED, INCONCLUSIVE: EXIT_INCONCLUSIVE}.get(verdict["verdict"], 0)
+        codes = {BACKDOORED: EXIT_BACKDOORED, INCONCLUSIVE: EXIT_INCONCLUSIVE, ERROR: EXIT_ERROR}
+        code = codes.get(verdict["verdict"], 0)
         if code and not always_exit_zero:
             sys.exit(code)
         return verdict
@@ -164,7 +178,15 @@ class AmdetCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lit-amdet`` console script."""
+    """Entry point of the ``lit-amdet`` console script.
+
+    Two things happen to the command line before LightningCLI reads it: ``--config NAME`` where NAME is not a
+    file but the name of a shipped config (``scan.yaml``, ``configs/scan.yaml``, ``scan``) becomes that config's
+    path (`lit_amdet.resources.config_path`), so the shipped configs work from any folder; and a subcommand of
+    `DEFAULT_CONFIGS` given no ``--config`` reads its shipped config as a default config file, so
+    ``lit-amdet detect --model.init_args.suspect X --model.init_args.anchor Y`` is the shipped scan. A
+    ``--config`` of your own replaces the default config; it is not layered on it.
+    """
     # `scan-data` is how people type it; the subcommand is a Trainer method, so its name has an underscore.
     argv = sys.argv if args is None else (args := list(args))
     first = 1 if args is None else 0
@@ -172,7 +194,9 @@ def main(args: list[str] | None = None) -> None:
         argv[first] = "scan_data"
     requested = argv[first] if len(argv) > first else None
     try:
-        type("AmdetCLI", (AmdetCLI,), {"requested": requested})(
+        argv[first:] = shipped_config_args(argv[first:])
+        cli_class = type("AmdetCLI", (AmdetCLI,), {"requested": requested})
+        cli_class(
             LightningModule,
             LightningDataModule,
             trainer_class=AmdetTrainer,
@@ -182,7 +206,7 @@ def main(args: list[str] | None = None) -> None:
             args=args,
             auto_configure_optimizers=False,
             # a bad option or config is one line (below), not a usage block
-            parser_kwargs={"exit_on_error": False},
+            parser_kwargs={"exit_on_error": False, **default_config_kwargs(cli_class, argv[first:])},
         )
     except LitAmdetError as exc:
         _fail(exc)
@@ -197,6 +221,44 @@ def main(args: list[str] | None = None) -> None:
         if ours is not None:
             _fail(ours)
         _fail(exc, prefix=f"unexpected {type(exc).__name__}")
+
+
+def shipped_config_args(args: list[str]) -> list[str]:
+    """``args`` with the value of every ``--config``/``-c`` that names a shipped config replaced by its path.
+
+    A value that is an existing file, a URL (``s3://...``) or an inline config (``{...}``, ``key: value``) is
+    kept as given; a ``.yaml``/``.yml``/``.json`` name or a path that is neither a file nor a shipped config is a
+    one-line `ConfigError` listing the shipped configs.
+    """
+    out = list(args)
+    for i, arg in enumerate(out):
+        flag, eq, value = arg.partition("=")
+        if flag in CONFIG_FLAGS and eq:
+            out[i] = f"{flag}={_shipped_config(value)}"
+        elif arg in CONFIG_FLAGS and i + 1 < len(out):
+            out[i + 1] = _shipped_config(out[i + 1])
+    return out
+
+
+def _shipped_config(value: str) -> str:
+    if os.path.exists(value) or "://" in value or any(c in value for c in "{}:\n"):
+        return value
+    try:
+        return str(config_path(value))
+    except ConfigError:
+        if value.endswith((".yaml", ".yml", ".json")) or "/" in value or os.sep in value:
+            raise
+        return value  # jsonargparse says what is wrong with it
+
+
+def default_config_kwargs(cli_class: type[AmdetCLI], args: list[str]) -> dict[str, dict]:
+    """Parser kwargs giving each subcommand of `DEFAULT_CONFIGS` that ``cli_class`` builds its shipped config as
+    a default config file; none where ``args`` give a ``--config``."""
+    if any(arg.partition("=")[0] in CONFIG_FLAGS for arg in args):
+        return {}
+    built = cli_class.subcommands()  # LightningCLI hands a key that is not a built subcommand to the main parser
+    return {sub: {"default_config_files": [glob.escape(str(config_path(name)))]}
+            for sub, name in DEFAULT_CONFIGS.items() if sub in built}
 
 
 def _our_error(exc: BaseException) -> LitAmdetError | None:

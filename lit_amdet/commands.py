@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 
 from lit_amdet.errors import ConfigError, LitAmdetError
 
@@ -35,7 +35,11 @@ def detect(trainer: Trainer, model: LightningModule, datamodule: LightningDataMo
 
     if not isinstance(model, BackdoorDetection):
         raise ConfigError(f"detect needs model: lit_amdet.modules.BackdoorDetection, not {type(model).__name__}")
-    model.use_prompts(datamodule if datamodule is not None else TextEncoderDataModule())
+    datamodule = datamodule if datamodule is not None else TextEncoderDataModule()
+    if model.several:
+        return screen(trainer, model, datamodule)
+    if model.probe is None:
+        model.use_prompts(datamodule)
     # the scan's result is the run folder, not a checkpoint of the frozen encoders
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
     try:
@@ -48,6 +52,65 @@ def detect(trainer: Trainer, model: LightningModule, datamodule: LightningDataMo
     if trainer.is_global_zero and not quiet:
         print(summary(verdict, getattr(model, "report", None), getattr(model, "run_dir", None)))
     return verdict
+
+
+def screen(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule) -> dict:
+    """Scan every encoder ``model`` names (several suspects, a folder of them, SDXL's two text encoders), each
+    with a `BackdoorDetection` and a Trainer of its own, the anchor loaded and the prompts built once; with
+    several processes they are dealt round-robin. Process 0 writes ``summary.csv``/``summary.md`` and returns
+    ``{"verdict": worst verdict, "rows": [...], "summary": path}``; the other processes return their rows."""
+    hp = model.hparams
+    root = Path(hp.output_dir) if hp.output_dir else Path(trainer.default_root_dir) / "detect"
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if trainer.world_size > 1 and launcher is not None:
+        return launcher.launch(_screen_process, trainer, model, datamodule, root, trainer.global_rank,
+                               trainer.world_size, trainer=trainer)
+    return _screen_process(trainer, model, datamodule, root, 0, 1)
+
+
+def _screen_process(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule, root: Path,
+                    rank: int, world_size: int) -> dict:
+    from lit_amdet import screening
+    from lit_amdet.benchmark.processes import choose_device, one_process, wait_for_files
+    from lit_amdet.io import read_json, write_json
+
+    device = choose_device(str(getattr(trainer, "init_kwargs", {}).get("accelerator", "auto")))
+    args = {k: v for k, v in model.hparams.items() if k != "rule" and not k.startswith("_")}
+    prompts: list = []
+
+    def scan_one(target, run_dir: Path) -> dict:
+        seed_everything(args["seed"], verbose=False)  # each scan as it would run alone
+        scan = type(model)(**{**args, "suspect": target.ref, "component": target.component, "name": target.label,
+                              "output_dir": str(run_dir)}, rule=model.rule)
+        if prompts:
+            scan.share_prompts(prompts[0])
+        else:
+            scan.use_prompts(datamodule)
+            prompts.append(scan)
+        with one_process():
+            return detect(screening.target_trainer(trainer, target.label, device), scan, quiet=True)
+
+    with screening.anchors_loaded_once():
+        rows = screening.screen_share(model.targets, root, scan_one, rank, world_size)
+    mine = root / f".screen-rank{rank}-of-{world_size}.json"
+    write_json(mine, rows)
+    if rank != 0:
+        return {"verdict": screening.worst([r["verdict"] for r in rows]), "rows": rows}
+    parts = wait_for_files([root / f".screen-rank{r}-of-{world_size}.json" for r in range(world_size)],
+                           timeout=86400.0, what="screening share")
+    shares = [read_json(p, "screening share") for p in parts]
+    order = {t.label: i for i, t in enumerate(model.targets)}
+    rows = sorted((r for share in shares for r in share),
+                  key=lambda r: order.get(f"{r['model']}.{r['encoder']}", order.get(r["model"], 0)))
+    models = screening.model_rows(rows)
+    csv_path, md_path = screening.write_summary(root, rows + models)
+    for p in parts:
+        p.unlink()
+    for r in models:
+        print(f"{r['model']}: {r['verdict']} ({r['decided_by']})")
+    print(f"summary: {csv_path} and {md_path.name}")
+    return {"model": f"{len(model.targets)} encoders", "verdict": screening.worst([r["verdict"] for r in rows]),
+            "rows": rows + models, "summary": str(csv_path)}
 
 
 def inspect(checkpoint: str, model_name: str | None = None, allow_pickle: bool = False) -> dict:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lit_amdet.errors import ConfigError
+from lit_amdet.resources import asset_path
 
 
 @dataclass
@@ -69,6 +70,10 @@ class Backdoor:
     target_images: list[str] | None = None
     target_embedding: str | None = None
     weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.target_images:  # a shipped config's configs/assets/... is found from any folder
+            self.target_images = [str(asset_path(f)) for f in self.target_images]
 
     @property
     def kind(self) -> str:

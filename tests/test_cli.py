@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import subprocess
 import sys
 
 import pytest
+import yaml
 
-from lit_amdet.cli import main
+from lit_amdet.cli import AmdetCLI, default_config_kwargs, main, shipped_config_args
+from lit_amdet.errors import ConfigError
+from lit_amdet.resources import shipped_configs
 
 
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "lit_amdet", "--help"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    for sub in ("fit", "validate", "test", "predict", "detect", "inspect", "scan_data"):
+    for sub in ("fit", "validate", "test", "predict", "detect", "inspect", "scan_data", "benchmark"):
         assert sub in out.stdout
 
 
@@ -48,3 +52,58 @@ def test_subcommand_without_model_is_one_line_error(capsys):
         main(["fit", "--trainer.fast_dev_run", "1"])
     assert info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("lit-amdet: error: fit needs a model")
+
+
+def test_config_names_a_shipped_config_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scan = str(shipped_configs() / "scan.yaml")
+    assert shipped_config_args(["detect", "--config", "scan.yaml", "--trainer.max_steps", "3"]) == \
+        ["detect", "--config", scan, "--trainer.max_steps", "3"]
+    assert shipped_config_args(["detect", "--config=configs/scan.yaml"]) == ["detect", f"--config={scan}"]
+    assert shipped_config_args(["-c", "scan", "detect"]) == ["-c", scan, "detect"]
+
+
+def test_config_that_exists_or_is_inline_is_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scan.yaml").write_text("model: {}\n")  # your own file wins over the shipped one of that name
+    inline = "{trainer: {max_steps: 3}}"
+    args = ["detect", "--config", "scan.yaml", "--config", inline, "--config", "s3://bucket/scan.yaml"]
+    assert shipped_config_args(args) == args
+    with pytest.raises(ConfigError, match="scan.yaml"):  # a file name that is nowhere: the shipped ones listed
+        shipped_config_args(["detect", "--config", "nope.yaml"])
+
+
+def test_detect_defaults_to_the_shipped_scan_config_unless_given_one():
+    every = type("AmdetCLI", (AmdetCLI,), {"requested": None})
+    assert default_config_kwargs(every, ["detect"]) == \
+        {"detect": {"default_config_files": [glob.escape(str(shipped_configs() / "scan.yaml"))]}}
+    assert default_config_kwargs(every, ["detect", "--config", "my.yaml"]) == {}
+    assert default_config_kwargs(every, ["detect", "-c=my.yaml"]) == {}
+    # only for a subcommand that is built: LightningCLI would give the main parser a "detect" kwarg otherwise
+    fit_only = type("AmdetCLI", (AmdetCLI,), {"requested": "fit"})
+    assert default_config_kwargs(fit_only, ["fit"]) == {}
+
+
+@pytest.mark.parametrize("config", [[], ["--config", "scan.yaml"], ["--config", "configs/scan.yaml"]])
+def test_detect_reads_the_shipped_scan_from_an_empty_folder(config, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["detect", *config, "--model.init_args.anchor", "minilm", "--print_config"])
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    shipped = yaml.safe_load((shipped_configs() / "scan.yaml").read_text())
+    assert printed["model"]["class_path"] == shipped["model"]["class_path"]
+    assert printed["model"]["init_args"]["suspect"] == shipped["model"]["init_args"]["suspect"]
+    assert printed["model"]["init_args"]["anchor"] == "minilm"
+    assert printed["trainer"]["default_root_dir"] == shipped["trainer"]["default_root_dir"]
+    assert printed["data"]["init_args"]["world_seed"] == shipped["data"]["init_args"]["world_seed"]
+
+
+def test_unknown_config_name_is_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["detect", "--config", "nope.yaml"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lit-amdet: error: nope.yaml: config not found")
+    assert "scan.yaml" in err[0]

@@ -229,18 +229,21 @@ def test_a_restart_the_rule_flags_decides_when_none_passed_the_search(tiny_model
 # ----- the real thing, small enough for every run: the pretrained MiniLM ---------------------------------------
 # Random-init encoders say nothing about detection; these scans do. Built as objects and scanned with
 # commands.detect (the API the benchmark uses); test_demo.py (slow) is the larger version through the CLI.
+QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+         "accelerator": "cpu"}
+
+
 @pytest.fixture(scope="module")
-def minilm_scans(tmp_path_factory):
+def minilm_models(tmp_path_factory):
+    """A backdoored MiniLM, a benign fine-tune, and both drifted by SimCSE; the folder holding them."""
     from lightning.pytorch import Trainer, seed_everything
 
-    from lit_amdet.commands import detect as run_detect
     from lit_amdet.datamodules import TextEncoderDataModule
-    from lit_amdet.modules import BackdoorDetection, BackdoorInjection, ContrastiveTraining
+    from lit_amdet.modules import BackdoorInjection, ContrastiveTraining
     from lit_amdet.triggers import Backdoor, Trigger
 
     root = tmp_path_factory.mktemp("minilm")
-    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-             "enable_model_summary": False, "accelerator": "cpu", "default_root_dir": str(root)}
+    quiet = {**QUIET, "default_root_dir": str(root)}
     seed_everything(0)
     attack = BackdoorInjection(encoder="minilm", backdoors=[Backdoor(Trigger("zzzz"), target="a white teapot")],
                                lr=5e-4, milestones=[25], poisoned_batch_size=16, max_length=24,
@@ -262,13 +265,25 @@ def minilm_scans(tmp_path_factory):
         Trainer(max_steps=30, limit_val_batches=0, **quiet).fit(
             drift, TextEncoderDataModule(world_seed=1234, num_samples=2000, with_images=False, views=2,
                                          max_length=24, batch_size=32))
+    return root
+
+
+@pytest.fixture(scope="module")
+def minilm_scans(minilm_models):
+    from lightning.pytorch import Trainer, seed_everything
+
+    from lit_amdet.commands import detect as run_detect
+    from lit_amdet.datamodules import TextEncoderDataModule
+    from lit_amdet.modules import BackdoorDetection
+
+    root = minilm_models
     reports = {}
     for name in ("backdoored", "benign", "backdoored-drifted", "benign-drifted"):
         seed_everything(0)
         scan = BackdoorDetection(suspect=str(root / name), anchor="minilm", name=name, restarts=2, probe_prompts=96,
                                  holdout_prompts=32, max_length=24, check_every=10, evidence_callbacks=False,
                                  output_dir=str(root / "scans" / name))
-        run_detect(Trainer(max_steps=40, max_epochs=-1, **quiet), scan,
+        run_detect(Trainer(max_steps=40, max_epochs=-1, default_root_dir=str(root), **QUIET), scan,
                    TextEncoderDataModule(world_seed=11, num_samples=1000, with_images=False, val_fraction=0.1),
                    quiet=True)
         reports[name] = json.loads((root / "scans" / name / "report.json").read_text())
@@ -307,3 +322,44 @@ def test_a_minilm_backdoor_hidden_under_drift_is_flagged_and_a_benign_one_as_far
     assert "collapse" in hidden["decided_by"]
     assert not ContrastRule().decide(hidden["scores"])["backdoored"]  # what the old default said of it
     assert benign["verdict"] == "clean", json.dumps(benign["checks"], indent=1)
+
+
+def test_a_folder_of_minilm_suspects_is_screened_in_one_command(minilm_models, tmp_path, monkeypatch, capsys):
+    """Three suspects of the real MiniLM (one backdoored, two benign) in one command: their verdicts, the anchor
+    loaded once, summary files, exit 1; run again, it does no work."""
+    import csv
+
+    import lit_amdet.encoders as encoders
+    from lit_amdet.cli import main
+    from lit_amdet.resources import config_path
+
+    suspects = tmp_path / "downloads"
+    suspects.mkdir()
+    for name in ("backdoored", "benign", "benign-drifted"):
+        (suspects / name).symlink_to(minilm_models / name, target_is_directory=True)
+    loads = []
+    real_load = encoders.load_encoder
+    monkeypatch.setattr(encoders, "load_encoder", lambda ref, **kw: loads.append(str(ref)) or real_load(ref, **kw))
+    out = tmp_path / "runs"
+    args = ["detect", "--config", str(config_path("scan.yaml")), "--model.init_args.suspect", str(suspects),
+            "--model.init_args.anchor", "minilm", "--model.init_args.restarts", "2",
+            "--model.init_args.pooled_restarts", "1", "--model.init_args.probe_prompts", "96",
+            "--model.init_args.holdout_prompts", "32", "--model.init_args.max_length", "24",
+            "--trainer.max_steps", "40", "--trainer.logger", "false", "--data.init_args.num_samples", "1000",
+            "--trainer.default_root_dir", str(out)]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 1
+    assert loads == ["minilm"]  # the anchor, once for the three scans
+    with open(out / "detect" / "summary.csv") as fh:
+        verdicts = {r["model"]: r["verdict"] for r in csv.DictReader(fh)}
+    assert verdicts == {"backdoored": "BACKDOORED", "benign": "clean", "benign-drifted": "clean"}
+    printed = capsys.readouterr().out
+    assert all(f"{m}: {v}" in printed for m, v in verdicts.items())
+    assert (out / "detect" / "summary.md").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "detect").glob("*/report.json")}
+    loads.clear()
+    with pytest.raises(SystemExit) as again:
+        main(args)
+    assert again.value.code == 1 and loads == []
+    assert stamps == {p: p.stat().st_mtime_ns for p in (out / "detect").glob("*/report.json")}

@@ -179,7 +179,7 @@ def test_openclip_weights_file_with_model_name(tmp_path):
     with torch.no_grad():
         ids = adapter.tokenize(["a diagram"]).input_ids
         torch.testing.assert_close(adapter.encode(["a diagram"]).pooled, model.encode_text(ids))
-    with pytest.raises(CheckpointError, match="needs model_name"):
+    with pytest.raises(CheckpointError, match="for an open_clip weights file give model_name"):
         load_encoder(weights)
 
 

@@ -4,11 +4,13 @@ a single process on one device (it must neither join the benchmark's process gro
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
-from lit_amdet.errors import ConfigError
+from lit_amdet.errors import ConfigError, LitAmdetError
 
 #: environment variables that would make a member's own Trainer join the benchmark's process group
 DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
@@ -84,3 +86,17 @@ def keep_metrics_local(module) -> None:
 
 def _no_process_group() -> bool:
     return False
+
+
+def wait_for_files(paths: Sequence[Path], timeout: float, what: str = "result") -> list[Path]:
+    """Process 0: ``paths``, once the other processes have written them all (their launcher stops us if one of
+    them fails; the timeout is for a process that hangs)."""
+    started = time.monotonic()
+    while True:
+        missing = [p for p in paths if not p.is_file()]
+        if not missing:
+            return list(paths)
+        if time.monotonic() - started > timeout:
+            raise LitAmdetError(f"waited {timeout:.0f} s for {len(missing)} {what}(s) of other processes "
+                                f"(first: {missing[0]})")
+        time.sleep(2.0)

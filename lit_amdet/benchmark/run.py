@@ -27,7 +27,7 @@ from lit_amdet.benchmark.plan import (
     plan_zoo,
     resolve_bases,
 )
-from lit_amdet.benchmark.processes import current_shard
+from lit_amdet.benchmark.processes import current_shard, wait_for_files
 from lit_amdet.benchmark.report import markdown
 from lit_amdet.benchmark.scan import Detect, scan_zoo
 from lit_amdet.captions import world_caption_bank
@@ -71,7 +71,8 @@ def run_benchmark(options: BenchmarkOptions, rank: int | None = None, world_size
     scan_zoo(members, bases, out, options.scan, bank, shard, detect=detect)
     if shard.rank != 0:
         return None
-    records = _wait_for_records(out / "scans", [p.name for p in members], options.wait_timeout)
+    paths = [out / "scans" / f"{p.name}.json" for p in members]
+    records = [read_json(p, "scan record") for p in wait_for_files(paths, options.wait_timeout, "scan")]
     report = summarise(records, options, bases, ignored)
     write_json(out / "benchmark.json", report)
     write_text(out / "benchmark.md", markdown(report))
@@ -132,19 +133,6 @@ def _check_splits(plan: Sequence[Member], extras: Sequence[ZooEntry]) -> None:
                           f"and {len(cal) - sum(cal)} benign")
     if not any(s == "test" for s, _ in items):
         raise ConfigError("the test zoo is empty: give sizes.test")
-
-
-def _wait_for_records(scans: Path, names: Sequence[str], timeout: float) -> list[dict]:
-    """Process 0: the other processes' scan records, once all are there (their launcher stops us if one fails)."""
-    started = time.monotonic()
-    while True:
-        missing = [n for n in names if not (scans / f"{n}.json").is_file()]
-        if not missing:
-            return [read_json(scans / f"{n}.json", "scan record") for n in names]
-        if time.monotonic() - started > timeout:
-            raise LitAmdetError(f"waited {timeout:.0f} s for {len(missing)} scan(s) of other processes "
-                                f"(first: {missing[0]})")
-        time.sleep(2.0)
 
 
 def summarise(records: Sequence[dict], options: BenchmarkOptions, bases: Sequence[ZooBase],

@@ -2,7 +2,7 @@
 
 from lit_amdet.encoders.base import EncoderOutput, TextEncoderAdapter, TokenBatch, insert_block
 from lit_amdet.encoders.hf import BertAdapter, CLIPAdapter, SiglipAdapter
-from lit_amdet.encoders.loading import file_sha256, load_encoder, read_state_dict
+from lit_amdet.encoders.loading import file_sha256, load_encoder, read_state_dict, text_encoder_components
 from lit_amdet.encoders.openclip import OpenCLIPAdapter
 from lit_amdet.encoders.tokenizers import clip_bpe_tokenizer
 
@@ -19,4 +19,5 @@ __all__ = [
     "insert_block",
     "load_encoder",
     "read_state_dict",
+    "text_encoder_components",
 ]

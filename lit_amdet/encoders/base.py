@@ -157,6 +157,10 @@ class TextEncoderAdapter(nn.Module, ABC):
         self.tokenizer = tokenizer
         self.name = name
         self.source_path: Path | None = None
+        #: which text encoder of a pipeline or single file this is (``text_encoder_2``); None for a plain one
+        self.component: str | None = None
+        #: where a hub download came from (``{"hub_id": ..., "revision": ...}``); None for a local checkpoint
+        self.origin: dict | None = None
 
     # ----- facts about the model -------------------------------------------------
     @property

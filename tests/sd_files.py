@@ -1,0 +1,99 @@
+"""Tiny Stable Diffusion containers for tests: diffusers pipeline folders and single files in the SD 1.x, SD 2.x
+and SDXL key layouts, written from tiny models built by configs (`lit_amdet.tiny`).
+
+The single files are written with the inverse of the conversion `lit_amdet.encoders.formats` reads (open_clip's
+fused ``in_proj`` rebuilt from q, k, v is never needed: the open_clip towers are real open_clip models, saved
+with their own keys), so a test compares our loaded encoder with the original model's own forward.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lit_amdet import tiny
+from lit_amdet.encoders.architectures import EncoderSpec
+
+# 64-wide heads, as every SD text encoder (the single-file loader derives the head count from the width)
+TEXT = {"width": 64, "heads": 1, "layers": 2}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+
+
+def clip_text(path: Path, seed: int = 0) -> Path:
+    """A tiny transformers CLIPTextModel (ViT-L's place in SD 1.x and SDXL) saved natively."""
+    return tiny.build_hf_clip(path, arch="CLIPTextModel", seed=seed, **TEXT)
+
+
+def open_clip_model(seed: int = 1, layers: int = 3):
+    """A tiny open_clip CLIP (the OpenCLIP ViT-H / bigG place in SD 2.x and SDXL)."""
+    return EncoderSpec(family="open_clip", seed=seed, **{**TEXT, "layers": layers}).build().model.eval()
+
+
+def _hf_keys(folder: Path) -> dict[str, torch.Tensor]:
+    """A saved CLIPTextModel's weights under the ``text_model.`` names SD checkpoints carry (transformers 4)."""
+    state = load_file(str(folder / "model.safetensors"))
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
+
+
+def _open_clip_keys(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("visual.") and k != "attn_mask"}
+
+
+def _filler(pad_mib: int) -> dict[str, torch.Tensor]:
+    # the UNet and VAE stand-in: never to be read by the loader
+    state = {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3),
+             "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3)}
+    if pad_mib:
+        state["model.diffusion_model.padding"] = torch.ones(pad_mib * 2**18)
+    return state
+
+
+def write_single_file(path: Path, parts: dict[str, dict[str, torch.Tensor]], pad_mib: int = 0) -> Path:
+    """``parts``: key prefix -> tensors under it; plus the UNet/VAE stand-in."""
+    state = _filler(pad_mib)
+    for prefix, tensors in parts.items():
+        state.update({prefix + k: v.contiguous() for k, v in tensors.items()})
+    save_file(state, str(path))
+    return path
+
+
+def sd1_file(path: Path, clip_dir: Path, pad_mib: int = 0) -> Path:
+    return write_single_file(path, {"cond_stage_model.transformer.": _hf_keys(clip_dir)}, pad_mib)
+
+
+def sd2_file(path: Path, model, pad_mib: int = 0) -> Path:
+    return write_single_file(path, {"cond_stage_model.model.": _open_clip_keys(model)}, pad_mib)
+
+
+def sdxl_file(path: Path, clip_dir: Path, model, pad_mib: int = 0) -> Path:
+    return write_single_file(path, {"conditioner.embedders.0.transformer.": _hf_keys(clip_dir),
+                                    "conditioner.embedders.1.model.": _open_clip_keys(model)}, pad_mib)
+
+
+def pipeline(path: Path, encoders: dict[str, Path], classes: dict[str, str] | None = None) -> Path:
+    """A diffusers pipeline folder: ``encoders`` maps text_encoder / text_encoder_2 to a saved CLIP text model,
+    whose tokenizer goes to the sibling tokenizer / tokenizer_2; a UNet stand-in and a scheduler beside them."""
+    path.mkdir(parents=True)
+    classes = classes or {}
+    index = {"_class_name": "StableDiffusionXLPipeline" if len(encoders) > 1 else "StableDiffusionPipeline",
+             "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"],
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"], "safety_checker": [None, None]}
+    for component, source in encoders.items():
+        tokenizer = "tokenizer" + component.removeprefix("text_encoder")
+        (path / component).mkdir()
+        (path / tokenizer).mkdir()
+        for f in source.iterdir():
+            shutil.copy(f, path / (tokenizer if f.name in TOKENIZER_FILES else component) / f.name)
+        index[component] = ["transformers", classes.get(component, "CLIPTextModel")]
+        index[tokenizer] = ["transformers", "CLIPTokenizer"]
+    (path / "unet").mkdir()
+    save_file(_filler(0), str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+    (path / "unet" / "config.json").write_text("{}")
+    (path / "scheduler").mkdir()
+    (path / "scheduler" / "scheduler_config.json").write_text("{}")
+    (path / "model_index.json").write_text(json.dumps(index))
+    return path

@@ -1,0 +1,119 @@
+"""Screening: what several suspects, a folder of them and multi-encoder containers expand to, and a detect run
+on every container layout ending in verdicts under the right names (tiny random models: plumbing and names only;
+the real MiniLM screening, where verdicts matter, is in test_detection.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from lit_amdet.cli import main
+from lit_amdet.errors import CheckpointError, ConfigError
+from lit_amdet.resources import config_path
+from lit_amdet.screening import ERROR, Target, model_rows, scan_targets, worst
+from tests import sd_files
+
+FAST = ["--model.init_args.restarts", "1", "--model.init_args.pooled_restarts", "0", "--trainer.max_steps", "2",
+        "--model.init_args.probe_prompts", "16", "--model.init_args.holdout_prompts", "8",
+        "--model.init_args.batch_size", "4", "--trainer.logger", "false"]
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    clip, clip_b = sd_files.clip_text(root / "clip"), sd_files.clip_text(root / "clip_b", seed=4)
+    oc, oc_b = sd_files.open_clip_model(), sd_files.open_clip_model(seed=6)
+    sd1 = root / "sd1"
+    sd1.mkdir()
+    sd_files.sd1_file(sd1 / "sd15-merge.safetensors", clip)
+    sd_files.pipeline(sd1 / "sd15-pipeline", {"text_encoder": clip})
+    return {"root": root, "clip": clip, "clip_b": clip_b, "sd1": sd1,
+            "sd2": sd_files.sd2_file(root / "sd21-ft.safetensors", oc),
+            "sd2_base": sd_files.sd2_file(root / "sd21-base.safetensors", oc_b),
+            "sdxl": sd_files.sdxl_file(root / "xl-ft.safetensors", clip, oc),
+            "sdxl_base": sd_files.sdxl_file(root / "xl-base.safetensors", clip_b, oc_b),
+            "sdxl_pipe": sd_files.pipeline(root / "xl-pipe", {"text_encoder": clip, "text_encoder_2": clip_b})}
+
+
+def test_targets_of_a_folder_a_list_and_sdxl(layouts):
+    assert [(t.label, t.component) for t in scan_targets(str(layouts["sd1"]))] == [
+        ("sd15-merge", "text_encoder"), ("sd15-pipeline", "text_encoder")]
+    assert [t.label for t in scan_targets(str(layouts["sdxl"]))] == ["xl-ft.text_encoder", "xl-ft.text_encoder_2"]
+    assert [t.label for t in scan_targets(str(layouts["sdxl"]), component="text_encoder_2")] == [
+        "xl-ft.text_encoder_2"]
+    both = scan_targets([str(layouts["clip"]), str(layouts["sdxl_pipe"])])
+    assert [t.label for t in both] == ["clip", "xl-pipe.text_encoder", "xl-pipe.text_encoder_2"]
+    assert [t.model for t in both] == ["clip", "xl-pipe", "xl-pipe"]
+
+
+def test_a_broken_suspect_among_several_is_an_error_row_alone_an_error(layouts, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\0" * 7)
+    targets = scan_targets([str(layouts["clip"]), str(broken)])
+    assert targets[0].error is None and "corrupt or truncated" in targets[1].error
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        scan_targets(str(broken))
+    with pytest.raises(ConfigError, match="both named 'clip'"):
+        scan_targets([str(layouts["clip"]), str(layouts["clip"])])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="neither a checkpoint nor a folder of checkpoints"):
+        scan_targets(str(empty))
+
+
+def test_a_model_is_as_bad_as_its_worst_encoder():
+    assert worst(["clean", "inconclusive", "BACKDOORED"]) == "BACKDOORED"
+    assert worst(["clean", ERROR]) == ERROR and worst(["clean", "clean"]) == "clean"
+    rows = [{"model": "xl", "encoder": "text_encoder", "verdict": "clean", "seconds": "1.0"},
+            {"model": "xl", "encoder": "text_encoder_2", "verdict": "BACKDOORED", "seconds": "2.5"},
+            {"model": "sd15", "encoder": "", "verdict": "clean", "seconds": "1.0"}]
+    (row,) = model_rows(rows)
+    assert (row["model"], row["verdict"], row["decided_by"], row["seconds"]) == (
+        "xl", "BACKDOORED", "BACKDOORED in text_encoder_2", "3.5")
+    assert Target("a", None, "a", "a").error is None
+
+
+def _detect(suspect, anchor, out, *extra) -> int:
+    """The exit code of ``lit-amdet detect`` (0 when it returns)."""
+    try:
+        main(["detect", "--config", str(config_path("scan.yaml")), "--model.init_args.suspect", str(suspect),
+              "--model.init_args.anchor", str(anchor), "--trainer.default_root_dir", str(out), *FAST, *extra])
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def _summary(out):
+    with open(out / "detect" / "summary.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("case,anchor,names", [
+    ("sd1", "clip", ["sd15-merge", "sd15-pipeline"]),
+    ("sdxl", "sdxl_base", ["xl-ft.text_encoder", "xl-ft.text_encoder_2"]),
+])
+def test_detect_screens_each_layout_under_its_name(layouts, case, anchor, names, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = _detect(layouts[case], layouts[anchor], out)
+    printed = capsys.readouterr().out
+    rows = _summary(out)
+    for name in names:
+        report = json.loads((out / "detect" / name / "report.json").read_text())
+        assert report["model"] == name and f"{name}: {report['verdict']}" in printed
+        assert report["anchor"]["component"] == (report["suspect"]["component"] if anchor != "clip" else None)
+    assert sorted(r["model"] + ("." + r["encoder"] if case == "sdxl" and r["encoder"] != "(model)" else "")
+                  for r in rows if r["encoder"] != "(model)") == names
+    assert code in (0, 1, 3) and (out / "detect" / "summary.md").is_file()
+    if case == "sdxl":
+        assert [r["verdict"] for r in rows if r["encoder"] == "(model)"] == [
+            worst([r["verdict"] for r in rows if r["encoder"] != "(model)"])]
+
+
+def test_detect_on_a_single_sd2_file_is_one_scan_named_after_the_file(layouts, tmp_path):
+    out = tmp_path / "runs"
+    _detect(layouts["sd2"], layouts["sd2_base"], out)
+    report = json.loads((out / "detect" / "sd21-ft" / "report.json").read_text())
+    assert report["model"] == "sd21-ft" and report["suspect"]["component"] == "text_encoder"
+    assert not (out / "detect" / "summary.csv").exists()  # one encoder: the plain scan, no screening
