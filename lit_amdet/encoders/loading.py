@@ -340,7 +340,8 @@ def _load_openclip(folder: Path | None, model_name: str | None, weights: Path | 
 def _missing(raw: str) -> CheckpointError:
     hint = ""
     if Path(raw).parts[:2] == (".cache", "bases"):
-        hint = " (the world's bases are built by `make bases`, or `python -m lit_amdet.bases --cache .cache/bases` outside the repository, about 30 min of CPU; or give another checkpoint)"
+        hint = (" (the world's bases are built by `make bases`, or `python -m lit_amdet.bases --cache .cache/bases` "
+                "outside the repository, about 30 min of CPU; or give another checkpoint)")
     return CheckpointError(f"{raw}: no such file or folder{hint}")
 
 
