@@ -99,9 +99,8 @@ def _screen_process(trainer: Trainer, model: LightningModule, datamodule: Lightn
     parts = wait_for_files([root / f".screen-rank{r}-of-{world_size}.json" for r in range(world_size)],
                            timeout=86400.0, what="screening share")
     shares = [read_json(p, "screening share") for p in parts]
-    order = {t.label: i for i, t in enumerate(model.targets)}
-    rows = sorted((r for share in shares for r in share),
-                  key=lambda r: order.get(f"{r['model']}.{r['encoder']}", order.get(r["model"], 0)))
+    # process r scanned targets r, r + N, ...: dealt back, the rows are in the targets' order
+    rows = [shares[i % world_size][i // world_size] for i in range(len(model.targets))]
     models = screening.model_rows(rows)
     csv_path, md_path = screening.write_summary(root, rows + models)
     for p in parts:

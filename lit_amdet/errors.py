@@ -15,3 +15,9 @@ class UnsafeCheckpointError(CheckpointError):
 
 class ConfigError(LitAmdetError):
     """A configuration value or an input file is invalid."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty): the one-line form
+    in which a library's multi-line error is quoted inside ours."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]

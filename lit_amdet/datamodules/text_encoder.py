@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from lit_amdet.errors import ConfigError
+from lit_amdet.errors import ConfigError, first_line
 
 TEXT_SUFFIXES = {".txt"}
 TABLE_SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -230,7 +230,7 @@ class TextEncoderDataModule(LightningDataModule):
         try:
             table = datasets.load_dataset(TABLE_SUFFIXES[path.suffix], data_files=str(path), split="train")
         except Exception as exc:  # datasets raises many types for unreadable files
-            raise ConfigError(f"{path}: cannot read as {path.suffix[1:]}: {str(exc).splitlines()[0]}") from exc
+            raise ConfigError(f"{path}: cannot read as {path.suffix[1:]}: {first_line(exc)}") from exc
         root = Path(hp.image_root) if hp.image_root else path.parent
         return TablePairs(table, str(path), hp.text_column, self._image_column(), root)
 
@@ -242,7 +242,7 @@ class TextEncoderDataModule(LightningDataModule):
             table = datasets.load_dataset(name, split=hp.hub_split)
         except Exception as exc:
             raise ConfigError(f"{name}: not a file, and not loadable as a datasets hub name "
-                              f"({str(exc).splitlines()[0]})") from exc
+                              f"({first_line(exc)})") from exc
         return TablePairs(table, name, hp.text_column, self._image_column(), None)
 
     def _image_column(self) -> str | None:

@@ -138,9 +138,6 @@ class Layout:
         # diffusers' tokenizers: ViT-L pads with <|endoftext|>, the OpenCLIP towers with "!" (open_clip's id 0)
         return "<|endoftext|>" if self.form == "transformers" else "!"
 
-    def marker(self) -> str:
-        return self.prefix + ("token_embedding.weight" if self.form == "open_clip" else "")
-
 
 LAYOUTS = (
     Layout("cond_stage_model.transformer.", "text_encoder", "transformers", "SD 1.x"),
@@ -157,7 +154,7 @@ def single_file_layouts(keys: list[str], where: str) -> dict[str, Layout]:
     found: dict[str, Layout] = {}
     for layout in LAYOUTS:
         if layout.form == "open_clip":
-            present = layout.marker() in keys
+            present = layout.prefix + "token_embedding.weight" in keys
         else:
             present = any(k.startswith(layout.prefix) and k.endswith("token_embedding.weight") for k in keys)
         if present and layout.component not in found:

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from lit_amdet.errors import CheckpointError
+from lit_amdet.errors import CheckpointError, first_line
 
 _ID = re.compile(r"^(hf-hub:)?([A-Za-z0-9][\w.-]*/[\w.-]+)(@[\w./-]+)?$")
 #: what is fetched of a plain model repository, and of a diffusers pipeline (model_index.json at its root)
@@ -66,9 +66,8 @@ def snapshot(raw: str) -> tuple[Path, Path, dict]:
             patterns = PIPELINE_FILES if (index / "model_index.json").is_file() else MODEL_FILES
             folder = _download(repo_id, revision, patterns, local_only=False)
         except Exception as exc:  # noqa: BLE001 - network, auth and not-found errors all end the same way
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise CheckpointError(f"{raw}: not a local path, and hub id {repo_id} could not be fetched "
-                                  f"({type(exc).__name__}: {first[:200]})") from None
+                                  f"({type(exc).__name__}: {first_line(exc)[:200]})") from None
     return folder, folder.parent.parent, {"hub_id": repo_id, "revision": folder.name, "requested": revision}
 
 

@@ -23,7 +23,7 @@ from lit_amdet.encoders.formats import inside
 from lit_amdet.encoders.hf import BertAdapter, CLIPAdapter, SiglipAdapter
 from lit_amdet.encoders.openclip import OPENCLIP_CONFIG, OpenCLIPAdapter
 from lit_amdet.encoders.tokenizers import clip_bpe_tokenizer
-from lit_amdet.errors import CheckpointError, UnsafeCheckpointError
+from lit_amdet.errors import CheckpointError, UnsafeCheckpointError, first_line
 
 SAFE_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                 "model.fp16.safetensors")  # the last: diffusers' half-precision variant of a pipeline component
@@ -114,7 +114,7 @@ def read_state_dict(file: Path, allow_pickle: bool = False, mmap: bool = False) 
     try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=mmap or None)
     except Exception as exc:  # pickle raises many types; all mean "refused or unreadable"
-        raise CheckpointError(f"{file}: refused by torch.load(weights_only=True): {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"{file}: refused by torch.load(weights_only=True): {first_line(exc)}") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -136,7 +136,7 @@ class TensorFile:
                 self._handle = safe_open(str(path), framework="pt", device="cpu")
                 self._keys = list(self._handle.keys())
             except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_first_line(exc)})") from None
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({first_line(exc)})") from None
             self._state = None
         else:
             self._state = read_state_dict(path, allow_pickle, mmap=True)
@@ -151,11 +151,7 @@ class TensorFile:
         try:
             return self._handle.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error types for bad offsets and dtypes
-            raise CheckpointError(f"{self.path}: tensor {key} unreadable ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"{self.path}: tensor {key} unreadable ({first_line(exc)})") from None
 
 
 
@@ -226,8 +222,7 @@ def _hf_tokenizer(folder: Path, model_type: str, context: int):
         try:
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
         except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CheckpointError(f"{folder}: tokenizer files present but unreadable ({first})") from None
+            raise CheckpointError(f"{folder}: tokenizer files present but unreadable ({first_line(exc)})") from None
     if model_type.startswith(("clip", "siglip")):
         return clip_bpe_tokenizer(model_max_length=context)
     raise CheckpointError(f"{folder}: no tokenizer files and no offline tokenizer for model type {model_type!r}")
@@ -384,8 +379,8 @@ def resolve(path_or_name: str | os.PathLike) -> Reference:
 
 def _load_container(ref: Reference, component: str | None, allow_pickle: bool) -> TextEncoderAdapter:
     """One text encoder of a diffusers pipeline folder or a single-file Stable Diffusion checkpoint."""
-    path = ref.path
-    if formats.is_pipeline(path):
+    path, pipeline = ref.path, formats.is_pipeline(ref.path)
+    if pipeline:
         components = formats.pipeline_components(path)
     else:
         tensors = TensorFile(path, allow_pickle)
@@ -398,7 +393,7 @@ def _load_container(ref: Reference, component: str | None, allow_pickle: bool) -
         component = components[0]
     if component not in components:
         raise CheckpointError(f"{path}: no text encoder {component!r} (it holds {', '.join(components)})")
-    if formats.is_pipeline(path):
+    if pipeline:
         encoder, tokenizer = formats.pipeline_parts(path, component)
         adapter = _load_hf(encoder, allow_pickle, tokenizer, root=ref.root)
         adapter.source_path = encoder

@@ -514,7 +514,7 @@ class BackdoorDetection(EncoderTask):
             "model": self.model_label, "verdict": self.verdict["verdict"],
             "backdoored": decision["backdoored"], "rule": self.rule.describe(), "decided_by": decision["decided_by"],
             "checks": decision["checks"], "scores": scores,
-            "suspect": {"path": str(hp.suspect), "sha256": file_sha256(self.encoder.source_path)
+            "suspect": {"path": self.targets[0].ref, "sha256": file_sha256(self.encoder.source_path)
                         if self.encoder.source_path else None, "component": self.encoder.component,
                         "origin": self.encoder.origin, **self.encoder.describe()},
             "anchor_used": self.anchor is not None,
