@@ -9,7 +9,6 @@ trainer), with the anchor loaded once and the prompts built once, and process 0 
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import time
@@ -171,14 +170,15 @@ def screen_share(targets: Sequence[Target], root: Path, scan_one: Callable[[Targ
 
 def target_trainer(trainer, label: str, device: tuple[str, int | list[int]]):
     """A fresh single-process Trainer made with ``trainer``'s own arguments (a Trainer runs one fit): its
-    callbacks copied, its TensorBoard logger given a version per target, on ``device`` (`choose_device`)."""
+    callbacks shared (a deep copy fails on those that hold a parser or a lock, such as the CLI's
+    SaveConfigCallback), its TensorBoard logger given a version per target, on ``device`` (`choose_device`)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     kwargs = getattr(trainer, "init_kwargs", None)
     if kwargs is None:
         raise ConfigError("several suspects need the trainer lit-amdet detect makes (lit_amdet.cli.AmdetTrainer)")
     kwargs = dict(kwargs)
-    kwargs["callbacks"] = copy.deepcopy(kwargs.get("callbacks"))
+    kwargs["callbacks"] = list(kwargs.get("callbacks") or [])
     logger = trainer.logger
     kwargs["logger"] = (TensorBoardLogger(save_dir=logger.save_dir, name=logger.name, version=label)
                         if isinstance(logger, TensorBoardLogger) else False)

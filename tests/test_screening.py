@@ -117,3 +117,27 @@ def test_detect_on_a_single_sd2_file_is_one_scan_named_after_the_file(layouts, t
     report = json.loads((out / "detect" / "sd21-ft" / "report.json").read_text())
     assert report["model"] == "sd21-ft" and report["suspect"]["component"] == "text_encoder"
     assert not (out / "detect" / "summary.csv").exists()  # one encoder: the plain scan, no screening
+
+
+def test_two_processes_deal_the_encoders_and_write_one_summary(layouts, tmp_path):
+    """DDP on 2 CPU processes: the four encoders of two SDXL files are dealt round-robin and process 0 writes
+    the one summary, in the targets' order (run as a command: Lightning's launcher re-runs sys.argv)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "runs"
+    suspects = f"[{layouts['sdxl']}, {layouts['sdxl_base']}]"
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_amdet", "detect", "--model.init_args.suspect", suspects,
+         "--model.init_args.anchor", str(layouts["sdxl_base"]), "--trainer.default_root_dir", str(out),
+         "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2", *FAST],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode in (0, 1, 3), done.stderr[-2000:]
+    rows = _summary(out)
+    assert [(r["model"], r["encoder"]) for r in rows] == [
+        ("xl-ft", "text_encoder"), ("xl-ft", "text_encoder_2"), ("xl-base", "text_encoder"),
+        ("xl-base", "text_encoder_2"), ("xl-ft", "(model)"), ("xl-base", "(model)")]
+    assert all((out / "detect" / f"{m}.{e}" / "report.json").is_file() for m, e in
+               [(r["model"], r["encoder"]) for r in rows[:4]])
+    assert not list((out / "detect").glob(".screen-rank*"))
