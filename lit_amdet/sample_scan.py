@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lit_amdet.errors import ConfigError, LitAmdetError
+from lit_amdet.errors import ConfigError, LitAmdetError, missing_hint
 from lit_amdet.io import write_json, write_with
 from lit_amdet.metrics import ranking_metrics
 from lit_amdet.metrics import ranks as rank_scores
@@ -60,7 +60,7 @@ def read_labels(path: str | Path, num_samples: int) -> np.ndarray:
     """Poison mask from a `PoisonedPairs.save_labels` file; its length must match the data."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: no such labels file")
+        raise ConfigError(f"{p}: no such labels file{missing_hint(p)}")
     try:
         recorded = None
         if p.suffix != ".npy":

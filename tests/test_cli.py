@@ -107,3 +107,24 @@ def test_unknown_config_name_is_one_line_error(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lit-amdet: error: nope.yaml: config not found")
     assert "scan.yaml" in err[0]
+
+
+# Every shipped config whose inputs a fresh install lacks, run as it is from an empty folder: one line that names
+# the command making the missing input (or says it is a placeholder), exit 2, and nothing written.
+@pytest.mark.parametrize(("command", "config", "names"), [
+    ("detect", "scan.yaml", "lit-amdet fit --config attack_text.yaml"),
+    ("scan_data", "scan_data.yaml", "placeholder"),
+    ("fit", "attack_text.yaml", "make bases"),
+    ("fit", "attack_image.yaml", "make bases"),
+    ("fit", "finetune.yaml", "make bases"),
+    ("fit", "pretrain_poisoned.yaml", "python -m lit_amdet.datamodules.poisoned --out_dir data/badnets"),
+])
+def test_shipped_config_on_a_fresh_install_names_what_to_run(command, config, names, tmp_path, monkeypatch,
+                                                              capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main([command, "--config", config])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lit-amdet: error: ") and names in err[0], err
+    assert list(tmp_path.iterdir()) == []

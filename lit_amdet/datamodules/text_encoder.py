@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from lit_amdet.errors import ConfigError, first_line
+from lit_amdet.errors import ConfigError, first_line, missing_hint
 
 TEXT_SUFFIXES = {".txt"}
 TABLE_SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -200,6 +200,14 @@ class TextEncoderDataModule(LightningDataModule):
         self.encoder = None
         self._dataset: Dataset | None = None
         self._splits: Splits | None = None
+        self._check_source()
+
+    def _check_source(self) -> None:
+        """A missing local file is refused when the DataModule is built, before the Trainer writes anything."""
+        path = Path(self.hparams.source).expanduser()
+        if self.hparams.source != "world" and (path.suffix in TEXT_SUFFIXES or path.suffix in TABLE_SUFFIXES
+                                               or path.exists()) and not path.is_file():
+            raise ConfigError(f"{path}: no such file{missing_hint(path)}")
 
     # ----- building the data set -------------------------------------------------
     def _build(self) -> Dataset:
@@ -214,8 +222,7 @@ class TextEncoderDataModule(LightningDataModule):
             raise ConfigError("views > 1 (paraphrases) is only available for the world source")
         path = Path(hp.source).expanduser()
         if path.suffix in TEXT_SUFFIXES or path.suffix in TABLE_SUFFIXES or path.exists():
-            if not path.is_file():
-                raise ConfigError(f"{path}: no such file")
+            self._check_source()
             if path.suffix in TEXT_SUFFIXES:
                 return TextLines(path)
             if path.suffix not in TABLE_SUFFIXES:

@@ -23,7 +23,7 @@ from lit_amdet.encoders.formats import inside
 from lit_amdet.encoders.hf import BertAdapter, CLIPAdapter, SiglipAdapter
 from lit_amdet.encoders.openclip import OPENCLIP_CONFIG, OpenCLIPAdapter
 from lit_amdet.encoders.tokenizers import clip_bpe_tokenizer
-from lit_amdet.errors import CheckpointError, UnsafeCheckpointError, first_line
+from lit_amdet.errors import CheckpointError, UnsafeCheckpointError, first_line, missing_hint
 
 SAFE_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                 "model.fp16.safetensors")  # the last: diffusers' half-precision variant of a pipeline component
@@ -333,11 +333,7 @@ def _load_openclip(folder: Path | None, model_name: str | None, weights: Path | 
 
 
 def _missing(raw: str) -> CheckpointError:
-    hint = ""
-    if Path(raw).parts[:2] == (".cache", "bases"):
-        hint = (" (the world's bases are built by `make bases`, or `python -m lit_amdet.bases --cache .cache/bases` "
-                "outside the repository, about 30 min of CPU; or give another checkpoint)")
-    return CheckpointError(f"{raw}: no such file or folder{hint}")
+    return CheckpointError(f"{raw}: no such file or folder{missing_hint(raw)}")
 
 
 def text_encoder_components(path_or_name: str | os.PathLike, allow_pickle: bool = False) -> list[str]:
