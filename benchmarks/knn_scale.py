@@ -2,6 +2,7 @@
 
     python benchmarks/knn_scale.py [--sizes 20000 100000] [--large 1000000] [--shard 20000] [--dim 512] [--k 16]
                                    [--subsampled 1000000] [--device cpu] [--out benchmarks/results/knn_scale.json]
+    python benchmarks/knn_scale.py --processes 2 --sizes 20000 100000 [--subsampled 1000000] --append
 
 Data: unit vectors drawn around 1,000 random centres on the sphere (CLIP
 embeddings are clustered), float32. For each of ``--sizes`` the whole
@@ -17,12 +18,21 @@ seconds; the end-to-end sizes check that this linear extrapolation holds.
 (`score_samples(..., reference_size=256, reference_draws=8)`), the setting
 that unmasks clumped poisons (BENCHMARKS.md, "Poisoned pairs").
 Peak memory is the process's maximum resident set size.
+
+``--processes P`` times the search spread over P CPU processes instead
+(`lit_amdet.neighbours.ShardedSearch` over a gloo group, one thread each, as
+``lit-amdet scan_data --trainer.strategy ddp --trainer.devices P`` runs it):
+`score_samples` end to end at each of ``--sizes`` (whole set: each process
+holds a share of the references) and ``--subsampled`` (each a share of the
+queries); ``--processes 1`` is the same code in one process, the baseline.
+Peak memory is then the largest of the processes'.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import time
@@ -30,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from lit_amdet.neighbours import ShardedSearch
 from lit_amdet.outliers import dao_score, kdist_score, knn, lid_score, score_samples, slof_score
 
 DETECTORS = ("kdist", "lid", "slof", "dao")
@@ -97,11 +108,52 @@ def subsampled(n: int, args: argparse.Namespace) -> dict:
             "peak_rss_gib": peak_rss_gib()}
 
 
+def spread(n: int, args: argparse.Namespace, subsampled: bool = False) -> dict:
+    """`score_samples` with its search spread over ``args.processes`` CPU processes (gloo, one thread each)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by each spawned process's torch at import
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_spread_process, args=(args.processes, n, args, subsampled, tmp), nprocs=args.processes,
+                 join=True)
+        return json.loads((Path(tmp) / "row.json").read_text())
+
+
+def _spread_process(rank: int, world: int, n: int, args: argparse.Namespace, subsampled: bool, tmp: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
+    try:
+        x = embeddings(n, args.dim)  # the same matrix in every process, as after scan_data's gather
+        sub = {"reference_size": args.reference_size, "reference_draws": args.reference_draws} if subsampled else {}
+        dist.barrier()
+        t0 = time.perf_counter()
+        score_samples(x, DETECTORS, args.k, chunk_size=args.chunk_size, search=ShardedSearch(rank, world), **sub)
+        dist.barrier()  # the slowest process's share counts
+        seconds = time.perf_counter() - t0
+        peaks: list = [None] * world
+        dist.all_gather_object(peaks, peak_rss_gib())
+        if rank == 0:
+            row = {"n": n, "mode": "processes", "processes": world, "subsampled": subsampled, **sub,
+                   "seconds": seconds, "peak_rss_gib": max(peaks)}
+            (Path(tmp) / "row.json").write_text(json.dumps(row))
+    finally:
+        dist.destroy_process_group()
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| N | how | seconds | peak RSS (GiB) |", "|---|---|---|---|"]
     for r in rows:
         if r["mode"] == "end_to_end":
             how = "exact over the whole set, measured end to end"
+        elif r["mode"] == "processes":
+            what = (f"against {r['reference_draws']} random subsamples of {r['reference_size']}" if r["subsampled"]
+                    else "exact over the whole set")
+            how = (f"{what}, spread over {r['processes']} CPU process{'es' if r['processes'] > 1 else ''} (1 thread "
+                   "each), measured end to end")
         elif r["mode"] == "subsampled":
             how = (f"against {r['reference_draws']} random subsamples of {r['reference_size']} "
                    "(`reference_size`), measured end to end")
@@ -126,6 +178,9 @@ def main() -> None:
                         help="sizes scored end to end against subsamples (reference_size / reference_draws)")
     parser.add_argument("--reference_size", type=int, default=256)
     parser.add_argument("--reference_draws", type=int, default=8)
+    parser.add_argument("--processes", type=int, default=0,
+                        help="time the search spread over this many CPU processes at --sizes and --subsampled "
+                             "(0: the one-process modes)")
     parser.add_argument("--append", action="store_true", help="add the rows to those already in --out")
     parser.add_argument("--out", default="benchmarks/results/knn_scale.json")
     parser.add_argument("--markdown", action="store_true", help="only print the table of --out")
@@ -136,6 +191,11 @@ def main() -> None:
     rows = json.loads(Path(args.out).read_text())["rows"] if args.append and Path(args.out).is_file() else []
     # Each size in a fresh process would isolate peak RSS; one process is kept simple, so sizes run smallest
     # first and the maximum RSS reported for a size is the maximum up to and including it.
+    if args.processes > 0:
+        for n, subsampled in [(n, False) for n in args.sizes] + [(n, True) for n in args.subsampled]:
+            rows.append(spread(n, args, subsampled))
+            print(rows[-1], flush=True)
+        args.sizes, args.large, args.subsampled = [], [], []
     for n in args.sizes:
         rows.append(end_to_end(n, args))
         print(rows[-1], flush=True)

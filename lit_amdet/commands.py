@@ -11,11 +11,14 @@ process: the CLI turns a verdict into an exit code.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 
 from lit_amdet.errors import ConfigError, LitAmdetError
+
+if TYPE_CHECKING:
+    from lit_amdet.outliers import DaoForm, Variant
 
 #: the sample detectors scan-data runs by default
 DETECTORS = ("kdist", "lid", "slof", "dao", "iforest", "lof", "clip")
@@ -127,12 +130,18 @@ def inspect(checkpoint: str, model_name: str | None = None, allow_pickle: bool =
 def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule | None,
               detectors: Sequence[str] = DETECTORS, k: int = 16, labels: str | None = None,
               output_dir: str = "runs/scan_data", top: int = 16, chunk_size: int = 1024,
-              reference_size: int | None = None, reference_draws: int = 8) -> dict:
+              reference_size: int | None = None, reference_draws: int = 8, budget: float | int | None = None,
+              cut_by: str = "dao", write_shards: bool = False, variant: Variant = "exact",
+              dao_form: DaoForm = "log") -> dict:
     """Embed every pair of ``datamodule`` with ``model`` (a `SampleEmbedding`) through ``trainer.predict`` and
     score it for poisoning on process 0 (`lit_amdet.sample_scan.score_and_report`); the report dict there, {} on
-    the other processes (the arguments are `AmdetTrainer.scan_data`'s)."""
-    from lit_amdet import sample_scan
+    the other processes (the arguments are `AmdetTrainer.scan_data`'s). With a ``budget`` the cut's key lists
+    (and with ``write_shards`` the filtered shards) go to ``output_dir`` (`lit_amdet.cleaning`). With several
+    processes (``--trainer.strategy ddp --trainer.devices N``, or several nodes) every process searches a share
+    of the neighbours (`lit_amdet.neighbours.ShardedSearch`: the same lists as one process, bit for bit)."""
+    from lit_amdet import cleaning, sample_scan
     from lit_amdet.modules.data_scan import SampleEmbedding
+    from lit_amdet.neighbours import ShardedSearch
     from lit_amdet.outliers import check_reference_size
 
     if not isinstance(model, SampleEmbedding):
@@ -154,26 +163,33 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
         sample_scan.read_labels(labels, len(datamodule.dataset))
     if reference_size is not None and getattr(datamodule, "dataset", None) is not None:
         try:  # before anything is written to the run folder
-            check_reference_size(k, reference_size, reference_draws, len(datamodule.dataset))
+            check_reference_size(k, reference_size, reference_draws, len(datamodule.dataset), variant)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    dataset = getattr(datamodule, "dataset", None)
+    cleaning.check_cut(budget, cut_by, names, len(dataset) if dataset is not None else None)
+    shard_writer = cleaning.shard_writer(datamodule, budget, output_dir) if write_shards else None
 
     predictions = trainer.predict(model, datamodule)
     if not predictions:
         raise LitAmdetError("predict returned nothing (spawn-based strategies return no predictions; "
                             "use strategy: ddp)")
     data = sample_scan.gather_predictions(predictions)
-    if not trainer.is_global_zero:
-        return {}
+    # every process takes part in the neighbour search (each gathered the whole set); process 0 writes
+    search = ShardedSearch(trainer.global_rank, trainer.world_size) if trainer.world_size > 1 else None
     out = Path(output_dir)
-    sample_scan.save_embeddings(out / sample_scan.EMBEDDINGS, data, modality, model.hparams.encoder)
+    if trainer.is_global_zero:
+        sample_scan.save_embeddings(out / sample_scan.EMBEDDINGS, data, modality, model.hparams.encoder)
     features = sample_scan.sample_features(data["image"], data["text"], modality)
     image_text = (data["image"], data["text"]) if data["image"] is not None else None
     return sample_scan.score_and_report(
         features, data["caption"], labels, names, k, out, image_text=image_text, indices=data["index"].numpy(),
         image_loader=sample_scan.dataset_image_loader(datamodule), top=top, chunk_size=chunk_size,
         device=trainer.strategy.root_device, log_image=sample_scan.image_logger(trainer.loggers),
-        reference_size=reference_size, reference_draws=reference_draws)
+        reference_size=reference_size, reference_draws=reference_draws, budget=budget, cut_by=cut_by,
+        keys=cleaning.sample_keys(datamodule, data["index"].tolist()), write_shards=shard_writer,
+        skipped=getattr(datamodule, "skipped", None), variant=variant, dao_form=dao_form,
+        search=search)
 
 
 def benchmark(trainer: Trainer, options) -> dict | None:

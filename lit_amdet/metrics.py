@@ -2,8 +2,8 @@
 
 - detection of backdoored *models* (the benchmark): `classification_metrics` of hard verdicts,
   `probability_metrics` of calibrated probabilities (AUROC, binary cross-entropy, Brier), `value_summary`;
-- detection of poisoned *samples* (``scan-data``): `ranking_metrics` (ROC-AUC, PR-AUC, FPR at 95 % TPR) and
-  `ranks`;
+- detection of poisoned *samples* (``scan-data``): `ranking_metrics` (ROC-AUC, PR-AUC, FPR at 95 % TPR),
+  `ranks`, and `budget_metrics` (poisons removed and clean pairs lost by a cut);
 - retrieval (training and attack success): `recall_at_k`.
 """
 
@@ -81,6 +81,27 @@ def ranking_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float |
         "pr_auc": float(binary_average_precision(preds, target)),
         "fpr_at_95_tpr": float(fpr[tpr >= 0.95].min()),
     }
+
+
+def budget_metrics(flagged: np.ndarray, labels: np.ndarray) -> dict[str, int | float | None]:
+    """What removing the ``flagged`` samples does when the poisons (``labels``) are known: how many poisons go
+    (count and share of all poisons: the recall of the cut), how many clean pairs go with them (count and share
+    of the clean pairs: what the cleaning costs), and the precision of the removed set. A share whose
+    denominator is zero (no poisons, nothing clean, nothing flagged) is None, not a made-up 0 or 1."""
+    flagged = np.asarray(flagged, dtype=bool)
+    labels = np.asarray(labels, dtype=bool)
+    if flagged.shape != labels.shape or flagged.ndim != 1:
+        raise ValueError(f"flagged {flagged.shape} and labels {labels.shape} must be two equal-length vectors")
+    poisons, clean, removed = int(labels.sum()), int((~labels).sum()), int(flagged.sum())
+    hit = int((flagged & labels).sum())
+    lost = removed - hit
+
+    def share(part: int, whole: int) -> float | None:
+        return part / whole if whole else None
+
+    return {"flagged": removed, "poisons": poisons, "poisons_removed": hit,
+            "poisons_removed_share": share(hit, poisons), "clean_lost": lost,
+            "clean_lost_share": share(lost, clean), "precision": share(hit, removed)}
 
 
 def ranks(scores: np.ndarray) -> np.ndarray:

@@ -16,16 +16,23 @@ excluded when ``x`` is in ``R``), ``i = 1..k``.
   negated sum is clamped at ``eps`` so that ``k`` exact duplicates (all ratios
   equal to 1) give a large finite value instead of ``inf``.
 * SLOF: ``mean_{j in kNN(x)} (a_k(x) + eps) / (a_k(x_j) + eps)``.
-* DAO: ``mean_{j in kNN(x)} LID(x_j) * log((a_k(x) + eps) / (a_k(x_j) + eps))``.
+* DAO: ``mean_{j in kNN(x)} LID(x_j) * log((a_k(x) + eps) / (a_k(x_j) + eps))``
+  (SPEC §4's log form, ``dao_form="log"``), or the DAO paper's own power form
+  ``mean_j ((a_k(x) + eps) / (a_k(x_j) + eps)) ** LID(x_j)`` (Anderberg et al.,
+  SDM 2024; ``dao_form="power"``), reported as its logarithm: the same ranking,
+  and no overflow (LIDs of 10-50 raise ratios of a few to beyond float32).
 
-Unlike the reference code (which works per mini-batch, and whose neighbour
-indices were shifted by one row after dropping the self column, while mixing
-``a_k`` and ``a_{k+1}``), neighbours here are exact and global over the whole
-set, computed by :func:`knn` with chunked matrix products.
+Neighbours are exact and global over the whole set (`lit_amdet.neighbours`:
+chunked matrix products, in one process or spread over several). The
+published reference code differs (``variant="reference"`` reproduces it, see
+`reference_code_scores`): its neighbour indices are shifted by one row after
+dropping the self column, it mixes ``a_k`` and ``a_{k+1}``, and it searches each
+mini-batch on its own.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -33,8 +40,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lit_amdet.neighbours import Metric, NeighbourSearch, float_matrix, knn
+
 __all__ = [
+    "DAO_FORMS",
     "DETECTORS",
+    "VARIANTS",
     "check_reference_size",
     "clip_score",
     "dao_score",
@@ -43,186 +54,25 @@ __all__ = [
     "knn",
     "lid_score",
     "lof_score",
+    "reference_code_scores",
     "score_samples",
     "slof_score",
 ]
-
-Metric = Literal["euclidean", "cosine"]
 
 #: Detector names understood by :func:`score_samples`.
 DETECTORS: tuple[str, ...] = ("kdist", "lid", "slof", "dao", "iforest", "lof", "clip")
 _KNN_DETECTORS = frozenset({"kdist", "lid", "slof", "dao"})
 
+Variant = Literal["exact", "reference"]
+#: ``exact``: the formulas above on exact global neighbours; ``reference``: the published code's (see module doc).
+VARIANTS: tuple[str, ...] = ("exact", "reference")
+DaoForm = Literal["log", "power"]
+DAO_FORMS: tuple[str, ...] = ("log", "power")
+
 DEFAULT_EPS = 1e-12
-
-
-# ---------------------------------------------------------------------------
-# exact chunked k-nearest neighbours
-# ---------------------------------------------------------------------------
-
-
-def _smallest_k(d: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Row-wise ``k`` smallest values of ``d`` with ties broken by lowest column.
-
-    Returns ``(values, columns)`` ordered by ``(value, column)``. ``torch.topk``
-    alone breaks ties arbitrarily, which would make the selected neighbour set
-    (and thus SLOF/DAO) depend on hardware; rows whose ``k``-th value is tied
-    are re-selected explicitly.
-    """
-    vals, cols = torch.topk(d, k, dim=1, largest=False, sorted=True)
-    kth = vals[:, -1:]
-    tied = (d <= kth).sum(dim=1) > k
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        dt, kt = d[rows], kth[rows]
-        # Key: strictly-smaller entries first (-1), then tied ones by column,
-        # everything else last; the k smallest keys are the canonical choice.
-        pos = torch.arange(d.shape[1], device=d.device, dtype=torch.int64)
-        key = torch.where(dt == kt, pos, torch.iinfo(torch.int64).max)
-        key = torch.where(dt < kt, -1, key)
-        sel = torch.topk(key, k, dim=1, largest=False).indices
-        vals[rows] = dt.gather(1, sel)
-        cols[rows] = sel
-    return _sort_by_value_then_index(vals, cols)
-
-
-def _sort_by_value_then_index(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    order = idx.argsort(dim=1)
-    vals, idx = vals.gather(1, order), idx.gather(1, order)
-    order = vals.argsort(dim=1, stable=True)
-    return vals.gather(1, order), idx.gather(1, order)
-
-
-def _as_float(x: Tensor) -> Tensor:
-    if x.dim() != 2:
-        raise ValueError(f"expected a 2-D [N, D] tensor, got shape {tuple(x.shape)}")
-    # Half precision loses too much in ||q||^2 + ||r||^2 - 2 q.r.
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-@torch.no_grad()
-def knn(
-    queries: Tensor,
-    references: Tensor | None = None,
-    k: int = 16,
-    chunk_size: int = 1024,
-    metric: Metric = "euclidean",
-    exclude_self: bool = True,
-    ref_chunk_size: int | None = None,
-    self_index: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Exact k-nearest neighbours by chunked matrix products.
-
-    Args:
-        queries: ``[N, D]`` points whose neighbours are searched.
-        references: ``[M, D]`` reference set; ``None`` (or ``queries`` itself)
-            means the queries are the reference set.
-        k: number of neighbours.
-        chunk_size: number of query rows processed at once.
-        metric: ``"euclidean"`` (L2 distance) or ``"cosine"`` (``1 - cos``).
-        exclude_self: when the queries are the reference set, drop each point
-            from its own neighbour list. Exclusion is by index identity, so
-            exact duplicates of *other* points remain neighbours at distance 0.
-            Ignored when a distinct ``references`` set is given.
-        ref_chunk_size: number of reference rows scored at once (``None``:
-            enough for a block of about 64 M distances, 256 MB in float32);
-            partial top-k lists are merged across reference chunks.
-        self_index: with a separate ``references`` set that holds some of
-            the queries: for each query, its own row in ``references``, or -1
-            (``[N]`` integers). Those rows are excluded as in a self-search:
-            a shard of the set searched against all of it, or the set scored
-            against a subsample of itself.
-
-    Returns:
-        ``(distances [N, k], indices [N, k])`` sorted by increasing distance,
-        ties broken by lowest reference index. Distances of the selected
-        neighbours are recomputed from coordinate differences, so exact
-        duplicates come out at exactly 0 (the ``||q||^2 + ||r||^2 - 2 q.r``
-        expansion used for the search cancels badly there).
-
-    Peak extra memory is about ``chunk_size * R * (itemsize + 1)`` bytes with
-    ``R`` the reference chunk, plus up to ``8 + itemsize`` bytes per element
-    for rows with ties at the k-th distance, plus an ``[M, D]`` normalised copy
-    for the cosine metric. Runs on whatever device the inputs live on.
-    """
-    if metric not in ("euclidean", "cosine"):
-        raise ValueError(f"unknown metric {metric!r}")
-    if chunk_size < 1 or (ref_chunk_size is not None and ref_chunk_size < 1):
-        raise ValueError("chunk sizes must be positive")
-    q_all = _as_float(queries)
-    self_mode = references is None or references is queries
-    r_all = q_all if self_mode else _as_float(references)  # type: ignore[arg-type]
-    if r_all.shape[1] != q_all.shape[1]:
-        raise ValueError("queries and references must have the same dimension")
-    if r_all.dtype != q_all.dtype:
-        r_all = r_all.to(q_all.dtype)
-    n_q, n_r = q_all.shape[0], r_all.shape[0]
-    if self_index is not None:
-        if self_mode:
-            raise ValueError("self_index goes with a separate references set")
-        self_index = self_index.to(device=q_all.device, dtype=torch.int64)
-        if self_index.shape != (n_q,) or bool((self_index >= n_r).any()) or bool((self_index < -1).any()):
-            raise ValueError(f"self_index must hold one reference row (or -1) for each of the {n_q} queries")
-    skip_self = self_mode and exclude_self
-    available = n_r - 1 if skip_self or (self_index is not None and bool((self_index >= 0).any())) else n_r
-    if not 1 <= k <= available:
-        raise ValueError(f"k={k} must be in [1, {available}] for {n_r} reference points")
-
-    if metric == "cosine":
-        q_all = torch.nn.functional.normalize(q_all, dim=1)
-        r_all = q_all if self_mode else torch.nn.functional.normalize(r_all, dim=1)
-        r_sq = None
-    else:
-        r_sq = r_all.pow(2).sum(dim=1)
-    # Blocks of ~64 M distances: big enough for full-speed matrix products, small enough to bound memory.
-    r_step = ref_chunk_size if ref_chunk_size is not None else max(k, 2**26 // min(chunk_size, n_q))
-
-    out_d = torch.empty(n_q, k, dtype=q_all.dtype, device=q_all.device)
-    out_i = torch.empty(n_q, k, dtype=torch.int64, device=q_all.device)
-    for qs in range(0, n_q, chunk_size):
-        qe = min(qs + chunk_size, n_q)
-        q = q_all[qs:qe]
-        q_sq = q.pow(2).sum(dim=1, keepdim=True) if r_sq is not None else None
-        best_d: Tensor | None = None
-        best_i: Tensor | None = None
-        for rs in range(0, n_r, r_step):
-            re_ = min(rs + r_step, n_r)
-            r = r_all[rs:re_]
-            if r_sq is not None and q_sq is not None:
-                # Squared L2 (monotone in L2, so enough for selection).
-                d = torch.addmm(r_sq[rs:re_].unsqueeze(0), q, r.T, alpha=-2.0)
-                d.add_(q_sq).clamp_(min=0.0)
-            else:
-                d = torch.mm(q, r.T).neg_().add_(1.0).clamp_(0.0, 2.0)
-            if skip_self:
-                lo, hi = max(qs, rs), min(qe, re_)
-                if lo < hi:
-                    g = torch.arange(lo, hi, device=d.device)
-                    d[g - qs, g - rs] = float("inf")
-            elif self_index is not None:
-                own = self_index[qs:qe]
-                rows = ((own >= rs) & (own < re_)).nonzero().squeeze(1)
-                d[rows, own[rows] - rs] = float("inf")
-            kk = min(k, re_ - rs)
-            cd, ci = _smallest_k(d, kk)
-            ci = ci + rs
-            del d
-            if best_d is None or best_i is None:
-                best_d, best_i = cd, ci
-            else:
-                # Earlier chunks hold lower indices, so column order in the
-                # concatenation preserves the lowest-index tie-break.
-                merged = torch.cat([best_d, cd], dim=1)
-                md, mc = _smallest_k(merged, min(k, merged.shape[1]))
-                best_i = torch.cat([best_i, ci], dim=1).gather(1, mc)
-                best_d = md
-        assert best_i is not None
-        # Accurate distances for the k selected neighbours only.
-        diff = q.unsqueeze(1) - r_all[best_i]
-        exact = diff.pow(2).sum(dim=-1)
-        exact = exact.sqrt() if metric == "euclidean" else exact.mul_(0.5)
-        out_d[qs:qe], out_i[qs:qe] = _sort_by_value_then_index(exact, best_i)
-    return out_d, out_i
+#: the constants of the reference code: 1e-4 added to distance ratios in its LID, its nan_to_num values
+REFERENCE_EPS = 1e-4
+REFERENCE_NAN = 1000.0
 
 
 # ---------------------------------------------------------------------------
@@ -266,17 +116,75 @@ def dao_score(
     ref_distances: Tensor | None = None,
     eps: float = DEFAULT_EPS,
     ref_lid: Tensor | None = None,
+    form: DaoForm = "log",
 ) -> Tensor:
-    """Dimensionality-Aware Outlier score: ``mean_j LID(x_j) log(a_k(x) / a_k(x_j))``.
+    """Dimensionality-Aware Outlier score: ``mean_j LID(x_j) log(a_k(x) / a_k(x_j))`` (``form="log"``), or
+    ``log mean_j (a_k(x) / a_k(x_j)) ** LID(x_j)`` (``form="power"``, the DAO paper's score in log scale).
 
     ``ref_distances`` as in :func:`slof_score`; ``ref_lid`` may pass
     precomputed LIDs of the reference points.
     """
+    if form not in DAO_FORMS:
+        raise ValueError(f"unknown DAO form {form!r}; choose from {DAO_FORMS}")
     ref = distances if ref_distances is None else ref_distances
     lid_ref = lid_score(ref, eps) if ref_lid is None else ref_lid
     kd_ref = ref[:, -1] + eps
     kd = distances[:, -1:] + eps
-    return (lid_ref[indices] * torch.log(kd / kd_ref[indices])).mean(dim=1)
+    terms = lid_ref[indices] * torch.log(kd / kd_ref[indices])
+    if form == "power":  # log of the mean of exp(terms), without forming exp(terms)
+        return torch.logsumexp(terms, dim=1) - math.log(terms.shape[1])
+    return terms.mean(dim=1)
+
+
+def reference_code_scores(distances: Tensor, indices: Tensor, ref_distances: Tensor | None, own: Tensor,
+                          names: Sequence[str], dao_form: DaoForm = "log") -> dict[str, Tensor]:
+    """k-distance, LID, SLOF and DAO as the published reference code computes them (``variant="reference"``).
+
+    From ``backdoor_sample_detector/{k_distance,lid_detection,slof,dao}.py`` of
+    HanxunH/Detect-CLIP-Backdoor-Samples, for one batch holding the queries and references:
+
+    * it drops each query's own column from the distance matrix and sorts the rest, then uses the position
+      ``p`` in that row as a reference row: a neighbour stored after the query's own row is read one row too
+      early (``p = j - 1`` for ``j > own``);
+    * the query's distance is ``a[:, k]`` of that row, its ``(k+1)``-th neighbour; a neighbour's is column
+      ``k`` of its full sorted row, self (0) included: its ``k``-th;
+    * LID is ``-k / sum_{c<k} log(a_c / a_k + 1e-4)``; a neighbour's sum starts with its own distance 0
+      (``log 1e-4``);
+    * DAO is ``mean_p LID(p) * log(a_{k+1}(x) / a_k(p))``; ``dao_form="power"`` gives its commented-out
+      ``mean_p (a_{k+1}(x) / a_k(p)) ** LID(p)``;
+    * NaN and +inf become 1000, -inf 0 (its ``nan_to_num``; applied to LID too, so ranks are defined).
+
+    Ties are in index order, where its ``torch.sort`` leaves them unspecified, and the distances are the
+    exact ones of `knn` rather than ``torch.cdist``'s.
+
+    Args:
+        distances, indices: each query's ``k + 1`` nearest references (own row excluded), ``[N, k + 1]``.
+        ref_distances: the references' ``k`` nearest among themselves (own row excluded), ``[M, k]``; only
+            SLOF and DAO read it.
+        own: each query's own row in the references, or -1 (``[N]``).
+        names: which of ``kdist``, ``lid``, ``slof``, ``dao`` to return.
+        dao_form: ``log`` (the code's) or ``power``.
+    """
+    k = distances.shape[1] - 1
+    a_next = distances[:, k]
+
+    def tidy(t: Tensor) -> Tensor:
+        return torch.nan_to_num(t, nan=REFERENCE_NAN, posinf=REFERENCE_NAN, neginf=0.0)
+
+    def lid(rows: Tensor) -> Tensor:  # rows: sorted [n, k + 1] distances, column k the divisor
+        return -k / torch.log(rows[:, :k] / rows[:, k:] + REFERENCE_EPS).sum(dim=1)
+
+    out: dict[str, Tensor] = {"kdist": a_next.clone(), "lid": tidy(lid(distances))}
+    if {"slof", "dao"} & set(names):
+        assert ref_distances is not None
+        pos = indices[:, :k] - ((own.unsqueeze(1) >= 0) & (indices[:, :k] > own.unsqueeze(1))).long()
+        full = torch.cat([torch.zeros_like(ref_distances[:, :1]), ref_distances], dim=1)  # self at distance 0
+        ratio = a_next.unsqueeze(1) / full[pos, k]
+        out["slof"] = tidy(ratio.mean(dim=1))
+        lid_ref = lid(full)[pos]
+        terms = torch.pow(ratio, lid_ref) if dao_form == "power" else lid_ref * torch.log(ratio)
+        out["dao"] = tidy(terms.mean(dim=1))
+    return {name: out[name] for name in names}
 
 
 # ---------------------------------------------------------------------------
@@ -323,7 +231,7 @@ def lof_score(
 def clip_score(image_embeddings: Tensor, text_embeddings: Tensor) -> Tensor:
     """Negated cosine similarity of paired image/text embeddings (low alignment = anomalous)."""
     return -torch.nn.functional.cosine_similarity(
-        _as_float(image_embeddings), _as_float(text_embeddings), dim=1
+        float_matrix(image_embeddings), float_matrix(text_embeddings), dim=1
     )
 
 
@@ -346,6 +254,9 @@ def score_samples(
     seed: int = 0,
     reference_size: int | None = None,
     reference_draws: int = 1,
+    variant: Variant = "exact",
+    dao_form: DaoForm = "log",
+    search: NeighbourSearch | None = None,
 ) -> dict[str, Tensor]:
     """Score every row of ``embeddings`` with several detectors (higher = more anomalous).
 
@@ -362,31 +273,48 @@ def score_samples(
     remain (subsampled outlier ensembles, Zimek et al., KDD 2013; the
     reference code's per-batch search does this by accident).
 
+    ``variant="reference"`` computes the kNN detectors as the published code
+    does (`reference_code_scores`), ``dao_form`` picks DAO's log or power form
+    (module doc). ``search`` replaces the one-process `knn` for the queries'
+    lists, e.g. a `lit_amdet.neighbours.ShardedSearch` that spreads it over
+    processes: every process calls this with the same arguments, and the ones
+    that are not its root only lend their share and get ``{}``.
+
     ``"iforest"`` and ``"lof"`` run scikit-learn on CPU (fit on ``embeddings``);
     ``"clip"`` needs ``text_embeddings``. Results are on ``embeddings.device``.
     """
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown:
         raise ValueError(f"unknown detectors {unknown}; choose from {DETECTORS}")
+    if variant not in VARIANTS or dao_form not in DAO_FORMS:
+        raise ValueError(f"variant must be one of {VARIANTS} and dao_form one of {DAO_FORMS} "
+                         f"(got {variant!r}, {dao_form!r})")
     out: dict[str, Tensor] = {}
     knn_names = [d for d in detectors if d in _KNN_DETECTORS]
+    n = embeddings.shape[0]
     if knn_names:
         opts = dict(k=k, chunk_size=chunk_size, ref_chunk_size=ref_chunk_size, metric=metric)
+        how = dict(names=knn_names, opts=opts, eps=eps, variant=variant, dao_form=dao_form, search=search)
         if reference_size is None:
-            out.update(_knn_scores(embeddings, references, None, knn_names, opts, eps))
+            available = n - 1 if references is None else references.shape[0]
+            if variant == "reference" and k + 1 > available:
+                raise ValueError(f"variant 'reference' reads each sample's (k+1)-th neighbour: k={k} needs "
+                                 f"more than {available} references")
+            out.update(_knn_scores(embeddings, references, None, **how))
         else:
             if references is not None:
                 raise ValueError("reference_size subsamples the set itself; it does not go with references")
-            n = embeddings.shape[0]
-            check_reference_size(k, reference_size, reference_draws, n)
+            check_reference_size(k, reference_size, reference_draws, n, variant)
             g = torch.Generator().manual_seed(seed)
             for _ in range(reference_draws):
                 rows = torch.randperm(n, generator=g)[:reference_size].to(embeddings.device)
                 own = torch.full((n,), -1, dtype=torch.int64, device=embeddings.device)
                 own[rows] = torch.arange(reference_size, device=embeddings.device)
-                draw = _knn_scores(embeddings, embeddings[rows], own, knn_names, opts, eps)
+                draw = _knn_scores(embeddings, embeddings[rows], own, **how)
                 for name, score in draw.items():
                     out[name] = out[name] + score / reference_draws if name in out else score / reference_draws
+    if search is not None and not search.is_root:
+        return {}
     device = embeddings.device
     if "iforest" in detectors:
         out["iforest"] = isolation_forest_score(embeddings, seed=seed).to(device)
@@ -399,20 +327,38 @@ def score_samples(
     return {name: out[name] for name in detectors}
 
 
-def check_reference_size(k: int, reference_size: int, reference_draws: int, n: int) -> None:
-    """A subsample must hold more than ``k`` of the ``n`` points, and be drawn at least once (ValueError)."""
-    if not k < reference_size <= n or reference_draws < 1:
-        raise ValueError(f"reference_size must be in ({k}, {n}] (more than k, at most the {n} samples) and "
-                         f"reference_draws >= 1 (got {reference_size}, {reference_draws})")
+def check_reference_size(k: int, reference_size: int, reference_draws: int, n: int,
+                         variant: Variant = "exact") -> None:
+    """A subsample must hold more than ``k`` of the ``n`` points (``k + 1`` for the reference variant, which
+    reads the (k+1)-th neighbour), and be drawn at least once (ValueError)."""
+    need = k + 1 if variant == "reference" else k
+    if not need < reference_size <= n or reference_draws < 1:
+        raise ValueError(f"reference_size must be in ({need}, {n}] (more than {'k + 1' if need > k else 'k'}, at "
+                         f"most the {n} samples) and reference_draws >= 1 (got {reference_size}, {reference_draws})")
 
 
-def _knn_scores(x: Tensor, references: Tensor | None, self_index: Tensor | None, names: Sequence[str],
-                opts: dict, eps: float) -> dict[str, Tensor]:
-    """The kNN detectors of ``x`` against ``references`` (None: ``x`` itself, self excluded)."""
-    dist, idx = knn(x, references, self_index=self_index, **opts)
+def _knn_scores(x: Tensor, references: Tensor | None, self_index: Tensor | None, *, names: Sequence[str],
+                opts: dict, eps: float, variant: Variant, dao_form: DaoForm,
+                search: NeighbourSearch | None) -> dict[str, Tensor]:
+    """The kNN detectors of ``x`` against ``references`` (None: ``x`` itself, self excluded); ``{}`` on a
+    process of ``search`` that only lent its share."""
+    k = opts["k"]
+    reference = variant == "reference"
+    found = (search or knn)(x, references, self_index=self_index, **{**opts, "k": k + 1 if reference else k})
+    if found is None:
+        return {}
+    dist, idx = found
+    separate = references is not None and references is not x
     ref_dist = None
-    if references is not None and references is not x and {"slof", "dao"} & set(names):
+    if separate and {"slof", "dao"} & set(names):  # a small reference set: its own lists here, in one process
         ref_dist, _ = knn(references, None, **opts)
+    if reference:
+        if self_index is not None:
+            own = self_index
+        else:  # the whole set: each query's own row is itself; a separate set holds none of them
+            own = torch.full_like(idx[:, 0], -1) if separate else torch.arange(len(x), device=idx.device)
+        return reference_code_scores(dist, idx, ref_dist if separate else dist[:, :k], own, names, dao_form)
     scores = {"kdist": lambda: kdist_score(dist), "lid": lambda: lid_score(dist, eps),
-              "slof": lambda: slof_score(dist, idx, ref_dist, eps), "dao": lambda: dao_score(dist, idx, ref_dist, eps)}
+              "slof": lambda: slof_score(dist, idx, ref_dist, eps),
+              "dao": lambda: dao_score(dist, idx, ref_dist, eps, form=dao_form)}
     return {name: scores[name]() for name in names}

@@ -25,11 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lit_amdet import cleaning
+from lit_amdet.datamodules.shards import skipped_summary
 from lit_amdet.errors import ConfigError, LitAmdetError, missing_hint
 from lit_amdet.io import write_json, write_with
 from lit_amdet.metrics import ranking_metrics
 from lit_amdet.metrics import ranks as rank_scores
-from lit_amdet.outliers import DETECTORS, clip_score, score_samples
+from lit_amdet.neighbours import NeighbourSearch
+from lit_amdet.outliers import DETECTORS, DaoForm, Variant, clip_score, score_samples
 from lit_amdet.poisoning import load_labels
 
 Modality = Literal["image", "text", "both"]
@@ -188,6 +191,14 @@ def score_and_report(
     quiet: bool = False,
     reference_size: int | None = None,
     reference_draws: int = 8,
+    variant: Variant = "exact",
+    dao_form: DaoForm = "log",
+    search: NeighbourSearch | None = None,
+    budget: float | int | None = None,
+    cut_by: str = "dao",
+    keys: Sequence[str] | None = None,
+    write_shards: Callable[[np.ndarray], dict] | None = None,
+    skipped: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Score every row of ``embeddings`` against all the others and write the report files.
 
@@ -210,6 +221,20 @@ def score_and_report(
         reference_size: score against ``reference_draws`` random subsamples of this many samples (averaged)
             instead of the whole set: unmasks poisons that outnumber ``k`` (see `score_samples`).
         reference_draws: number of subsamples.
+        variant: ``exact``, or ``reference``: the kNN detectors as the published code computes them (shifted
+            neighbour indices, the (k+1)-th distance; `lit_amdet.outliers.reference_code_scores`).
+        dao_form: DAO's ``log`` form (SPEC §4, the reference code) or the DAO paper's ``power`` form (its log).
+        search: the neighbour search spread over processes (`lit_amdet.neighbours.ShardedSearch`): every
+            process calls this with the same arguments; all take part in the search, process 0 writes the
+            files and the others return ``{}``.
+        budget: remove ``cut_by``'s top ``budget`` (a fraction in (0, 1) or a count; `lit_amdet.cleaning`):
+            writes ``keep.txt``/``flagged.txt`` and the report's ``cut`` block; None: no cut.
+        cut_by: the detector whose ranking picks the cut.
+        keys: each row's sample key for the key lists (default: its data-set index).
+        write_shards: called with the kept samples' data-set indices to write filtered shards; its counts go
+            in the ``cut`` block.
+        skipped: the bad samples the data module left out (`TextEncoderDataModule.skipped`): counted in the
+            report's ``skipped`` block (None: not reported).
 
     Returns:
         The ``report.json`` content.
@@ -227,6 +252,9 @@ def score_and_report(
     if "clip" in names and image_text is None:
         raise ConfigError("the clip detector needs image and text embeddings (a model with an image tower "
                           "and data with images); drop it from detectors")
+    cleaning.check_cut(budget, cut_by, names, n)
+    if keys is not None and len(keys) != n:
+        raise ConfigError(f"{len(keys)} sample keys for {n} embeddings")
     if not bool(torch.isfinite(embeddings).all()):
         raise LitAmdetError("the embeddings contain NaN or inf values; the model is broken for this data")
     idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -240,9 +268,12 @@ def score_and_report(
     others = [d for d in names if d != "clip"]
     try:  # the library's own checks (e.g. reference_size) become the one-line config error
         raw = score_samples(x, others, k, chunk_size=chunk_size, seed=seed, reference_size=reference_size,
-                            reference_draws=reference_draws) if others else {}
+                            reference_draws=reference_draws, variant=variant, dao_form=dao_form,
+                            search=search) if others else {}
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if search is not None and not search.is_root:
+        return {}  # this process lent its share of the neighbour search; process 0 writes the report
     if "clip" in names:
         assert image_text is not None
         raw["clip"] = clip_score(*image_text)
@@ -259,12 +290,22 @@ def score_and_report(
         "k": k,
         "reference_size": reference_size,
         "reference_draws": reference_draws if reference_size is not None else None,
+        "variant": variant,
+        "dao_form": dao_form,
         "detectors": names,
         "num_poisoned": int(mask.sum()) if mask is not None else None,
         "metrics": {d: ranking_metrics(scores[d], mask) for d in names} if mask is not None else None,
         "top": {d: idx[np.argsort(ranks[d])[:top]].tolist() for d in names},
         "files": ["scores.csv", *figures],
+        # what each detector's own top 1 % would remove: the removed/lost columns of the benchmark table
+        "removal_at_1pct": cleaning.metrics_at_budget(scores, mask) if mask is not None else None,
     }
+    if budget is not None:
+        keys = [str(i) for i in idx] if keys is None else keys
+        report["cut"] = cleaning.apply_cut(scores, cut_by, budget, mask, keys, out, idx, write_shards)
+        report["files"] += report["cut"]["files"]
+    if skipped is not None:
+        report["skipped"] = skipped_summary(skipped)
     write_json(out / "report.json", report)
     if not quiet:
         print_summary(report, out)
@@ -281,16 +322,20 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
                   + (f", {report['num_poisoned']} labelled poisoned" if metrics else ""))
     table.add_column("detector")
     if metrics:
-        for col in ("ROC-AUC", "PR-AUC", "FPR@95%TPR"):
+        for col in ("ROC-AUC", "PR-AUC", "FPR@95%TPR", "removed@1%", "lost@1%"):
             table.add_column(col, justify="right")
     table.add_column("top indices")
     for d in report["detectors"]:
         cells = [d]
         if metrics:
             cells += ["-" if v is None else f"{v:.3f}" for v in metrics[d].values()]
+            at = report["removal_at_1pct"][d]
+            cells += [f"{at['poisons_removed']}/{at['poisons']}", str(at["clean_lost"])]
         table.add_row(*cells, " ".join(map(str, report["top"][d][:5])))
     console = Console()
     console.print(table)
+    if "cut" in report:
+        console.print(cleaning.cut_line(report["cut"], out))
     console.print(f"written to {out}")
 
 

@@ -3,10 +3,19 @@
 Sources (``source``):
 - ``"world"`` (default): the built-in synthetic image-caption world, streamed;
 - a ``.txt`` file: one prompt per line;
-- a ``.csv`` / ``.json`` / ``.jsonl`` / ``.parquet`` file, read through ``datasets``
+- webdataset ``.tar`` shards: one, a brace pattern (``data/{00000..00331}.tar``) or a
+  folder of them (`lit_amdet.datamodules.shards.ShardPairs`);
+- ``.parquet`` / ``.arrow`` tables (one, a pattern, a folder, a ``datasets.save_to_disk``
+  folder), read in place with pyarrow (`lit_amdet.datamodules.tables.ColumnPairs`):
+  ``text_column``, and an ``image_column`` of bytes, ``datasets`` image structs or file names;
+- a ``.csv`` / ``.json`` / ``.jsonl`` file, read through ``datasets``
   (``text_column``; with ``image_column`` it holds image file names relative to
   ``image_root``, or a ``datasets`` image column);
 - anything else: a ``datasets`` hub name (needs network).
+
+Bad samples of shards and tables (truncated shard, missing or empty caption, no or
+undecodable image, unreadable file) fail with one line naming the shard and the key,
+or with ``bad_samples: skip`` are left out and listed in `TextEncoderDataModule.skipped`.
 
 Items are dicts ``{"text", "image" (PIL or None), "index", "views" (paraphrases,
 world only)}``. Once a LightningModule attaches its encoder (``attach_encoder``),
@@ -18,17 +27,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lit_amdet.datamodules.shards import BadSampleLog, ShardPairs, SourceFiles, resolve_source
+from lit_amdet.datamodules.tables import ColumnPairs, image_value
 from lit_amdet.errors import ConfigError, first_line, missing_hint
 
 TEXT_SUFFIXES = {".txt"}
-TABLE_SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+TABLE_SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
 class WorldPairs(Dataset):
@@ -107,19 +118,15 @@ class TablePairs(Dataset):
         return self.texts[index]
 
     def image(self, index: int):
-        from PIL import Image
+        return image_value(self.table[index][self.image_column], f"{self.where}: row {index}", self.image_root)
 
-        value = self.table[index][self.image_column]
-        if isinstance(value, Image.Image):
-            return value.convert("RGB")
-        path = Path(str(value))
-        if not path.is_absolute() and self.image_root is not None:
-            path = self.image_root / path
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{self.where}: row {index}: unreadable image {path} ({exc})") from exc
+    def sample_key(self, index: int) -> str:
+        """The ``key`` column's value, else the image file name, else the row number."""
+        row = self.table[index]
+        value = row.get("key")
+        if value is None and self.image_column and isinstance(row.get(self.image_column), str):
+            value = row[self.image_column]
+        return str(value) if value not in (None, "") else str(index)
 
     def __getitem__(self, index: int) -> dict:
         image = self.image(index) if self.image_column else None
@@ -160,7 +167,8 @@ class TextEncoderDataModule(LightningDataModule):
     """Prompts (and images) for every task, tokenised through the attached encoder adapter.
 
     Args:
-        source: ``"world"``, a prompt/caption file, or a ``datasets`` hub name.
+        source: ``"world"``, a prompt/caption file, webdataset shards (a ``.tar``, a brace pattern, a folder),
+            parquet/arrow tables, or a ``datasets`` hub name (see the module docstring).
         text_column: caption column of a table source.
         image_column: image column (file names or a ``datasets`` image feature), if any.
         image_root: folder the image file names are relative to (default: the table's folder).
@@ -172,6 +180,9 @@ class TextEncoderDataModule(LightningDataModule):
         val_fraction / test_fraction / seed: the deterministic split.
         world_seed / image_size: the world's seed and image resolution.
         hub_split: split name for a hub data set.
+        bad_samples: shards and parquet/arrow tables: ``fail`` on a bad sample (one line naming the shard and
+            the key) or ``skip`` it (listed in `skipped`).
+        caption_extension: shards: the extension of the caption member (img2dataset: ``txt``).
     """
 
     def __init__(
@@ -194,16 +205,24 @@ class TextEncoderDataModule(LightningDataModule):
         world_seed: int = 0,
         image_size: int = 64,
         hub_split: str = "train",
+        bad_samples: Literal["fail", "skip"] = "fail",
+        caption_extension: str = "txt",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.encoder = None
         self._dataset: Dataset | None = None
         self._splits: Splits | None = None
+        BadSampleLog(bad_samples)  # an unknown mode is refused now, not after indexing
+        self._files: SourceFiles | None = None
         self._check_source()
 
     def _check_source(self) -> None:
         """A missing local file is refused when the DataModule is built, before the Trainer writes anything."""
+        if self.hparams.source != "world":
+            self._files = resolve_source(self.hparams.source)
+        if self._files is not None:
+            return
         path = Path(self.hparams.source).expanduser()
         if self.hparams.source != "world" and (path.suffix in TEXT_SUFFIXES or path.suffix in TABLE_SUFFIXES
                                                or path.exists()) and not path.is_file():
@@ -220,15 +239,26 @@ class TextEncoderDataModule(LightningDataModule):
             return WorldPairs(hp.world_seed, n, hp.image_size, with_images, hp.views, hp.long_captions)
         if hp.views > 1:
             raise ConfigError("views > 1 (paraphrases) is only available for the world source")
+        self._check_source()
+        if self._files is not None:
+            return self._shards_or_tables(self._files)
         path = Path(hp.source).expanduser()
         if path.suffix in TEXT_SUFFIXES or path.suffix in TABLE_SUFFIXES or path.exists():
-            self._check_source()
             if path.suffix in TEXT_SUFFIXES:
                 return TextLines(path)
             if path.suffix not in TABLE_SUFFIXES:
-                raise ConfigError(f"{path}: unsupported file type (use .txt, .csv, .json, .jsonl or .parquet)")
+                raise ConfigError(f"{path}: unsupported file type (use .txt, .csv, .json, .jsonl, .parquet, "
+                                  ".arrow or .tar shards)")
             return self._table(path)
         return self._hub(hp.source)
+
+    def _shards_or_tables(self, files: SourceFiles) -> Dataset:
+        hp = self.hparams
+        bad = BadSampleLog(hp.bad_samples)
+        if files.kind == "tar":
+            return ShardPairs(files.files, hp.caption_extension, hp.with_images is not False, bad)
+        root = Path(hp.image_root) if hp.image_root else files.files[0].parent
+        return ColumnPairs(files, hp.text_column, self._image_column(), root, bad)
 
     def _table(self, path: Path) -> TablePairs:
         import datasets
@@ -270,6 +300,31 @@ class TextEncoderDataModule(LightningDataModule):
             self._splits = split_indices(n, self.hparams.val_fraction, self.hparams.test_fraction,
                                          self.hparams.seed)
         return self._splits
+
+    @property
+    def shard_paths(self) -> list[Path] | None:
+        """The webdataset shard files in index order (None when the source is not shards)."""
+        return list(self._files.files) if self._files is not None and self._files.kind == "tar" else None
+
+    @property
+    def skipped(self) -> list[dict]:
+        """The bad samples left out (``bad_samples: skip``): ``{"shard", "key", "reason", "detail"}`` each
+        (key None: a whole shard, file or row group)."""
+        return list(getattr(self.dataset, "skipped", []))
+
+    def sample_key(self, index: int) -> str:
+        """The key of sample ``index``: a shard sample's webdataset key (``00000001``, or ``00003/00000001``
+        for every sample when keys repeat across shards), a table's ``key`` column, image file name or row,
+        else the index itself."""
+        key = getattr(self.dataset, "sample_key", None)
+        return key(index) if key is not None else str(index)
+
+    def shard_key_of(self, shard: Path, member_name: str) -> str | None:
+        """The `sample_key` of the sample a member of a webdataset ``shard`` belongs to (None: no sample's
+        member); shard sources only."""
+        if not isinstance(self.dataset, ShardPairs):
+            raise ConfigError("shard_key_of needs webdataset shard input")
+        return self.dataset.key_of(shard, member_name)
 
     @property
     def has_images(self) -> bool:
