@@ -206,6 +206,9 @@ def pooled_contrast_loss(out: TriggeredOutput, restarts: int, pooled_gamma: floa
     whether the anchor shares it. Rewarding the anchor's spread directly was measured to find, in a benign
     SimCSE fine-tune at clean cosine 0.72, a trigger that collapses the suspect's sentence embeddings (lift 0.90)
     and not the anchor's, which the rule flagged; the strongest collapse of that model is one both share.
+
+    The search for the collapse the anchor does not share is the ``charged`` restarts' (`role_losses`), judged
+    against a null of its own.
     """
     consistency = pooled_consistency(out.pooled.float().view(restarts, -1, out.pooled.shape[-1]))
     contrast = None if out.anchor_pooled_cos is None else per_restart(out.anchor_pooled_cos, restarts).mean(1)
@@ -219,6 +222,63 @@ def pooled_objective(consistency, anchor_pooled_cos, pooled_gamma: float):
     if anchor_pooled_cos is None or not pooled_gamma:
         return -consistency
     return -consistency + pooled_gamma * anchor_pooled_cos
+
+
+#: what a restart's trigger is searched for (its role: the AMDET loss, the suspect's pooled collapse, a pooled
+#: collapse the anchor does not share, the same with suspect and anchor swapped), and its name in report.json
+OBJECTIVES = {"amdet": "amdet", "pooled": "pooled_contrast", "charged": "pooled_charged", "null": "pooled_null"}
+
+
+def restart_roles(restarts: int, pooled_restarts: int, null_restarts: int) -> list[str]:
+    """The role of each restart: ``restarts - pooled_restarts`` AMDET ones, ``pooled_restarts`` pooled ones, then
+    ``null_restarts`` charged ones and as many nulls (extra restarts, so the others start where they always did)."""
+    return (["amdet"] * (restarts - pooled_restarts) + ["pooled"] * pooled_restarts
+            + ["charged"] * null_restarts + ["null"] * null_restarts)
+
+
+def role_losses(out: TriggeredOutput, roles: list[str], beta: float, gamma: float, pooled_gamma: float,
+                charge: float) -> Tensor:
+    """Per restart [R] (``roles`` of the R restarts in ``out``, restart-major), the loss its role optimises.
+
+    ``charged``: `pooled_contrast_loss` plus ``charge`` times the anchor's own pooled consistency under the
+    trigger: a collapse the anchor does not share. Why a second search: on SigLIP every plain pooled restart is
+    drawn to one of the clean base's own collapses (shared, so not evidence), and a backdoor trained to keep its
+    token features diverse hid behind them (`BENCHMARKS.md`, "The SigLIP evasion"). But a search for the
+    suspect's difference from the anchor also finds differences that benign drift made, more the further the
+    model drifted, so it is judged against ``null``: the same search with the two models' places swapped (the
+    anchor's collapses the suspect does not share), which measures that drift and nothing injected.
+    """
+    n = len(roles)
+    loss = per_restart(out.loss(beta, gamma, pooled_gamma), n).mean(1)
+    kinds = set(roles)
+    if kinds & {"pooled", "charged", "null"}:
+        suspect = pooled_consistency(out.pooled.float().view(n, -1, out.pooled.shape[-1]))
+        contrast = None if out.anchor_pooled_cos is None else per_restart(out.anchor_pooled_cos, n).mean(1)
+        pooled = pooled_objective(suspect, contrast, pooled_gamma)
+        by_role = {"pooled": pooled}
+        if out.anchor_pooled is not None:
+            anchor = pooled_consistency(out.anchor_pooled.float().view(n, -1, out.anchor_pooled.shape[-1]))
+            by_role["charged"] = pooled + charge * anchor
+            by_role["null"] = pooled_objective(anchor, contrast, pooled_gamma) + charge * suspect
+        for role, value in by_role.items():
+            rows = torch.tensor([r == role for r in roles], device=loss.device)
+            loss = torch.where(rows, value.to(loss.dtype), loss)
+    return loss
+
+
+def held_out_loss(role: str, scores: dict, pooled_gamma: float, charge: float) -> float | None:
+    """A pooled-kind restart's held-out loss: its role's objective (`role_losses`) over all the held-out prompts,
+    from the scan's summed scores, so the stall test and the restart choice see what it optimises; None for an
+    AMDET restart (its loss is the mean per-prompt loss already measured)."""
+    if role == "amdet":
+        return None
+    suspect = scores["target_consistency"] ** 2
+    anchor = None if scores.get("anchor_target_consistency") is None else scores["anchor_target_consistency"] ** 2
+    if role == "pooled" or anchor is None:
+        return pooled_objective(suspect, scores.get("anchor_pooled_cos"), pooled_gamma)
+    if role == "charged":
+        return pooled_objective(suspect, scores.get("anchor_pooled_cos"), pooled_gamma) + charge * anchor
+    return pooled_objective(anchor, scores.get("anchor_pooled_cos"), pooled_gamma) + charge * suspect
 
 
 def choose_restart(losses: list[float], passed: list[int]) -> int:

@@ -25,10 +25,12 @@ class SearchControl:
     """The stop decisions of one search over ``restarts`` restarts checked every ``check_every`` steps."""
 
     def __init__(self, restarts: int, check_every: int, max_steps: int | None, patience: int = 6,
-                 stall_tol: float = 2e-3, benign_stop: bool = True, speedup: float = 2.0) -> None:
+                 stall_tol: float = 2e-3, benign_stop: bool = True, speedup: float = 2.0,
+                 kept_until: dict[int, int] | None = None) -> None:
         self.check_every, self.max_steps = check_every, max_steps
         self.patience, self.stall_tol = patience, stall_tol
         self.benign_stop, self.speedup = benign_stop, speedup
+        self.kept_until = kept_until or {}  # restart -> the step before which the benign stop never drops it
         self.active = list(range(restarts))  # restarts still searched
         self.progress: list[list[float]] = []  # per restart: the rule's progress, random start then each check
         self.dropped: dict[int, int] = {}  # restart -> the step it was dropped at
@@ -73,7 +75,7 @@ class SearchControl:
         if left <= 0:
             return None  # the step limit ends the search now: nothing is dropped, it simply ran its course
         for r in list(self.active):
-            if not reachable(self.progress[r], left, speedup=self.speedup):
+            if step >= self.kept_until.get(r, 0) and not reachable(self.progress[r], left, speedup=self.speedup):
                 self.active.remove(r)
                 self.dropped[r] = step
         return None if self.active else BENIGN_STOP

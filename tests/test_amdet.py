@@ -171,3 +171,41 @@ def test_pooled_restarts_objective_is_the_suspects_pooled_consistency_plus_the_c
         want = -consistency(out.pooled[rows]) + 0.3 * float(out.anchor_pooled_cos[rows].mean())
         assert float(got[r]) == pytest.approx(want, abs=1e-5)
         assert float(alone[r]) == pytest.approx(-consistency(no_anchor.pooled[rows]), abs=1e-5)
+
+
+def test_each_role_optimises_its_own_objective(tiny_models, clip):
+    """`role_losses` per restart against the objectives written out from the same forward pass, and
+    `held_out_loss` from the scan's summed scores; the suspect and the anchor are different models."""
+    import torch.nn.functional as F
+
+    from lit_amdet.amdet import held_out_loss, restart_roles, role_losses
+
+    def consistency(x):
+        unit = F.normalize(x.float(), dim=-1)
+        return float(unit.mean(0) @ unit.mean(0))
+
+    anchor = load_encoder(tiny_models["clip_other"]).eval() if "clip_other" in tiny_models else None
+    if anchor is None:  # a second model of the same architecture: the suspect with its weights perturbed
+        anchor = load_encoder(tiny_models["clip"]).eval()
+        with torch.no_grad():
+            for p in anchor.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    roles = restart_roles(restarts=2, pooled_restarts=1, null_restarts=1)
+    assert roles == ["amdet", "pooled", "charged", "null"]
+    cache = FeatureCache.build(clip, prompts(), max_length=None, room=1)
+    vectors = PseudoTrigger(4, 1, clip.width, scale=0.02, seed=1).vectors.detach()
+    out = run_triggered(clip, anchor, cache.batch(slice(None)), vectors, position=1)
+    got = role_losses(out, roles, beta=0.1, gamma=0.2, pooled_gamma=0.3, charge=0.7)
+    n = len(prompts())
+    amdet = out.loss(0.1, 0.2, 0.3)
+    for r, role in enumerate(roles):
+        rows = slice(r * n, (r + 1) * n)
+        s, a = consistency(out.pooled[rows]), consistency(out.anchor_pooled[rows])
+        cos = float(out.anchor_pooled_cos[rows].mean())
+        want = {"amdet": float(amdet[rows].mean()), "pooled": -s + 0.3 * cos, "charged": -s + 0.3 * cos + 0.7 * a,
+                "null": -a + 0.3 * cos + 0.7 * s}[role]
+        assert float(got[r]) == pytest.approx(want, abs=1e-5), role
+    scores = {"target_consistency": 0.9, "anchor_target_consistency": 0.5, "anchor_pooled_cos": 0.4}
+    assert held_out_loss("amdet", scores, 0.3, 0.7) is None
+    assert held_out_loss("charged", scores, 0.3, 0.7) == pytest.approx(-0.81 + 0.12 + 0.7 * 0.25)
+    assert held_out_loss("null", scores, 0.3, 0.7) == pytest.approx(-0.25 + 0.12 + 0.7 * 0.81)

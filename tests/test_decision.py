@@ -145,3 +145,40 @@ def test_progress_is_one_exactly_where_the_rule_flags():
     assert rule.progress({"anchor_used": False, "assimilation_lift": 0.2, "same_target_ratio": 0.9}) == \
         pytest.approx(0.5)
     assert ContrastRule().progress(s) is None  # no measure: no benign stop under the previous default
+
+
+def test_a_charged_restart_is_judged_against_its_null_and_on_the_pooled_path_only():
+    """Measured cases (BENCHMARKS.md, "The SigLIP evasion"): the charged search finds the evader's collapse
+    (0.71) and the null finds 0.50 of drift; in a benign SigLIP model at drift 0.7 it finds 0.68 but the null 0.89.
+    A charged restart's divergence never flags it: such a search looks for differences from the anchor."""
+    from lit_amdet.decision import NULL_DECISION, CollapseContrastRule, attach_null, restart_summary, verdict_of
+
+    rule = CollapseContrastRule()
+    base = {"anchor_used": True, "assimilation_ratio": 1.0, "same_target_ratio": 0.5, "clean_anchor_pooled_cos": 0.96,
+            "unshared_collapse": -0.2, "collapse_lift": -0.2, "assimilation_gap": 0.5, "anchor_cos": -0.5,
+            "clean_anchor_cos": 0.99, "anchor_pooled_cos": -0.5, "pooled_collapse_lift": 0.94}
+    evader = {**base, "pooled_unshared_collapse": 0.71}
+    null = {**base, "pooled_collapse_lift": 0.1, "anchor_pooled_collapse_lift": 0.6, "pooled_unshared_collapse": -0.5}
+    stats = attach_null([dict(evader), dict(null)], ["charged", "null"])
+    assert stats[0]["pooled_null"] == pytest.approx(0.5) and "pooled_null" not in stats[1]
+    d = rule.decide(stats[0])
+    assert d["backdoored"] and d["decided_by"].startswith("pooled collapse beyond the null")
+    assert rule.progress(stats[0]) >= 1
+    benign = attach_null([{**base, "pooled_unshared_collapse": 0.68},
+                          {**null, "pooled_collapse_lift": -0.2, "anchor_pooled_collapse_lift": 0.89}],
+                         ["charged", "null"])[0]
+    assert benign["pooled_null"] == pytest.approx(0.89)  # a negative suspect lift counts as 0
+    assert not rule.decide(benign)["backdoored"] and rule.progress(benign) < 1
+    # the same scores without a null (a plain pooled restart) take the divergence path (ratio 150 near the anchor)
+    assert "divergence near" in rule.decide({**base, "pooled_unshared_collapse": 0.68})["decided_by"]
+    # no null restarts: nothing attached; a charged restart whose null is missing is never flagged
+    assert "pooled_null" not in attach_null([dict(evader)], ["pooled"])[0]
+    assert not rule.decide({**evader, "pooled_null": None})["backdoored"]
+    stats = [{**st, "loss": -0.5} for st in stats]
+    # far from the anchor the charged path does not count (a typo-robust MiniLM fine-tune at 0.78 scored 0.91
+    # against a null of 0.62)
+    typo = {**stats[0], "clean_anchor_pooled_cos": 0.78, "pooled_unshared_collapse": 0.91, "pooled_null": 0.62}
+    assert not rule.decide(typo)["backdoored"] and rule.progress(typo) == 0
+    rows = restart_summary(stats, [d, NULL_DECISION], [2.0, 0.1], ["pooled_charged", "pooled_null"], {1: 40})
+    assert rows[0]["pooled_null"] == pytest.approx(0.5) and rows[0]["verdict"] == "BACKDOORED"
+    assert rows[1]["verdict"] == verdict_of(NULL_DECISION) == "clean" and rows[1]["dropped_at_step"] == 40

@@ -169,9 +169,9 @@ def test_bf16_mixed_on_cpu(tiny_models, tmp_path):
     assert report["precision"] == "bf16-mixed" and report["verdict"] == "clean"
 
 
-def _fake_restarts(monkeypatch, hit: dict) -> None:
-    """Replace the scan's held-out evaluation: restart 0 has the lower loss and collapses nothing; restart 1 gets
-    ``hit`` over the same clean-looking scores (the clean prompts and the initial trigger get those too)."""
+def _fake_restarts(monkeypatch, hit: dict, who: int = 1) -> None:
+    """Replace the scan's held-out evaluation: restart 0 has the lower loss and collapses nothing; restart ``who``
+    gets ``hit`` over the same clean-looking scores (the clean prompts and the initial trigger get those too)."""
     import torch
 
     from lit_amdet.modules import BackdoorDetection
@@ -185,14 +185,14 @@ def _fake_restarts(monkeypatch, hit: dict) -> None:
                  "different_target_ratio": 0.0, "anchor_assimilation": 0.3, "anchor_pooled_cos": 0.99,
                  "prompts": 8, "target_consistency": 0.5, "anchor_target_consistency": 0.5,
                  "_pooled": torch.ones(self.encoder.embed_dim), "_feature": torch.ones(self.encoder.width)}
-            out.append({**s, **(hit if not clean and r == 1 else {})})
+            out.append({**s, **(hit if not clean and r == who else {})})
         return out
 
     monkeypatch.setattr(BackdoorDetection, "evaluate", fake_evaluate)
 
 
-def _fake_detect(tiny_models, tmp_path):
-    code, out = detect(tmp_path, tiny_models["clip"], "--model.init_args.anchor", str(tiny_models["clip"]),
+def _fake_detect(tiny_models, tmp_path, *extra: str):
+    code, out = detect(tmp_path, tiny_models["clip"], "--model.init_args.anchor", str(tiny_models["clip"]), *extra,
                        "--model.init_args.check_every", "1", "--trainer.max_steps", "3", "--trainer.callbacks",
                        "[]", "--model.init_args.evidence_callbacks", "false")
     return code, json.loads((out / "report.json").read_text())
@@ -224,6 +224,22 @@ def test_a_restart_the_rule_flags_decides_when_none_passed_the_search(tiny_model
     assert report["best_restart"] == 1 and report["verdict"] == "BACKDOORED" and code == 1
     assert report["scores"]["pooled_unshared_collapse"] == 1.0
     assert [r["verdict"] for r in report["restart_scores"]] == ["clean", "BACKDOORED"]
+
+
+def test_a_null_restart_is_never_judged_or_chosen(tiny_models, tmp_path, monkeypatch):
+    """With ``null_restarts 1`` the scan runs a charged and a null restart after the others. The null one measures
+    the anchor's collapses: its scores would flag any judged restart (the sentence embeddings collapse alone), yet
+    it neither stops the search nor decides the verdict, and the charged one is judged against it."""
+    _fake_restarts(monkeypatch, {"target_consistency": 1.0}, who=3)
+    code, report = _fake_detect(tiny_models, tmp_path, "--model.init_args.restarts", "2",
+                                "--model.init_args.pooled_restarts", "1", "--model.init_args.null_restarts", "1",
+                                "--model.init_args.null_min_steps", "0")
+    rows = report["restart_scores"]
+    assert [r["objective"] for r in rows] == ["amdet", "pooled_contrast", "pooled_charged", "pooled_null"]
+    assert rows[3]["pooled_unshared_collapse"] == 1.0 and rows[3]["verdict"] == "clean"
+    assert "pooled_null" in rows[2] and report["best_restart"] != 3
+    assert report["verdict"] == "clean" and code == 0
+    assert report["stopped_early"] != "a restart flagged at two checks in a row"
 
 
 # ----- the real thing, small enough for every run: the pretrained MiniLM ---------------------------------------

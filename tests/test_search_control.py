@@ -56,3 +56,16 @@ def test_the_other_stops_come_first_and_a_rule_without_progress_has_no_benign_st
     for step in (10, 20, 30):
         assert free.check(step, [float(-step)], passed=False, flagged=set(), progress=[0.0]) is None
     assert free.active == [0]
+
+
+def test_a_restart_kept_until_a_step_is_not_dropped_before_it():
+    """``kept_until`` (the pooled restarts' ``pooled_min_steps``): a flat restart survives the benign stop until
+    that step, then is judged like the others."""
+    control = SearchControl(restarts=2, check_every=10, max_steps=100, kept_until={1: 40})
+    control.start([0.0, 0.0])
+    flat = [0.01, 0.01]
+    for step in (10, 20, 30):
+        assert control.check(step, [0.0, 0.0], passed=False, flagged=set(), progress=flat) is None
+    assert control.active == [1] and control.dropped == {0: 20}
+    assert control.check(40, [0.0, 0.0], passed=False, flagged=set(), progress=flat) == BENIGN_STOP
+    assert control.dropped[1] == 40

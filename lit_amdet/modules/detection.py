@@ -13,6 +13,7 @@ the verdict and process 0 writes the run folder in one atomic rename.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -23,13 +24,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lit_amdet.amdet import (
+    OBJECTIVES,
     FeatureCache,
     PseudoTrigger,
     choose_restart,
+    held_out_loss,
     nearest_tokens,
     per_restart,
-    pooled_contrast_loss,
-    pooled_objective,
+    restart_roles,
+    role_losses,
     run_triggered,
     token_embedding_of,
 )
@@ -38,8 +41,11 @@ from lit_amdet.decision import (
     DRIFT_FLOOR,
     CollapseContrastRule,
     DecisionRule,
+    attach_null,
     collapse_scores,
     drift_normalised_divergence,
+    judge_restarts,
+    restart_summary,
     verdict_of,
 )
 from lit_amdet.encoders import TextEncoderAdapter, file_sha256, load_encoder
@@ -77,6 +83,12 @@ class BackdoorDetection(EncoderTask):
         beta, gamma: weights of cos(F_orig, F) and cos(F_anchor, F) in the loss.
         pooled_gamma: weight of cos(pooled, pooled_anchor) in the loss (an extension for attacks that move
             only the sentence embedding, such as image-on-text; 0 = the reference loss; off without an anchor).
+        null_restarts: extra restarts, this many searching for a pooled collapse the anchor does not share
+            ("charged") and as many for the same with the two models swapped ("null"), which the charged ones are
+            judged against (`lit_amdet.amdet.role_losses`, `CollapseContrastRule`); 0 = none. Off without an anchor.
+        null_charge: weight of the other model's pooled consistency in the charged and null restarts' objective.
+        null_min_steps: the benign stop never drops a charged or null restart before this step (the charged
+            search was measured to climb late: 0.01, 0.03, 0.02, 0.07, 0.84, 2.0 at checks 1-6).
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
         batch_size: probe prompts per step (each runs R times).
         probe_prompts, holdout_prompts: prompts taken from the DataModule's train and val splits.
@@ -123,6 +135,9 @@ class BackdoorDetection(EncoderTask):
         beta: float = 0.1,
         gamma: float = 0.1,
         pooled_gamma: float = 0.1,
+        null_restarts: int = 0,
+        null_charge: float = 1.0,
+        null_min_steps: int = 60,
         lr: float = 0.08,
         weight_decay: float = 1e-5,
         batch_size: int = 8,
@@ -185,15 +200,14 @@ class BackdoorDetection(EncoderTask):
         ids = torch.arange(min(self.encoder.vocab_size, 2048))[:, None]
         with torch.no_grad():
             scale = float(self.encoder.embed(ids).std())
-        self.trigger = PseudoTrigger(hp.restarts, hp.trigger_length, self.encoder.width, scale, hp.seed)
+        if hp.null_restarts < 0 or (hp.null_restarts and not isinstance(self.rule, CollapseContrastRule)):
+            raise ConfigError(f"null_restarts must be >= 0 and needs CollapseContrastRule (got {hp.null_restarts}, "
+                              f"{type(self.rule).__name__})")
+        self.roles = restart_roles(hp.restarts, hp.pooled_restarts, hp.null_restarts if self.anchor else 0)
+        self.trigger = PseudoTrigger(len(self.roles), hp.trigger_length, self.encoder.width, scale, hp.seed)
         self._last_stats: list[dict] = []
         self.search: SearchControl | None = None  # made at fit start, when the step limit is known
         self._checked_at = -1
-
-    @property
-    def amdet_restarts(self) -> int:
-        """The restarts optimising the AMDET loss come first; the ``pooled_restarts`` after them."""
-        return self.hparams.restarts - self.hparams.pooled_restarts
 
     @staticmethod
     def _frozen(adapter: TextEncoderAdapter) -> TextEncoderAdapter:
@@ -249,8 +263,10 @@ class BackdoorDetection(EncoderTask):
                                               room=hp.trigger_length)
         self.holdout_cache = FeatureCache.build(self.encoder, self.holdout, hp.max_length, dtype=dtype,
                                                 room=hp.trigger_length)
-        self.search = SearchControl(hp.restarts, hp.check_every, self.trainer.max_steps, hp.patience, hp.stall_tol,
-                                    hp.benign_stop, hp.benign_stop_speedup)
+        self.search = SearchControl(len(self.roles), hp.check_every, self.trainer.max_steps, hp.patience, hp.stall_tol,
+                                    hp.benign_stop, hp.benign_stop_speedup,
+                                    {r: hp.null_min_steps for r, role in enumerate(self.roles)
+                                     if role in ("charged", "null")})
         rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
                        f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
 
@@ -271,13 +287,10 @@ class BackdoorDetection(EncoderTask):
         if not self.search.active:  # every restart dropped, and the trainer refused to stop (min_steps)
             return None
         active = torch.tensor(self.search.active, dtype=torch.long)
-        vectors = self.trigger.vectors if len(active) == hp.restarts else self.trigger.vectors[active]
+        vectors = self.trigger.vectors if len(active) == len(self.roles) else self.trigger.vectors[active]
         out = self._run(self.train_cache, rows, vectors)
-        per = per_restart(out.loss(hp.beta, hp.gamma, hp.pooled_gamma), len(active)).mean(1)  # [active]
-        pooled_rows = active >= self.amdet_restarts
-        if pooled_rows.any():
-            pooled = pooled_contrast_loss(out, len(active), hp.pooled_gamma)
-            per = torch.where(pooled_rows.to(per.device), pooled, per)
+        per = role_losses(out, [self.roles[r] for r in active.tolist()], hp.beta, hp.gamma, hp.pooled_gamma,
+                          hp.null_charge)  # [active]
         self.log("train/loss_best_restart", per.min(), prog_bar=True)
         self.log("train/loss_mean", per.mean())
         self.log("train/assimilation", out.assimilation.mean())
@@ -296,22 +309,27 @@ class BackdoorDetection(EncoderTask):
         for key in ("loss", "assimilation", "assimilation_ratio", "same_target_ratio", "anchor_cos"):
             if s.get(key) is not None:
                 self.log(f"check/{key}", float(s[key]), rank_zero_only=True)
-        scored = [self._with_baselines(st) for st in stats]
+        scored, decisions, progress = self._judge(stats)
+        judged = [i for i, role in enumerate(self.roles) if role != "null"]
         reason = self.search.check(step, [st["loss"] for st in stats],
-                                   passed=any(self.rule.search_passed(st) for st in scored),
-                                   flagged={i for i, st in enumerate(scored) if self.rule.decide(st)["backdoored"]},
-                                   progress=[self.rule.progress(st) for st in scored])
+                                   passed=any(self.rule.search_passed(scored[i]) for i in judged),
+                                   flagged={i for i in judged if decisions[i]["backdoored"]}, progress=progress)
         self.search.hold(self.trigger.vectors)
         if reason:
             self.evidence["stopped_early"] = reason
             self.trainer.should_stop = True
+
+    def _judge(self, stats: list[dict]) -> tuple[list[dict], list[dict], list[float | None]]:
+        """Every restart's scores (with `attach_null`), the rule's decision and progress (`judge_restarts`)."""
+        scored = attach_null([self._with_baselines(st) for st in stats], self.roles)
+        return (scored, *judge_restarts(self.rule, scored, self.roles))
 
     def _check(self) -> list[dict]:
         """Held-out scores of every restart: the active ones evaluated now, the dropped ones as last measured
         (their triggers no longer move)."""
         active = self.search.active
         fresh = self.evaluate(self.trigger.vectors.detach()[active], restarts=active)
-        stats = list(self._last_stats) or [{} for _ in range(self.hparams.restarts)]
+        stats = list(self._last_stats) or [{} for _ in self.roles]
         for r, st in zip(active, fresh):
             stats[r] = st
         self._last_stats = stats
@@ -375,14 +393,11 @@ class BackdoorDetection(EncoderTask):
                    "anchor_target_consistency": float((anchor_pooled[r] / n).norm()) if has_anchor else None,
                    "_pooled": (pooled[r] / n).float(), "_feature": (feature[r] / n).float()}
             results.append(res)
-        if restarts is None and vectors is not None and reps == hp.restarts:
+        if restarts is None and vectors is not None and reps == len(self.roles):
             restarts = list(range(reps))
         for r, res in zip(restarts or [], results):
-            if r >= self.amdet_restarts:
-                # a pooled restart's held-out loss is its own objective (`pooled_contrast_loss` over all the
-                # held-out prompts), so the stall test and the restart choice see what it optimises
-                res["loss"] = pooled_objective(res["target_consistency"] ** 2, res["anchor_pooled_cos"],
-                                               hp.pooled_gamma)
+            loss = held_out_loss(self.roles[r], res, hp.pooled_gamma, hp.null_charge)
+            res["loss"] = res["loss"] if loss is None else loss
         return results
 
     def _with_baselines(self, s: dict) -> dict:
@@ -415,26 +430,24 @@ class BackdoorDetection(EncoderTask):
         self.evidence["baselines"] = base = {"clean": {k: clean[k] for k in keys}, "random": rnd}
         # where each restart's progress starts: its own random trigger, scored as every check will be
         if self.search is not None:
-            self.search.start([self.rule.progress(self._with_baselines(r)) for r in random])
+            self.search.start(self._judge(random)[2])
+            if not self.rule.charged_path_open(base["clean"]["anchor_pooled_cos"]):
+                self.search.kept_until = {}  # far from the anchor the charged restarts cannot count: no minimum
         return base
 
     # ----- after the search -----------------------------------------------------------
     def on_train_end(self) -> None:
-        stats = [self._with_baselines(s) for s in self.evaluate(self.trigger.vectors.detach())]
+        stats, decisions, progress = self._judge(self.evaluate(self.trigger.vectors.detach()))
         losses = [s["loss"] for s in stats]
+        judged = [i for i, role in enumerate(self.roles) if role != "null"]
         # the restarts that passed the search's checks; failing those, any the rule flags (a pooled restart may
         # find a backdoor whose token features do not share one target, which the search's stop asks for)
-        decisions = [self.rule.decide(s) for s in stats]
-        passed = [i for i, s in enumerate(stats) if self.rule.search_passed(s)] or \
-            [i for i, d in enumerate(decisions) if d["backdoored"]]
-        best = choose_restart(losses, passed)
-        dropped = self.search.dropped
-        self.evidence["restart_scores"] = [
-            {"objective": "amdet" if i < self.amdet_restarts else "pooled_contrast", "loss": s["loss"],
-             "verdict": verdict_of(d), "progress": self.rule.progress(s), "dropped_at_step": dropped.get(i),
-             **{k: s.get(k) for k in ("unshared_collapse", "pooled_unshared_collapse", "collapse_lift",
-                                      "pooled_collapse_lift", "divergence_ratio", "pooled_divergence_ratio",
-                                      "same_target_ratio")}} for i, (s, d) in enumerate(zip(stats, decisions))]
+        passed = [i for i in judged if self.rule.search_passed(stats[i])] or \
+            [i for i in judged if decisions[i]["backdoored"]]
+        best = choose_restart([loss if i in judged else math.inf for i, loss in enumerate(losses)], passed)
+        self.evidence["restart_scores"] = restart_summary(stats, decisions, progress,
+                                                          [OBJECTIVES[role] for role in self.roles],
+                                                          self.search.dropped)
         self.best_restart = best
         chosen = stats[best]
         self.evidence["restart_losses"] = losses
