@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 row = {"attack": name, "attack_args": attack_args, "rate": rate, "num_samples": args.num_samples,
                        "num_poisoned": report["num_poisoned"], "steps": args.steps, "k": k, "reference_size": m,
                        "reference_draws": report["reference_draws"],
-                       "train_seconds": train_s, "scan_seconds": scan_s, **success, "metrics": report["metrics"]}
+                       "train_seconds": train_s, "scan_seconds": scan_s, **success, "metrics": report["metrics"],
+                       "removal_at_1pct": report.get("removal_at_1pct")}
                 results.append(row)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(results, indent=2))  # after every scan: resumable

@@ -59,7 +59,7 @@ def test_the_other_stops_come_first_and_a_rule_without_progress_has_no_benign_st
 
 
 def test_a_restart_kept_until_a_step_is_not_dropped_before_it():
-    """``kept_until`` (the pooled restarts' ``pooled_min_steps``): a flat restart survives the benign stop until
+    """``kept_until`` (the charged and null restarts' ``null_min_steps``): a flat restart survives the benign stop until
     that step, then is judged like the others."""
     control = SearchControl(restarts=2, check_every=10, max_steps=100, kept_until={1: 40})
     control.start([0.0, 0.0])

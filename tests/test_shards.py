@@ -239,11 +239,9 @@ def shard_set(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from lit_amdet.tiny import build_hf_clip
-
-    return build_hf_clip(tmp_path_factory.mktemp("shard_models") / "clip")
+@pytest.fixture
+def tiny_clip(tiny_models):
+    return tiny_models["clip"]  # a CLIPModel with both towers, built once per session
 
 
 def scan_args(clip, source, out, *extra: str) -> list[str]:
