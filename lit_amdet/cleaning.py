@@ -246,11 +246,17 @@ class Copy:
                 self._broke(exc)
 
     def _members(self, tin: tarfile.TarFile, tout: tarfile.TarFile) -> None:
+        current, ended = None, set()  # the key being read; keys whose run of members has ended
         for member in tin:  # stream mode: each member's bytes are read before the next header
-            if not member.isreg():
+            key = self.key_of(self.src, member.name) if member.isreg() and not member.issparse() else None
+            if key is not None and key != current:
+                ended.add(current)
+                current = None if key in ended else key
+            # links, devices and sparse members are never copied; nor is a key that comes back after its run
+            # ended: the data module indexed only its first run (the rest was a "duplicate"), so the scan never saw it
+            if not member.isreg() or member.issparse() or (key is not None and key != current):
                 self.members["members_skipped"] += 1
                 continue
-            key = self.key_of(self.src, member.name)
             self.last = member.name
             if key is None or key not in self.keep:
                 self.dropped.add(key)
@@ -306,7 +312,10 @@ def shard_writer(datamodule, budget: float | int | None, output_dir: str):
     def write(kept_indices) -> dict:
         locate = datamodule.dataset.location
         keep = {(Path(shard), key) for shard, key in map(locate, kept_indices.tolist())}
-        return write_filtered_shards(shards, keep, output_dir, lambda shard, name: (shard, member_key(name)),
-                                     bad_shards=bad)
+        def key_of(shard: Path, name: str):
+            key = member_key(name)
+            return None if key is None else (shard, key)
+
+        return write_filtered_shards(shards, keep, output_dir, key_of, bad_shards=bad)
 
     return write

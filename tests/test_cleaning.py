@@ -368,3 +368,22 @@ def test_scan_data_writes_filtered_shards_of_a_webdataset(world, tmp_path):
     for p in (out / "shards").iterdir():  # every kept member byte-identical to its source
         original = tar_contents(src / p.name)
         assert all(original[n] == v for n, v in tar_contents(p).items())
+
+
+def test_a_key_that_comes_back_in_a_shard_is_never_copied(tmp_path):
+    """The data module indexes a key's first run of members and skips a later one as a duplicate, so the scan
+    never saw it: the filtered copy must not carry it through (a poison planted under a used key would)."""
+    src = tmp_path / "src" / "00000.tar"
+    src.parent.mkdir()
+    with tarfile.open(src, "w") as tar:
+        for name, data in [("a.txt", b"clean"), ("a.jpg", b"1"), ("b.txt", b"b"), ("b.jpg", b"2"),
+                           ("a.txt", b"poison"), ("a.jpg", b"3")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    counts = write_filtered_shards([src], {"a", "b"}, tmp_path / "out", img2dataset_key)
+    copy = tmp_path / "out" / "shards" / "00000.tar"
+    with tarfile.open(copy) as tar:
+        assert [(m.name, tar.extractfile(m).read()) for m in tar] == [("a.txt", b"clean"), ("a.jpg", b"1"),
+                                                                     ("b.txt", b"b"), ("b.jpg", b"2")]
+    assert counts["members_skipped"] == 2 and counts["samples_kept"] == 2

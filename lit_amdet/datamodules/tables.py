@@ -26,6 +26,7 @@ from lit_amdet.datamodules.shards import (
     SourceFiles,
     decode_image,
     image_problem,
+    open_image,
     unique_keys,
 )
 from lit_amdet.errors import ConfigError, first_line
@@ -47,8 +48,8 @@ def image_value(value: Any, where: str, root: Path | None):
     path = Path(str(value))
     if not path.is_absolute() and root is not None:
         path = root / path
-    try:
-        with Image.open(path) as im:
+    try:  # raster formats only, as for shard members (no EPS: PIL would run Ghostscript on it)
+        with open_image(path.read_bytes()) as im:
             return im.convert("RGB")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{where}: unreadable image {path} ({exc})") from exc
@@ -76,6 +77,12 @@ class _TableFile:
             source.seek(0)
             self.table = pa.ipc.open_stream(source).read_all()
         self.columns, self.groups = self.table.column_names, 1
+
+    def rows(self, group: int) -> int:
+        """How many rows a group holds (from the file's metadata, readable when the group's data is not)."""
+        if self.kind == "parquet":
+            return self.parquet.metadata.row_group(group).num_rows
+        return self.table.num_rows
 
     def read(self, group: int, columns: list[str]):
         if self.kind == "parquet":
@@ -136,6 +143,7 @@ class ColumnPairs(Dataset):
                 table = part.read(g, list(dict.fromkeys(wanted)))
             except Exception as exc:  # a corrupt row group: its rows are unreadable
                 self.bad(part.path, None, "unreadable", f"row group {g} unreadable ({first_line(exc)})")
+                start += part.rows(g)  # the later rows keep their own row numbers (their keys)
                 continue
             texts = table.column(self.text_column).to_pylist()
             names = table.column(part.key_column).to_pylist() if part.key_column else None

@@ -203,7 +203,7 @@ class BackdoorDetection(EncoderTask):
         if hp.null_restarts < 0 or (hp.null_restarts and not isinstance(self.rule, CollapseContrastRule)):
             raise ConfigError(f"null_restarts must be >= 0 and needs CollapseContrastRule (got {hp.null_restarts}, "
                               f"{type(self.rule).__name__})")
-        self.roles = restart_roles(hp.restarts, hp.pooled_restarts, hp.null_restarts if self.anchor else 0)
+        self.roles = restart_roles(hp.restarts, hp.pooled_restarts, hp.null_restarts if self.anchor is not None else 0)
         self.trigger = PseudoTrigger(len(self.roles), hp.trigger_length, self.encoder.width, scale, hp.seed)
         self._last_stats: list[dict] = []
         self.search: SearchControl | None = None  # made at fit start, when the step limit is known
