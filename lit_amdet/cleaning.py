@@ -86,15 +86,26 @@ def metrics_at_budget(scores: dict[str, np.ndarray], labels: np.ndarray,
     return {d: budget_metrics(flag_top(s, budget), labels) for d, s in scores.items()}
 
 
-def check_cut(budget: float | int | None, cut_by: str, detectors: Sequence[str], n: int | None) -> None:
-    """Refuse a cut that cannot be made, before any scoring: ``cut_by`` not among the ``detectors`` run, or a
-    budget `parse_budget` refuses for ``n`` samples (None: not known yet)."""
+def check_cut(budget: float | int | None, cut_by: str, detectors: Sequence[str], n: int | None,
+              keys: Sequence[str] | None = None) -> None:
+    """Refuse a cut that cannot be made, before any scoring (an embedding pass can take hours): ``cut_by`` not
+    among the ``detectors`` run, a budget `parse_budget` refuses for ``n`` samples (None: not known yet), or
+    sample ``keys`` that cannot name each sample once a line (a line break in one; one key for two samples, which
+    could then be both kept and flagged)."""
     if budget is None:
         return
     if cut_by not in detectors:
         raise ConfigError(f"cut_by {cut_by!r} is not among the detectors run ({', '.join(detectors)})")
     if n is not None:
         parse_budget(budget, n)
+    if keys is not None:
+        broken = next((k for k in keys if "\n" in k or "\r" in k), None)
+        if broken is not None:
+            raise ConfigError(f"sample key {broken!r} holds a line break; keep.txt cannot list it")
+        seen: set[str] = set()
+        twice = next((k for k in keys if k in seen or seen.add(k)), None)
+        if twice is not None:
+            raise ConfigError(f"sample key {twice!r} names two samples; keep.txt could not tell them apart")
 
 
 def apply_cut(scores: dict[str, np.ndarray], cut_by: str, budget: float | int, labels: np.ndarray | None,
@@ -289,7 +300,7 @@ def _check_end(src: Path, offset: int) -> None:
         raise tarfile.ReadError(f"no end-of-archive block at byte {offset} (truncated?)")
 
 
-def sample_keys(datamodule, indices: list[int]) -> list[str] | None:
+def sample_keys(datamodule, indices: Sequence[int]) -> list[str] | None:
     """Each row's sample key from the data module (a shard's own key), None where it has no keys (indices)."""
     key = getattr(datamodule, "sample_key", None)
     return [str(key(i)) for i in indices] if callable(key) else None

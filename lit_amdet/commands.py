@@ -167,7 +167,9 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     dataset = getattr(datamodule, "dataset", None)
-    cleaning.check_cut(budget, cut_by, names, len(dataset) if dataset is not None else None)
+    keys = cleaning.sample_keys(datamodule, range(len(dataset))) if budget is not None and dataset is not None \
+        else None
+    cleaning.check_cut(budget, cut_by, names, len(dataset) if dataset is not None else None, keys)
     shard_writer = cleaning.shard_writer(datamodule, budget, output_dir) if write_shards else None
 
     predictions = trainer.predict(model, datamodule)

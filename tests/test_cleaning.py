@@ -387,3 +387,16 @@ def test_a_key_that_comes_back_in_a_shard_is_never_copied(tmp_path):
         assert [(m.name, tar.extractfile(m).read()) for m in tar] == [("a.txt", b"clean"), ("a.jpg", b"1"),
                                                                      ("b.txt", b"b"), ("b.jpg", b"2")]
     assert counts["members_skipped"] == 2 and counts["samples_kept"] == 2
+
+
+def test_a_cut_is_refused_before_scoring_when_keys_cannot_name_each_sample_once():
+    """Keys come from untrusted shards and tables: a line break, or one key for two samples (which could be both
+    kept and flagged), is refused before the embedding pass, not at the end of it."""
+    from lit_amdet.cleaning import check_cut
+
+    check_cut(0.1, "dao", ["dao"], 3, ["a", "b", "c"])
+    with pytest.raises(ConfigError, match="line break"):
+        check_cut(0.1, "dao", ["dao"], 3, ["a", "b\nc", "d"])
+    with pytest.raises(ConfigError, match="'a' names two samples"):
+        check_cut(0.1, "dao", ["dao"], 3, ["a", "b", "a"])
+    check_cut(None, "dao", ["dao"], 3, ["a", "a", "a"])  # no cut asked: nothing to name

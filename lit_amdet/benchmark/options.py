@@ -250,7 +250,8 @@ class ScanSettings:
     device (``accelerator``: auto, cpu or gpu).
 
     The drift to the base is measured on ``drift_prompts`` held-out prompts of ``drift_max_length`` tokens;
-    the caption bank holds ``bank_captions`` held-out world captions plus every target caption.
+    the caption bank holds ``bank_captions`` held-out world captions plus every target caption. ``anchored:
+    false`` scans every member without an anchor (the no-anchor path, measured on the same zoo).
     """
 
     config: str = "configs/scan.yaml"
@@ -259,6 +260,7 @@ class ScanSettings:
     drift_max_length: PositiveInt = 32
     bank_captions: NonNegativeInt = 300
     accelerator: str = "auto"
+    anchored: bool = True
 
 
 @dataclass

@@ -114,7 +114,8 @@ def set_dotted(config: dict, values: dict) -> dict:
 def scan_config(entry: ZooEntry, base: ZooBase, run_dir: Path, scan: ScanSettings, scratch: str,
                 device: tuple[str, int | list[int]], bank: str | Path | None = None) -> dict:
     """The ``detect`` config of one member's scan: ``scan.config`` with the single-device, quiet trainer,
-    then ``scan.overrides``, then what makes it the scan of this member (overrides cannot change that)."""
+    then ``scan.overrides``, then what makes it the scan of this member (overrides cannot change that): its
+    suspect, and its base as the anchor unless ``scan.anchored`` is false (the no-anchor path)."""
     path = config_path(scan.config)
     config = read_yaml(path, "scan config")
     if not isinstance(config, dict):
@@ -124,7 +125,7 @@ def scan_config(entry: ZooEntry, base: ZooBase, run_dir: Path, scan: ScanSetting
                         "trainer.devices": device[1]})
     set_dotted(config, scan.overrides)
     member = {"trainer.default_root_dir": scratch, "model.init_args.suspect": str(entry.path),
-              "model.init_args.anchor": base.path, "model.init_args.name": entry.name,
+              "model.init_args.anchor": base.path if scan.anchored else None, "model.init_args.name": entry.name,
               "model.init_args.output_dir": str(run_dir)}
     if bank is not None:
         member["model.init_args.caption_bank"] = str(bank)
