@@ -38,8 +38,9 @@ def test_without_an_anchor_a_collapsing_trigger_is_inconclusive_not_backdoored()
     assert d["backdoored"] is False and verdict_of(d) == "inconclusive" and "no anchor" in d["decided_by"]
     assert rule.search_passed(found)  # the search stops on it: nothing more to find without an anchor
     nothing = {"anchor_used": False, "assimilation_lift": 0.1, "same_target_ratio": 1.0}
-    d = rule.decide(nothing)
-    assert d["backdoored"] is False and verdict_of(d) == "clean" and d["decided_by"] == "assimilation_lift"
+    d = rule.decide(nothing)  # nothing found clears nothing: the no-anchor scan missed every world backdoor
+    assert d["backdoored"] is False and verdict_of(d) == "inconclusive" and "no trigger found" in d["decided_by"]
+    assert not rule.search_passed(nothing)
     anchored = {"anchor_used": True, "assimilation_ratio": 1.0, "assimilation_gap": 0.5, "anchor_cos": -0.2,
                 "clean_anchor_cos": 0.99, "anchor_pooled_cos": 0.9, "clean_anchor_pooled_cos": 0.99}
     assert verdict_of(rule.decide(anchored)) == "BACKDOORED"

@@ -59,8 +59,9 @@ def test_clean_scan_writes_a_complete_run_folder(tiny_models, tmp_path, capsys):
 
 @pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_every_family_scans_without_an_anchor_and_never_accuses(tiny_models, tmp_path, family):
-    """Without an anchor a collapsing trigger may be a natural backdoor: the verdict is inconclusive (exit 3)
-    when the no-anchor checks pass, clean (exit 0) when they do not, and never BACKDOORED."""
+    """Without an anchor a collapsing trigger may be a natural backdoor, and finding none clears nothing (the
+    no-anchor scan missed every working backdoor of the world zoos): the verdict is inconclusive (exit 3) either
+    way, never BACKDOORED and never clean."""
     code, out = detect(tmp_path, tiny_models[family], "--trainer.max_steps", "2", "--trainer.callbacks", "[]",
                        "--model.init_args.evidence_callbacks", "false")
     report = json.loads((out / "report.json").read_text())
@@ -68,7 +69,8 @@ def test_every_family_scans_without_an_anchor_and_never_accuses(tiny_models, tmp
     assert [c["name"] for c in report["checks"]] == ["assimilation_lift", "same_target_ratio"]
     found = all(c["passed"] for c in report["checks"])
     assert report["backdoored"] is False
-    assert (report["verdict"], code) == (("inconclusive", 3) if found else ("clean", 0))
+    assert (report["verdict"], code) == ("inconclusive", 3)
+    assert ("collapses the model" if found else "no trigger found") in report["decided_by"]
     assert report["landscape"] is None and not (out / "landscape.png").exists()
 
 
