@@ -13,7 +13,7 @@ with A the Sim_X of the suspect's features ``F`` (padding, inserted slots and
 the positions a causal mask keeps from seeing the trigger excluded), ``F_orig``
 the suspect's features of the clean prompt (aligned to the new layout) and
 ``F_anchor`` the clean anchor encoder's features for the same input. The last
-``pooled_restarts`` restarts optimise `pooled_contrast_loss` instead: a trigger
+``pooled_restarts`` restarts optimise the pooled objective instead (`role_objective`): a trigger
 that makes the suspect's sentence embeddings agree.
 """
 
@@ -194,27 +194,6 @@ def run_triggered(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None
     return TriggeredOutput(feats, out.pooled.float(), assim, a_assim, orig_cos, a_cos, a_pooled, pf, a_pooled_vec)
 
 
-def pooled_contrast_loss(out: TriggeredOutput, restarts: int, pooled_gamma: float) -> Tensor:
-    """Per restart [R]: ``-PC(suspect) + pooled_gamma * cos(pooled, pooled_anchor)``, the pooled restarts' objective.
-
-    PC, the pooled consistency of a restart's batch, is the squared norm of the mean unit pooled embedding (the
-    mean pairwise cosine of its rows): 1 when every prompt says the same thing. A targeted
-    backdoor must make every triggered prompt say its target, whatever it does to the token features (an attacker
-    can keep those diverse to hide from the Sim_X search), so it is the strongest such collapse there is.
-
-    The search looks for the strongest collapse, not for the one the anchor shares least: the rule then asks
-    whether the anchor shares it. Rewarding the anchor's spread directly was measured to find, in a benign
-    SimCSE fine-tune at clean cosine 0.72, a trigger that collapses the suspect's sentence embeddings (lift 0.90)
-    and not the anchor's, which the rule flagged; the strongest collapse of that model is one both share.
-
-    The search for the collapse the anchor does not share is the ``charged`` restarts' (`role_losses`), judged
-    against a null of its own.
-    """
-    consistency = pooled_consistency(out.pooled.float().view(restarts, -1, out.pooled.shape[-1]))
-    contrast = None if out.anchor_pooled_cos is None else per_restart(out.anchor_pooled_cos, restarts).mean(1)
-    return pooled_objective(consistency, contrast, pooled_gamma)
-
-
 def pooled_objective(consistency, anchor_pooled_cos, pooled_gamma: float):
     """``-consistency + pooled_gamma * anchor_pooled_cos`` (the latter None without an anchor): the pooled
     restarts' objective from a set's pooled consistency and mean pooled cosine to the anchor, on tensors in the
@@ -240,45 +219,60 @@ def role_losses(out: TriggeredOutput, roles: list[str], beta: float, gamma: floa
                 charge: float) -> Tensor:
     """Per restart [R] (``roles`` of the R restarts in ``out``, restart-major), the loss its role optimises.
 
-    ``charged``: `pooled_contrast_loss` plus ``charge`` times the anchor's own pooled consistency under the
-    trigger: a collapse the anchor does not share. Why a second search: on SigLIP every plain pooled restart is
-    drawn to one of the clean base's own collapses (shared, so not evidence), and a backdoor trained to keep its
-    token features diverse hid behind them (`BENCHMARKS.md`, "The SigLIP evasion"). But a search for the
-    suspect's difference from the anchor also finds differences that benign drift made, more the further the
+    ``charged``: the ``pooled`` objective (`role_objective`) plus ``charge`` times the anchor's own pooled
+    consistency under the trigger: a collapse the anchor does not share. Why a second search: on SigLIP every plain
+    pooled restart is drawn to one of the clean base's own collapses (shared, so not evidence), and a backdoor
+    trained to keep its token features diverse hid behind them (`BENCHMARKS.md`, "The SigLIP evasion"). But a search
+    for the suspect's difference from the anchor also finds differences that benign drift made, more the further the
     model drifted, so it is judged against ``null``: the same search with the two models' places swapped (the
     anchor's collapses the suspect does not share), which measures that drift and nothing injected.
     """
     n = len(roles)
     loss = per_restart(out.loss(beta, gamma, pooled_gamma), n).mean(1)
-    kinds = set(roles)
-    if kinds & {"pooled", "charged", "null"}:
+    if set(roles) & {"pooled", "charged", "null"}:
         suspect = pooled_consistency(out.pooled.float().view(n, -1, out.pooled.shape[-1]))
         contrast = None if out.anchor_pooled_cos is None else per_restart(out.anchor_pooled_cos, n).mean(1)
-        pooled = pooled_objective(suspect, contrast, pooled_gamma)
-        by_role = {"pooled": pooled}
-        if out.anchor_pooled is not None:
-            anchor = pooled_consistency(out.anchor_pooled.float().view(n, -1, out.anchor_pooled.shape[-1]))
-            by_role["charged"] = pooled + charge * anchor
-            by_role["null"] = pooled_objective(anchor, contrast, pooled_gamma) + charge * suspect
-        for role, value in by_role.items():
+        anchor = None if out.anchor_pooled is None else \
+            pooled_consistency(out.anchor_pooled.float().view(n, -1, out.anchor_pooled.shape[-1]))
+        for role in {"pooled", "charged", "null"} & set(roles):
             rows = torch.tensor([r == role for r in roles], device=loss.device)
+            value = role_objective(role, suspect, anchor, contrast, pooled_gamma, charge)
             loss = torch.where(rows, value.to(loss.dtype), loss)
     return loss
 
 
+def role_objective(role: str, suspect, anchor, anchor_pooled_cos, pooled_gamma: float, charge: float):
+    """A pooled-kind role's objective from the suspect's and the anchor's pooled consistency PC (None without an
+    anchor) and the mean pooled cosine to the anchor: on tensors in the search (`role_losses`) and on the
+    held-out sums in the evaluation (`held_out_loss`).
+
+    ``pooled``: ``-PC(suspect) + pooled_gamma * cos(pooled, pooled_anchor)``. PC, the pooled consistency of a
+    restart's batch, is the squared norm of the mean unit pooled embedding (the mean pairwise cosine of its
+    rows): 1 when every prompt says the same thing. A targeted backdoor must make every triggered prompt say its
+    target, whatever it does to the token features (an attacker can keep those diverse to hide from the Sim_X
+    search), so it is the strongest such collapse there is. This search looks for the strongest collapse, not
+    for the one the anchor shares least: the rule then asks whether the anchor shares it. Rewarding the anchor's
+    spread directly was measured to find, in a benign SimCSE fine-tune at clean cosine 0.72, a trigger that
+    collapses the suspect's sentence embeddings (lift 0.90) and not the anchor's, which the rule flagged; the
+    strongest collapse of that model is one both share. The search for the collapse the anchor does not share is
+    ``charged``'s, judged against ``null`` (`role_losses`).
+    """
+    if role == "pooled" or anchor is None:
+        return pooled_objective(suspect, anchor_pooled_cos, pooled_gamma)
+    if role == "charged":
+        return pooled_objective(suspect, anchor_pooled_cos, pooled_gamma) + charge * anchor
+    return pooled_objective(anchor, anchor_pooled_cos, pooled_gamma) + charge * suspect
+
+
 def held_out_loss(role: str, scores: dict, pooled_gamma: float, charge: float) -> float | None:
-    """A pooled-kind restart's held-out loss: its role's objective (`role_losses`) over all the held-out prompts,
-    from the scan's summed scores, so the stall test and the restart choice see what it optimises; None for an
-    AMDET restart (its loss is the mean per-prompt loss already measured)."""
+    """A pooled-kind restart's held-out loss: its role's objective (`role_objective`) over all the held-out
+    prompts, from the scan's summed scores, so the stall test and the restart choice see what it optimises; None
+    for an AMDET restart (its loss is the mean per-prompt loss already measured)."""
     if role == "amdet":
         return None
-    suspect = scores["target_consistency"] ** 2
-    anchor = None if scores.get("anchor_target_consistency") is None else scores["anchor_target_consistency"] ** 2
-    if role == "pooled" or anchor is None:
-        return pooled_objective(suspect, scores.get("anchor_pooled_cos"), pooled_gamma)
-    if role == "charged":
-        return pooled_objective(suspect, scores.get("anchor_pooled_cos"), pooled_gamma) + charge * anchor
-    return pooled_objective(anchor, scores.get("anchor_pooled_cos"), pooled_gamma) + charge * suspect
+    anchor = scores.get("anchor_target_consistency")
+    return role_objective(role, scores["target_consistency"] ** 2, None if anchor is None else anchor ** 2,
+                          scores.get("anchor_pooled_cos"), pooled_gamma, charge)
 
 
 def choose_restart(losses: list[float], passed: list[int]) -> int:

@@ -167,6 +167,7 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     dataset = getattr(datamodule, "dataset", None)
+    # read once, before the embedding pass (the check needs them); gathered predictions come in this same order
     keys = cleaning.sample_keys(datamodule, range(len(dataset))) if budget is not None and dataset is not None \
         else None
     cleaning.check_cut(budget, cut_by, names, len(dataset) if dataset is not None else None, keys)
@@ -189,7 +190,8 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
         image_loader=sample_scan.dataset_image_loader(datamodule), top=top, chunk_size=chunk_size,
         device=trainer.strategy.root_device, log_image=sample_scan.image_logger(trainer.loggers),
         reference_size=reference_size, reference_draws=reference_draws, budget=budget, cut_by=cut_by,
-        keys=cleaning.sample_keys(datamodule, data["index"].tolist()), write_shards=shard_writer,
+        keys=keys if keys is not None else cleaning.sample_keys(datamodule, data["index"].tolist()),
+        write_shards=shard_writer,
         skipped=getattr(datamodule, "skipped", None), variant=variant, dao_form=dao_form,
         search=search)
 

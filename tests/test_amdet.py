@@ -10,7 +10,6 @@ from lit_amdet.amdet import (
     PseudoTrigger,
     choose_restart,
     nearest_tokens,
-    pooled_contrast_loss,
     reachable,
     run_triggered,
     token_embedding_of,
@@ -151,7 +150,8 @@ def test_reachable_carries_the_recent_gain_to_the_step_limit():
 
 
 def test_pooled_restarts_objective_is_the_suspects_pooled_consistency_plus_the_contrast(clip):
-    """pooled_contrast_loss per restart against an explicit computation from the same forward pass."""
+    """The pooled restarts' loss (`role_losses`, role ``pooled``) per restart against an explicit computation from
+    the same forward pass."""
     import torch.nn.functional as F
 
     def consistency(x):
@@ -163,9 +163,11 @@ def test_pooled_restarts_objective_is_the_suspects_pooled_consistency_plus_the_c
     vectors = PseudoTrigger(2, 1, clip.width, scale=0.02, seed=1).vectors.detach()
     out = run_triggered(clip, clip, batch, vectors, position=1)
     n = len(prompts())
-    got = pooled_contrast_loss(out, restarts=2, pooled_gamma=0.3)
+    from lit_amdet.amdet import role_losses
+
+    got = role_losses(out, ["pooled", "pooled"], beta=0.1, gamma=0.2, pooled_gamma=0.3, charge=0.7)
     no_anchor = run_triggered(clip, None, batch, vectors, position=1)
-    alone = pooled_contrast_loss(no_anchor, 2, 0.3)
+    alone = role_losses(no_anchor, ["pooled", "pooled"], beta=0.1, gamma=0.2, pooled_gamma=0.3, charge=0.7)
     for r in range(2):
         rows = slice(r * n, (r + 1) * n)
         want = -consistency(out.pooled[rows]) + 0.3 * float(out.anchor_pooled_cos[rows].mean())

@@ -77,7 +77,7 @@ class BackdoorDetection(EncoderTask):
         position: insertion slot (1 = right after BOS/CLS); a setting of its own, not tied to k.
         restarts: R independent random initialisations optimised together; the best held-out loss (of each
             restart's own objective) wins when none is flagged.
-        pooled_restarts: how many of the R restarts optimise the pooled collapse (`pooled_contrast_loss`: the
+        pooled_restarts: how many of the R restarts optimise the pooled collapse (`lit_amdet.amdet.role_objective`: the
             suspect's sentence embeddings agree) instead of the AMDET loss; they find backdoors trained to keep
             the token features diverse, which the Sim_X search misses. None: half of them (rounded down).
         beta, gamma: weights of cos(F_orig, F) and cos(F_anchor, F) in the loss.
@@ -204,6 +204,7 @@ class BackdoorDetection(EncoderTask):
             raise ConfigError(f"null_restarts must be >= 0 and needs CollapseContrastRule (got {hp.null_restarts}, "
                               f"{type(self.rule).__name__})")
         self.roles = restart_roles(hp.restarts, hp.pooled_restarts, hp.null_restarts if self.anchor is not None else 0)
+        self.judged = [i for i, role in enumerate(self.roles) if role != "null"]  # null restarts are yardsticks
         self.trigger = PseudoTrigger(len(self.roles), hp.trigger_length, self.encoder.width, scale, hp.seed)
         self._last_stats: list[dict] = []
         self.search: SearchControl | None = None  # made at fit start, when the step limit is known
@@ -310,10 +311,9 @@ class BackdoorDetection(EncoderTask):
             if s.get(key) is not None:
                 self.log(f"check/{key}", float(s[key]), rank_zero_only=True)
         scored, decisions, progress = self._judge(stats)
-        judged = [i for i, role in enumerate(self.roles) if role != "null"]
         reason = self.search.check(step, [st["loss"] for st in stats],
-                                   passed=any(self.rule.search_passed(scored[i]) for i in judged),
-                                   flagged={i for i in judged if decisions[i]["backdoored"]}, progress=progress)
+                                   passed=any(self.rule.search_passed(scored[i]) for i in self.judged),
+                                   flagged={i for i in self.judged if decisions[i]["backdoored"]}, progress=progress)
         self.search.hold(self.trigger.vectors)
         if reason:
             self.evidence["stopped_early"] = reason
@@ -439,12 +439,11 @@ class BackdoorDetection(EncoderTask):
     def on_train_end(self) -> None:
         stats, decisions, progress = self._judge(self.evaluate(self.trigger.vectors.detach()))
         losses = [s["loss"] for s in stats]
-        judged = [i for i, role in enumerate(self.roles) if role != "null"]
         # the restarts that passed the search's checks; failing those, any the rule flags (a pooled restart may
         # find a backdoor whose token features do not share one target, which the search's stop asks for)
-        passed = [i for i in judged if self.rule.search_passed(stats[i])] or \
-            [i for i in judged if decisions[i]["backdoored"]]
-        best = choose_restart([loss if i in judged else math.inf for i, loss in enumerate(losses)], passed)
+        passed = [i for i in self.judged if self.rule.search_passed(stats[i])] or \
+            [i for i in self.judged if decisions[i]["backdoored"]]
+        best = choose_restart([loss if i in self.judged else math.inf for i, loss in enumerate(losses)], passed)
         self.evidence["restart_scores"] = restart_summary(stats, decisions, progress,
                                                           [OBJECTIVES[role] for role in self.roles],
                                                           self.search.dropped)
