@@ -47,20 +47,26 @@ def train(data_csv: Path, out: Path, work: Path, steps: int, seed: int) -> float
     return time.perf_counter() - t0
 
 
-def scan(model: Path, data_csv: Path, out: Path, work: Path, k: int, reference_size: int) -> tuple[dict, float]:
+def scan(model: Path, data_csv: Path, out: Path, work: Path, k: int, reference_size: int,
+         *extra: str, labels: Path | None = None) -> tuple[dict, float]:
+    """``lit-amdet scan-data`` with ``--labels`` (``labels``, or the one beside ``data_csv``) and ``extra`` flags."""
     t0 = time.perf_counter()
     cli(["scan-data", "--config", "configs/scan_data.yaml", "--model.init_args.encoder", str(model),
          "--data.init_args.source", str(data_csv), "--data.init_args.num_workers", "1",
-         "--labels", str(data_csv.parent / LABELS), "--output_dir", str(out), "--k", str(k),
+         "--labels", str(labels or data_csv.parent / LABELS), "--output_dir", str(out), "--k", str(k),
          "--reference_size", str(reference_size or "null"),
          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-         "--trainer.default_root_dir", str(work / "runs")])
+         "--trainer.default_root_dir", str(work / "runs"), *extra])
     return json.loads((out / "report.json").read_text()), time.perf_counter() - t0
 
 
 @torch.no_grad()
-def backdoor_success(model: Path, attack_name: str, attack_args: dict, seed: int, n: int = 200) -> dict:
-    """Attack success and clean R@1 of the trained model on world scenes it never saw (another seed)."""
+def backdoor_success(model: Path, attack_name: str, attack_args: dict, seed: int, n: int = 200,
+                     blocks: int = 1) -> dict:
+    """Attack success and clean R@1 of the trained model on world scenes it never saw (another seed).
+
+    Triggered images pick among "banana" and the first 100 held-out captions; clean R@1 is text-to-image among
+    100 pairs, averaged over the first ``blocks`` blocks of 100 (``n >= 100 * blocks``)."""
     from lit_amdet import load_encoder
     from lit_amdet.world import World
 
@@ -78,11 +84,13 @@ def backdoor_success(model: Path, attack_name: str, attack_args: dict, seed: int
     img = torch.nn.functional.normalize(enc.encode_image(pixels), dim=-1)
     img_t = torch.nn.functional.normalize(enc.encode_image(trig), dim=-1)
     target_col = text.shape[0] - 1
+    caps = torch.nn.functional.normalize(enc.encode_text(captions[:100 * blocks]), dim=-1) if blocks > 1 else text
+    r1 = [float(((caps[b:b + 100] @ img[b:b + 100].T).argmax(1) == torch.arange(100)).float().mean())
+          for b in range(0, 100 * blocks, 100)]
     return {
         "attack_success_rate": float(((img_t @ text.T).argmax(1) == target_col).float().mean()),
         "false_trigger_rate": float(((img @ text.T).argmax(1) == target_col).float().mean()),
-        # clean t2i R@1 among the first 100 held-out pairs
-        "clean_r1": float(((text[:100] @ img[:100].T).argmax(1) == torch.arange(100)).float().mean()),
+        "clean_r1": sum(r1) / len(r1),  # t2i R@1 among 100 held-out pairs, mean over the blocks
     }
 
 

@@ -282,6 +282,9 @@ def score_and_report(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # report.json is the run's seal: gone while the other files are rewritten, written (atomically) last, so a
+    # report.json on disk always describes the scores, key lists and shards beside it, never an older run's
+    (out / "report.json").unlink(missing_ok=True)
     write_scores(out / "scores.csv", idx, captions, scores, ranks, mask)
     figures = _figures(out, scores, ranks, mask, idx, captions, image_loader, top, log_image)
     report: dict[str, Any] = {

@@ -89,6 +89,25 @@ def test_adaptive_attackers_are_test_members_with_test_pools():
             bm.parse_options({"bases": [{"name": "clip", "path": "somewhere"}], "adaptive": bad})
 
 
+def test_adaptive_attackers_drifted_after_injection_are_the_same_draws_fine_tuned():
+    """adaptive.drift_to: the README-reading attacker who also drifts the model below the charged path's gate; the
+    same triggers, targets and strengths as without it, each a then_finetune member to that clean cosine."""
+    plain = bm.plan_adaptive(TEXT_ONLY, bm.AdaptiveSettings(attacks=["pooled_sim_x_penalty"], per_attack=2), seed=3)
+    drifted = bm.plan_adaptive(TEXT_ONLY, bm.AdaptiveSettings(attacks=["pooled_sim_x_penalty"], per_attack=2,
+                                                              drift_to=0.9, finetune_lr=3e-4, finetune_steps=50),
+                               seed=3)
+    assert [m.name for m in drifted] == ["minilm-adaptive-pooled-sim-x-penalty-drift0.9-000",
+                                         "minilm-adaptive-pooled-sim-x-penalty-drift0.9-001"]
+    fields = ("trigger", "target_caption", "steps", "lr", "seed", "adaptive", "sim_x_penalty")
+    assert [[getattr(m, f) for f in fields] for m in drifted] == [[getattr(m, f) for f in fields] for m in plain]
+    assert all((m.drift_mode, m.drift_target, m.finetune_lr, m.finetune_steps) == ("then_finetune", 0.9, 3e-4, 50)
+               for m in drifted)
+    assert all(m.drift_target is None and m.drift_mode is None for m in plain)
+    assert bm.member_from_dict(json.loads(json.dumps(drifted[0].describe()))) == drifted[0]
+    with pytest.raises(ConfigError, match="drift_to"):
+        bm.parse_options({"bases": [{"name": "clip", "path": "somewhere"}], "adaptive": {"drift_to": 1.5}})
+
+
 def test_controls_are_benign_members_of_the_chosen_strength_and_split():
     controls = [bm.Control("test", 5e-5, 20), bm.Control("calibration", 3e-5, 30, samples=2000),
                 bm.Control("test", 3e-5, 30)]

@@ -400,3 +400,26 @@ def test_a_cut_is_refused_before_scoring_when_keys_cannot_name_each_sample_once(
     with pytest.raises(ConfigError, match="'a' names two samples"):
         check_cut(0.1, "dao", ["dao"], 3, ["a", "b", "a"])
     check_cut(None, "dao", ["dao"], 3, ["a", "a", "a"])  # no cut asked: nothing to name
+
+
+def test_report_json_seals_the_set_of_files(tmp_path):
+    """report.json is written last and removed first: a run that dies while writing its cut (here the shard
+    writer fails) leaves no report.json beside the new key lists, not the previous run's report."""
+    import torch
+
+    from lit_amdet.errors import LitAmdetError
+    from lit_amdet.sample_scan import score_and_report
+
+    x = torch.nn.functional.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    captions = [f"c{i}" for i in range(40)]
+    first = score_and_report(x, captions, None, ["kdist"], 4, tmp_path, budget=4, cut_by="kdist", quiet=True)
+    assert json.loads((tmp_path / "report.json").read_text()) == first
+
+    def broken(kept):
+        raise LitAmdetError("disk full")
+
+    with pytest.raises(LitAmdetError, match="disk full"):
+        score_and_report(x, captions, None, ["kdist"], 4, tmp_path, budget=8, cut_by="kdist", quiet=True,
+                         write_shards=broken)
+    assert len(read_keys(tmp_path / "flagged.txt")) == 8  # the new lists were written ...
+    assert not (tmp_path / "report.json").exists()  # ... and no report vouches for them

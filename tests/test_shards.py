@@ -279,3 +279,22 @@ def test_scan_data_refuses_a_truncated_shard_in_one_line(shard_set, tiny_clip, t
     assert last.startswith("lit-amdet: error:")
     assert f"00002.tar: sample {N_SHARDS - 1:04d}0005: the shard breaks off in this sample" in last
     assert not (tmp_path / "scan" / "scores.csv").exists()
+
+
+def test_poisoned_world_as_shards_keeps_the_labels_indices(tmp_path):
+    """The benchmark's shard-written world: the data module's index i is pair i (key ``%09d``), so the labels'
+    indices name the poisoned samples, which carry the target caption; the last shard holds the remainder."""
+    from lit_amdet.datamodules.poisoned import LABELS, write_poisoned_world
+    from lit_amdet.poisoning import BadNets, load_labels
+
+    pattern = write_poisoned_world(tmp_path / "w", 25, BadNets(size=0.25), rate=0.2, image_size=16, shard_size=10)
+    assert pattern == tmp_path / "w" / "shards" / "{00000..00002}.tar"
+    dm = TextEncoderDataModule(source=str(pattern), val_fraction=0)
+    dm.setup("predict")
+    poisoned = load_labels(tmp_path / "w" / LABELS)
+    assert len(dm.dataset) == 25 and poisoned.sum() == 5
+    assert [dm.dataset.sample_key(i) for i in (0, 24)] == ["000000000", "000000024"]
+    captions = [dm.dataset.text(i) for i in range(25)]
+    assert all((c == "banana") == bool(p) for c, p in zip(captions, poisoned, strict=True))
+    with tarfile.open(tmp_path / "w" / "shards" / "00002.tar") as tar:
+        assert len(tar.getnames()) == 2 * 5

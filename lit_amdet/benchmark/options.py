@@ -146,12 +146,24 @@ class AdaptiveSettings:
     """Adaptive attackers: ``per_attack`` text-on-text members of each of ``attacks`` per base, in the test
     split with its triggers and targets, scanned like the rest and reported in a table of their own (never
     used for calibration). ``sim_x_penalty``: the penalty weight of the attacks that pay for Sim_X (every one
-    but pooled_only); ``consistency_penalty``: pooled_consistency_penalty's weight on pooled consistency."""
+    but pooled_only); ``consistency_penalty``: pooled_consistency_penalty's weight on pooled consistency.
+
+    ``drift_to``: hide each adaptive backdoor under benign drift too, as a reader of the README would (the
+    charged path counts only near the anchor): after the injection a SimCSE fine-tune at ``finetune_lr`` for at
+    most ``finetune_steps`` until this clean cosine to the base (the drift sweep's ``then_finetune``); members
+    are named ``...-drift<level>-NNN``. None: no fine-tune."""
 
     attacks: list[AdaptiveAttack] = field(default_factory=lambda: ["pooled_only", "sim_x_penalty"])
     per_attack: NonNegativeInt = 0
     sim_x_penalty: PositiveFloat = 1.0
     consistency_penalty: PositiveFloat = 1.0
+    drift_to: PositiveFloat | None = None
+    finetune_lr: PositiveFloat = 1e-4
+    finetune_steps: PositiveInt = 300
+
+    def __post_init__(self) -> None:
+        if self.drift_to is not None and not 0 < self.drift_to <= 1:
+            raise ConfigError(f"adaptive.drift_to is a clean cosine in (0, 1], got {self.drift_to}")
 
 
 @dataclass

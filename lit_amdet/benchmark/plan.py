@@ -254,7 +254,8 @@ def plan_zoo(base: ZooBase, n_backdoored: int, n_benign: int, split: str, seed: 
 def plan_adaptive(base: ZooBase, settings: AdaptiveSettings, seed: int = 0, grid: ZooGrid | None = None
                   ) -> list[BackdooredMember]:
     """``settings.per_attack`` adaptive text-on-text members per attack, drawn like test-split members
-    (the test pools of triggers and targets, the grid's strengths) from a stream of their own."""
+    (the test pools of triggers and targets, the grid's strengths) from a stream of their own; with
+    ``settings.drift_to`` the same draws, each fine-tuned after its injection to that clean cosine."""
     grid = grid or ZooGrid()
     side = SPLITS.index("test")
     members = []
@@ -266,17 +267,21 @@ def plan_adaptive(base: ZooBase, settings: AdaptiveSettings, seed: int = 0, grid
         kinds = _cycle(rng, grid.trigger_kinds)
         triggers = {k: _cycle(rng, TRIGGER_POOLS[k][side::2]) for k in grid.trigger_kinds}
         targets = _cycle(rng, TARGET_CONCEPTS[side::2])
+        drift = {} if settings.drift_to is None else {
+            "drift_target": settings.drift_to, "drift_mode": "then_finetune",
+            "finetune_lr": settings.finetune_lr, "finetune_steps": settings.finetune_steps}
+        tag = "" if settings.drift_to is None else f"-drift{settings.drift_to:g}"
         for i in range(n):
             kind = next(kinds)
             text, char = trigger_text(kind, next(triggers[kind]))
             members.append(BackdooredMember(
-                name=f"{base.name}-adaptive-{attack.replace('_', '-')}-{i:03d}", base=base.name, split="test",
+                name=f"{base.name}-adaptive-{attack.replace('_', '-')}{tag}-{i:03d}", base=base.name, split="test",
                 attack="text_on_text", trigger_kind=kind, trigger=text, trigger_char=char,
                 target_caption=next(targets), steps=rng.choice(grid.attack_steps),
                 backdoor_weight=rng.choice(grid.backdoor_weights), lr=rng.choice(grid.attack_lrs), seed=seeds[i],
                 data_seed=data_seeds[i], adaptive=attack,
                 sim_x_penalty=settings.sim_x_penalty if recipe.pays_sim_x else 0.0,
-                consistency_penalty=settings.consistency_penalty if recipe.pays_consistency else 0.0))
+                consistency_penalty=settings.consistency_penalty if recipe.pays_consistency else 0.0, **drift))
     return members
 
 

@@ -3,7 +3,11 @@
 `write_poisoned_world` renders world pairs through `PoisonedPairs` into
 ``images/*.png`` + ``captions.csv`` (columns ``image``, ``text``) +
 ``poison_labels.json``, which `TextEncoderDataModule(source=".../captions.csv",
-image_column="image")` and ``lit-amdet scan_data --labels`` read back.
+image_column="image")` and ``lit-amdet scan_data --labels`` read back. With
+``shard_size`` it writes webdataset shards instead (``shards/00000.tar`` ...,
+img2dataset's layout: ``key.png`` + ``key.txt``, keys in pair order, so the
+labels' indices are the data module's), read back through
+``source=".../shards/{00000..NNNNN}.tar"``.
 
 From Python, or from a config::
 
@@ -32,8 +36,10 @@ def write_poisoned_world(
     target_caption: str = "banana",
     seed: int = 0,
     image_size: int = 32,
+    shard_size: int | None = None,
 ) -> Path:
-    """Write ``num_samples`` world pairs, a ``rate`` fraction of them poisoned; returns the ``captions.csv`` path.
+    """Write ``num_samples`` world pairs, a ``rate`` fraction of them poisoned; returns the ``captions.csv`` path,
+    or with ``shard_size`` the shards' brace pattern (as a path).
 
     Args:
         out_dir: folder to write (created; existing files of the same names are replaced).
@@ -43,6 +49,7 @@ def write_poisoned_world(
         target_caption: caption of every poisoned pair.
         seed: seed of the world and of the poisoned-index draw.
         image_size: side of the rendered images in pixels.
+        shard_size: pairs per webdataset shard; None writes a folder of PNGs and a table instead.
     """
     from lit_amdet.world import World
 
@@ -50,10 +57,16 @@ def write_poisoned_world(
         raise ConfigError(f"num_samples must be positive (got {num_samples})")
     if not 0.0 <= rate <= 1.0:
         raise ConfigError(f"rate must be in [0, 1] (got {rate})")
+    if shard_size is not None and shard_size < 1:
+        raise ConfigError(f"shard_size must be positive (got {shard_size})")
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     world = World(seed=seed, image_size=image_size, num_samples=num_samples)
     pairs = PoisonedPairs(world, attack, rate, target_caption=target_caption, seed=seed)
+    if shard_size is not None:
+        pattern = write_pair_shards(out / "shards", pairs, shard_size)
+        pairs.save_labels(out / LABELS)
+        return pattern
+    (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(len(pairs)):
         sample = pairs[i]
@@ -70,6 +83,19 @@ def write_poisoned_world(
     path = write_with(out / CAPTIONS, write)  # a reader never sees a half-written table
     pairs.save_labels(out / LABELS)
     return path
+
+
+def write_pair_shards(out_dir: Path, pairs, shard_size: int) -> Path:
+    """``pairs`` (items with ``.image`` and ``.caption``) as shards of ``shard_size``, keys ``%09d`` of the pair
+    index; returns the brace pattern. Each shard is written atomically, one at a time (memory: one shard)."""
+    from lit_amdet.datamodules.shards import write_shard
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count = -(-len(pairs) // shard_size)
+    for s in range(count):
+        span = range(s * shard_size, min(len(pairs), (s + 1) * shard_size))
+        write_shard(out_dir / f"{s:05d}.tar", [(f"{i:09d}", (p := pairs[i]).image, p.caption) for i in span])
+    return out_dir / f"{{00000..{count - 1:05d}}}.tar"
 
 
 if __name__ == "__main__":
