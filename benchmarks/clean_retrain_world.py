@@ -41,9 +41,14 @@ DRAWS = 8  # as configs/scan_data.yaml
 
 
 def shards_of(folder: Path) -> Path:
-    """The brace pattern of the ``NNNNN.tar`` shards in ``folder``."""
-    count = len(list(folder.glob("*.tar")))
+    """The brace pattern of the ``NNNNN.tar`` shards in ``folder`` (not a killed write's hidden temporary)."""
+    count = len(list(folder.glob("[0-9][0-9][0-9][0-9][0-9].tar")))
     return folder / f"{{00000..{count - 1:05d}}}.tar"
+
+
+def attack_tag(name: str, attack_args: dict) -> str:
+    """An attack and its strength, as one name: ``badnets-size0.125``."""
+    return name + "".join(f"-{key}{value}" for key, value in sorted(attack_args.items()))
 
 
 def world(run_dir: Path, attack: str, attack_args: dict, rate: float, args) -> Path:
@@ -100,28 +105,39 @@ def clean_model(work: Path, attacks: dict[str, dict], args, results: dict) -> di
         seconds = trained(world(run_dir, "badnets", {}, 0.0, args), run_dir / "model", work, args)
         results[key] = {"num_samples": args.num_samples, "steps": args.steps, "train_seconds": seconds,
                         "success": {}}
-    todo = {name: a for name, a in attacks.items() if name not in results[key]["success"]}
-    results[key]["success"].update(successes(run_dir / "model", todo, args.seed))
+    todo = {name: a for name, a in attacks.items() if attack_tag(name, a) not in results[key]["success"]}
+    results[key]["success"].update({attack_tag(name, todo[name]): v
+                                    for name, v in successes(run_dir / "model", todo, args.seed).items()})
     return results[key]
 
 
+def scanned(run_dir: Path, source: Path, out: Path, work: Path, args) -> tuple[dict, float]:
+    """The cut's scan (once: a finished one has its report.json, which scan-data writes last)."""
+    timing = out / "scan_seconds.json"
+    if (out / "report.json").is_file() and timing.is_file():
+        return json.loads((out / "report.json").read_text()), json.loads(timing.read_text())
+    report, seconds = scan(run_dir / "model", source, out, work, args.k, args.reference_size,
+                           "--budget", str(args.budget), "--cut_by", args.cut_by, "--write_shards", "true",
+                           labels=run_dir / "data" / LABELS)
+    write_json(timing, seconds)
+    return report, seconds
+
+
 def clean_and_retrain(work: Path, name: str, attack_args: dict, rate: float, args) -> dict:
-    strength = "".join(f"-{key}{value}" for key, value in sorted(attack_args.items()))
-    run_dir = work / f"{name}{strength}-{rate}-{args.num_samples}-{args.steps}"
+    run_dir = work / f"{attack_tag(name, attack_args)}-{rate}-{args.num_samples}-{args.steps}"
     source = world(run_dir, name, attack_args, rate, args)
     train_s = trained(source, run_dir / "model", work, args)
     before = backdoor_success(run_dir / "model", name, attack_args, args.seed, **EVAL)
-    out = run_dir / f"scan-b{args.budget}-m{args.reference_size}"
-    report, scan_s = scan(run_dir / "model", source, out, work, args.k, args.reference_size,
-                          "--budget", str(args.budget), "--cut_by", args.cut_by, "--write_shards", "true",
-                          labels=run_dir / "data" / LABELS)
+    # everything after the training depends on the cut's settings: one folder per setting, retrained model inside
+    out = run_dir / f"scan-b{args.budget}-m{args.reference_size}-k{args.k}-{args.cut_by}"
+    report, scan_s = scanned(run_dir, source, out, work, args)
     sweep = reference_sweep(out, run_dir / "data" / LABELS, args.sweep_reference_sizes, args.k, args.seed)
-    retrain_s = trained(shards_of(out / "shards"), run_dir / "retrained", work, args)
-    after = backdoor_success(run_dir / "retrained", name, attack_args, args.seed, **EVAL)
+    retrain_s = trained(shards_of(out / "shards"), out / "retrained", work, args)
+    after = backdoor_success(out / "retrained", name, attack_args, args.seed, **EVAL)
     return {"attack": name, "attack_args": attack_args, "rate": rate, "num_samples": args.num_samples,
             "num_poisoned": report["num_poisoned"], "steps": args.steps, "k": args.k,
             "reference_size": args.reference_size, "reference_draws": report["reference_draws"],
-            "budget": args.budget, "cut_by": args.cut_by, "cut": report["cut"],
+            "budget": args.budget, "cut_by": args.cut_by, "cut": report["cut"], "seed": args.seed,
             "kept": len((out / "keep.txt").read_text().splitlines()),
             "train_seconds": train_s, "scan_seconds": scan_s, "retrain_seconds": retrain_s,
             "before": before, "after": after, "metrics": report["metrics"],
@@ -132,12 +148,12 @@ def run(args: argparse.Namespace) -> dict:
     work, out = Path(args.work), Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"rows": []}
     attacks = {name: json.loads(args.attack_args).get(name, {}) for name in args.attacks}
-    done = {(r["attack"], json.dumps(r["attack_args"], sort_keys=True), r["rate"], r["num_samples"], r["steps"],
-             r["budget"], r["reference_size"]) for r in results["rows"]}
+    done = {(attack_tag(r["attack"], r["attack_args"]), r["rate"], r["num_samples"], r["steps"], r["budget"],
+             r["reference_size"], r["k"], r["cut_by"], r.get("seed", 0)) for r in results["rows"]}
     for rate in args.rates:
         for name, attack_args in attacks.items():
-            if (name, json.dumps(attack_args, sort_keys=True), rate, args.num_samples, args.steps, args.budget,
-                    args.reference_size) in done:
+            if (attack_tag(name, attack_args), rate, args.num_samples, args.steps, args.budget, args.reference_size,
+                    args.k, args.cut_by, args.seed) in done:
                 continue
             results["rows"].append(row := clean_and_retrain(work, name, attack_args, rate, args))
             write_json(out, results)  # after every world: resumable
@@ -177,12 +193,12 @@ def markdown(results: dict, detectors: list[str] = DETECTORS) -> str:
             lines.append(f"| {attack_label(r)} | {100 * r['rate']:g} % | {refs} | "
                          + " | ".join(f"{m[d]['auroc']:.3f}, {at[d]['poisons_removed']} / {at[d]['clean_lost']}"
                                       for d in KNN) + " |")
-    clean = next(iter(results.get("clean", {}).values()), None)
     lines += ["", "| attack | rate | cut (by) | kept | ASR before → after | false trig. after | clean R@1 before → "
               "after | clean model: R@1, ASR | train + scan + retrain s |", "|" + "---|" * 9]
     for r in rows:
         b, a = r["before"], r["after"]
-        ref = clean["success"].get(r["attack"]) if clean else None
+        clean = results.get("clean", {}).get(f"clean-{r['num_samples']}-{r['steps']}")
+        ref = clean["success"].get(attack_tag(r["attack"], r["attack_args"])) if clean else None
         ref_cell = f"{ref['clean_r1']:.3f}, {ref['attack_success_rate']:.3f}" if ref else "–"
         lines.append(f"| {attack_label(r)} | {100 * r['rate']:g} % | {r['budget']:g} ({r['cut_by']}) | {r['kept']} | "
                      f"{b['attack_success_rate']:.3f} → {a['attack_success_rate']:.3f} | "

@@ -182,6 +182,7 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
     search = ShardedSearch(trainer.global_rank, trainer.world_size) if trainer.world_size > 1 else None
     out = Path(output_dir)
     if trainer.is_global_zero:
+        sample_scan.unseal(out)
         sample_scan.save_embeddings(out / sample_scan.EMBEDDINGS, data, modality, model.hparams.encoder)
     features = sample_scan.sample_features(data["image"], data["text"], modality)
     image_text = (data["image"], data["text"]) if data["image"] is not None else None

@@ -282,9 +282,7 @@ def score_and_report(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # report.json is the run's seal: gone while the other files are rewritten, written (atomically) last, so a
-    # report.json on disk always describes the scores, key lists and shards beside it, never an older run's
-    (out / "report.json").unlink(missing_ok=True)
+    unseal(out)
     write_scores(out / "scores.csv", idx, captions, scores, ranks, mask)
     figures = _figures(out, scores, ranks, mask, idx, captions, image_loader, top, log_image)
     report: dict[str, Any] = {
@@ -399,6 +397,13 @@ def image_logger(loggers: Sequence[Any]) -> Callable[[str, np.ndarray], None] | 
             w.add_image(tag, image, dataformats="HWC")
 
     return log
+
+
+def unseal(out_dir: Path) -> None:
+    """Remove ``report.json``, the run's seal, before any other file of the run is rewritten; it is written
+    (atomically) last, so a report.json on disk always describes the embeddings, scores, key lists and shards
+    beside it, never an older run's."""
+    (Path(out_dir) / "report.json").unlink(missing_ok=True)
 
 
 def save_embeddings(path: Path, data: dict[str, Any], modality: str, encoder: str) -> Path:

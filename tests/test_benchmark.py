@@ -220,7 +220,8 @@ def test_drift_sweep_metrics_count_per_level_and_name_backdoors_called_clean():
 
     rows = [row("b1", True, "BACKDOORED"), row("b2", True, "inconclusive"), row("b3", True, "clean"),
             row("n1", False, "clean"), row("n2", False, "inconclusive"), row("other", False, "clean", level=0.9),
-            {**row("grid", True, "clean"), "drift_target": None}]
+            {**row("grid", True, "clean"), "drift_target": None},
+            {**row("adaptive", True, "clean"), "adaptive": "pooled_sim_x_penalty"}]  # its own table
     low, high = bm.drift_sweep_metrics(rows, threshold=0.5)
     assert (low["level"], low["benign"], low["backdoored"]) == (0.5, 2, 3) and high["level"] == 0.9
     assert low["rule_recall"] == pytest.approx(1 / 3) and low["rule_fpr"] == 0.0

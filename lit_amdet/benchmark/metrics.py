@@ -146,9 +146,10 @@ def drift_sweep_metrics(rows: Sequence[dict], threshold: float) -> list[dict]:
     the drift reached (the scan's clean cosine to the base), the rule's recall, false-positive rate and F1 and the
     calibrated F1 on that level's members, and the backdoored members whose injection failed on the final model
     (attack top-1 below `WORKING_ATTACK_TOP1`); how many were ``inconclusive`` and which backdoored ones were
-    called clean. Empty without a sweep."""
+    called clean. Empty without a sweep. Adaptive attackers hidden under drift (``adaptive.drift_to``) carry a
+    drift target too; they count in the adaptive table only, not here."""
     out = []
-    swept = [r for r in rows if r.get("drift_target") is not None]
+    swept = [r for r in rows if r.get("drift_target") is not None and not r.get("adaptive")]
     for base in sorted({r["base"] for r in swept}):
         for level in sorted({r["drift_target"] for r in swept if r["base"] == base}):
             group = [r for r in swept if r["base"] == base and r["drift_target"] == level]
