@@ -13,7 +13,10 @@ Per attack and poisoning rate, all through the product's own commands and files:
 3. ``lit-amdet scan-data --budget B --write_shards true --labels ...`` scores every pair with every detector,
    cuts the ``cut_by`` detector's top ``B`` and writes ``keep.txt``, ``flagged.txt`` and the filtered shards
    (the kNN detectors are scored again on the saved embeddings against other reference sizes, for comparison);
-4. the same ``fit`` retrains from scratch, same seed and steps, on the filtered shards.
+4. the same ``fit`` retrains from scratch, same seed and steps, on the filtered shards;
+5. with ``--second_budget B2``, a second round: ``scan-data`` on the filtered shards with the retrained model (a
+   poison the first cut missed is learned again, and isolated again, by a model that no longer sees the
+   others), a cut of its top ``B2``, and a third training on what that keeps.
 
 Once, for the comparison the issue asks for: the same world with no poisons, trained the same way (the clean
 model; its pairs are the poisoned worlds' pairs except the poisons, which replace clean ones). Attack success,
@@ -30,9 +33,11 @@ from pathlib import Path
 
 from scan_data_world import DETECTORS, IMAGE_SIZE, TARGET, backdoor_success, scan, train
 
+from lit_amdet.cleaning import read_keys
 from lit_amdet.datamodules.poisoned import LABELS, write_poisoned_world
+from lit_amdet.datamodules.shards import numbered_pattern
 from lit_amdet.io import write_json
-from lit_amdet.poisoning import build_attack
+from lit_amdet.poisoning import build_attack, load_labels
 
 SHARD_SIZE = 5000
 EVAL = {"n": 1000, "blocks": 10}
@@ -42,8 +47,7 @@ DRAWS = 8  # as configs/scan_data.yaml
 
 def shards_of(folder: Path) -> Path:
     """The brace pattern of the ``NNNNN.tar`` shards in ``folder`` (not a killed write's hidden temporary)."""
-    count = len(list(folder.glob("[0-9][0-9][0-9][0-9][0-9].tar")))
-    return folder / f"{{00000..{count - 1:05d}}}.tar"
+    return numbered_pattern(folder, len(list(folder.glob("[0-9][0-9][0-9][0-9][0-9].tar"))))
 
 
 def attack_tag(name: str, attack_args: dict) -> str:
@@ -111,26 +115,23 @@ def clean_model(work: Path, attacks: dict[str, dict], args, results: dict) -> di
     return results[key]
 
 
-def scanned(run_dir: Path, source: Path, out: Path, work: Path, args) -> tuple[dict, float]:
-    """The cut's scan (once: a finished one has its report.json, which scan-data writes last)."""
+def scanned(model: Path, source: Path, labels: Path, out: Path, budget: float, args) -> tuple[dict, float]:
+    """A cut's scan (once: a finished one has its report.json, which scan-data writes last)."""
     timing = out / "scan_seconds.json"
     if (out / "report.json").is_file() and timing.is_file():
         return json.loads((out / "report.json").read_text()), json.loads(timing.read_text())
-    report, seconds = scan(run_dir / "model", source, out, work, args.k, args.reference_size,
-                           "--budget", str(args.budget), "--cut_by", args.cut_by, "--write_shards", "true",
-                           labels=run_dir / "data" / LABELS)
+    report, seconds = scan(model, source, out, Path(args.work), args.k, args.reference_size, "--budget", str(budget),
+                           "--cut_by", args.cut_by, "--write_shards", "true", labels=labels)
     write_json(timing, seconds)
     return report, seconds
 
 
 def clean_and_retrain(work: Path, name: str, attack_args: dict, rate: float, args) -> dict:
-    run_dir = work / f"{attack_tag(name, attack_args)}-{rate}-{args.num_samples}-{args.steps}"
+    run_dir, out = run_dir_of(name, attack_args, rate, args)
     source = world(run_dir, name, attack_args, rate, args)
     train_s = trained(source, run_dir / "model", work, args)
     before = backdoor_success(run_dir / "model", name, attack_args, args.seed, **EVAL)
-    # everything after the training depends on the cut's settings: one folder per setting, retrained model inside
-    out = run_dir / f"scan-b{args.budget}-m{args.reference_size}-k{args.k}-{args.cut_by}"
-    report, scan_s = scanned(run_dir, source, out, work, args)
+    report, scan_s = scanned(run_dir / "model", source, run_dir / "data" / LABELS, out, args.budget, args)
     sweep = reference_sweep(out, run_dir / "data" / LABELS, args.sweep_reference_sizes, args.k, args.seed)
     retrain_s = trained(shards_of(out / "shards"), out / "retrained", work, args)
     after = backdoor_success(out / "retrained", name, attack_args, args.seed, **EVAL)
@@ -144,21 +145,57 @@ def clean_and_retrain(work: Path, name: str, attack_args: dict, rate: float, arg
             "removal_at_1pct": report.get("removal_at_1pct"), "reference_sweep": sweep}
 
 
+def setting_of(row: dict) -> tuple:
+    """What a result row depends on: a row with the same setting is not run again."""
+    return (attack_tag(row["attack"], row["attack_args"]), row["rate"], row["num_samples"], row["steps"],
+            row["budget"], row["reference_size"], row["k"], row["cut_by"], row.get("seed", 0))
+
+
+def run_dir_of(name: str, attack_args: dict, rate: float, args) -> tuple[Path, Path]:
+    """The world's folder and, inside it, the first cut's folder (one per cut setting, retrained model inside)."""
+    run_dir = Path(args.work) / f"{attack_tag(name, attack_args)}-{rate}-{args.num_samples}-{args.steps}"
+    return run_dir, run_dir / f"scan-b{args.budget}-m{args.reference_size}-k{args.k}-{args.cut_by}"
+
+
+def kept_labels(run_dir: Path, first: Path) -> Path:
+    """The poison labels of what the first cut kept, in the filtered shards' order (keys are world indices)."""
+    poisoned = load_labels(run_dir / "data" / LABELS)
+    keys = read_keys(first / "keep.txt")
+    path = first / f"kept_{LABELS}"
+    write_json(path, {"num_samples": len(keys),
+                      "poisoned_indices": [i for i, key in enumerate(keys) if poisoned[int(key)]]})
+    return path
+
+
+def second_round(row: dict, args) -> dict:
+    """Scan what the first cut kept with the model retrained on it, cut its top ``second_budget``, retrain."""
+    run_dir, first = run_dir_of(row["attack"], row["attack_args"], row["rate"], args)
+    out = first / f"round2-b{args.second_budget}"
+    labels = kept_labels(run_dir, first)
+    report, scan_s = scanned(first / "retrained", shards_of(first / "shards"), labels, out, args.second_budget, args)
+    retrain_s = trained(shards_of(out / "shards"), out / "retrained", Path(args.work), args)
+    after = backdoor_success(out / "retrained", row["attack"], row["attack_args"], args.seed, **EVAL)
+    return {"budget": args.second_budget, "poisons_left": report["num_poisoned"], "cut": report["cut"],
+            "kept": len(read_keys(out / "keep.txt")), "metrics": report["metrics"], "scan_seconds": scan_s,
+            "retrain_seconds": retrain_s, "after": after}
+
+
 def run(args: argparse.Namespace) -> dict:
     work, out = Path(args.work), Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"rows": []}
     attacks = {name: json.loads(args.attack_args).get(name, {}) for name in args.attacks}
-    done = {(attack_tag(r["attack"], r["attack_args"]), r["rate"], r["num_samples"], r["steps"], r["budget"],
-             r["reference_size"], r["k"], r["cut_by"], r.get("seed", 0)) for r in results["rows"]}
-    for rate in args.rates:
-        for name, attack_args in attacks.items():
-            if (attack_tag(name, attack_args), rate, args.num_samples, args.steps, args.budget, args.reference_size,
-                    args.k, args.cut_by, args.seed) in done:
-                continue
-            results["rows"].append(row := clean_and_retrain(work, name, attack_args, rate, args))
-            write_json(out, results)  # after every world: resumable
-            print(json.dumps({k: v for k, v in row.items() if k not in ("metrics", "removal_at_1pct",
-                                                                        "reference_sweep")}))
+    done = {setting_of(r) for r in results["rows"]}
+    wanted = {setting_of({**vars(args), "attack": name, "attack_args": attack_args, "rate": rate}):
+              (name, attack_args, rate) for rate in args.rates for name, attack_args in attacks.items()}
+    for name, attack_args, rate in [plan for key, plan in wanted.items() if key not in done]:
+        results["rows"].append(row := clean_and_retrain(work, name, attack_args, rate, args))
+        write_json(out, results)  # after every world: resumable
+        print(json.dumps({k: v for k, v in row.items() if k not in ("metrics", "removal_at_1pct",
+                                                                    "reference_sweep")}))
+    for row in results["rows"] if args.second_budget else []:
+        if setting_of(row) in wanted and args.second_budget not in [r["budget"] for r in row.get("second_rounds", [])]:
+            row.setdefault("second_rounds", []).append(second_round(row, args))
+            write_json(out, results)
     clean_model(work, attacks, args, results.setdefault("clean", {}))
     write_json(out, results)
     return results
@@ -204,7 +241,26 @@ def markdown(results: dict, detectors: list[str] = DETECTORS) -> str:
                      f"{b['attack_success_rate']:.3f} → {a['attack_success_rate']:.3f} | "
                      f"{a['false_trigger_rate']:.3f} | {b['clean_r1']:.3f} → {a['clean_r1']:.3f} | {ref_cell} | "
                      f"{r['train_seconds']:.0f} + {r['scan_seconds']:.0f} + {r['retrain_seconds']:.0f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + second_round_table(rows))
+
+
+def second_round_table(rows: list[dict]) -> list[str]:
+    """The second rounds: what the first cut left, what the second removed, and the third training's ASR."""
+    lines = ["", "| attack | rate | poisons left after the first cut | second cut (by) | of those removed / clean "
+             "lost | removed in all (share of N) | ASR after round 1 → round 2 | false trig. | clean R@1 after "
+             "round 2 | scan + retrain s |", "|" + "---|" * 10]
+    for r in rows:
+        for second in r.get("second_rounds", []):
+            c, a = second["cut"]["metrics"], second["after"]
+            removed = r["num_samples"] - second["kept"]
+            scan_s = f"{second['scan_seconds']:.0f}" if "scan_seconds" in second else "–"  # not timed: the first run
+            lines.append(f"| {attack_label(r)} | {100 * r['rate']:g} % | {second['poisons_left']} | "
+                         f"{second['budget']:g} ({r['cut_by']}) | {c['poisons_removed']} / {c['clean_lost']} | "
+                         f"{removed} ({100 * removed / r['num_samples']:.2f} %) | "
+                         f"{r['after']['attack_success_rate']:.3f} → {a['attack_success_rate']:.3f} | "
+                         f"{a['false_trigger_rate']:.3f} | {a['clean_r1']:.3f} | "
+                         f"{scan_s} + {second['retrain_seconds']:.0f} |")
+    return lines if len(lines) > 3 else []
 
 
 def main() -> None:
@@ -225,6 +281,8 @@ def main() -> None:
                         help="also score the saved embeddings against these (0: the whole set); no cut")
     parser.add_argument("--budget", type=float, default=0.01)
     parser.add_argument("--cut_by", default="dao")
+    parser.add_argument("--second_budget", type=float, default=0.0,
+                        help="a second round's cut, on the first cut's shards with its retrained model (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", action="store_true", help="only print the tables of --out")
     args = parser.parse_args()

@@ -80,11 +80,11 @@ def backdoor_success(model: Path, attack_name: str, attack_args: dict, seed: int
     transform = enc.image_transform()
     pixels = torch.stack([transform(im) for im in clean_img])
     trig = torch.stack([transform(attack(im)) for im in clean_img])
-    text = torch.nn.functional.normalize(enc.encode_text(captions[:100] + [TARGET]), dim=-1)
+    caps = torch.nn.functional.normalize(enc.encode_text(captions[:100 * blocks] + [TARGET]), dim=-1)
+    text = torch.cat([caps[:100], caps[-1:]])  # the choices of a triggered image: 100 held-out captions and TARGET
     img = torch.nn.functional.normalize(enc.encode_image(pixels), dim=-1)
     img_t = torch.nn.functional.normalize(enc.encode_image(trig), dim=-1)
     target_col = text.shape[0] - 1
-    caps = torch.nn.functional.normalize(enc.encode_text(captions[:100 * blocks]), dim=-1) if blocks > 1 else text
     r1 = [float(((caps[b:b + 100] @ img[b:b + 100].T).argmax(1) == torch.arange(100)).float().mean())
           for b in range(0, 100 * blocks, 100)]
     return {

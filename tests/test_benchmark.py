@@ -794,3 +794,23 @@ def test_quick_benchmark_on_the_real_minilm(tmp_path):
     assert test["calibrated"]["auroc"] == 1.0
     assert test["target_recovery"]["rate"] == 1.0
     assert (out / "benchmark.md").read_text().count("| minilm-") == 4
+
+
+def test_clean_retrain_second_round_labels_follow_the_kept_keys(tmp_path):
+    """The second round's labels are the poisons the first cut kept, at their rows in the filtered shards."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from clean_retrain_world import kept_labels, setting_of
+
+    (tmp_path / "data").mkdir()
+    labels = {"num_samples": 10, "poisoned_indices": [2, 5, 7]}
+    (tmp_path / "data" / "poison_labels.json").write_text(json.dumps(labels))
+    first = tmp_path / "cut"
+    first.mkdir()
+    (first / "keep.txt").write_text("".join(f"{i:09d}\n" for i in (0, 1, 3, 5, 6, 8, 9)))  # 2 and 7 were cut
+    written = json.loads(kept_labels(tmp_path, first).read_text())
+    assert written == {"num_samples": 7, "poisoned_indices": [3]}  # world index 5 is the 4th kept row
+    base = {"rate": 0.001, "num_samples": 50, "steps": 4, "budget": 0.01, "reference_size": 8, "k": 2, "cut_by": "dao"}
+    assert setting_of({**base, "attack": "blend", "attack_args": {"alpha": 0.4}}) != \
+        setting_of({**base, "attack": "blend", "attack_args": {"alpha": 0.2}})

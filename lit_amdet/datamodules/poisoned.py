@@ -88,14 +88,14 @@ def write_poisoned_world(
 def write_pair_shards(out_dir: Path, pairs, shard_size: int) -> Path:
     """``pairs`` (items with ``.image`` and ``.caption``) as shards of ``shard_size``, keys ``%09d`` of the pair
     index; returns the brace pattern. Each shard is written atomically, one at a time (memory: one shard)."""
-    from lit_amdet.datamodules.shards import write_shard
+    from lit_amdet.datamodules.shards import numbered_pattern, write_shard
 
     out_dir.mkdir(parents=True, exist_ok=True)
     count = -(-len(pairs) // shard_size)
     for s in range(count):
         span = range(s * shard_size, min(len(pairs), (s + 1) * shard_size))
         write_shard(out_dir / f"{s:05d}.tar", [(f"{i:09d}", (p := pairs[i]).image, p.caption) for i in span])
-    return out_dir / f"{{00000..{count - 1:05d}}}.tar"
+    return numbered_pattern(out_dir, count)
 
 
 if __name__ == "__main__":

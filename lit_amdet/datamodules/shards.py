@@ -87,6 +87,12 @@ def member_key(name: str) -> str | None:
     return parts[0] if parts else None
 
 
+def numbered_pattern(folder: str | Path, count: int) -> Path:
+    """The brace pattern ``folder/{00000..NNNNN}.tar`` of ``count`` shards numbered from 0, as
+    `lit_amdet.datamodules.poisoned.write_pair_shards` names them (and `expand_braces` reads them back)."""
+    return Path(folder) / f"{{00000..{count - 1:05d}}}.tar"
+
+
 def expand_braces(pattern: str) -> list[str]:
     """Expand ``{a,b}`` lists and ``{000..003}`` ranges (zero-padded when an end is, counting down when the
     first end is larger), left to right, as the shell and ``braceexpand`` do; nested braces are not expanded."""
