@@ -35,7 +35,6 @@ from scan_data_world import DETECTORS, IMAGE_SIZE, TARGET, backdoor_success, sca
 
 from lit_amdet.cleaning import read_keys
 from lit_amdet.datamodules.poisoned import LABELS, write_poisoned_world
-from lit_amdet.datamodules.shards import numbered_pattern
 from lit_amdet.io import write_json
 from lit_amdet.poisoning import build_attack, load_labels
 
@@ -43,11 +42,6 @@ SHARD_SIZE = 5000
 EVAL = {"n": 1000, "blocks": 10}
 KNN = ["kdist", "lid", "slof", "dao"]
 DRAWS = 8  # as configs/scan_data.yaml
-
-
-def shards_of(folder: Path) -> Path:
-    """The brace pattern of the ``NNNNN.tar`` shards in ``folder`` (not a killed write's hidden temporary)."""
-    return numbered_pattern(folder, len(list(folder.glob("[0-9][0-9][0-9][0-9][0-9].tar"))))
 
 
 def attack_tag(name: str, attack_args: dict) -> str:
@@ -61,7 +55,7 @@ def world(run_dir: Path, attack: str, attack_args: dict, rate: float, args) -> P
     if not (data / LABELS).is_file():
         write_poisoned_world(data, args.num_samples, build_attack(attack, **attack_args), rate,
                              target_caption=TARGET, seed=args.seed, image_size=IMAGE_SIZE, shard_size=SHARD_SIZE)
-    return shards_of(data / "shards")
+    return data / "shards"  # a folder source: its .tar shards in order
 
 
 def trained(source: Path, model: Path, work: Path, args) -> float:
@@ -133,13 +127,13 @@ def clean_and_retrain(work: Path, name: str, attack_args: dict, rate: float, arg
     before = backdoor_success(run_dir / "model", name, attack_args, args.seed, **EVAL)
     report, scan_s = scanned(run_dir / "model", source, run_dir / "data" / LABELS, out, args.budget, args)
     sweep = reference_sweep(out, run_dir / "data" / LABELS, args.sweep_reference_sizes, args.k, args.seed)
-    retrain_s = trained(shards_of(out / "shards"), out / "retrained", work, args)
+    retrain_s = trained(out / "shards", out / "retrained", work, args)
     after = backdoor_success(out / "retrained", name, attack_args, args.seed, **EVAL)
     return {"attack": name, "attack_args": attack_args, "rate": rate, "num_samples": args.num_samples,
             "num_poisoned": report["num_poisoned"], "steps": args.steps, "k": args.k,
             "reference_size": args.reference_size, "reference_draws": report["reference_draws"],
             "budget": args.budget, "cut_by": args.cut_by, "cut": report["cut"], "seed": args.seed,
-            "kept": len((out / "keep.txt").read_text().splitlines()),
+            "kept": len(read_keys(out / "keep.txt")),
             "train_seconds": train_s, "scan_seconds": scan_s, "retrain_seconds": retrain_s,
             "before": before, "after": after, "metrics": report["metrics"],
             "removal_at_1pct": report.get("removal_at_1pct"), "reference_sweep": sweep}
@@ -172,8 +166,8 @@ def second_round(row: dict, args) -> dict:
     run_dir, first = run_dir_of(row["attack"], row["attack_args"], row["rate"], args)
     out = first / f"round2-b{args.second_budget}"
     labels = kept_labels(run_dir, first)
-    report, scan_s = scanned(first / "retrained", shards_of(first / "shards"), labels, out, args.second_budget, args)
-    retrain_s = trained(shards_of(out / "shards"), out / "retrained", Path(args.work), args)
+    report, scan_s = scanned(first / "retrained", first / "shards", labels, out, args.second_budget, args)
+    retrain_s = trained(out / "shards", out / "retrained", Path(args.work), args)
     after = backdoor_success(out / "retrained", row["attack"], row["attack_args"], args.seed, **EVAL)
     return {"budget": args.second_budget, "poisons_left": report["num_poisoned"], "cut": report["cut"],
             "kept": len(read_keys(out / "keep.txt")), "metrics": report["metrics"], "scan_seconds": scan_s,

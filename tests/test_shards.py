@@ -76,6 +76,15 @@ def test_pattern_folder_keys_order_and_pixels(shards, spec):
     assert data.has_images and data.dataset.location(PER_SHARD + 2) == (shards / "00001.tar", "00010002")
 
 
+def test_a_folder_source_leaves_out_a_killed_writes_hidden_temporary(tmp_path):
+    """`lit_amdet.io.write_with` writes ``.NAME.XXXX.tar`` beside the shard; killed midway, it stays there."""
+    for s in range(2):
+        write_shard(tmp_path / f"{s:05d}.tar", samples(s))
+    (tmp_path / ".00002.tar.k1ll3d.tar").write_bytes(b"half a shard")
+    data = dm(tmp_path)
+    assert data.shard_paths == [tmp_path / "00000.tar", tmp_path / "00001.tar"] and data.skipped == []
+
+
 def test_one_shard_and_a_pattern_with_a_missing_file(shards):
     assert len(dm(shards / "00001.tar").dataset) == PER_SHARD
     with pytest.raises(ConfigError, match=r"2 of its 5 files do not exist \(the first: .*00003.tar\)"):

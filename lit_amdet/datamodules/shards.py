@@ -165,7 +165,8 @@ def _folder_files(folder: Path) -> SourceFiles:
             raise ConfigError(f"{state}: not a datasets save_to_disk state file ({first_line(exc)})") from None
         return SourceFiles("arrow", [folder / n for n in names])
     for kind, suffix in (("tar", ".tar"), ("parquet", ".parquet"), ("arrow", ".arrow")):
-        files = sorted(p for p in folder.glob(f"*{suffix}") if p.is_file())
+        # a hidden name is the temporary of an atomic write killed midway (`lit_amdet.io.write_with`), not data
+        files = sorted(p for p in folder.glob(f"*{suffix}") if p.is_file() and not p.name.startswith("."))
         if files:
             return SourceFiles(kind, files)
     raise ConfigError(f"{folder}: a folder source must hold .tar shards, .parquet or .arrow files, "
