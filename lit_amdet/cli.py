@@ -237,6 +237,9 @@ def main(args: list[str] | None = None) -> None:
         ours = _our_error(exc)  # jsonargparse wraps errors raised while building the model/data
         if ours is not None:
             _fail(ours)
+        rank = _stopped_by_peer(exc)
+        if rank is not None:
+            _fail("stopped: another process of the run failed (its error is above)", prefix=f"process {rank}")
         _fail(exc, prefix=f"unexpected {type(exc).__name__}")
 
 
@@ -288,12 +291,22 @@ def _our_error(exc: BaseException) -> LitAmdetError | None:
     return None
 
 
-def _fail(exc: BaseException, prefix: str = "error", limit: int | None = None) -> None:
+def _stopped_by_peer(exc: BaseException) -> int | None:
+    """This process's rank when ``exc`` is a collective broken by another process of a distributed run dying
+    (process 0 failing while writing, say: its own one-line error is the one that matters), else None."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
+        return None
+    peer_gone = ("closed by peer", "reset by peer", "remote worker", "broken pipe")
+    return dist.get_rank() if any(p in str(exc).lower() for p in peer_gone) else None
+
+
+def _fail(exc: BaseException | str, prefix: str = "error", limit: int | None = None) -> None:
     message = " ".join(str(exc).split()) or type(exc).__name__
     if limit is not None and len(message) > limit:  # jsonargparse lists every alternative it tried
         message = message[:limit] + " ... (LIT_AMDET_DEBUG=1 shows all)"
     print(f"lit-amdet: {prefix}: {message}", file=sys.stderr)
-    if os.environ.get("LIT_AMDET_DEBUG"):
+    if os.environ.get("LIT_AMDET_DEBUG") and isinstance(exc, BaseException):
         raise exc
     sys.exit(EXIT_ERROR)
 

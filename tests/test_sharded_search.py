@@ -167,3 +167,27 @@ def test_scan_data_on_two_processes_writes_the_one_process_scores(world_and_mode
                                  quiet=True)
     got, want = _rows(out / "scores.csv"), _rows(tmp_path / "one" / "scores.csv")
     assert len(got) == 300 and got == want
+
+
+def test_a_failure_on_process_0_ends_every_process_with_one_line_each(world_and_model, tmp_path):
+    """Process 0 fails alone between collectives (its embeddings file cannot be written: a folder holds the
+    name), while process 1 waits in the neighbour search: the run ends at once with exit 2, process 0's own
+    error, and one line from process 1 that says another process failed, not gloo's socket message."""
+    world, clip = world_and_model
+    out = tmp_path / "out"
+    (out / "embeddings.safetensors").mkdir(parents=True)
+    args = ["--model", "lit_amdet.modules.data_scan.SampleEmbedding", "--model.encoder", str(clip),
+            "--data", "lit_amdet.datamodules.TextEncoderDataModule", "--data.source", str(world),
+            "--data.image_column", "image", "--data.val_fraction", "0", "--data.batch_size", "64",
+            "--detectors", "[kdist,dao]", "--k", "8", "--output_dir", str(out),
+            "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path)]
+    done = subprocess.run([sys.executable, "-m", "lit_amdet", "scan_data", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("lit-amdet:")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(errors) == 2 and "embeddings.safetensors" in errors[0], errors
+    assert errors[1] == ("lit-amdet: process 1: stopped: another process of the run failed (its error is above)")
+    assert "closed by peer" not in done.stderr and "Traceback" not in done.stderr
+    assert not (out / "report.json").exists()
