@@ -42,6 +42,7 @@ SHARD_SIZE = 5000
 EVAL = {"n": 1000, "blocks": 10}
 KNN = ["kdist", "lid", "slof", "dao"]
 DRAWS = 8  # as configs/scan_data.yaml
+CUT_SETTING = ("num_samples", "steps", "budget", "reference_size", "k", "cut_by")  # with the seed: a work folder
 
 
 def attack_tag(name: str, attack_args: dict) -> str:
@@ -95,15 +96,53 @@ def reference_sweep(scan_dir: Path, labels: Path, sizes: list[int], k: int, seed
     return rows
 
 
+def poison_geometry(scan_dir: Path, labels: Path, sample: int = 2000, seed: int = 0) -> dict:
+    """Where the scanned model put the poisoned images, from the scan's saved embeddings (unit vectors): their
+    mean pairwise cosine (how tightly they gather), their mean cosine to the nearest clean image (how far from
+    clean data they sit) and to the target caption (all poisons share it), each beside the same figure for a
+    random sample of clean images. Why a cut did or did not find them; no cut depends on it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lit_amdet.poisoning import load_labels
+    from lit_amdet.sample_scan import EMBEDDINGS
+
+    saved = load_file(scan_dir / EMBEDDINGS)
+    image, text = (torch.nn.functional.normalize(saved[m].float(), dim=-1) for m in ("image", "text"))
+    poisoned = torch.from_numpy(load_labels(labels)[saved["index"].numpy()].astype(bool))
+    clean_rows = torch.nonzero(~poisoned).flatten()
+    pick = clean_rows[torch.randperm(len(clean_rows), generator=torch.Generator().manual_seed(seed))[:sample]]
+    poisons = torch.nonzero(poisoned).flatten()
+    target = text[poisons[0]]  # every poison carries the target caption
+
+    def pairwise(rows: torch.Tensor) -> float:
+        sims = image[rows] @ image[rows].T
+        return float((sims.sum() - sims.diagonal().sum()) / (len(rows) * (len(rows) - 1)))
+
+    def nearest_clean(rows: torch.Tensor) -> float:
+        sims = image[rows] @ image[clean_rows].T
+        sims[sims >= 1 - 1e-6] = -2.0  # a row itself (and exact duplicates) is not its own neighbour
+        return float(sims.max(dim=1).values.mean())
+
+    return {"poison_pairwise_cos": pairwise(poisons), "clean_pairwise_cos": pairwise(pick),
+            "poison_nearest_clean_cos": nearest_clean(poisons), "clean_nearest_clean_cos": nearest_clean(pick),
+            "poison_to_target_cos": float((image[poisons] @ target).mean()),
+            "clean_to_target_cos": float((image[pick] @ target).mean()),
+            "clean_to_own_caption_cos": float((image[pick] * text[pick]).sum(dim=1).mean()),
+            "clean_sample": int(len(pick)), "seed": seed}
+
+
 def clean_model(work: Path, attacks: dict[str, dict], args, results: dict) -> dict:
     """The model trained on the same world without poisons: clean R@1 to match, ASR as the natural rate."""
     key = f"clean-{args.num_samples}-{args.steps}"
     run_dir = work / key
-    if key not in results:
+    known = results.get(key, {}).get("success", {})
+    todo = {name: a for name, a in attacks.items() if attack_tag(name, a) not in known}
+    # trained once; again only where the work folder was lost (same recipe and seed, not bit for bit the same model)
+    if key not in results or todo:
         seconds = trained(world(run_dir, "badnets", {}, 0.0, args), run_dir / "model", work, args)
-        results[key] = {"num_samples": args.num_samples, "steps": args.steps, "train_seconds": seconds,
-                        "success": {}}
-    todo = {name: a for name, a in attacks.items() if attack_tag(name, a) not in results[key]["success"]}
+        results.setdefault(key, {"num_samples": args.num_samples, "steps": args.steps, "train_seconds": seconds,
+                                 "success": {}})
     results[key]["success"].update({attack_tag(name, todo[name]): v
                                     for name, v in successes(run_dir / "model", todo, args.seed).items()})
     return results[key]
@@ -190,6 +229,12 @@ def run(args: argparse.Namespace) -> dict:
         if setting_of(row) in wanted and args.second_budget not in [r["budget"] for r in row.get("second_rounds", [])]:
             row.setdefault("second_rounds", []).append(second_round(row, args))
             write_json(out, results)
+    for row in results["rows"]:  # also for rows of earlier runs whose scan is still in the work folder
+        run_dir, first = run_dir_of(row["attack"], row["attack_args"], row["rate"], args)
+        this_setting = all(row[key] == getattr(args, key) for key in CUT_SETTING) and row.get("seed", 0) == args.seed
+        if "geometry" not in row and this_setting and (first / "report.json").is_file():
+            row["geometry"] = poison_geometry(first, run_dir / "data" / LABELS)
+            write_json(out, results)
     clean_model(work, attacks, args, results.setdefault("clean", {}))
     write_json(out, results)
     return results
@@ -230,12 +275,28 @@ def markdown(results: dict, detectors: list[str] = DETECTORS) -> str:
         b, a = r["before"], r["after"]
         clean = results.get("clean", {}).get(f"clean-{r['num_samples']}-{r['steps']}")
         ref = clean["success"].get(attack_tag(r["attack"], r["attack_args"])) if clean else None
-        ref_cell = f"{ref['clean_r1']:.3f}, {ref['attack_success_rate']:.3f}" if ref else "–"
+        # clean R@1 does not depend on the attack (the same held-out pairs); its ASR was measured per strength
+        r1 = next(iter(clean["success"].values()), None) if clean else None
+        ref_cell = (f"{ref['clean_r1']:.3f}, {ref['attack_success_rate']:.3f}" if ref
+                    else f"{r1['clean_r1']:.3f}, –" if r1 else "–")
         lines.append(f"| {attack_label(r)} | {100 * r['rate']:g} % | {r['budget']:g} ({r['cut_by']}) | {r['kept']} | "
                      f"{b['attack_success_rate']:.3f} → {a['attack_success_rate']:.3f} | "
                      f"{a['false_trigger_rate']:.3f} | {b['clean_r1']:.3f} → {a['clean_r1']:.3f} | {ref_cell} | "
                      f"{r['train_seconds']:.0f} + {r['scan_seconds']:.0f} + {r['retrain_seconds']:.0f} |")
-    return "\n".join(lines + second_round_table(rows))
+    return "\n".join(lines + geometry_table(rows) + second_round_table(rows))
+
+
+def geometry_table(rows: list[dict]) -> list[str]:
+    """Where the poisoned model put the poisoned images (`poison_geometry`), for the rows that have it."""
+    lines = ["", "| attack | rate | image pairwise cos: poisons / clean | nearest clean image: poisons / clean | "
+             "to the target caption: poisons / clean | clean image to its own caption |", "|" + "---|" * 6]
+    for r in rows:
+        if g := r.get("geometry"):
+            lines.append(f"| {attack_label(r)} | {100 * r['rate']:g} % | {g['poison_pairwise_cos']:.2f} / "
+                         f"{g['clean_pairwise_cos']:.2f} | {g['poison_nearest_clean_cos']:.3f} / "
+                         f"{g['clean_nearest_clean_cos']:.3f} | {g['poison_to_target_cos']:.2f} / "
+                         f"{g['clean_to_target_cos']:.2f} | {g['clean_to_own_caption_cos']:.2f} |")
+    return lines if len(lines) > 3 else []
 
 
 def second_round_table(rows: list[dict]) -> list[str]:

@@ -239,7 +239,8 @@ def main(args: list[str] | None = None) -> None:
             _fail(ours)
         rank = _stopped_by_peer(exc)
         if rank is not None:
-            _fail("stopped: another process of the run failed (its error is above)", prefix=f"process {rank}")
+            _fail("stopped: another process of the run failed (its own error, if it printed one, is in this "
+                  "output)", prefix=f"process {rank}")
         _fail(exc, prefix=f"unexpected {type(exc).__name__}")
 
 
@@ -292,13 +293,24 @@ def _our_error(exc: BaseException) -> LitAmdetError | None:
 
 
 def _stopped_by_peer(exc: BaseException) -> int | None:
-    """This process's rank when ``exc`` is a collective broken by another process of a distributed run dying
-    (process 0 failing while writing, say: its own one-line error is the one that matters), else None."""
+    """This process's rank when ``exc`` is a collective of a distributed run broken because another process
+    died (process 0 failing while it writes, say: that process's own line is the one that matters), else None.
+    Only a distributed error (torch's ``DistError``, or gloo's RuntimeError, which names gloo) that says the
+    peer went away counts, so a socket error of this process's own (a data-loader worker's reset) is never
+    hidden. A peer lost before the process group is set up is not matched (the raw error is printed)."""
     dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
+    if dist is None or not dist.is_available() or not dist.is_initialized():
         return None
-    peer_gone = ("closed by peer", "reset by peer", "remote worker", "broken pipe")
-    return dist.get_rank() if any(p in str(exc).lower() for p in peer_gone) else None
+    dist_error = getattr(dist, "DistError", ())
+    peer_gone = ("closed by peer", "reset by peer", "remote process exited", "broken pipe")
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        text = str(exc).lower()
+        if (isinstance(exc, dist_error) or "gloo" in text) and any(p in text for p in peer_gone):
+            return dist.get_rank()
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fail(exc: BaseException | str, prefix: str = "error", limit: int | None = None) -> None:

@@ -188,6 +188,7 @@ def test_a_failure_on_process_0_ends_every_process_with_one_line_each(world_and_
     errors = [line for line in done.stderr.splitlines() if line.startswith("lit-amdet:")]
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(errors) == 2 and "embeddings.safetensors" in errors[0], errors
-    assert errors[1] == ("lit-amdet: process 1: stopped: another process of the run failed (its error is above)")
+    assert errors[1] == ("lit-amdet: process 1: stopped: another process of the run failed (its own error, if it "
+                         "printed one, is in this output)")
     assert "closed by peer" not in done.stderr and "Traceback" not in done.stderr
     assert not (out / "report.json").exists()
