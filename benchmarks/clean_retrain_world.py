@@ -42,7 +42,6 @@ SHARD_SIZE = 5000
 EVAL = {"n": 1000, "blocks": 10}
 KNN = ["kdist", "lid", "slof", "dao"]
 DRAWS = 8  # as configs/scan_data.yaml
-CUT_SETTING = ("num_samples", "steps", "budget", "reference_size", "k", "cut_by")  # with the seed: a work folder
 
 
 def attack_tag(name: str, attack_args: dict) -> str:
@@ -70,23 +69,29 @@ def successes(model: Path, attacks: dict[str, dict], seed: int) -> dict[str, dic
     return {name: backdoor_success(model, name, a, seed, **EVAL) for name, a in attacks.items()}
 
 
+def saved_embeddings(scan_dir: Path, labels: Path) -> tuple:
+    """The scan's saved image and text embeddings as unit vectors, and the poison mask in their row order."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lit_amdet.sample_scan import EMBEDDINGS
+
+    saved = load_file(scan_dir / EMBEDDINGS)
+    image, text = (torch.nn.functional.normalize(saved[m].float(), dim=-1) for m in ("image", "text"))
+    return image, text, load_labels(labels)[saved["index"].numpy()].astype(bool)
+
+
 def reference_sweep(scan_dir: Path, labels: Path, sizes: list[int], k: int, seed: int) -> list[dict]:
     """The kNN detectors again on the scan's saved embeddings (no second embedding pass) against subsamples of
     each of ``sizes`` (0: the whole set): ROC-AUC, PR-AUC and what each one's top 1 % removes. Diagnostics
     beside the cut, which the scan's own ``--reference_size`` made."""
-    import torch
-    from safetensors.torch import load_file
-
     from lit_amdet.cleaning import metrics_at_budget
     from lit_amdet.metrics import ranking_metrics
     from lit_amdet.outliers import score_samples
-    from lit_amdet.poisoning import load_labels
-    from lit_amdet.sample_scan import EMBEDDINGS, sample_features
+    from lit_amdet.sample_scan import sample_features
 
-    saved = load_file(scan_dir / EMBEDDINGS)
-    unit = {m: torch.nn.functional.normalize(saved[m].float(), dim=-1) for m in ("image", "text")}
-    x = sample_features(unit["image"], unit["text"], "both")
-    mask = load_labels(labels)[saved["index"].numpy()]
+    image, text, mask = saved_embeddings(scan_dir, labels)
+    x = sample_features(image, text, "both")
     rows = []
     for m in sizes:
         raw = score_samples(x, KNN, k, seed=seed, reference_size=m or None, reference_draws=DRAWS)
@@ -102,14 +107,9 @@ def poison_geometry(scan_dir: Path, labels: Path, sample: int = 2000, seed: int 
     clean data they sit) and to the target caption (all poisons share it), each beside the same figure for a
     random sample of clean images. Why a cut did or did not find them; no cut depends on it."""
     import torch
-    from safetensors.torch import load_file
 
-    from lit_amdet.poisoning import load_labels
-    from lit_amdet.sample_scan import EMBEDDINGS
-
-    saved = load_file(scan_dir / EMBEDDINGS)
-    image, text = (torch.nn.functional.normalize(saved[m].float(), dim=-1) for m in ("image", "text"))
-    poisoned = torch.from_numpy(load_labels(labels)[saved["index"].numpy()].astype(bool))
+    image, text, mask = saved_embeddings(scan_dir, labels)
+    poisoned = torch.from_numpy(mask)
     clean_rows = torch.nonzero(~poisoned).flatten()
     pick = clean_rows[torch.randperm(len(clean_rows), generator=torch.Generator().manual_seed(seed))[:sample]]
     poisons = torch.nonzero(poisoned).flatten()
@@ -160,7 +160,7 @@ def scanned(model: Path, source: Path, labels: Path, out: Path, budget: float, a
 
 
 def clean_and_retrain(work: Path, name: str, attack_args: dict, rate: float, args) -> dict:
-    run_dir, out = run_dir_of(name, attack_args, rate, args)
+    run_dir, out = run_dir_of(planned(args, name, attack_args, rate), work)
     source = world(run_dir, name, attack_args, rate, args)
     train_s = trained(source, run_dir / "model", work, args)
     before = backdoor_success(run_dir / "model", name, attack_args, args.seed, **EVAL)
@@ -184,10 +184,17 @@ def setting_of(row: dict) -> tuple:
             row["budget"], row["reference_size"], row["k"], row["cut_by"], row.get("seed", 0))
 
 
-def run_dir_of(name: str, attack_args: dict, rate: float, args) -> tuple[Path, Path]:
-    """The world's folder and, inside it, the first cut's folder (one per cut setting, retrained model inside)."""
-    run_dir = Path(args.work) / f"{attack_tag(name, attack_args)}-{rate}-{args.num_samples}-{args.steps}"
-    return run_dir, run_dir / f"scan-b{args.budget}-m{args.reference_size}-k{args.k}-{args.cut_by}"
+def run_dir_of(setting: dict, work: Path) -> tuple[Path, Path]:
+    """The world's folder and, inside it, the first cut's folder (one per cut setting, retrained model inside),
+    from a row's settings (or the command's, with the attack and rate of the row to come)."""
+    s = setting
+    run_dir = work / f"{attack_tag(s['attack'], s['attack_args'])}-{s['rate']}-{s['num_samples']}-{s['steps']}"
+    return run_dir, run_dir / f"scan-b{s['budget']}-m{s['reference_size']}-k{s['k']}-{s['cut_by']}"
+
+
+def planned(args, name: str, attack_args: dict, rate: float) -> dict:
+    """The command's settings for one attack and rate: what a row it makes will record."""
+    return {**vars(args), "attack": name, "attack_args": attack_args, "rate": rate}
 
 
 def kept_labels(run_dir: Path, first: Path) -> Path:
@@ -202,7 +209,7 @@ def kept_labels(run_dir: Path, first: Path) -> Path:
 
 def second_round(row: dict, args) -> dict:
     """Scan what the first cut kept with the model retrained on it, cut its top ``second_budget``, retrain."""
-    run_dir, first = run_dir_of(row["attack"], row["attack_args"], row["rate"], args)
+    run_dir, first = run_dir_of(row, Path(args.work))
     out = first / f"round2-b{args.second_budget}"
     labels = kept_labels(run_dir, first)
     report, scan_s = scanned(first / "retrained", first / "shards", labels, out, args.second_budget, args)
@@ -218,8 +225,8 @@ def run(args: argparse.Namespace) -> dict:
     results = json.loads(out.read_text()) if out.is_file() else {"rows": []}
     attacks = {name: json.loads(args.attack_args).get(name, {}) for name in args.attacks}
     done = {setting_of(r) for r in results["rows"]}
-    wanted = {setting_of({**vars(args), "attack": name, "attack_args": attack_args, "rate": rate}):
-              (name, attack_args, rate) for rate in args.rates for name, attack_args in attacks.items()}
+    wanted = {setting_of(planned(args, name, attack_args, rate)): (name, attack_args, rate)
+              for rate in args.rates for name, attack_args in attacks.items()}
     for name, attack_args, rate in [plan for key, plan in wanted.items() if key not in done]:
         results["rows"].append(row := clean_and_retrain(work, name, attack_args, rate, args))
         write_json(out, results)  # after every world: resumable
@@ -230,9 +237,8 @@ def run(args: argparse.Namespace) -> dict:
             row.setdefault("second_rounds", []).append(second_round(row, args))
             write_json(out, results)
     for row in results["rows"]:  # also for rows of earlier runs whose scan is still in the work folder
-        run_dir, first = run_dir_of(row["attack"], row["attack_args"], row["rate"], args)
-        this_setting = all(row[key] == getattr(args, key) for key in CUT_SETTING) and row.get("seed", 0) == args.seed
-        if "geometry" not in row and this_setting and (first / "report.json").is_file():
+        run_dir, first = run_dir_of(row, work)  # the folder has no seed in its name: only this seed's rows
+        if "geometry" not in row and row.get("seed", 0) == args.seed and (first / "report.json").is_file():
             row["geometry"] = poison_geometry(first, run_dir / "data" / LABELS)
             write_json(out, results)
     clean_model(work, attacks, args, results.setdefault("clean", {}))
