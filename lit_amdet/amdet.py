@@ -310,22 +310,47 @@ def per_restart(values: Tensor, restarts: int) -> Tensor:
     return values.reshape(restarts, -1)
 
 
-@torch.no_grad()
-def vocabulary_at_slot(adapter: TextEncoderAdapter, slot: int, chunk: int = 4096) -> Tensor:
-    """H row every vocabulary token would have at position ``slot`` ([V, W]): comparable to a pseudo-token.
+def step_in_passes(param: Tensor, restarts: list[int], per_pass: int | None, losses_of) -> tuple[Tensor, ...]:
+    """One search step's losses ([len(restarts)], detached when in passes), mean assimilation and the loss to
+    optimise, with ``per_pass`` of ``restarts`` through the encoders at a time (None: all at once).
+    ``losses_of(vectors, group)`` gives a group's losses and mean assimilation.
 
-    Built through ``embed`` so that families whose embedding layer is not a plain
-    sum (BERT's LayerNorm) are compared in the same space as the inserted vector.
+    The restarts' losses are independent, so the gradient of their sum is the sum of each pass's gradient, and
+    each pass's graph is freed by its own backward before the next is built (most of a large encoder's peak
+    memory). In passes the loss returned is a stand-in, ``sum(param * gradient)``, whose gradient is that sum:
+    the optimiser step, gradient accumulation and precision handling of the trainer then run unchanged."""
+    if per_pass is None or per_pass >= len(restarts):
+        losses, assimilation = losses_of(param if len(restarts) == len(param) else param[restarts], restarts)
+        return losses, assimilation, losses.sum()
+    grad, per, assimilation = torch.zeros_like(param), [], []
+    for start in range(0, len(restarts), per_pass):
+        group = restarts[start:start + per_pass]
+        losses, assim = losses_of(param[group], group)
+        grad += torch.autograd.grad(losses.sum(), param)[0]
+        per.append(losses.detach())
+        assimilation.append(assim.detach() * len(group))
+    return torch.cat(per), torch.stack(assimilation).sum() / len(restarts), (param * grad).sum()
+
+
+@torch.no_grad()
+def vocabulary_cosines(adapter: TextEncoderAdapter, vector: Tensor, slot: int, chunk: int = 4096) -> Tensor:
+    """Cosine of ``vector`` ([W]) with the H row every vocabulary token would have at position ``slot`` ([V]).
+
+    The rows are built through ``embed``, so that families whose embedding layer is not a plain sum (BERT's
+    LayerNorm) are compared in the same space as the inserted vector, ``chunk`` tokens at a time: the [V, W]
+    table is never held whole (a CLIP vocabulary at ViT-L/14 width is 152 MB, and its normalised copy as much
+    again, at the very end of a scan).
     """
     v = adapter.vocab_size
     pad = adapter.special_token_ids.get("pad") or 0
-    rows = []
+    vector = vector.float().to(adapter.device)[None]
+    sims = []
     for start in range(0, v, chunk):
         ids = torch.arange(start, min(start + chunk, v), device=adapter.device)
         seq = torch.full((len(ids), slot + 1), pad, dtype=torch.long, device=adapter.device)
         seq[:, slot] = ids
-        rows.append(adapter.embed(seq)[:, slot].float())
-    return torch.cat(rows)
+        sims.append(F.cosine_similarity(adapter.embed(seq)[:, slot].float(), vector, dim=-1))
+    return torch.cat(sims)
 
 
 @torch.no_grad()
@@ -333,8 +358,7 @@ def nearest_tokens(adapter: TextEncoderAdapter, trigger: Tensor, position: int, 
     """Per trigger vector, the vocabulary tokens whose embedding at the same slot is closest (cosine)."""
     out = []
     for j, vec in enumerate(trigger.float()):
-        bank = vocabulary_at_slot(adapter, position + j)
-        sims = F.cosine_similarity(bank, vec.to(bank.device)[None], dim=-1)
+        sims = vocabulary_cosines(adapter, vec, position + j)
         vals, ids = sims.topk(min(top, len(sims)))
         toks = adapter.ids_to_tokens(ids.tolist())
         out.append([{"token": t, "id": int(i), "cosine": round(float(s), 4)} for t, i, s in zip(toks, ids, vals)])

@@ -13,6 +13,7 @@ from lit_amdet.amdet import (
     reachable,
     run_triggered,
     token_embedding_of,
+    vocabulary_cosines,
 )
 from lit_amdet.encoders import load_encoder
 
@@ -78,6 +79,22 @@ def test_inserting_a_real_token_recovers_it_and_the_textual_inversion_row(clip):
     native = clip.encode(clip.batch_from_ids(spliced, torch.ones_like(spliced)))
     torch.testing.assert_close(out.features[0, :pos + 1], native.token_features[0, :pos + 1].float(), atol=1e-5,
                                rtol=1e-5)
+
+
+def test_vocabulary_cosines_in_chunks_match_the_whole_table(clip):
+    """Streamed 1,000 tokens at a time, against every token's H row at the slot built at once and compared by
+    hand (dot product over norms)."""
+    slot = 2
+    vector = torch.randn(clip.width, generator=torch.Generator().manual_seed(0))
+    ids = torch.arange(clip.vocab_size)
+    seq = torch.zeros(len(ids), slot + 1, dtype=torch.long)
+    seq[:, slot] = ids
+    with torch.no_grad():
+        table = clip.embed(seq)[:, slot].double()
+    expected = table @ vector.double() / (table.norm(dim=1) * vector.double().norm())
+    got = vocabulary_cosines(clip, vector, slot, chunk=1000)
+    assert got.shape == (clip.vocab_size,)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bert_has_no_textual_inversion_row(tiny_models):

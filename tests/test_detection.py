@@ -171,6 +171,24 @@ def test_bf16_mixed_on_cpu(tiny_models, tmp_path):
     assert report["precision"] == "bf16-mixed" and report["verdict"] == "clean"
 
 
+def test_restarts_run_one_pass_at_a_time_take_the_same_steps(tiny_models, tmp_path):
+    """``restarts_per_pass: 1`` frees each restart's graph before the next is built (peak memory of large
+    encoders); the trigger must take exactly the steps it takes with every restart in one pass."""
+    import torch
+
+    common = ("--model.init_args.anchor", str(tiny_models["clip"]), "--model.init_args.check_every", "0",
+              "--trainer.max_steps", "4", "--trainer.callbacks", "[]", "--model.init_args.evidence_callbacks",
+              "false", "--model.init_args.benign_stop", "false")
+    triggers = {}
+    for per_pass in ("null", "1"):
+        code, out = detect(tmp_path, tiny_models["clip"], *common, "--model.init_args.restarts_per_pass", per_pass,
+                           out_name=f"pass-{per_pass}")
+        assert code == 0 and json.loads((out / "report.json").read_text())["steps"] == 4
+        triggers[per_pass] = load_file(str(out / "trigger.safetensors"))["all_restarts"]
+    assert triggers["null"].shape[0] == 2
+    torch.testing.assert_close(triggers["1"], triggers["null"], rtol=1e-4, atol=1e-5)
+
+
 def _fake_restarts(monkeypatch, hit: dict, who: int = 1) -> None:
     """Replace the scan's held-out evaluation: restart 0 has the lower loss and collapses nothing; restart ``who``
     gets ``hit`` over the same clean-looking scores (the clean prompts and the initial trigger get those too)."""

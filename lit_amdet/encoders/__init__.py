@@ -2,7 +2,13 @@
 
 from lit_amdet.encoders.base import EncoderOutput, TextEncoderAdapter, TokenBatch, insert_block
 from lit_amdet.encoders.hf import BertAdapter, CLIPAdapter, SiglipAdapter
-from lit_amdet.encoders.loading import file_sha256, load_encoder, read_state_dict, text_encoder_components
+from lit_amdet.encoders.loading import (
+    check_same_architecture,
+    file_sha256,
+    load_encoder,
+    read_state_dict,
+    text_encoder_components,
+)
 from lit_amdet.encoders.openclip import OpenCLIPAdapter
 from lit_amdet.encoders.tokenizers import clip_bpe_tokenizer
 
@@ -14,6 +20,7 @@ __all__ = [
     "SiglipAdapter",
     "TextEncoderAdapter",
     "TokenBatch",
+    "check_same_architecture",
     "clip_bpe_tokenizer",
     "file_sha256",
     "insert_block",

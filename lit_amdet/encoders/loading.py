@@ -23,7 +23,7 @@ from lit_amdet.encoders.formats import inside
 from lit_amdet.encoders.hf import BertAdapter, CLIPAdapter, SiglipAdapter
 from lit_amdet.encoders.openclip import OPENCLIP_CONFIG, OpenCLIPAdapter
 from lit_amdet.encoders.tokenizers import clip_bpe_tokenizer
-from lit_amdet.errors import CheckpointError, UnsafeCheckpointError, first_line, missing_hint
+from lit_amdet.errors import CheckpointError, ConfigError, UnsafeCheckpointError, first_line, missing_hint
 
 SAFE_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                 "model.fp16.safetensors")  # the last: diffusers' half-precision variant of a pipeline component
@@ -457,3 +457,19 @@ def load_encoder(
 
 
 __all__ = ["load_encoder", "read_state_dict", "file_sha256", "check_finite", "text_encoder_components", "resolve"]
+
+
+def check_same_architecture(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter) -> None:
+    """A one-line `ConfigError` unless ``anchor`` has the suspect's architecture (family, sizes, parameter shapes)."""
+    a, b = suspect.describe(), anchor.describe()
+    keys = ("family", "width", "embed_dim", "context_length", "causal", "pooling")
+    diff = [f"{k} {a[k]} vs {b[k]}" for k in keys if a[k] != b[k]]
+    if not diff and suspect.vocab_size != anchor.vocab_size:
+        diff.append(f"vocabulary {suspect.vocab_size} vs {anchor.vocab_size}")
+    if not diff:
+        sa = {n: p.shape for n, p in suspect.model.named_parameters()}
+        sb = {n: p.shape for n, p in anchor.model.named_parameters()}
+        if sa != sb:
+            diff.append("different parameter names/shapes")
+    if diff:
+        raise ConfigError(f"the anchor ({anchor.name}) is not the suspect's architecture: {'; '.join(diff)}")

@@ -13,6 +13,7 @@ the verdict and process 0 writes the run folder in one atomic rename.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from lit_amdet.amdet import (
     restart_roles,
     role_losses,
     run_triggered,
+    step_in_passes,
     token_embedding_of,
 )
 from lit_amdet.datamodules.text_encoder import TextLines
@@ -48,9 +50,10 @@ from lit_amdet.decision import (
     restart_summary,
     verdict_of,
 )
-from lit_amdet.encoders import TextEncoderAdapter, file_sha256, load_encoder
+from lit_amdet.encoders import TextEncoderAdapter, check_same_architecture, file_sha256, load_encoder
 from lit_amdet.errors import ConfigError
 from lit_amdet.io import StagedFolder, write_json
+from lit_amdet.memory import release_free_memory
 from lit_amdet.modules.base import EncoderTask
 from lit_amdet.screening import anchor_component, load_anchor, scan_targets
 from lit_amdet.search_control import SearchControl
@@ -58,6 +61,10 @@ from lit_amdet.search_control import SearchControl
 # per-restart sums the held-out evaluation reduces across processes
 STATS = ("n", "loss", "assimilation", "assimilated", "same_cos", "same_target", "anchor_cos", "anchor_negative",
          "anchor_assimilation", "anchor_pooled_cos", "orig_cos")
+
+
+#: steps between giving freed pages back (`lit_amdet.memory`): 10 steps' creep is small, and pages are refaulted
+RELEASE_EVERY = 10
 
 
 class BackdoorDetection(EncoderTask):
@@ -91,6 +98,8 @@ class BackdoorDetection(EncoderTask):
             search was measured to climb late: 0.01, 0.03, 0.02, 0.07, 0.84, 2.0 at checks 1-6).
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
         batch_size: probe prompts per step (each runs R times).
+        restarts_per_pass: restarts through the encoders together (None: all); fewer hold less autograd graph
+            at once, for the same step (`lit_amdet.amdet.step_in_passes`).
         probe_prompts, holdout_prompts: prompts taken from the DataModule's train and val splits.
         max_length: token positions per prompt (families that pad to their context ignore it).
         check_every: steps between held-out checks (early stop on a passing trigger, a stalled loss, or the
@@ -141,6 +150,7 @@ class BackdoorDetection(EncoderTask):
         lr: float = 0.08,
         weight_decay: float = 1e-5,
         batch_size: int = 8,
+        restarts_per_pass: int | None = None,
         probe_prompts: int = 200,
         holdout_prompts: int = 64,
         max_length: int | None = 32,
@@ -190,6 +200,8 @@ class BackdoorDetection(EncoderTask):
         if not 0 <= hp.position < self.encoder.context_length - hp.trigger_length:
             raise ConfigError(f"position {hp.position} leaves no room for {hp.trigger_length} trigger vectors "
                               f"in a context of {self.encoder.context_length}")
+        if hp.restarts_per_pass is not None and hp.restarts_per_pass < 1:
+            raise ConfigError(f"restarts_per_pass must be at least 1 (or null: all), not {hp.restarts_per_pass}")
         if hp.pooled_restarts is None:
             hp.pooled_restarts = hp.restarts // 2
         if not 0 <= hp.pooled_restarts <= hp.restarts:
@@ -287,19 +299,24 @@ class BackdoorDetection(EncoderTask):
         hp = self.hparams
         if not self.search.active:  # every restart dropped, and the trainer refused to stop (min_steps)
             return None
-        active = torch.tensor(self.search.active, dtype=torch.long)
-        vectors = self.trigger.vectors if len(active) == len(self.roles) else self.trigger.vectors[active]
-        out = self._run(self.train_cache, rows, vectors)
-        per = role_losses(out, [self.roles[r] for r in active.tolist()], hp.beta, hp.gamma, hp.pooled_gamma,
-                          hp.null_charge)  # [active]
+        per, assimilation, loss = step_in_passes(self.trigger.vectors, self.search.active, hp.restarts_per_pass,
+                                                 functools.partial(self._restart_losses, rows))
         self.log("train/loss_best_restart", per.min(), prog_bar=True)
         self.log("train/loss_mean", per.mean())
-        self.log("train/assimilation", out.assimilation.mean())
-        return per.sum()  # restarts are independent: the sum optimises each one
+        self.log("train/assimilation", assimilation)
+        return loss
+
+    def _restart_losses(self, rows: Tensor, vectors: Tensor, restarts: list[int]) -> tuple[Tensor, Tensor]:
+        """Each of ``restarts``' loss on the probe ``rows`` ([len(restarts)]) and their mean assimilation."""
+        out = self._run(self.train_cache, rows, vectors)
+        hp, roles = self.hparams, [self.roles[r] for r in restarts]
+        return role_losses(out, roles, hp.beta, hp.gamma, hp.pooled_gamma, hp.null_charge), out.assimilation.mean()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.search.restore(self.trigger.vectors)
         step = self.global_step
+        if step % RELEASE_EVERY == 0:
+            release_free_memory()  # freed activations back to the OS, or a large encoder's resident set creeps up
         # one check per optimiser step (with gradient accumulation several batches share a step)
         if self.hparams.check_every <= 0 or step % self.hparams.check_every or step == self._checked_at:
             return
@@ -581,18 +598,3 @@ class BackdoorDetection(EncoderTask):
         have = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
         # the evidence callbacks are part of the scan: added with defaults unless the config gives its own
         return [cb() for cb in (LossLandscape, HessianSpectrum) if cb not in have]
-
-
-def check_same_architecture(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter) -> None:
-    a, b = suspect.describe(), anchor.describe()
-    keys = ("family", "width", "embed_dim", "context_length", "causal", "pooling")
-    diff = [f"{k} {a[k]} vs {b[k]}" for k in keys if a[k] != b[k]]
-    if not diff and suspect.vocab_size != anchor.vocab_size:
-        diff.append(f"vocabulary {suspect.vocab_size} vs {anchor.vocab_size}")
-    if not diff:
-        sa = {n: p.shape for n, p in suspect.model.named_parameters()}
-        sb = {n: p.shape for n, p in anchor.model.named_parameters()}
-        if sa != sb:
-            diff.append("different parameter names/shapes")
-    if diff:
-        raise ConfigError(f"the anchor ({anchor.name}) is not the suspect's architecture: {'; '.join(diff)}")
