@@ -18,7 +18,6 @@ the next is built (`BackdoorDetection.restarts_per_pass`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -31,6 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scan_scaling  # noqa: E402
 import speed  # noqa: E402
+
+from lit_amdet.io import write_json  # noqa: E402
 
 REPO = speed.REPO
 
@@ -64,9 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                            "threads": args.threads, "device": args.device, "load_average_at_end": os.getloadavg()},
                "size": args.size, **scan_scaling.SIZES[args.size], "parameters": params, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, payload)  # atomic: a killed run leaves the previous results, not half a file
 
 
 if __name__ == "__main__":
