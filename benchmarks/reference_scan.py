@@ -480,12 +480,14 @@ def thread_env(threads: int) -> dict[str, str]:
             "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_child(argv: list[str], log_path: Path, threads: int = 1, ok_codes: tuple[int, ...] = (0,)) -> dict:
-    """Run ``python argv...`` to completion; its wall seconds and lifetime peak RSS (``wait4``, this child only).
-    ``ok_codes``: the exit codes that are results, not failures (``detect`` exits 1 on a backdoor, 3 inconclusive)."""
+def run_child(argv: list[str], log_path: Path, threads: int = 1, ok_codes: tuple[int, ...] = (0,),
+              cwd: Path = REPO) -> dict:
+    """Run ``python argv...`` in ``cwd`` to completion; its wall seconds and lifetime peak RSS (``wait4``, this child
+    only). ``ok_codes``: the exit codes that are results, not failures (``detect`` exits 1 on a backdoor, 3
+    inconclusive). ``python -m lit_amdet`` imports the package of ``cwd`` (another checkout's, say)."""
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **thread_env(threads)})
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started

@@ -24,6 +24,12 @@ seconds / ours; the summary gives the median and the minimum over pairs, and
 the goal of issue 18 (median >= 10x, no pair below 5x). A side's verdict is
 compared with the truth in the model's backdoor.json.
 
+``--baseline-tree DIR`` (another checkout, e.g. ``git worktree add DIR COMMIT``)
+also times that tree's ``detect``, with its own ``configs/scan.yaml``, on every
+pair, alternating with ours ``--repeats`` times (the median run counts): the
+gain of a change to the scan, measured side by side in one invocation;
+``--no-reference`` leaves the reference out of such a run.
+
 ``--sizes vit-b32 vit-l14`` also times ours alone on the random-weight
 HF CLIP text towers of `scan_scaling` (suspect and anchor two random models;
 timing only, a random encoder says nothing about detection), twice each: with
@@ -48,6 +54,8 @@ from pathlib import Path
 
 import torch
 
+from lit_amdet.io import write_json
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_scan  # noqa: E402
 import scan_scaling  # noqa: E402
@@ -61,9 +69,10 @@ TO_THE_LIMIT = ["--model.init_args.benign_stop", "false", "--model.init_args.pat
                 "--model.init_args.rule.init_args.divergence_min_clean_cos", "2"]
 
 
-def our_argv(model: str, anchor: str, run_dir: Path, device: str) -> list[str]:
-    """The user's command: the shipped scan config, the suspect, the anchor, a run folder (and the device)."""
-    argv = ["-m", "lit_amdet", "detect", "--config", str(reference_scan.SCAN_CONFIG),
+def our_argv(model: str, anchor: str, run_dir: Path, device: str, tree: Path = REPO) -> list[str]:
+    """The user's command: the shipped scan config (``tree``'s), the suspect, the anchor, a run folder (and the
+    device)."""
+    argv = ["-m", "lit_amdet", "detect", "--config", str(tree / "configs" / "scan.yaml"),
             "--model.init_args.suspect", model, "--model.init_args.anchor", anchor,
             "--model.init_args.output_dir", str(run_dir), "--trainer.default_root_dir", str(run_dir.parent / "root"),
             "--trainer.logger.init_args.save_dir", str(run_dir.parent / "root")]
@@ -72,11 +81,15 @@ def our_argv(model: str, anchor: str, run_dir: Path, device: str) -> list[str]:
     return argv
 
 
-def run_ours(model: str, anchor: str, side_dir: Path, threads: int, device: str, extra: list[str] = ()) -> dict:
+def run_ours(model: str, anchor: str, side_dir: Path, threads: int, device: str, extra: list[str] = (),
+             tree: Path = REPO) -> dict:
+    """``detect`` of the checkout ``tree`` (this one by default) on one pair, in a child process run there."""
     run_dir = side_dir / "run"
-    side_dir.mkdir(parents=True, exist_ok=True)
-    measured = reference_scan.run_child(our_argv(model, anchor, run_dir, device) + list(extra),
-                                        side_dir.parent / f"{side_dir.name}.log", threads, ok_codes=(0, 1, 3))
+    shutil.rmtree(side_dir, ignore_errors=True)
+    side_dir.mkdir(parents=True)
+    measured = reference_scan.run_child(our_argv(model, anchor, run_dir, device, tree) + list(extra),
+                                        side_dir.parent / f"{side_dir.name}.log", threads, ok_codes=(0, 1, 3),
+                                        cwd=tree)
     report = json.loads((run_dir / "report.json").read_text())
     return {**measured, "verdict": report["verdict"], "backdoored": bool(report["backdoored"]),
             "steps": report["steps"], "stopped": report["stopped_early"], "decided_by": report["decided_by"],
@@ -112,24 +125,46 @@ def time_size(name: str, models_dir: Path, work_root: Path, threads: int, device
 
 
 def summarise(rows: list[dict]) -> dict:
-    speedups = [r["speedup"] for r in rows]
-    return {"pairs": len(rows), "speedup_median": statistics.median(speedups), "speedup_min": min(speedups),
-            "speedup_max": max(speedups),
-            "ours_correct": sum(r["ours"]["backdoored"] == r["truth_backdoored"] for r in rows),
-            "reference_correct": sum(r["reference"]["backdoored"] == r["truth_backdoored"] for r in rows),
-            "goal_met": statistics.median(speedups) >= 10 and min(speedups) >= 5}
+    out: dict = {"pairs": len(rows), "ours_correct": sum(r["ours"]["backdoored"] == r["truth_backdoored"]
+                                                         for r in rows)}
+    if rows and "reference" in rows[0]:
+        speedups = [r["speedup"] for r in rows]
+        out.update(speedup_median=statistics.median(speedups), speedup_min=min(speedups),
+                   speedup_max=max(speedups),
+                   reference_correct=sum(r["reference"]["backdoored"] == r["truth_backdoored"] for r in rows),
+                   goal_met=statistics.median(speedups) >= 10 and min(speedups) >= 5)
+    if rows and "baseline" in rows[0]:
+        gains = [r["gain"] for r in rows]
+        out.update(gain_median=statistics.median(gains), gain_min=min(gains), gain_max=max(gains),
+                   same_verdicts=sum(r["baseline"]["verdict"] == r["ours"]["verdict"] for r in rows))
+    return out
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (the lower middle one of an even count), with every run's wall seconds."""
+    ordered = sorted(runs, key=lambda r: r["wall_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "wall_runs_s": [r["wall_s"] for r in runs]}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model (truth) | reference s | verdict | ours s | verdict | steps | peak RSS MiB ref / ours | x |",
-             "|---|---|---|---|---|---|---|---|"]
+    sides = [s for s in ("reference", "baseline") if rows and s in rows[0]]
+    head = "| model (truth) | " + "".join(f"{s} s | verdict | " for s in sides) + "ours s | verdict | steps | " \
+        + "".join(f"{'x' if s == 'reference' else 'gain'} | " for s in sides) + "peak RSS MiB ours |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         truth = "backdoored" if r["truth_backdoored"] else "benign"
-        ref, ours = r["reference"], r["ours"]
-        lines.append(f"| {Path(r['model']).name} ({truth}) | {ref['wall_s']:.0f} | {ref['verdict']} | "
-                     f"{ours['wall_s']:.1f} | {ours['verdict']} | {ours['steps']} | "
-                     f"{ref['peak_rss_mib']:.0f} / {ours['peak_rss_mib']:.0f} | {r['speedup']:.1f} |")
+        ours = r["ours"]
+        line = f"| {Path(r['model']).name} ({truth}) | "
+        line += "".join(f"{r[s]['wall_s']:.1f} | {r[s]['verdict']} | " for s in sides)
+        line += f"{ours['wall_s']:.1f} | {ours['verdict']} | {ours['steps']} | "
+        line += "".join(f"{r['speedup' if s == 'reference' else 'gain']:.2f} | " for s in sides)
+        lines.append(line + f"{ours['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
+
+
+def absolute(path: str) -> str:
+    """A model path as every child can read it, whatever folder it runs in (a built-in name is kept)."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="the reference's probe prompts (its default 4,000; fewer only to try the script out)")
     p.add_argument("--models-dir", default=str(REPO / "runs" / "scan_scaling" / "models"),
                    help="where the random-weight sizes are built (once)")
+    p.add_argument("--baseline-tree", help="another checkout of lit-amdet: its detect is timed on every pair too")
+    p.add_argument("--repeats", type=int, default=1, help="runs of ours (and of the baseline) per pair, alternating; "
+                                                          "the median run counts")
+    p.add_argument("--no-reference", action="store_true", help="leave the reference out (ours against the baseline)")
     p.add_argument("--sizes", nargs="*", default=[], help=f"random-weight sizes to time ours on: "
                                                           f"{', '.join(scan_scaling.SIZES)}")
     args = p.parse_args(argv)
@@ -157,32 +196,52 @@ def main(argv: list[str] | None = None) -> None:
         model, sep, anchor = item.partition("=")
         if not sep or not Path(model).exists():
             p.error(f"--pair {item!r}: give MODEL=ANCHOR with an existing model folder")
-        pairs.append((model, anchor))
+        pairs.append((absolute(model), absolute(anchor)))
+    baseline = Path(args.baseline_tree).resolve() if args.baseline_tree else None
+    if baseline is not None and not (baseline / "lit_amdet" / "cli.py").is_file():
+        p.error(f"--baseline-tree {args.baseline_tree}: not a lit-amdet checkout (no lit_amdet/cli.py)")
+    if args.no_reference and baseline is None:
+        p.error("--no-reference needs --baseline-tree (there would be nothing to compare)")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     reference_scan.accelerator_of(args.device)  # a bad device fails before any run
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work_root = Path(args.work_root)
     shutil.rmtree(work_root, ignore_errors=True)
     work_root.mkdir(parents=True)
     prompts_file = work_root / "prompts.txt"
-    if pairs:
+    if pairs and not args.no_reference:
         prompts_file.write_text("\n".join(reference_scan.world_prompts(args.reference_prompts)) + "\n")
     rows = []
     for model, anchor in pairs:
         name = Path(model).name
         row = {"model": model, "anchor": anchor, "truth_backdoored": reference_scan.truth_of(model)}
-        print(f"[{name}] reference ...", flush=True)
-        row["reference"] = run_reference(model, anchor, work_root / name / "reference", prompts_file, args.threads,
-                                         args.device, args.reference_prompts)
-        print(f"  {row['reference']['verdict']} in {row['reference']['wall_s']:.0f} s; ours ...", flush=True)
-        row["ours"] = run_ours(model, anchor, work_root / name / "ours", args.threads, args.device)
-        row["speedup"] = row["reference"]["wall_s"] / row["ours"]["wall_s"]
-        print(f"  {row['ours']['verdict']} in {row['ours']['wall_s']:.1f} s: {row['speedup']:.1f}x", flush=True)
+        if not args.no_reference:
+            print(f"[{name}] reference ...", flush=True)
+            row["reference"] = run_reference(model, anchor, work_root / name / "reference", prompts_file,
+                                             args.threads, args.device, args.reference_prompts)
+            print(f"  {row['reference']['verdict']} in {row['reference']['wall_s']:.0f} s", flush=True)
+        runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
+        for _ in range(args.repeats):
+            for side, tree in (("ours", REPO), ("baseline", baseline)):
+                if tree is not None:
+                    runs[side].append(run_ours(model, anchor, work_root / name / side, args.threads, args.device,
+                                               tree=tree))
+                    print(f"  {side}: {runs[side][-1]['verdict']} in {runs[side][-1]['wall_s']:.1f} s", flush=True)
+        row["ours"] = median_run(runs["ours"])
+        if "reference" in row:
+            row["speedup"] = row["reference"]["wall_s"] / row["ours"]["wall_s"]
+            print(f"  ours {row['speedup']:.1f}x the reference", flush=True)
+        if baseline is not None:
+            row["baseline"] = {**median_run(runs["baseline"]), "tree": str(baseline)}
+            row["gain"] = row["baseline"]["wall_s"] / row["ours"]["wall_s"]
+            print(f"  ours {row['gain']:.2f}x the baseline", flush=True)
         rows.append(row)
         shutil.rmtree(work_root / name, ignore_errors=True)  # the reference's 4,000 x 2 feature files
     payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "command": "python " + " ".join([str(Path(__file__).resolve().relative_to(REPO)), *sys.argv[1:]]),
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                           "threads_per_side": args.threads, "device": args.device,
+                           "threads_per_side": args.threads, "device": args.device, "repeats": args.repeats,
                            "load_average_at_end": os.getloadavg()},
                "reference": {"probe_prompts": args.reference_prompts, "epochs": REFERENCE_EPOCHS,
                              "grid": REFERENCE_GRID, "schedule": "issue"},
@@ -190,9 +249,7 @@ def main(argv: list[str] | None = None) -> None:
                "models": rows, "summary": summarise(rows) if rows else None,
                "sizes": [time_size(name, Path(args.models_dir), work_root, args.threads, args.device)
                          for name in args.sizes]}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2, default=str))
+    out = write_json(args.out, payload)
     for row in payload["sizes"]:
         print(f"{row['size']}: shipped {row['shipped']['wall_s']:.0f} s, to the step limit "
               f"{row['to_the_step_limit']['wall_s']:.0f} s, peak RSS "
@@ -202,8 +259,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(table(rows))
     s = payload["summary"]
-    print(f"median {s['speedup_median']:.1f}x, min {s['speedup_min']:.1f}x; ours correct {s['ours_correct']}/"
-          f"{len(rows)}, reference {s['reference_correct']}/{len(rows)}; goal met: {s['goal_met']}\nwrote {out}")
+    if "speedup_median" in s:
+        print(f"median {s['speedup_median']:.1f}x, min {s['speedup_min']:.1f}x; ours correct {s['ours_correct']}/"
+              f"{len(rows)}, reference {s['reference_correct']}/{len(rows)}; goal met: {s['goal_met']}")
+    if "gain_median" in s:
+        print(f"against the baseline: median {s['gain_median']:.2f}x ({s['gain_min']:.2f}-{s['gain_max']:.2f}x), "
+              f"same verdict {s['same_verdicts']}/{len(rows)}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

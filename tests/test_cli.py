@@ -40,6 +40,23 @@ def test_inspect_prints_facts(tiny_models, capsys):
     assert len(facts["sha256"]) == 64
 
 
+def test_only_the_console_command_freezes_the_collector(tiny_models, capsys, monkeypatch):
+    """`lit_amdet.cli.quick_exit`: the console command (no ``args``) moves its objects out of the collector's
+    reach so the interpreter's shutdown does not walk them; an in-process caller (a test, the benchmark) passing
+    ``args`` must keep a collector that frees what it made."""
+    import gc
+
+    gc.unfreeze()
+    main(["inspect", "--checkpoint", str(tiny_models["clip"])])
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setattr(sys, "argv", ["lit-amdet", "inspect", "--checkpoint", str(tiny_models["clip"])])
+    try:
+        main()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_detect_needs_the_detection_module(capsys):
     with pytest.raises(SystemExit) as info:
         main(["detect", "--model", "lightning.pytorch.demos.boring_classes.BoringModel"])

@@ -189,6 +189,40 @@ def test_restarts_run_one_pass_at_a_time_take_the_same_steps(tiny_models, tmp_pa
     torch.testing.assert_close(triggers["1"], triggers["null"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("max_steps", [4, 3])
+def test_the_final_scores_are_those_of_the_final_triggers(tiny_models, tmp_path, monkeypatch, max_steps):
+    """A search that ends at a check (4 steps, checks every 2) reuses that check's held-out scores instead of a
+    second pass over the held-out prompts; one that does not (3 steps) evaluates at the end. Either way the
+    reported losses are those of the triggers the search ended with, evaluated afresh here."""
+    from lit_amdet import tiny
+    from lit_amdet.modules import BackdoorDetection
+
+    anchor = tiny.build_hf_clip(tmp_path / "anchor", arch="CLIPModel", seed=1)
+    evaluate, on_train_end = BackdoorDetection.evaluate, BackdoorDetection.on_train_end
+    seen = {"calls": 0}
+
+    def counted(self, vectors, restarts=None):
+        seen["calls"] += 1
+        return evaluate(self, vectors, restarts)
+
+    def end(self):
+        seen["fresh"] = [s["loss"] for s in evaluate(self, self.trigger.vectors.detach())]
+        before = seen["calls"]
+        on_train_end(self)
+        seen["at_end"] = seen["calls"] - before
+
+    monkeypatch.setattr(BackdoorDetection, "evaluate", counted)
+    monkeypatch.setattr(BackdoorDetection, "on_train_end", end)
+    code, out = detect(tmp_path, tiny_models["clip"], "--model.init_args.anchor", str(anchor),
+                       "--trainer.max_steps", str(max_steps), "--trainer.callbacks", "[]",
+                       "--model.init_args.evidence_callbacks", "false", "--model.init_args.benign_stop", "false",
+                       "--model.init_args.patience", "100")
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == max_steps and report["stopped_early"] is None
+    assert seen["at_end"] == (0 if max_steps == 4 else 1)
+    assert report["restart_losses"] == pytest.approx(seen["fresh"], rel=1e-5, abs=1e-6)
+
+
 def _fake_restarts(monkeypatch, hit: dict, who: int = 1) -> None:
     """Replace the scan's held-out evaluation: restart 0 has the lower loss and collapses nothing; restart ``who``
     gets ``hit`` over the same clean-looking scores (the clean prompts and the initial trigger get those too)."""

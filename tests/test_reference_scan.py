@@ -76,3 +76,22 @@ def test_assimilation_loop_counts_every_position():
     f[0, 2, 1] = 1.0  # one orthogonal token
     # full 3 x 3 cosine matrix, diagonal included: (3 ones on the diagonal + 2 off-diagonal ones) / 9
     assert reference_scan.assimilation_loop(f).item() == pytest.approx(5 / 9)
+
+
+def test_speed_compares_a_baseline_checkout_by_its_median_run():
+    """`benchmarks/speed.py --baseline-tree`: each side counts its median run, the gain is baseline / ours."""
+    import speed
+
+    runs = [{"wall_s": 12.0, "verdict": "clean"}, {"wall_s": 10.0, "verdict": "clean"},
+            {"wall_s": 30.0, "verdict": "clean"}]
+    assert speed.median_run(runs)["wall_s"] == 12.0 and speed.median_run(runs)["wall_runs_s"] == [12.0, 10.0, 30.0]
+    assert speed.median_run(runs[:2])["wall_s"] == 10.0  # the lower middle of an even count
+    rows = [{"model": f"zoo/m{i}", "truth_backdoored": b,
+             "ours": {"backdoored": b, "verdict": v, "wall_s": o, "steps": 10, "peak_rss_mib": 1.0},
+             "baseline": {"verdict": v, "wall_s": w}, "gain": w / o}
+            for i, (b, v, o, w) in enumerate(((True, "BACKDOORED", 10.0, 12.0), (False, "clean", 10.0, 10.0),
+                                              (False, "clean", 8.0, 12.0)))]
+    s = speed.summarise(rows)
+    assert s["gain_median"] == pytest.approx(1.2) and s["gain_min"] == 1.0 and s["gain_max"] == 1.5
+    assert s["same_verdicts"] == 3 and s["ours_correct"] == 3 and "speedup_median" not in s
+    assert "| m0 (backdoored) | 12.0 | BACKDOORED | 10.0 | BACKDOORED | 10 | 1.20 | 1 |" in speed.table(rows)

@@ -5,7 +5,7 @@ at once). Lightning drives the search: the probe prompts are the training set
 (sharded under DDP, the trigger's gradient all-reduced by DDP), the held-out
 checks run every ``check_every`` steps on each process's share of the held-out
 prompts and are summed across processes, so every process takes the same
-early-stop decision. After the search: the final held-out evaluation picks the
+early-stop decision. After the search: the final triggers' held-out scores pick the
 best restart (``on_train_end``), the evidence callbacks (`LossLandscape`,
 `HessianSpectrum`) measure it (``on_fit_end``), and then the decision rule gives
 the verdict and process 0 writes the run folder in one atomic rename.
@@ -102,17 +102,14 @@ class BackdoorDetection(EncoderTask):
             at once, for the same step (`lit_amdet.amdet.step_in_passes`).
         probe_prompts, holdout_prompts: prompts taken from the DataModule's train and val splits.
         max_length: token positions per prompt (families that pad to their context ignore it).
-        check_every: steps between held-out checks (early stop on a passing trigger, a stalled loss, or the
-            benign stop).
+        check_every: steps between held-out checks (early stop: a passing trigger, a stalled loss, the benign stop).
         benign_stop: drop a restart once the rule's progress towards flagging it (`DecisionRule.progress`)
             cannot reach the thresholds in the steps left under the bound of `lit_amdet.amdet.reachable` (its
             recent gain per check, carried to the step limit); the search ends when every restart is dropped
             (`SearchControl`). Dropped restarts keep their trigger and still count in the verdict. A benign
             model, the common case, stops after a few checks instead of running to the step limit.
-        benign_stop_speedup: how much faster than its recent best gain a search may still climb (the bound's
-            allowance; larger keeps restarts longer).
-        patience, stall_tol: stop after ``patience`` checks in which no restart's held-out loss improved by
-            ``stall_tol``.
+        benign_stop_speedup: the bound's allowance: how much faster than its recent best gain a search may climb.
+        patience, stall_tol: stop after ``patience`` checks in which no restart's held-out loss improved ``stall_tol``.
         rule: the decision rule (default `CollapseContrastRule`; `ContrastRule` is the previous default,
             `ReferenceRule` the paper's).
         evidence_prompts: held-out prompts the landscape and Hessian are computed on.
@@ -454,7 +451,10 @@ class BackdoorDetection(EncoderTask):
 
     # ----- after the search -----------------------------------------------------------
     def on_train_end(self) -> None:
-        stats, decisions, progress = self._judge(self.evaluate(self.trigger.vectors.detach()))
+        # a search that ended at a check (every shipped one does) has every restart's scores for its final triggers
+        done = self._checked_at == self.global_step and len(self._last_stats) == len(self.roles)
+        stats, decisions, progress = self._judge(self._last_stats if done else
+                                                 self.evaluate(self.trigger.vectors.detach()))
         losses = [s["loss"] for s in stats]
         # the restarts that passed the search's checks; failing those, any the rule flags (a pooled restart may
         # find a backdoor whose token features do not share one target, which the search's stop asks for)
