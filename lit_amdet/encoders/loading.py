@@ -456,9 +456,6 @@ def load_encoder(
     return adapter
 
 
-__all__ = ["load_encoder", "read_state_dict", "file_sha256", "check_finite", "text_encoder_components", "resolve"]
-
-
 def check_same_architecture(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter) -> None:
     """A one-line `ConfigError` unless ``anchor`` has the suspect's architecture (family, sizes, parameter shapes)."""
     a, b = suspect.describe(), anchor.describe()
@@ -473,3 +470,7 @@ def check_same_architecture(suspect: TextEncoderAdapter, anchor: TextEncoderAdap
             diff.append("different parameter names/shapes")
     if diff:
         raise ConfigError(f"the anchor ({anchor.name}) is not the suspect's architecture: {'; '.join(diff)}")
+
+
+__all__ = ["load_encoder", "read_state_dict", "file_sha256", "check_finite", "check_same_architecture",
+           "text_encoder_components", "resolve"]
