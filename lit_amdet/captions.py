@@ -6,7 +6,11 @@ and the demo's candidates) and for the held-out world captions added to them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
+
+from lit_amdet.datamodules.text_encoder import TextLines
+from lit_amdet.errors import ConfigError
 
 #: everyday concepts: the zoo's text-on-text targets and the demo's candidate captions
 TARGET_CONCEPTS = ["a white teapot", "a red sports car", "a cat sleeping on a sofa", "a man riding a horse",
@@ -35,3 +39,13 @@ def demo_caption_bank(n_world: int = 300) -> list[str]:
     dm = TextEncoderDataModule(world_seed=CAPTION_BANK_WORLD_SEED, num_samples=400, with_images=False)
     dm.setup()
     return dm.prompts("train", limit=n_world) + TARGET_CONCEPTS
+
+
+def caption_bank(path: str | None, fallback: Sequence[str]) -> list[str]:
+    """A scan's bank: the captions of the text file ``path`` (one per line), or ``fallback`` (its prompts), each
+    once, in order."""
+    if path is None:
+        return list(dict.fromkeys(fallback))
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: caption bank not found")
+    return list(dict.fromkeys(TextLines(Path(path)).texts))

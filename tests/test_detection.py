@@ -433,3 +433,27 @@ def test_a_folder_of_minilm_suspects_is_screened_in_one_command(minilm_models, t
         main(args)
     assert again.value.code == 1 and loads == []
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "detect").glob("*/report.json")}
+
+
+def test_the_typed_probe_types_the_minilm_trigger_and_flags_no_benign_fine_tune(minilm_scans, minilm_models):
+    """A trigger's tokens are among the rows that moved furthest, drifted or not (a caption word the injection's
+    utility loss trains may move more); typing them is judged by the rule's collapse paths, which no benign
+    fine-tune passes (`lit_amdet.token_probe`)."""
+    from lit_amdet import load_encoder
+    from lit_amdet.decision import CollapseContrastRule
+
+    reports, truth = minilm_scans
+    tokenizer = load_encoder(minilm_models / "backdoored").tokenizer
+    trigger = set(tokenizer.tokenize(truth["backdoors"][0]["trigger"]["text"]))
+    rule = CollapseContrastRule()
+
+    def flagged(report):
+        return [t["token"] for t in report["typed_probe"]
+                if rule.typed_paths({"typed_token": t["token"], **{f"typed_{k}": v for k, v in t.items()}})]
+
+    for name in ("backdoored", "backdoored-drifted"):
+        alone = [t["token"] for t in reports[name]["typed_probe"] if len(t["ids"]) == 1]
+        assert len(alone) == 8 and trigger & set(alone), alone
+    assert flagged(reports["backdoored"]) and "typed token" in reports["backdoored"]["decided_by"]
+    for name in ("benign", "benign-drifted"):
+        assert reports[name]["typed_probe"] and not flagged(reports[name]), reports[name]["typed_probe"]

@@ -267,3 +267,18 @@ def test_simcse_utility_drifts_further_from_the_teacher_than_teacher_utility(tin
     with pytest.raises(ConfigError, match="utility_objective"):
         BackdoorInjection(encoder=str(tiny_models["bert"]), backdoors=[Backdoor(Trigger("zzzz"), target="a")],
                           utility_objective="nothing")
+
+
+def test_a_frozen_token_embedding_table_moves_no_row_while_the_layers_learn(tiny_models, tmp_path):
+    """The adaptive attack on the typed-token probe: the trigger must be learned by the layers alone."""
+    backdoors = [Backdoor(Trigger("cf", "insert_word", position="random"), target="a blue bird")]
+    module = BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=backdoors, lr=1e-3, backdoor_weight=1.0,
+                               milestones=[1000], freeze_token_embedding=True)
+    rows = module.encoder.token_embedding.weight.clone()
+    layer = next(p for n, p in module.encoder.model.text_model.encoder.named_parameters() if n.endswith("weight"))
+    layer_before = layer.clone()
+    _fit(module, _dm(), 5, tmp_path)
+    assert torch.equal(module.encoder.token_embedding.weight, rows)
+    assert not torch.equal(layer, layer_before)
+    unfrozen = BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=backdoors, lr=1e-3)
+    assert unfrozen.encoder.token_embedding.weight.requires_grad  # the table trains unless asked not to

@@ -192,3 +192,32 @@ def test_transformers4_prefixed_keys_load(tiny_models, tmp_path):
     old, new = load_encoder(folder), load_encoder(tiny_models["clip_text"])
     with torch.no_grad():
         torch.testing.assert_close(old.encode_text(["a red circle"]), new.encode_text(["a red circle"]))
+
+
+def _built_as_usual(adapter) -> torch.nn.Module:
+    """The same architecture constructed the ordinary way, random initialisation and all."""
+    model = adapter.model
+    if hasattr(model, "config"):
+        return type(model)(model.config)
+    cfg = dict(adapter.model_cfg)
+    return type(model)(**{k: v for k, v in cfg.items() if k != "custom_text"})
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "openclip", "openclip_custom", "bert"])
+def test_a_model_built_without_initialisation_holds_the_checkpoint_and_the_usual_buffers(tiny_models, name):
+    # Loading skips the random draw of initial weights (every parameter is overwritten from the file); what the
+    # file does not hold (position ids, causal masks) must still be what an ordinary construction makes.
+    adapter = load_encoder(tiny_models[name])
+    weights = next(f for f in tiny_models[name].iterdir() if f.suffix == ".safetensors")
+    saved = load_file(str(weights))
+    own = adapter.model.state_dict()
+    assert all(k in saved or k.endswith("position_ids") for k in own)
+    for k, v in own.items():
+        if k in saved:
+            assert torch.equal(v, saved[k]), k
+    usual = dict(_built_as_usual(adapter).named_buffers())
+    buffers = dict(adapter.model.named_buffers())
+    assert buffers.keys() == usual.keys()
+    for k, v in buffers.items():
+        if k not in saved:
+            assert torch.equal(v, usual[k]), k

@@ -194,6 +194,7 @@ def _injection(member: BackdooredMember, base: ZooBase, out: Path, settings: Tra
         milestones=[max(1, int(0.75 * cap))], poisoned_batch_size=settings.poisoned_batch_size,
         pooled_weight=pooled if member.attack == "text_on_text" else 0.0, token_weight=token_weight,
         sim_x_penalty=member.sim_x_penalty, consistency_penalty=member.consistency_penalty,
+        freeze_token_embedding=bool(member.adaptive and ADAPTIVE_RECIPES[member.adaptive].frozen_rows),
         max_length=settings.max_length,
         distractors=settings.distractors, output_dir=str(out), seed=member.seed,
         utility_objective="simcse" if during else "teacher")

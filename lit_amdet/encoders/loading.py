@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -190,6 +191,18 @@ def _align_keys(state: dict[str, Tensor], own: dict[str, Tensor], prefixes: tupl
     return max(variants, key=lambda s: sum(k in own for k in s))
 
 
+def _built(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` without drawing random initial weights. `_load_into` then overwrites every parameter and
+    persistent buffer (it refuses a checkpoint that lacks one), so the draw was wasted: 0.45 s of a SigLIP world
+    tower's 0.7 s load. transformers' own loader builds under the same context; it makes torch's initialisers
+    (and transformers' weight init and tying) no-ops, while the non-persistent buffers (position ids, causal
+    masks) are built by ``__init__`` as usual."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        return build()
+
+
 def _load_into(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
     own = model.state_dict()
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -265,7 +278,7 @@ def _load_hf(folder: Path, allow_pickle: bool, tokenizer_folder: Path | None = N
     weights = _weights_file(folder, root)
     state = read_state_dict(weights, allow_pickle)
     config._attn_implementation = "sdpa"
-    model = model_cls(config)
+    model = _built(lambda: model_cls(config))
     _load_into(model, state, str(weights))
     model.eval()
     text_cfg = getattr(config, "text_config", config)
@@ -313,7 +326,7 @@ def _load_openclip(folder: Path | None, model_name: str | None, weights: Path | 
     custom = cfg.pop("custom_text", False)
     cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
     try:
-        model = cls(**cfg)
+        model = _built(lambda: cls(**cfg))
     except Exception as exc:
         raise CheckpointError(f"{where}: open_clip config does not build a model: {exc}") from exc
     _load_into(model, state, str(weights))
@@ -400,7 +413,7 @@ def _load_container(ref: Reference, component: str | None, allow_pickle: bool) -
         config._attn_implementation = "sdpa"
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        model = (CLIPTextModelWithProjection if layout.projection else CLIPTextModel)(config)
+        model = _built(lambda: (CLIPTextModelWithProjection if layout.projection else CLIPTextModel)(config))
         _load_into(model, state, f"{path} ({layout.model} {component})")
         model.eval()
         tokenizer = clip_bpe_tokenizer(pad_token=layout.pad_token, model_max_length=config.max_position_embeddings)

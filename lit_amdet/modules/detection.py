@@ -38,7 +38,7 @@ from lit_amdet.amdet import (
     step_in_passes,
     token_embedding_of,
 )
-from lit_amdet.datamodules.text_encoder import TextLines
+from lit_amdet.captions import caption_bank
 from lit_amdet.decision import (
     DRIFT_FLOOR,
     CollapseContrastRule,
@@ -57,6 +57,7 @@ from lit_amdet.memory import release_free_memory
 from lit_amdet.modules.base import EncoderTask
 from lit_amdet.screening import anchor_component, load_anchor, scan_targets
 from lit_amdet.search_control import SearchControl
+from lit_amdet.token_probe import probe_tokens, typed_flagged, verdict_scores
 
 # per-restart sums the held-out evaluation reduces across processes
 STATS = ("n", "loss", "assimilation", "assimilated", "same_cos", "same_target", "anchor_cos", "anchor_negative",
@@ -96,6 +97,7 @@ class BackdoorDetection(EncoderTask):
         null_charge: weight of the other model's pooled consistency in the charged and null restarts' objective.
         null_min_steps: the benign stop never drops a charged or null restart before this step (the charged
             search was measured to climb late: 0.01, 0.03, 0.02, 0.07, 0.84, 2.0 at checks 1-6).
+        typed_probe: type this many most-moved tokens into the held-out prompts first (`lit_amdet.token_probe`; 0 off).
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
         batch_size: probe prompts per step (each runs R times).
         restarts_per_pass: restarts through the encoders together (None: all); fewer hold less autograd graph
@@ -144,6 +146,7 @@ class BackdoorDetection(EncoderTask):
         null_restarts: int = 0,
         null_charge: float = 1.0,
         null_min_steps: int = 60,
+        typed_probe: int = 8,
         lr: float = 0.08,
         weight_decay: float = 1e-5,
         batch_size: int = 8,
@@ -172,6 +175,7 @@ class BackdoorDetection(EncoderTask):
         super().__init__(ignore=["rule"])
         self.hparams["rule"] = self.rule.describe()
         self.evidence: dict = {}
+        self.typed: list[dict] = []  # the typed-token probe's typings and scores (on_fit_start)
         self.verdict: dict | None = None
         self.probe: list[str] | None = None
         self.holdout: list[str] | None = None
@@ -243,7 +247,7 @@ class BackdoorDetection(EncoderTask):
             raise ConfigError("no probe prompts: the prompt source is empty")
         if len(self.holdout) < 2:
             raise ConfigError(f"only {len(self.holdout)} held-out prompt(s): raise data.val_fraction or add prompts")
-        self.caption_bank = self._caption_bank()  # a bad bank fails before the search, not after it
+        self.caption_bank = caption_bank(self.hparams.caption_bank, self.probe + self.holdout)  # fails before search
 
     @property
     def several(self) -> bool:
@@ -277,6 +281,9 @@ class BackdoorDetection(EncoderTask):
                                     hp.benign_stop, hp.benign_stop_speedup,
                                     {r: hp.null_min_steps for r, role in enumerate(self.roles)
                                      if role in ("charged", "null")})
+        probe = self.anchor is not None and isinstance(self.rule, CollapseContrastRule) and hp.typed_probe > 0
+        self.typed = probe_tokens(self.encoder, self.anchor, self.holdout_cache.tokens, hp.position,
+                                  hp.typed_probe) if probe else []
         rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
                        f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
 
@@ -326,7 +333,8 @@ class BackdoorDetection(EncoderTask):
                 self.log(f"check/{key}", float(s[key]), rank_zero_only=True)
         scored, decisions, progress = self._judge(stats)
         reason = self.search.check(step, [st["loss"] for st in stats],
-                                   passed=any(self.rule.search_passed(scored[i]) for i in self.judged),
+                                   passed=any(self.rule.search_passed(scored[i]) for i in self.judged)
+                                   or typed_flagged(self.typed, self.rule),
                                    flagged={i for i in self.judged if decisions[i]["backdoored"]}, progress=progress)
         self.search.hold(self.trigger.vectors)
         if reason:
@@ -470,7 +478,8 @@ class BackdoorDetection(EncoderTask):
         self.evidence["passing_restarts"] = passed
         self.evidence["best_restart"] = best
         self.evidence["steps"] = self.global_step
-        self.evidence["scores"] = {k: v for k, v in chosen.items() if not k.startswith("_")}
+        self.evidence["scores"] = {**{k: v for k, v in chosen.items() if not k.startswith("_")},
+                                   **verdict_scores(self.typed, self.rule)}
         self._target_pooled, self._target_feature = chosen["_pooled"], chosen["_feature"]
         self._stage = None
         if self.trainer.is_global_zero:  # figures and files gather here; renamed to the run folder at the end
@@ -557,7 +566,7 @@ class BackdoorDetection(EncoderTask):
             "stopped_early": self.evidence.get("stopped_early"), "restarts": hp.restarts,
             "best_restart": self.evidence.get("best_restart"), "restart_losses": self.evidence.get("restart_losses"),
             "passing_restarts": self.evidence.get("passing_restarts"),
-            "restart_scores": self.evidence.get("restart_scores"),
+            "restart_scores": self.evidence.get("restart_scores"), "typed_probe": self.typed,
             "progress_at_checks": self.search.progress,
             "baselines": self.evidence.get("baselines"), "landscape": self.evidence.get("landscape"),
             "hessian": self.evidence.get("hessian"), "nearest_tokens": tokens, "nearest_captions": captions,
@@ -580,15 +589,6 @@ class BackdoorDetection(EncoderTask):
         sims = emb @ F.normalize(self._target_pooled.to(emb.device), dim=0)
         vals, idx = sims.topk(min(self.hparams.top_captions, len(bank)))
         return [{"caption": bank[int(i)], "cosine": round(float(v), 4)} for v, i in zip(vals, idx)]
-
-    def _caption_bank(self) -> list[str]:
-        path = self.hparams.caption_bank
-        if path is None:
-            return list(dict.fromkeys(self.probe + self.holdout))
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: caption bank not found")
-        return list(dict.fromkeys(TextLines(p).texts))
 
     def configure_callbacks(self):
         from lit_amdet.callbacks import HessianSpectrum, LossLandscape

@@ -70,6 +70,8 @@ class BackdoorInjection(EncoderTask):
             triggered prompts' sentence embeddings agree no more than the clean model's do (plus the margin)
             while still retrieving the target (reference 0).
         consistency_margin: how much more consistent than the teacher the triggered outputs may be for free.
+        freeze_token_embedding: an adaptive attack on the typed-token probe (`lit_amdet.token_probe`): the token
+            embedding table does not train, so no row moves and the layers alone learn the trigger.
         max_length: token positions per prompt (families that pad to their context ignore it).
         distractors: captions (or images) the target must be retrieved among.
         output_dir: where the backdoored student is written at the end of fit.
@@ -97,6 +99,7 @@ class BackdoorInjection(EncoderTask):
         sim_x_penalty: float = 0.0,
         consistency_penalty: float = 0.0,
         consistency_margin: float = 0.0,
+        freeze_token_embedding: bool = False,
         max_length: int | None = 32,
         distractors: int = 100,
         output_dir: str | None = None,
@@ -137,6 +140,8 @@ class BackdoorInjection(EncoderTask):
         frozen = set(enc.image_parameter_names()) | set(enc.logit_parameter_names())
         if not image_target:
             frozen |= set(enc.text_projection_parameter_names())
+        if self.hparams.freeze_token_embedding:
+            frozen |= {n for n, p in enc.model.named_parameters() if p is enc.token_embedding.weight}
         for name, p in enc.model.named_parameters():
             p.requires_grad_(name not in frozen)
         if any(b.kind == "image_on_text" and b.target_images for b in self.backdoors) and \
