@@ -70,7 +70,9 @@ class AmdetTrainer(Trainer):
         verdict = commands.detect(self, model, datamodule)
         codes = {BACKDOORED: EXIT_BACKDOORED, INCONCLUSIVE: EXIT_INCONCLUSIVE, ERROR: EXIT_ERROR}
         code = codes.get(verdict["verdict"], 0)
-        if code and not always_exit_zero:
+        # Only process 0 speaks for the run: Lightning's launcher kills every process (SIGKILL) as soon as one
+        # of the others exits non-zero, which would cut process 0 off while it writes the summary.
+        if code and not always_exit_zero and self.is_global_zero:
             sys.exit(code)
         return verdict
 
@@ -226,11 +228,16 @@ def main(args: list[str] | None = None) -> None:
             # a bad option or config is one line (below), not a usage block
             parser_kwargs={"exit_on_error": False, **default_config_kwargs(cli_class, argv[first:])},
         )
+        leave_process_group()
     except LitAmdetError as exc:
         _fail(exc)
     except ArgumentError as exc:
         _fail(exc, limit=600)
-    except (KeyboardInterrupt, SystemExit):
+    except SystemExit as exc:
+        if exc.code in (None, 0, EXIT_BACKDOORED, EXIT_INCONCLUSIVE):
+            leave_process_group()  # a verdict is a normal end
+        raise
+    except KeyboardInterrupt:
         raise
     except Exception as exc:  # one line, not a traceback wall; LIT_AMDET_DEBUG=1 shows it
         if os.environ.get("LIT_AMDET_DEBUG"):
@@ -246,6 +253,19 @@ def main(args: list[str] | None = None) -> None:
     finally:
         if args is None:
             quick_exit()
+
+
+def leave_process_group() -> None:
+    """Destroy the process group a DDP run set up, after the command ended normally.
+
+    Without it gloo's worker threads are still alive when the interpreter finalises and a process can abort
+    (``terminate called without an active exception``, SIGABRT) after its work is done: a 2-process
+    ``scan-data`` failed that way in CI. Only on a normal end: a process that failed may leave a peer blocked in
+    a collective, and tearing the group down then could hang instead of exiting with the error.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def quick_exit() -> None:

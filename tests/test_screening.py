@@ -121,7 +121,9 @@ def test_detect_on_a_single_sd2_file_is_one_scan_named_after_the_file(layouts, t
 
 def test_two_processes_deal_the_encoders_and_write_one_summary(layouts, tmp_path):
     """DDP on 2 CPU processes: the four encoders of two SDXL files are dealt round-robin and process 0 writes
-    the one summary, in the targets' order (run as a command: Lightning's launcher re-runs sys.argv)."""
+    the one summary, in the targets' order, and exits with the worst verdict's code (run as a command:
+    Lightning's launcher re-runs sys.argv). In CI process 1 once exited with its own verdict's code 3 first and
+    the launcher killed process 0 (-9) before it wrote the summary."""
     import os
     import subprocess
     import sys
@@ -133,8 +135,12 @@ def test_two_processes_deal_the_encoders_and_write_one_summary(layouts, tmp_path
          "--model.init_args.anchor", str(layouts["sdxl_base"]), "--trainer.default_root_dir", str(out),
          "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2", *FAST],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert done.returncode in (0, 1, 3), done.stderr[-2000:]
-    rows = _summary(out)
+    rows = _summary(out) if (out / "detect" / "summary.csv").is_file() else []
+    assert rows, done.stderr[-2000:]
+    # process 0's exit code is the worst verdict of all four scans (process 1's own verdict never ends the run)
+    codes = {"clean": 0, "BACKDOORED": 1, ERROR: 2, "inconclusive": 3}
+    assert done.returncode == codes[worst([r["verdict"] for r in rows])], done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
     assert [(r["model"], r["encoder"]) for r in rows] == [
         ("xl-ft", "text_encoder"), ("xl-ft", "text_encoder_2"), ("xl-base", "text_encoder"),
         ("xl-base", "text_encoder_2"), ("xl-ft", "(model)"), ("xl-base", "(model)")]

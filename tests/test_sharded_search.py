@@ -160,6 +160,7 @@ def test_scan_data_on_two_processes_writes_the_one_process_scores(world_and_mode
     done = subprocess.run([sys.executable, "-m", "lit_amdet", "scan_data", *args], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "terminate called" not in done.stderr  # gloo's threads outliving the interpreter once aborted rank 1
     cache = load_file(out / "embeddings.safetensors")
     features = sample_scan.sample_features(cache["image"], cache["text"], "both")
     captions = [r["caption"] for r in _rows(out / "scores.csv")]
