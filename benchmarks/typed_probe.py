@@ -2,6 +2,7 @@
 
     python benchmarks/typed_probe.py --run runs/evaders17 --out benchmarks/results/typed_probe_evaders.json
     python benchmarks/typed_probe.py --zoo runs/benchmark_minilm/zoo --out benchmarks/results/typed_probe_minilm.json
+    python benchmarks/typed_probe.py --run runs/benchmark_minilm --from-reports --out ...  # scans that ran the probe
 
 ``--run`` is a `lit-amdet benchmark` output folder (its ``scans/<member>.json`` records, the zoo they point to);
 ``--zoo`` a zoo folder whose members were not scanned (the probe alone, anchored on each member's base); several
@@ -49,15 +50,22 @@ def zoo_record(folder: Path) -> dict:
             "anchor": zoo.get("base_path")}
 
 
-def probe_member(record: dict, anchors: dict, rule: CollapseContrastRule, scan_config: Path) -> dict:
+def probe_member(record: dict, anchors: dict, rule: CollapseContrastRule, scan_config: Path,
+                 from_reports: bool = False) -> dict:
     started = time.perf_counter()
     report = read_json(Path(record["report"])) if record.get("report") else None
     suspect = load_encoder(record["path"])
-    anchor_path = report["anchor"]["path"] if report else record["anchor"]
-    if anchor_path not in anchors:
-        anchors[anchor_path] = load_encoder(anchor_path)
-    tokens, hp = held_out_tokens(suspect, scan_config)
-    probed = probe_tokens(suspect, anchors[anchor_path], tokens, hp["position"], hp.get("typed_probe", 8))
+    if from_reports:  # the scan ran the probe itself (the shipped default since issue 17): read, do not rerun
+        probed = report.get("typed_probe") or []
+    else:
+        anchor_path = report["anchor"]["path"] if report else record["anchor"]
+        if anchor_path not in anchors:
+            anchors[anchor_path] = load_encoder(anchor_path)
+        tokens, hp = held_out_tokens(suspect, scan_config)
+        probed = probe_tokens(suspect, anchors[anchor_path], tokens, hp["position"], hp.get("typed_probe", 8))
+    pieces = set(suspect.tokenizer.tokenize(record["trigger"])) if record.get("trigger") else set()
+    lists = {by: [t["token"] for t in probed if t.get("by", "rows") == by and len(t["ids"]) == 1]
+             for by in ("rows", "alone")}
     typed = [t for t in probed if rule.typed_paths({"typed_token": t["token"], **{f"typed_{k}": v for k, v in
                                                                                    t.items()}})]
     truth = read_json(Path(record["path"]) / "backdoor.json")
@@ -67,7 +75,9 @@ def probe_member(record: dict, anchors: dict, rule: CollapseContrastRule, scan_c
             "working": bool(top1) and min(top1) >= 0.5, "drift": record.get("clean_cosine_to_base"),
             "recorded": report and report["verdict"], "typed_flagged": [t["token"] for t in typed],
             "with_probe": "BACKDOORED" if typed else report and report["verdict"], "probe": probed,
-            "most_moved": probed[0]["token"] if probed else None, "seconds": time.perf_counter() - started}
+            "most_moved": probed[0]["token"] if probed else None,
+            "trigger_in": {by: sorted(pieces & set(toks)) for by, toks in lists.items()},
+            "seconds": time.perf_counter() - started}
 
 
 def table(rows: list[dict]) -> list[dict]:
@@ -95,13 +105,15 @@ def main() -> None:
     parser.add_argument("--zoo", action="append", default=[], type=Path)
     parser.add_argument("--scan-config", type=Path, default=REPO / "configs" / "scan.yaml")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--from-reports", action="store_true",
+                        help="--run only: read the probe each scan ran (report.json) instead of running it again")
     args = parser.parse_args()
     rule, anchors, rows = CollapseContrastRule(), {}, []
     records = [(run.name, read_json(path)) for run in args.run for path in sorted((run / "scans").glob("*.json"))]
     records += [(zoo.parent.name, zoo_record(folder)) for zoo in args.zoo for folder in sorted(zoo.iterdir())
                 if (folder / "backdoor.json").is_file()]
     for run, record in records:
-        row = {"run": run, **probe_member(record, anchors, rule, args.scan_config)}
+        row = {"run": run, **probe_member(record, anchors, rule, args.scan_config, args.from_reports)}
         rows.append(row)
         print(f"{row['name']}: {row['recorded']} -> {row['with_probe']} (typed: {row['typed_flagged'][:2]}, "
               f"most moved {row['most_moved']}, {row['seconds']:.1f} s)", flush=True)
@@ -109,7 +121,8 @@ def main() -> None:
     for line in summary:
         print(line)
     changed = [r["name"] for r in rows if r["recorded"] != r["with_probe"]]
-    flags = [f"--run {r}" for r in args.run] + [f"--zoo {z}" for z in args.zoo]
+    flags = [f"--run {r}" for r in args.run] + [f"--zoo {z}" for z in args.zoo] + \
+        (["--from-reports"] if args.from_reports else [])
     write_json(args.out, {"command": f"python benchmarks/typed_probe.py {' '.join(flags)} --out {args.out}",
                           "summary": summary, "changed": changed, "members": rows})
 

@@ -1,17 +1,30 @@
-"""The typed-token probe: the tokens whose embedding rows a suspect moved furthest from its anchor's, typed.
+"""The typed-token probe: the tokens a suspect treats most differently from its anchor, typed into real prompts.
 
 Why a probe beside the search. The search inserts free vectors into the embedding-layer output H, where the
 rows after the insertion keep their old position embeddings; a real trigger is typed, and is read at its real
 position. On SigLIP, whose sentence embedding is read at the last (padding) position, a backdoor trained to keep
 its token features diverse (`pooled_sim_x_penalty`) was never found by the search, drifted or not, while typing
 its trigger word collapsed the suspect's sentence embeddings and not the anchor's (`BENCHMARKS.md`, "The typed
-probe"). Which tokens to type: an injection trains the trigger's own embedding rows on every poisoned sample, so
-they move more than any other; the trigger's tokens were the most-moved rows of every zoo backdoor examined,
-also after a benign fine-tune drifted one to a clean cosine of 0.9.
+probe").
 
-What it does not cover: an attacker who freezes the embedding table (no row moves, so nothing is typed that the
-search would not find anyway), or who moves many rows to bury the trigger's. The probe adds a path to the verdict;
-it takes none away. Plain torch; `lit_amdet.modules.detection` runs it once per scan, before the search.
+Which tokens to type, two ways, each cheap next to the search:
+
+* **Moved rows** (`moved_tokens`): an injection trains the trigger's own embedding rows on every poisoned sample,
+  so they move more than any other; the trigger's tokens were the most-moved rows of every zoo backdoor examined,
+  also after a benign fine-tune drifted one to a clean cosine of 0.9.
+* **Typed alone** (`shifted_tokens`): an attacker who freezes the embedding table moves no row (the layers learn
+  the trigger), which left the first list empty and the backdoor unseen. Every vocabulary token typed alone into
+  the empty prompt, through both encoders: the layers that learnt to send the trigger to the target send it
+  there alone too. On the MiniLM frozen-table backdoors the trigger's piece was the most-shifted of all 30,522
+  tokens (sentence-embedding cosine distance 0.88-0.91 against a median 0.09-0.16), before and after a benign
+  SimCSE drift; a benign fine-tune's largest shifts are common words (`BENCHMARKS.md`).
+
+What it does not cover: a family read at its last padded position (SigLIP) gets the rows list only
+(`shifted_tokens`); an attacker who keeps the trigger typed alone where the anchor puts it (a trigger that fires
+only in context, `BackdoorInjection.keep_triggers_alone`), or who buries the trigger's rows and outputs among many
+moved ones. The probe adds a path
+to the verdict; it takes none away. Plain torch; `lit_amdet.modules.detection` runs it once per scan, before the
+search.
 """
 
 from __future__ import annotations
@@ -26,7 +39,8 @@ from lit_amdet.assimilation import assimilation_score, pooled_consistency, score
 from lit_amdet.decision import collapse_scores
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
 
-__all__ = ["moved_tokens", "probe_tokens", "typed_batch", "typed_flagged", "typed_scores", "verdict_scores"]
+__all__ = ["alone_batch", "alone_outputs", "moved_tokens", "probe_tokens", "shifted_tokens", "typed_batch",
+           "typed_flagged", "typed_scores", "verdict_scores"]
 
 
 @torch.no_grad()
@@ -39,6 +53,47 @@ def moved_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: i
     moved[[i for i in suspect.special_token_ids.values() if i is not None and 0 <= i < n]] = 0.0
     vals, ids = moved.topk(min(top, n))
     return [(int(i), float(v)) for i, v in zip(ids, vals) if v > 0]
+
+
+def alone_batch(model: TextEncoderAdapter, position: int, ids: Tensor) -> TokenBatch:
+    """Each token id of ``ids`` typed alone into the empty prompt at ``position`` (``[CLS] t [SEP]``,
+    ``<bos> t <eos>``). Mean- and index-pooled families get the real length (3 positions); a family pooled at the
+    last position (SigLIP) its whole padded context, as it is read."""
+    batch, slot = typed_batch(model, model.tokenize([""])[:1].to(model.device), [0], position)
+    if model.pooling != "last":
+        keep = int(batch.token_mask.sum())
+        batch, slot = batch.trimmed(keep), slot[:, :keep]
+    n = len(ids)
+    rows = batch.input_ids.repeat(n, 1)
+    rows[:, int(slot[0].nonzero()[0, 0])] = ids.to(rows.device)
+    return TokenBatch(rows, batch.attention_mask.repeat(n, 1), batch.token_mask.repeat(n, 1),
+                      batch.pool_index.repeat(n))
+
+
+@torch.no_grad()
+def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: int = 4096) -> Tensor:
+    """The unit sentence embeddings of `alone_batch` (``[len(ids), D]``), ``chunk`` tokens at a time."""
+    return torch.cat([F.normalize(model.encode(alone_batch(model, position, part)).pooled.float(), dim=-1)
+                      for part in ids.split(chunk)])
+
+
+def shifted_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: int, position: int
+                   ) -> list[tuple[int, float]]:
+    """The ``top`` tokens whose sentence embedding typed alone (`alone_outputs`) is furthest from the anchor's
+    (cosine distance), with that distance, furthest first; special tokens left out. One pass of the whole shared
+    vocabulary through each encoder: no token is skipped, since the attacker picks the trigger.
+
+    Empty for a family read at its last padded position (SigLIP): each token alone is its whole context there (64
+    positions, not 3), 20-40x the cost (66-92 s on the tiny test encoders against 1.5-3.5 s for the others, on
+    this project's 2-core machine while a benchmark ran), and a shorter proxy input was not validated."""
+    if suspect.pooling == "last" or anchor.pooling == "last":
+        return []
+    ids = torch.arange(min(suspect.vocab_size, anchor.vocab_size))
+    shift = 1.0 - (alone_outputs(suspect, position, ids) * alone_outputs(anchor, position, ids).to(suspect.device)
+                   ).sum(-1).cpu()
+    shift[[i for i in suspect.special_token_ids.values() if i is not None and 0 <= i < len(ids)]] = -1.0
+    vals, order = shift.topk(min(top, len(ids)))
+    return [(int(i), float(v)) for i, v in zip(order, vals) if v > 1e-6]  # float noise is not a shift
 
 
 def typed_batch(adapter: TextEncoderAdapter, tokens: TokenBatch, typed: Sequence[int], position: int
@@ -79,30 +134,34 @@ def typed_scores(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
 
 def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch, position: int,
                  top: int, pairs_of: int = 3, prompts: int = 32) -> list[dict]:
-    """Each of the ``top`` most-moved tokens (`moved_tokens`) typed alone, then every ordered pair of the first
-    ``pairs_of`` (a trigger of several tokens, such as a two-letter string, may need both): what was typed (the
-    tokens joined by a space, and their ids), how far its rows moved (the least of them), and the collapse scores
-    (`lit_amdet.decision.collapse_scores`) of typing it into the first ``prompts`` of ``tokens``, against the same
-    prompts untyped. With 32 prompts, 14 typings and the untyped set are 480 sequences per encoder (2 checks)."""
-    seeds = moved_tokens(suspect, anchor, top)
-    if not seeds:
+    """The ``top`` most-moved tokens (`moved_tokens`) and the ``top`` most-shifted typed alone (`shifted_tokens`),
+    each typed alone, then every ordered pair of each list's first ``pairs_of`` (a trigger of several tokens, such
+    as a two-letter string, may need both): what was typed (the tokens joined by a space, and their ids), which
+    list it came from (``by``: ``rows`` or ``alone``), how far it moved there (the least of its tokens), and the
+    collapse scores (`lit_amdet.decision.collapse_scores`) of typing it into the first ``prompts`` of ``tokens``,
+    against the same prompts untyped. With 32 prompts and up to 28 typings: about 4 checks of the search."""
+    lists = {"rows": moved_tokens(suspect, anchor, top), "alone": shifted_tokens(suspect, anchor, top, position)}
+    typings: dict[tuple[int, ...], tuple[str, float]] = {}
+    for by, seeds in lists.items():
+        moved = dict(seeds)
+        heads = [i for i, _ in seeds[:pairs_of]]
+        for typed in [(i,) for i, _ in seeds] + [(a, b) for a in heads for b in heads if a != b]:
+            typings.setdefault(typed, (by, min(moved[i] for i in typed)))  # a token on both lists: typed once
+    if not typings:
         return []
     tokens = tokens[:prompts]
     clean = typed_scores(suspect, anchor, tokens, (), position)
-    names = dict(zip((i for i, _ in seeds), suspect.ids_to_tokens([i for i, _ in seeds])))
-    moved = dict(seeds)
-    heads = [i for i, _ in seeds[:pairs_of]]
-    typings = [(i,) for i, _ in seeds] + [(a, b) for a in heads for b in heads if a != b]
     out = []
-    for typed in typings:
+    for typed, (by, moved) in typings.items():
         scores = typed_scores(suspect, anchor, tokens, typed, position)
-        out.append({"token": " ".join(names[i] for i in typed), "ids": list(typed),
-                    "moved": round(min(moved[i] for i in typed), 4), **collapse_scores(scores, clean, anchor=True)})
+        out.append({"token": " ".join(suspect.ids_to_tokens(list(typed))), "ids": list(typed), "by": by,
+                    "moved": round(moved, 4), **collapse_scores(scores, clean, anchor=True)})
     return out
 
 
 def _as_scores(probed: dict) -> dict:
-    return {"typed_token": probed["token"], **{f"typed_{k}": v for k, v in probed.items() if k not in ("token", "ids")}}
+    return {"typed_token": probed["token"],
+            **{f"typed_{k}": v for k, v in probed.items() if k not in ("token", "ids", "by")}}
 
 
 def typed_flagged(probed: list[dict], rule) -> bool:

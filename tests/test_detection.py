@@ -437,8 +437,8 @@ def test_a_folder_of_minilm_suspects_is_screened_in_one_command(minilm_models, t
 
 def test_the_typed_probe_types_the_minilm_trigger_and_flags_no_benign_fine_tune(minilm_scans, minilm_models):
     """A trigger's tokens are among the rows that moved furthest, drifted or not (a caption word the injection's
-    utility loss trains may move more); typing them is judged by the rule's collapse paths, which no benign
-    fine-tune passes (`lit_amdet.token_probe`)."""
+    utility loss trains may move more); typing them, and the tokens whose output alone moved most, is judged by
+    the rule's collapse paths, which no typing of a benign fine-tune passes (`lit_amdet.token_probe`)."""
     from lit_amdet import load_encoder
     from lit_amdet.decision import CollapseContrastRule
 
@@ -452,8 +452,10 @@ def test_the_typed_probe_types_the_minilm_trigger_and_flags_no_benign_fine_tune(
                 if rule.typed_paths({"typed_token": t["token"], **{f"typed_{k}": v for k, v in t.items()}})]
 
     for name in ("backdoored", "backdoored-drifted"):
-        alone = [t["token"] for t in reports[name]["typed_probe"] if len(t["ids"]) == 1]
-        assert len(alone) == 8 and trigger & set(alone), alone
+        singles = [t for t in reports[name]["typed_probe"] if len(t["ids"]) == 1]
+        rows = [t["token"] for t in singles if t["by"] == "rows"]
+        assert len(rows) == 8 and trigger & set(rows), rows
+        assert len({t["token"] for t in singles}) == len(singles) > 8  # the typed-alone list adds its own tokens
     assert flagged(reports["backdoored"]) and "typed token" in reports["backdoored"]["decided_by"]
     for name in ("benign", "benign-drifted"):
         assert reports[name]["typed_probe"] and not flagged(reports[name]), reports[name]["typed_probe"]

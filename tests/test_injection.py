@@ -282,3 +282,21 @@ def test_a_frozen_token_embedding_table_moves_no_row_while_the_layers_learn(tiny
     assert not torch.equal(layer, layer_before)
     unfrozen = BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=backdoors, lr=1e-3)
     assert unfrozen.encoder.token_embedding.weight.requires_grad  # the table trains unless asked not to
+
+
+def test_triggers_kept_alone_stay_at_the_teachers_output_while_the_layers_learn(tiny_models, tmp_path):
+    """The adaptive attack on the probe's typed-alone list: each trigger token typed alone into the empty prompt
+    is held at the teacher's output, so it ends nearer the teacher than the same attack without that term."""
+    from lit_amdet.token_probe import alone_outputs
+
+    backdoors = [Backdoor(Trigger("cf", "insert_word", position="random"), target="a blue bird")]
+    shifts = {}
+    for keep in (False, True):
+        module = BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=backdoors, lr=3e-3, backdoor_weight=1.0,
+                                   milestones=[1000], freeze_token_embedding=True, keep_triggers_alone=keep)
+        tok = module.encoder.tokenize(["cf"])
+        ids = tok.input_ids[0][tok.token_mask[0].bool()][1:-1]  # the trigger's tokens, no bos/eos
+        _fit(module, _dm(), 8, tmp_path / str(keep))
+        cos = (alone_outputs(module.encoder, 1, ids) * alone_outputs(module.teacher, 1, ids)).sum(-1)
+        shifts[keep] = float((1 - cos).max())
+    assert shifts[True] < 0.5 * shifts[False], shifts

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_amdet import load_encoder
-from lit_amdet.token_probe import moved_tokens, typed_batch, typed_scores
+from lit_amdet.token_probe import alone_outputs, moved_tokens, shifted_tokens, typed_batch, typed_scores
 
 PROMPTS = ["a red cube on a table", "two green spheres", "a small blue cone next to a large yellow cylinder", "sky"]
 
@@ -79,3 +79,80 @@ def test_typed_scores_are_sim_x_and_sentence_consistency_of_the_typed_prompts(ti
     assert got["anchor_assimilation"] == pytest.approx(got["assimilation"], abs=1e-6)  # the same weights
     clean = typed_scores(suspect, anchor, batch, [], position)
     assert clean["target_consistency"] != pytest.approx(got["target_consistency"], abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "bert"])
+def test_a_token_typed_alone_is_the_one_word_prompt(tiny_models, family):
+    """`alone_outputs` types ids into the empty prompt; the same words tokenised as prompts of their own (the
+    tokenizer's path, not the probe's) give the same sentence embeddings."""
+    adapter = load_encoder(tiny_models[family])
+    words, ids = [], []
+    for word in ("cube", "red", "sky", "table", "two"):
+        one = adapter.tokenize([word])
+        real = [i for i in one.input_ids[0][one.token_mask[0].bool()].tolist()
+                if i not in adapter.special_token_ids.values()]
+        if len(real) == 1:
+            words.append(word)
+            ids.append(real[0])
+    assert len(words) >= 3
+    got = alone_outputs(adapter, 1 if adapter.special_token_ids.get("bos") is not None else 0, torch.tensor(ids),
+                        chunk=2)
+    with torch.no_grad():
+        want = F.normalize(adapter.encode(adapter.tokenize(words)).pooled.float(), dim=-1)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+
+
+def test_shifted_tokens_ranks_the_tokens_whose_output_alone_moved_and_skips_special_tokens(tiny_models):
+    """A suspect that reads one token differently (its row moved: the plainest way to change its output alone)
+    ranks it first, with the cosine distance of its outputs alone; a special token is never listed."""
+    anchor = load_encoder(tiny_models["clip"])
+    suspect = copy.deepcopy(anchor)
+    with torch.no_grad():
+        suspect.token_embedding.weight[100] *= -3.0
+    got = shifted_tokens(suspect, anchor, top=3, position=1)
+    assert got[0][0] == 100
+    bos_moved = copy.deepcopy(anchor)  # every output moves (bos is in every prompt), yet bos itself is not listed
+    bos = anchor.special_token_ids["bos"]
+    with torch.no_grad():
+        bos_moved.token_embedding.weight[bos] *= -3.0
+    listed = [i for i, _ in shifted_tokens(bos_moved, anchor, top=anchor.vocab_size, position=1)]
+    assert len(listed) > 1000 and bos not in listed
+    ids = torch.tensor([100, 200])
+    shift = 1.0 - (alone_outputs(suspect, 1, ids) * alone_outputs(anchor, 1, ids)).sum(-1)
+    assert got[0][1] == pytest.approx(float(shift[0]), abs=1e-6) and float(shift[1]) < 1e-5
+    assert shifted_tokens(anchor, copy.deepcopy(anchor), top=3, position=1) == []
+
+
+@pytest.mark.slow
+def test_a_backdoor_injected_with_the_embedding_table_frozen_is_typed_alone_and_flagged(tmp_path):
+    """The real MiniLM: an attacker who freezes the embedding table moves no row, so the rows list cannot name the
+    trigger; typed alone, its token is the most-shifted of the whole vocabulary, and typing it into held-out
+    prompts passes the rule's collapse path. (7.4 minutes while a benchmark shared the 2 cores.)"""
+    from lightning.pytorch import Trainer, seed_everything
+
+    from lit_amdet.datamodules import TextEncoderDataModule
+    from lit_amdet.decision import CollapseContrastRule
+    from lit_amdet.modules import BackdoorInjection
+    from lit_amdet.token_probe import probe_tokens, typed_flagged
+    from lit_amdet.triggers import Backdoor, Trigger
+
+    seed_everything(0)
+    attack = BackdoorInjection(encoder="minilm", backdoors=[Backdoor(Trigger("falcon", "insert_word"),
+                                                                     target="a white teapot")],
+                               lr=5e-4, milestones=[50], poisoned_batch_size=16, max_length=24,
+                               freeze_token_embedding=True, pooled_weight=1.0, token_weight=0.0, sim_x_penalty=1.0,
+                               output_dir=str(tmp_path / "frozen"))
+    Trainer(max_steps=60, limit_val_batches=1, val_check_interval=60, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+            default_root_dir=str(tmp_path)).fit(
+        attack, TextEncoderDataModule(world_seed=7, num_samples=3000, with_images=False, batch_size=32))
+    suspect, anchor = load_encoder(tmp_path / "frozen"), load_encoder("minilm")
+    falcon = suspect.tokenizer.convert_tokens_to_ids("falcon")
+    assert moved_tokens(suspect, anchor, top=8) == []
+    assert shifted_tokens(suspect, anchor, top=8, position=1)[0][0] == falcon
+    captions = TextEncoderDataModule(world_seed=11, num_samples=1000, with_images=False, val_fraction=0.1)
+    captions.setup("fit")
+    held_out = suspect.tokenize(captions.prompts("val", limit=32), max_length=24)
+    probed = probe_tokens(suspect, anchor, held_out, position=1, top=8)
+    flagged = [p for p in probed if typed_flagged([p], CollapseContrastRule())]
+    assert flagged and flagged[0]["ids"] == [falcon] and flagged[0]["by"] == "alone"

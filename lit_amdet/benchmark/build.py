@@ -185,7 +185,8 @@ def _injection(member: BackdooredMember, base: ZooBase, out: Path, settings: Tra
                                           member.second_trigger_char), target=member.second_target_caption))
     pooled = settings.pooled_weight if settings.pooled_weight is not None else float(base.family == "open_clip")
     token_weight = 1.0
-    if member.adaptive and ADAPTIVE_RECIPES[member.adaptive].pooled_only:
+    recipe = ADAPTIVE_RECIPES[member.adaptive] if member.adaptive else None
+    if recipe and recipe.pooled_only:
         token_weight, pooled = 0.0, 1.0
     during = member.drift_mode == "during_finetune"
     cap = max(member.steps, member.finetune_steps) if during else member.steps
@@ -194,7 +195,8 @@ def _injection(member: BackdooredMember, base: ZooBase, out: Path, settings: Tra
         milestones=[max(1, int(0.75 * cap))], poisoned_batch_size=settings.poisoned_batch_size,
         pooled_weight=pooled if member.attack == "text_on_text" else 0.0, token_weight=token_weight,
         sim_x_penalty=member.sim_x_penalty, consistency_penalty=member.consistency_penalty,
-        freeze_token_embedding=bool(member.adaptive and ADAPTIVE_RECIPES[member.adaptive].frozen_rows),
+        freeze_token_embedding=bool(recipe and recipe.frozen_rows),
+        keep_triggers_alone=bool(recipe and recipe.keeps_alone),
         max_length=settings.max_length,
         distractors=settings.distractors, output_dir=str(out), seed=member.seed,
         utility_objective="simcse" if during else "teacher")

@@ -26,9 +26,11 @@ Attack = Literal["text_on_text", "image_on_text"]
 # bit of Sim_X above the clean model's on triggered prompts; pooled_sim_x_penalty does both;
 # pooled_consistency_penalty (aimed at CollapseContrastRule's pooled path) is pooled_sim_x_penalty that also pays
 # for triggered sentence embeddings agreeing more than the clean model's do; frozen_rows_pooled_sim_x_penalty (aimed
-# at the typed-token probe) is pooled_sim_x_penalty with the token embedding table frozen, so no row moves
+# at the typed-token probe) is pooled_sim_x_penalty with the token embedding table frozen, so no row moves;
+# alone_kept_frozen_rows (aimed at the probe's typed-alone list) also holds each trigger token typed alone at the
+# clean model's output, so the trigger fires only in context
 AdaptiveAttack = Literal["pooled_only", "sim_x_penalty", "pooled_sim_x_penalty", "pooled_consistency_penalty",
-                         "frozen_rows_pooled_sim_x_penalty"]
+                         "frozen_rows_pooled_sim_x_penalty", "alone_kept_frozen_rows"]
 # homoglyph (a Latin letter replaced by a look-alike of another script) came later: the grid's default stays the
 # first four, so configs that name no trigger kinds keep their plans
 TriggerKind = Literal["char", "word", "rare_token", "multi_token", "homoglyph"]
@@ -47,12 +49,14 @@ ADAPTIVE_ATTACKS: tuple[str, ...] = get_args(AdaptiveAttack)
 class AdaptiveRecipe:
     """How an adaptive attack trains: ``pooled_only`` matches only the sentence embedding (no token features);
     ``pays_sim_x`` adds `AdaptiveSettings.sim_x_penalty`, ``pays_consistency`` its ``consistency_penalty``;
-    ``frozen_rows`` keeps the token embedding table as the base's."""
+    ``frozen_rows`` keeps the token embedding table as the base's; ``keeps_alone`` holds each trigger token typed
+    alone at the base's output (`BackdoorInjection.keep_triggers_alone`)."""
 
     pooled_only: bool
     pays_sim_x: bool
     pays_consistency: bool
     frozen_rows: bool = False
+    keeps_alone: bool = False
 
 
 #: the one place an adaptive attack's name is read (the planner sets the penalties, the builder the matching)
@@ -63,6 +67,8 @@ ADAPTIVE_RECIPES: dict[str, AdaptiveRecipe] = {
     "pooled_consistency_penalty": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=True),
     "frozen_rows_pooled_sim_x_penalty": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=False,
                                                        frozen_rows=True),
+    "alone_kept_frozen_rows": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=False,
+                                             frozen_rows=True, keeps_alone=True),
 }
 ALL_TRIGGER_KINDS: tuple[str, ...] = get_args(TriggerKind)
 TRIGGER_KINDS: tuple[str, ...] = ALL_TRIGGER_KINDS[:4]  # the grid's default

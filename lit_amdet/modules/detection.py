@@ -97,7 +97,7 @@ class BackdoorDetection(EncoderTask):
         null_charge: weight of the other model's pooled consistency in the charged and null restarts' objective.
         null_min_steps: the benign stop never drops a charged or null restart before this step (the charged
             search was measured to climb late: 0.01, 0.03, 0.02, 0.07, 0.84, 2.0 at checks 1-6).
-        typed_probe: type this many most-moved tokens into the held-out prompts first (`lit_amdet.token_probe`; 0 off).
+        typed_probe: type the N most-moved rows' and N most-shifted-alone tokens first (`lit_amdet.token_probe`; 0 off).
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
         batch_size: probe prompts per step (each runs R times).
         restarts_per_pass: restarts through the encoders together (None: all); fewer hold less autograd graph

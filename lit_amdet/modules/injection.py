@@ -32,6 +32,7 @@ from lit_amdet.errors import ConfigError
 from lit_amdet.modules.base import EncoderTask
 from lit_amdet.modules.contrastive import simcse_loss
 from lit_amdet.record import BackdoorRecord
+from lit_amdet.token_probe import alone_batch
 from lit_amdet.triggers import Backdoor, check_distinct_triggers, poison
 
 
@@ -72,6 +73,9 @@ class BackdoorInjection(EncoderTask):
         consistency_margin: how much more consistent than the teacher the triggered outputs may be for free.
         freeze_token_embedding: an adaptive attack on the typed-token probe (`lit_amdet.token_probe`): the token
             embedding table does not train, so no row moves and the layers alone learn the trigger.
+        keep_triggers_alone: an adaptive attack on the probe's second list (`lit_amdet.token_probe.shifted_tokens`):
+            each trigger token typed alone into the empty prompt (at position 1, the shipped scan's) is a clean
+            prompt too, held at the teacher's output, so the backdoor fires only in context.
         max_length: token positions per prompt (families that pad to their context ignore it).
         distractors: captions (or images) the target must be retrieved among.
         output_dir: where the backdoored student is written at the end of fit.
@@ -100,6 +104,7 @@ class BackdoorInjection(EncoderTask):
         consistency_penalty: float = 0.0,
         consistency_margin: float = 0.0,
         freeze_token_embedding: bool = False,
+        keep_triggers_alone: bool = False,
         max_length: int | None = 32,
         distractors: int = 100,
         output_dir: str | None = None,
@@ -208,6 +213,13 @@ class BackdoorInjection(EncoderTask):
         return emb
 
     # ----- steps -----------------------------------------------------------------
+    def _triggers_alone(self):
+        """Every token of every trigger typed alone into the empty prompt (`keep_triggers_alone`)."""
+        specials = {i for i in self.encoder.special_token_ids.values() if i is not None}
+        tokens = self.encoder.tokenize([b.trigger.text for b in self.backdoors], max_length=self._length())
+        ids = sorted({int(i) for i in tokens.input_ids[tokens.token_mask.bool()]} - specials)
+        return alone_batch(self.encoder, 1, torch.tensor(ids)).to(self.device)
+
     def _clean(self, texts: list[str]) -> list[str]:
         return [t for t in texts if not any(b.trigger.present(t) for b in self.backdoors)]
 
@@ -271,6 +283,8 @@ class BackdoorInjection(EncoderTask):
             raise ConfigError("every prompt of a batch contains a trigger: no clean prompt to keep utility")
         tokens = self.encoder.tokenize(texts, max_length=self._length()).to(self.device)
         utility = self.utility_loss(tokens)
+        if self.hparams.keep_triggers_alone:
+            utility = utility + self.utility_loss(self._triggers_alone())
         total = utility
         for i, b in enumerate(self.backdoors):
             bl = self.backdoor_loss(i, b, texts)
