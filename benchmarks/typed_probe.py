@@ -26,7 +26,7 @@ from lit_amdet.decision import CollapseContrastRule
 from lit_amdet.encoders import load_encoder
 from lit_amdet.io import read_json, read_yaml, write_json
 from lit_amdet.metrics import classification_metrics
-from lit_amdet.token_probe import probe_tokens
+from lit_amdet.token_probe import probe_tokens, typed_flagged
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,8 +66,7 @@ def probe_member(record: dict, anchors: dict, rule: CollapseContrastRule, scan_c
     pieces = set(suspect.tokenizer.tokenize(record["trigger"])) if record.get("trigger") else set()
     lists = {by: [t["token"] for t in probed if t.get("by", "rows") == by and len(t["ids"]) == 1]
              for by in ("rows", "alone")}
-    typed = [t for t in probed if rule.typed_paths({"typed_token": t["token"], **{f"typed_{k}": v for k, v in
-                                                                                   t.items()}})]
+    typed = [t for t in probed if typed_flagged([t], rule)]
     truth = read_json(Path(record["path"]) / "backdoor.json")
     top1 = [v for k, v in truth.get("metrics", {}).items() if k.endswith("/attack_top1")]
     return {"name": record["name"], "base": record["base"], "split": record["split"],

@@ -22,9 +22,8 @@ Which tokens to type, two ways, each cheap next to the search:
 What it does not cover: a family read at its last padded position (SigLIP) gets the rows list only
 (`shifted_tokens`); an attacker who keeps the trigger typed alone where the anchor puts it (a trigger that fires
 only in context, `BackdoorInjection.keep_triggers_alone`), or who buries the trigger's rows and outputs among many
-moved ones. The probe adds a path
-to the verdict; it takes none away. Plain torch; `lit_amdet.modules.detection` runs it once per scan, before the
-search.
+moved ones. The probe adds a path to the verdict; it takes none away. Plain torch; `lit_amdet.modules.detection`
+runs it once per scan, before the search.
 """
 
 from __future__ import annotations
