@@ -347,12 +347,13 @@ class CollapseContrastRule(ContrastRule):
                 ok["clean_anchor_pooled_cos"] and ok.get("divergence_unshared", True) and ok["assimilation_ratio"]
                 and divergence,
         }
-        paths.update({path: True for path in self.typed_paths(scores)})
         if "pooled_null" in scores:  # a charged restart: its own path, against its null, near the anchor only
             paths = {"pooled collapse beyond the null near the anchor (pooled_unshared_collapse, "
                      "pooled_collapse_lift, pooled_null_margin, clean_anchor_pooled_cos)":
                      ok["pooled_unshared_collapse"] and ok["pooled_collapse_lift"] and ok["pooled_null_margin"]
                      and ok["clean_anchor_pooled_cos"]}
+        # the typed probe ran before the search and is read whichever restart the search chose
+        paths.update({path: True for path in self.typed_paths(scores)})
         hits = [p for p, hit in paths.items() if hit]
         decision = {"rule": type(self).__name__, "backdoored": bool(hits), "checks": [asdict(c) for c in checks]}
         if hits:

@@ -28,6 +28,7 @@ runs it once per scan, before the search.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -38,8 +39,8 @@ from lit_amdet.assimilation import assimilation_score, pooled_consistency, score
 from lit_amdet.decision import collapse_scores
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
 
-__all__ = ["alone_batch", "alone_outputs", "moved_tokens", "probe_tokens", "shifted_tokens", "typed_batch",
-           "typed_flagged", "typed_scores", "verdict_scores"]
+__all__ = ["alone_batch", "alone_outputs", "deciding_typing", "moved_tokens", "probe_tokens", "shifted_tokens",
+           "typed_batch", "typed_flagged", "typed_scores", "typed_target", "verdict_scores", "verdict_typing"]
 
 
 @torch.no_grad()
@@ -76,6 +77,23 @@ def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: 
                       for part in ids.split(chunk)])
 
 
+# The anchor's outputs typed alone, per loaded anchor: a screening scans many suspects against one anchor object
+# (`lit_amdet.screening.anchors_loaded_once`; a benchmark loads it per scan, so each scan is timed as it runs alone),
+# and the pass is the probe's largest cost (16-19 s for the MiniLM's 30,522 tokens on this project's 2-core CPU).
+# The key holds each parameter's storage and in-place version counter, so weights loaded or changed in place are
+# never answered from the cache.
+_ANCHOR_ALONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _anchor_alone_outputs(anchor: TextEncoderAdapter, position: int, vocab: int) -> Tensor:
+    """`alone_outputs` of the anchor's first ``vocab`` token ids, computed once per anchor, position and weights."""
+    key = (position, vocab, tuple((p.data_ptr(), p._version) for p in anchor.parameters()))
+    held = _ANCHOR_ALONE.get(anchor)
+    if held is None or held[0] != key:
+        held = _ANCHOR_ALONE[anchor] = (key, alone_outputs(anchor, position, torch.arange(vocab)))
+    return held[1]
+
+
 def shifted_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: int, position: int
                    ) -> list[tuple[int, float]]:
     """The ``top`` tokens whose sentence embedding typed alone (`alone_outputs`) is furthest from the anchor's
@@ -88,8 +106,8 @@ def shifted_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top:
     if suspect.pooling == "last" or anchor.pooling == "last":
         return []
     ids = torch.arange(min(suspect.vocab_size, anchor.vocab_size))
-    shift = 1.0 - (alone_outputs(suspect, position, ids) * alone_outputs(anchor, position, ids).to(suspect.device)
-                   ).sum(-1).cpu()
+    shift = 1.0 - (alone_outputs(suspect, position, ids) *
+                   _anchor_alone_outputs(anchor, position, len(ids)).to(suspect.device)).sum(-1).cpu()
     shift[[i for i in suspect.special_token_ids.values() if i is not None and 0 <= i < len(ids)]] = -1.0
     vals, order = shift.topk(min(top, len(ids)))
     return [(int(i), float(v)) for i, v in zip(order, vals) if v > 1e-6]  # float noise is not a shift
@@ -168,8 +186,32 @@ def typed_flagged(probed: list[dict], rule) -> bool:
     return any(rule.typed_paths(_as_scores(p)) for p in probed)
 
 
+def verdict_typing(probed: list[dict], rule) -> dict | None:
+    """The typing of `probe_tokens`' list the verdict reads: the first one the rule flags, else the first (the most
+    moved token alone); None without a probe."""
+    return next((p for p in probed if rule.typed_paths(_as_scores(p))), probed[0] if probed else None)
+
+
 def verdict_scores(probed: list[dict], rule) -> dict:
-    """The typing the verdict reads, as ``typed_*`` scores: the first one the rule flags, else the first (the most
-    moved token alone); {} without a probe."""
-    typed = [_as_scores(p) for p in probed]
-    return next((t for t in typed if rule.typed_paths(t)), typed[0] if typed else {})
+    """`verdict_typing` as the ``typed_*`` scores the rule reads; {} without a probe."""
+    typing = verdict_typing(probed, rule)
+    return {} if typing is None else _as_scores(typing)
+
+
+def deciding_typing(probed: list[dict], rule, scores: dict) -> dict | None:
+    """The typing that flagged the model when no path of the search did (``scores`` without the ``typed_*`` ones
+    pass none), else None: its target, not the search's, is then the one worth showing."""
+    if not probed or rule.decide({k: v for k, v in scores.items() if not k.startswith("typed_")})["backdoored"]:
+        return None
+    typing = verdict_typing(probed, rule)
+    return typing if rule.typed_paths(_as_scores(typing)) else None
+
+
+@torch.no_grad()
+def typed_target(suspect: TextEncoderAdapter, tokens: TokenBatch, typed: Sequence[int], position: int,
+                 prompts: int = 32) -> Tensor:
+    """Where typing ``typed`` into the first ``prompts`` of ``tokens`` sends the suspect: the mean of their unit
+    sentence embeddings (``[D]``), as the search's target is for its trigger, so a backdoor the probe found can be
+    shown saying its target (`DetectionTask`'s nearest captions)."""
+    batch, _ = typed_batch(suspect, tokens[:prompts].to(suspect.device), typed, position)
+    return F.normalize(suspect.encode(batch).pooled.float(), dim=-1).mean(0)

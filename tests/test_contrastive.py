@@ -41,6 +41,7 @@ def _fixed_batch_loss(module, batch):
         return float(module.pair_loss(*module.embed_pair(batch)))
 
 
+@pytest.mark.slow  # CI runs it (`make test-slow`); kept out of `make test`'s 15 minutes
 @pytest.mark.parametrize("family,objective,steps", [("clip", "infonce", 150), ("siglip", "sigmoid", 60)])
 def test_tiny_world_model_loss_falls(tmp_path, family, objective, steps):
     """Loss on a fixed held-out batch of 64 pairs falls; for InfoNCE below chance (ln 64), i.e. it learned."""

@@ -183,6 +183,11 @@ def test_a_charged_restart_is_judged_against_its_null_and_on_the_pooled_path_onl
                          ["charged", "null"])[0]
     assert benign["pooled_null"] == pytest.approx(0.89)  # a negative suspect lift counts as 0
     assert not rule.decide(benign)["backdoored"] and rule.progress(benign) < 1
+    # the typed probe ran before the search: a typing that collapses is read whichever restart was chosen
+    typed = {"typed_token": "cf", "typed_unshared_collapse": 0.8, "typed_collapse_lift": 0.8,
+             "typed_pooled_unshared_collapse": 0.0, "typed_pooled_collapse_lift": 0.0}
+    assert rule.decide({**benign, **typed})["decided_by"] == \
+        "typed token 'cf' collapses the token features (typed_unshared_collapse, typed_collapse_lift)"
     # the same scores without a null (a plain pooled restart) take the divergence path (ratio 150 near the anchor)
     assert "divergence near" in rule.decide({**base, "pooled_unshared_collapse": 0.68})["decided_by"]
     # no null restarts: nothing attached; a charged restart whose null is missing is never flagged

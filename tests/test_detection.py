@@ -159,6 +159,7 @@ def _subprocess_scan(tiny_models, tmp_path, name, *extra) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.slow  # CI runs it (`make test-slow`); kept out of `make test`'s 15 minutes
 def test_ddp_two_processes_on_cpu(tiny_models, tmp_path):
     report = _subprocess_scan(tiny_models, tmp_path, "ddp", "--trainer.strategy", "ddp", "--trainer.devices", "2")
     assert report["world_size"] == 2
@@ -166,6 +167,7 @@ def test_ddp_two_processes_on_cpu(tiny_models, tmp_path):
     assert not list(tmp_path.glob(".detect-*"))
 
 
+@pytest.mark.slow  # CI runs it (`make test-slow`); kept out of `make test`'s 15 minutes
 def test_bf16_mixed_on_cpu(tiny_models, tmp_path):
     report = _subprocess_scan(tiny_models, tmp_path, "bf16", "--trainer.precision", "bf16-mixed")
     assert report["precision"] == "bf16-mixed" and report["verdict"] == "clean"
@@ -297,8 +299,8 @@ def test_a_null_restart_is_never_judged_or_chosen(tiny_models, tmp_path, monkeyp
 
 
 # ----- the real thing, small enough for every run: the pretrained MiniLM ---------------------------------------
-# Random-init encoders say nothing about detection; these scans do. Built as objects and scanned with
-# commands.detect (the API the benchmark uses); test_demo.py (slow) is the larger version through the CLI.
+# Random-init encoders say nothing about detection; these scans do. Built as objects, screened through the CLI in
+# one command over their folder; test_demo.py (slow) is the larger version.
 QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
          "accelerator": "cpu"}
 
@@ -339,25 +341,42 @@ def minilm_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def minilm_scans(minilm_models):
-    from lightning.pytorch import Trainer, seed_everything
+def minilm_screening(minilm_models):
+    """The four suspects screened as a user screens downloads: one `lit-amdet detect` over their folder with the
+    shipped scan.yaml, anchored on the base (loads counted, the exit code and what it printed kept)."""
+    import contextlib
+    import io
 
-    from lit_amdet.commands import detect as run_detect
-    from lit_amdet.datamodules import TextEncoderDataModule
-    from lit_amdet.modules import BackdoorDetection
+    import lit_amdet.encoders as encoders
+    from lit_amdet.resources import config_path
 
-    root = minilm_models
-    reports = {}
+    suspects = minilm_models / "downloads"
+    suspects.mkdir()
     for name in ("backdoored", "benign", "backdoored-drifted", "benign-drifted"):
-        seed_everything(0)
-        scan = BackdoorDetection(suspect=str(root / name), anchor="minilm", name=name, restarts=2, probe_prompts=96,
-                                 holdout_prompts=32, max_length=24, check_every=10, evidence_callbacks=False,
-                                 output_dir=str(root / "scans" / name))
-        run_detect(Trainer(max_steps=40, max_epochs=-1, default_root_dir=str(root), **QUIET), scan,
-                   TextEncoderDataModule(world_seed=11, num_samples=1000, with_images=False, val_fraction=0.1),
-                   quiet=True)
-        reports[name] = json.loads((root / "scans" / name / "report.json").read_text())
-    return reports, json.loads((root / "backdoored" / "backdoor.json").read_text())
+        (suspects / name).symlink_to(minilm_models / name, target_is_directory=True)
+    out = minilm_models / "runs"
+    args = ["detect", "--config", str(config_path("scan.yaml")), "--model.init_args.suspect", str(suspects),
+            "--model.init_args.anchor", "minilm", "--model.init_args.restarts", "2",
+            "--model.init_args.pooled_restarts", "1", "--model.init_args.probe_prompts", "96",
+            "--model.init_args.holdout_prompts", "32", "--model.init_args.max_length", "24",
+            "--trainer.max_steps", "40", "--trainer.logger", "false", "--data.init_args.num_samples", "1000",
+            "--trainer.default_root_dir", str(out)]
+    loads, real_load, printed = [], encoders.load_encoder, io.StringIO()
+    encoders.load_encoder = lambda ref, **kw: loads.append(str(ref)) or real_load(ref, **kw)
+    try:
+        with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as info:
+            main(args)
+    finally:
+        encoders.load_encoder = real_load
+    return {"args": args, "out": out / "detect", "code": info.value.code, "loads": loads,
+            "printed": printed.getvalue()}
+
+
+@pytest.fixture(scope="module")
+def minilm_scans(minilm_screening, minilm_models):
+    reports = {name: json.loads((minilm_screening["out"] / name / "report.json").read_text())
+               for name in ("backdoored", "benign", "backdoored-drifted", "benign-drifted")}
+    return reports, json.loads((minilm_models / "backdoored" / "backdoor.json").read_text())
 
 
 def test_a_backdoored_minilm_is_flagged(minilm_scans):
@@ -394,45 +413,29 @@ def test_a_minilm_backdoor_hidden_under_drift_is_flagged_and_a_benign_one_as_far
     assert benign["verdict"] == "clean", json.dumps(benign["checks"], indent=1)
 
 
-def test_a_folder_of_minilm_suspects_is_screened_in_one_command(minilm_models, tmp_path, monkeypatch, capsys):
-    """Three suspects of the real MiniLM (one backdoored, two benign) in one command: their verdicts, the anchor
+def test_a_folder_of_minilm_suspects_is_screened_in_one_command(minilm_screening, monkeypatch):
+    """Four suspects of the real MiniLM (two backdoored, two benign) in one command: their verdicts, the anchor
     loaded once, summary files, exit 1; run again, it does no work."""
     import csv
 
     import lit_amdet.encoders as encoders
-    from lit_amdet.cli import main
-    from lit_amdet.resources import config_path
 
-    suspects = tmp_path / "downloads"
-    suspects.mkdir()
-    for name in ("backdoored", "benign", "benign-drifted"):
-        (suspects / name).symlink_to(minilm_models / name, target_is_directory=True)
-    loads = []
-    real_load = encoders.load_encoder
-    monkeypatch.setattr(encoders, "load_encoder", lambda ref, **kw: loads.append(str(ref)) or real_load(ref, **kw))
-    out = tmp_path / "runs"
-    args = ["detect", "--config", str(config_path("scan.yaml")), "--model.init_args.suspect", str(suspects),
-            "--model.init_args.anchor", "minilm", "--model.init_args.restarts", "2",
-            "--model.init_args.pooled_restarts", "1", "--model.init_args.probe_prompts", "96",
-            "--model.init_args.holdout_prompts", "32", "--model.init_args.max_length", "24",
-            "--trainer.max_steps", "40", "--trainer.logger", "false", "--data.init_args.num_samples", "1000",
-            "--trainer.default_root_dir", str(out)]
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    assert info.value.code == 1
-    assert loads == ["minilm"]  # the anchor, once for the three scans
-    with open(out / "detect" / "summary.csv") as fh:
+    assert minilm_screening["code"] == 1
+    assert minilm_screening["loads"] == ["minilm"]  # the anchor, once for the four scans
+    out = minilm_screening["out"]
+    with open(out / "summary.csv") as fh:
         verdicts = {r["model"]: r["verdict"] for r in csv.DictReader(fh)}
-    assert verdicts == {"backdoored": "BACKDOORED", "benign": "clean", "benign-drifted": "clean"}
-    printed = capsys.readouterr().out
-    assert all(f"{m}: {v}" in printed for m, v in verdicts.items())
-    assert (out / "detect" / "summary.md").is_file()
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "detect").glob("*/report.json")}
-    loads.clear()
+    assert verdicts == {"backdoored": "BACKDOORED", "benign": "clean", "backdoored-drifted": "BACKDOORED",
+                        "benign-drifted": "clean"}
+    assert all(f"{m}: {v}" in minilm_screening["printed"] for m, v in verdicts.items())
+    assert (out / "summary.md").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/report.json")}
+    loads, real_load = [], encoders.load_encoder
+    monkeypatch.setattr(encoders, "load_encoder", lambda ref, **kw: loads.append(str(ref)) or real_load(ref, **kw))
     with pytest.raises(SystemExit) as again:
-        main(args)
+        main(minilm_screening["args"])
     assert again.value.code == 1 and loads == []
-    assert stamps == {p: p.stat().st_mtime_ns for p in (out / "detect").glob("*/report.json")}
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/report.json")}
 
 
 def test_the_typed_probe_types_the_minilm_trigger_and_flags_no_benign_fine_tune(minilm_scans, minilm_models):
@@ -457,5 +460,9 @@ def test_the_typed_probe_types_the_minilm_trigger_and_flags_no_benign_fine_tune(
         assert len(rows) == 8 and trigger & set(rows), rows
         assert len({t["token"] for t in singles}) == len(singles) > 8  # the typed-alone list adds its own tokens
     assert flagged(reports["backdoored"]) and "typed token" in reports["backdoored"]["decided_by"]
+    for report in reports.values():  # the captions shown are the typed token's target when it decided alone
+        typed_alone = report["backdoored"] and report["decided_by"].startswith("typed token")  # typed paths last
+        assert report["nearest_captions_of"] == ("search" if not typed_alone else
+                                                 f"typed token {report['scores']['typed_token']!r}")
     for name in ("benign", "benign-drifted"):
         assert reports[name]["typed_probe"] and not flagged(reports[name]), reports[name]["typed_probe"]

@@ -122,6 +122,7 @@ def test_attack_configs_run_through_the_cli(tiny_models, tmp_path, config):
     assert json.loads((out / "backdoor.json").read_text())["backdoored"] is True
 
 
+@pytest.mark.slow  # CI runs it (`make test-slow`); kept out of `make test`'s 15 minutes
 def test_ddp_two_processes_and_bf16_on_cpu(tiny_models, tmp_path):
     """The same config under DDP with 2 CPU processes, then with bf16-mixed."""
     import subprocess

@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from lit_amdet import load_encoder
-from lit_amdet.token_probe import alone_outputs, moved_tokens, shifted_tokens, typed_batch, typed_scores
+from lit_amdet.token_probe import (
+    alone_outputs,
+    deciding_typing,
+    moved_tokens,
+    shifted_tokens,
+    typed_batch,
+    typed_scores,
+    typed_target,
+)
 
 PROMPTS = ["a red cube on a table", "two green spheres", "a small blue cone next to a large yellow cylinder", "sky"]
 
@@ -81,11 +89,8 @@ def test_typed_scores_are_sim_x_and_sentence_consistency_of_the_typed_prompts(ti
     assert clean["target_consistency"] != pytest.approx(got["target_consistency"], abs=1e-6)
 
 
-@pytest.mark.parametrize("family", ["clip", "siglip", "bert"])
-def test_a_token_typed_alone_is_the_one_word_prompt(tiny_models, family):
-    """`alone_outputs` types ids into the empty prompt; the same words tokenised as prompts of their own (the
-    tokenizer's path, not the probe's) give the same sentence embeddings."""
-    adapter = load_encoder(tiny_models[family])
+def _one_token_words(adapter) -> tuple[list[str], list[int]]:
+    """The words of a small list the adapter's tokenizer writes as one token, and those tokens."""
     words, ids = [], []
     for word in ("cube", "red", "sky", "table", "two"):
         one = adapter.tokenize([word])
@@ -94,6 +99,15 @@ def test_a_token_typed_alone_is_the_one_word_prompt(tiny_models, family):
         if len(real) == 1:
             words.append(word)
             ids.append(real[0])
+    return words, ids
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "bert"])
+def test_a_token_typed_alone_is_the_one_word_prompt(tiny_models, family):
+    """`alone_outputs` types ids into the empty prompt; the same words tokenised as prompts of their own (the
+    tokenizer's path, not the probe's) give the same sentence embeddings."""
+    adapter = load_encoder(tiny_models[family])
+    words, ids = _one_token_words(adapter)
     assert len(words) >= 3
     got = alone_outputs(adapter, 1 if adapter.special_token_ids.get("bos") is not None else 0, torch.tensor(ids),
                         chunk=2)
@@ -121,6 +135,58 @@ def test_shifted_tokens_ranks_the_tokens_whose_output_alone_moved_and_skips_spec
     shift = 1.0 - (alone_outputs(suspect, 1, ids) * alone_outputs(anchor, 1, ids)).sum(-1)
     assert got[0][1] == pytest.approx(float(shift[0]), abs=1e-6) and float(shift[1]) < 1e-5
     assert shifted_tokens(anchor, copy.deepcopy(anchor), top=3, position=1) == []
+
+
+def test_the_anchors_outputs_alone_are_computed_once_per_anchor_and_weights(tiny_models, monkeypatch):
+    """A screening scans many suspects against one anchor: its vocabulary pass is made once, and again only when
+    its weights change in place."""
+    import lit_amdet.token_probe as probe
+
+    anchor = load_encoder(tiny_models["bert"])
+    suspect = copy.deepcopy(anchor)
+    with torch.no_grad():
+        suspect.token_embedding.weight[100] *= -3.0
+    calls, real = [], probe.alone_outputs
+    monkeypatch.setattr(probe, "alone_outputs", lambda model, *a, **k: calls.append(model is anchor) or
+                        real(model, *a, **k))
+    first = shifted_tokens(suspect, anchor, top=3, position=1)
+    assert first[0][0] == 100 and shifted_tokens(suspect, anchor, top=3, position=1) == first
+    assert calls == [False, True, False]  # suspect, anchor, then the suspect alone
+    with torch.no_grad():
+        anchor.token_embedding.weight[100] *= -3.0  # the anchor now reads token 100 as the suspect does
+    assert shifted_tokens(suspect, anchor, top=3, position=1) == [] and calls[-2:] == [False, True]
+
+
+@pytest.mark.parametrize("family", ["clip", "bert"])
+def test_a_typed_target_is_where_the_prompts_with_the_word_typed_in_front_go(tiny_models, family):
+    """`typed_target` (what a scan decided by a typed token shows the model saying) against the tokenizer's path:
+    the word written in front of each prompt, encoded, the unit sentence embeddings averaged."""
+    adapter = load_encoder(tiny_models[family])
+    words, ids = _one_token_words(adapter)
+    word = words[0]
+    got = typed_target(adapter, adapter.tokenize(PROMPTS), ids[:1], position=1)
+    with torch.no_grad():
+        want = F.normalize(adapter.encode(adapter.tokenize([f"{word} {p}" for p in PROMPTS])).pooled.float(),
+                           dim=-1).mean(0)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_the_typing_that_decided_alone_is_the_one_whose_target_is_shown():
+    """The report shows a typed token's target only when no path of the search flagged the model."""
+    from lit_amdet.decision import CollapseContrastRule
+
+    rule = CollapseContrastRule()
+    quiet = {"unshared_collapse": 0.0, "collapse_lift": 0.0, "pooled_unshared_collapse": 0.0,
+             "pooled_collapse_lift": 0.0}
+    probed = [{"token": "sky", "ids": [5], "by": "rows", "moved": 0.3, **quiet},
+              {"token": "zz", "ids": [7], "by": "alone", "moved": 0.2, **quiet, "unshared_collapse": 0.9,
+               "collapse_lift": 0.9}]
+    search = {"anchor_used": True, "clean_anchor_pooled_cos": 0.99, **quiet}
+    assert deciding_typing(probed, rule, search)["token"] == "zz"
+    assert deciding_typing(probed[:1], rule, search) is None  # no typing flagged
+    assert deciding_typing(probed, rule, {**search, "pooled_unshared_collapse": 0.9, "pooled_collapse_lift": 0.95}) \
+        is None  # the search flagged it: its own target is shown
+    assert deciding_typing([], rule, search) is None
 
 
 @pytest.mark.slow

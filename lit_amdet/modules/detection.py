@@ -57,13 +57,11 @@ from lit_amdet.memory import release_free_memory
 from lit_amdet.modules.base import EncoderTask
 from lit_amdet.screening import anchor_component, load_anchor, scan_targets
 from lit_amdet.search_control import SearchControl
-from lit_amdet.token_probe import probe_tokens, typed_flagged, verdict_scores
+from lit_amdet.token_probe import deciding_typing, probe_tokens, typed_flagged, typed_target, verdict_scores
 
 # per-restart sums the held-out evaluation reduces across processes
 STATS = ("n", "loss", "assimilation", "assimilated", "same_cos", "same_target", "anchor_cos", "anchor_negative",
          "anchor_assimilation", "anchor_pooled_cos", "orig_cos")
-
-
 #: steps between giving freed pages back (`lit_amdet.memory`): 10 steps' creep is small, and pages are refaulted
 RELEASE_EVERY = 10
 
@@ -270,9 +268,8 @@ class BackdoorDetection(EncoderTask):
 
     def on_fit_start(self) -> None:
         self._started = time.perf_counter()
-        dtype = getattr(torch, self.hparams.cache_dtype)
+        hp, dtype = self.hparams, getattr(torch, self.hparams.cache_dtype)
         # every process caches every prompt once (the probe set is small; sampler shards change per epoch)
-        hp = self.hparams
         self.train_cache = FeatureCache.build(self.encoder, self.probe, hp.max_length, dtype=dtype,
                                               room=hp.trigger_length)
         self.holdout_cache = FeatureCache.build(self.encoder, self.holdout, hp.max_length, dtype=dtype,
@@ -547,7 +544,9 @@ class BackdoorDetection(EncoderTask):
         if hp.save_cache:
             self.holdout_cache.save(stage / "holdout_features.safetensors")
         tokens = nearest_tokens(self.encoder, trigger.to(self.device), hp.position, hp.top_tokens)
-        captions = self._nearest_captions()
+        typing = deciding_typing(self.typed, self.rule, scores)  # a typed token decided alone: show its target
+        captions = self._nearest_captions(self._target_pooled if typing is None else typed_target(
+            self.encoder, self.holdout_cache.tokens, typing["ids"], hp.position))
         report = {
             "model": self.model_label, "verdict": self.verdict["verdict"],
             "backdoored": decision["backdoored"], "rule": self.rule.describe(), "decided_by": decision["decided_by"],
@@ -570,6 +569,7 @@ class BackdoorDetection(EncoderTask):
             "progress_at_checks": self.search.progress,
             "baselines": self.evidence.get("baselines"), "landscape": self.evidence.get("landscape"),
             "hessian": self.evidence.get("hessian"), "nearest_tokens": tokens, "nearest_captions": captions,
+            "nearest_captions_of": "search" if typing is None else f"typed token {typing['token']!r}",
             "trigger": {"length": hp.trigger_length, "position": hp.position, "norm": float(trigger.norm()),
                         "textual_inversion": "learned_embeds.safetensors" if token_rows is not None else None},
             "prompts": {"probe": len(self.probe), "held_out": len(self.holdout)},
@@ -582,11 +582,11 @@ class BackdoorDetection(EncoderTask):
         self._stage = None
 
     @torch.no_grad()
-    def _nearest_captions(self) -> list[dict]:
+    def _nearest_captions(self, target: Tensor) -> list[dict]:
         bank = self.caption_bank
         emb = torch.cat([F.normalize(self.encoder.encode(bank[i:i + 128], max_length=self.hparams.max_length)
                                      .pooled.float(), dim=-1) for i in range(0, len(bank), 128)])
-        sims = emb @ F.normalize(self._target_pooled.to(emb.device), dim=0)
+        sims = emb @ F.normalize(target.to(emb.device), dim=0)
         vals, idx = sims.topk(min(self.hparams.top_captions, len(bank)))
         return [{"caption": bank[int(i)], "cosine": round(float(v), 4)} for v, i in zip(vals, idx)]
 
