@@ -212,6 +212,6 @@ def typed_target(suspect: TextEncoderAdapter, tokens: TokenBatch, typed: Sequenc
                  prompts: int = 32) -> Tensor:
     """Where typing ``typed`` into the first ``prompts`` of ``tokens`` sends the suspect: the mean of their unit
     sentence embeddings (``[D]``), as the search's target is for its trigger, so a backdoor the probe found can be
-    shown saying its target (`DetectionTask`'s nearest captions)."""
+    shown saying its target (the nearest captions of `BackdoorDetection`'s report)."""
     batch, _ = typed_batch(suspect, tokens[:prompts].to(suspect.device), typed, position)
     return F.normalize(suspect.encode(batch).pooled.float(), dim=-1).mean(0)

@@ -6,6 +6,7 @@ the real backdoored-vs-benign scans of the pretrained MiniLM are at the end (and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -340,14 +341,23 @@ def minilm_models(tmp_path_factory):
     return root
 
 
+@contextlib.contextmanager
+def _loads_counted():
+    """The refs `lit_amdet.encoders.load_encoder` is called with inside the block (the screening's anchor loads)."""
+    import lit_amdet.encoders as encoders
+
+    loads, real_load = [], encoders.load_encoder
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(encoders, "load_encoder", lambda ref, **kw: loads.append(str(ref)) or real_load(ref, **kw))
+        yield loads
+
+
 @pytest.fixture(scope="module")
 def minilm_screening(minilm_models):
     """The four suspects screened as a user screens downloads: one `lit-amdet detect` over their folder with the
     shipped scan.yaml, anchored on the base (loads counted, the exit code and what it printed kept)."""
-    import contextlib
     import io
 
-    import lit_amdet.encoders as encoders
     from lit_amdet.resources import config_path
 
     suspects = minilm_models / "downloads"
@@ -361,13 +371,9 @@ def minilm_screening(minilm_models):
             "--model.init_args.holdout_prompts", "32", "--model.init_args.max_length", "24",
             "--trainer.max_steps", "40", "--trainer.logger", "false", "--data.init_args.num_samples", "1000",
             "--trainer.default_root_dir", str(out)]
-    loads, real_load, printed = [], encoders.load_encoder, io.StringIO()
-    encoders.load_encoder = lambda ref, **kw: loads.append(str(ref)) or real_load(ref, **kw)
-    try:
-        with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as info:
-            main(args)
-    finally:
-        encoders.load_encoder = real_load
+    printed = io.StringIO()
+    with _loads_counted() as loads, contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as info:
+        main(args)
     return {"args": args, "out": out / "detect", "code": info.value.code, "loads": loads,
             "printed": printed.getvalue()}
 
@@ -413,12 +419,10 @@ def test_a_minilm_backdoor_hidden_under_drift_is_flagged_and_a_benign_one_as_far
     assert benign["verdict"] == "clean", json.dumps(benign["checks"], indent=1)
 
 
-def test_a_folder_of_minilm_suspects_is_screened_in_one_command(minilm_screening, monkeypatch):
+def test_a_folder_of_minilm_suspects_is_screened_in_one_command(minilm_screening):
     """Four suspects of the real MiniLM (two backdoored, two benign) in one command: their verdicts, the anchor
     loaded once, summary files, exit 1; run again, it does no work."""
     import csv
-
-    import lit_amdet.encoders as encoders
 
     assert minilm_screening["code"] == 1
     assert minilm_screening["loads"] == ["minilm"]  # the anchor, once for the four scans
@@ -430,9 +434,7 @@ def test_a_folder_of_minilm_suspects_is_screened_in_one_command(minilm_screening
     assert all(f"{m}: {v}" in minilm_screening["printed"] for m, v in verdicts.items())
     assert (out / "summary.md").is_file()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/report.json")}
-    loads, real_load = [], encoders.load_encoder
-    monkeypatch.setattr(encoders, "load_encoder", lambda ref, **kw: loads.append(str(ref)) or real_load(ref, **kw))
-    with pytest.raises(SystemExit) as again:
+    with _loads_counted() as loads, pytest.raises(SystemExit) as again:
         main(minilm_screening["args"])
     assert again.value.code == 1 and loads == []
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/report.json")}
@@ -444,6 +446,7 @@ def test_the_typed_probe_types_the_minilm_trigger_and_flags_no_benign_fine_tune(
     the rule's collapse paths, which no typing of a benign fine-tune passes (`lit_amdet.token_probe`)."""
     from lit_amdet import load_encoder
     from lit_amdet.decision import CollapseContrastRule
+    from lit_amdet.token_probe import typed_flagged
 
     reports, truth = minilm_scans
     tokenizer = load_encoder(minilm_models / "backdoored").tokenizer
@@ -451,8 +454,7 @@ def test_the_typed_probe_types_the_minilm_trigger_and_flags_no_benign_fine_tune(
     rule = CollapseContrastRule()
 
     def flagged(report):
-        return [t["token"] for t in report["typed_probe"]
-                if rule.typed_paths({"typed_token": t["token"], **{f"typed_{k}": v for k, v in t.items()}})]
+        return [t["token"] for t in report["typed_probe"] if typed_flagged([t], rule)]
 
     for name in ("backdoored", "backdoored-drifted"):
         singles = [t for t in reports[name]["typed_probe"] if len(t["ids"]) == 1]
