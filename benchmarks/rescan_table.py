@@ -24,7 +24,7 @@ from lit_amdet.decision import CollapseContrastRule
 from lit_amdet.io import read_json, write_json
 from lit_amdet.metrics import auroc
 
-SCORES = ("clean_anchor_pooled_cos", "unshared_collapse", "collapse_lift", "pooled_unshared_collapse",
+SCORES = ("clean_anchor_pooled_cos", "unshared_collapse", "token_null", "collapse_lift", "pooled_unshared_collapse",
           "pooled_collapse_lift", "divergence_ratio", "pooled_divergence_ratio")
 
 

@@ -204,15 +204,34 @@ def pooled_objective(consistency, anchor_pooled_cos, pooled_gamma: float):
 
 
 #: what a restart's trigger is searched for (its role: the AMDET loss, the suspect's pooled collapse, a pooled
-#: collapse the anchor does not share, the same with suspect and anchor swapped), and its name in report.json
-OBJECTIVES = {"amdet": "amdet", "pooled": "pooled_contrast", "charged": "pooled_charged", "null": "pooled_null"}
+#: collapse the anchor does not share, the same with suspect and anchor swapped, the AMDET loss with suspect and
+#: anchor swapped), and its name in report.json
+OBJECTIVES = {"amdet": "amdet", "pooled": "pooled_contrast", "charged": "pooled_charged", "null": "pooled_null",
+              "token_null": "amdet_swapped"}
 
 
-def restart_roles(restarts: int, pooled_restarts: int, null_restarts: int) -> list[str]:
+def restart_roles(restarts: int, pooled_restarts: int, null_restarts: int, token_null_restarts: int = 0
+                  ) -> list[str]:
     """The role of each restart: ``restarts - pooled_restarts`` AMDET ones, ``pooled_restarts`` pooled ones, then
-    ``null_restarts`` charged ones and as many nulls (extra restarts, so the others start where they always did)."""
+    ``null_restarts`` charged ones and as many nulls, then ``token_null_restarts`` swapped AMDET ones (extra
+    restarts, so the others start where they always did)."""
     return (["amdet"] * (restarts - pooled_restarts) + ["pooled"] * pooled_restarts
-            + ["charged"] * null_restarts + ["null"] * null_restarts)
+            + ["charged"] * null_restarts + ["null"] * null_restarts + ["token_null"] * token_null_restarts)
+
+
+def swapped_loss(anchor_assimilation, anchor_cos, anchor_pooled_cos, gamma: float, pooled_gamma: float):
+    """The ``token_null`` role's loss: the AMDET loss with the suspect and the anchor swapped, ``-Sim_X(anchor) +
+    gamma * cos(F, F_anchor) + pooled_gamma * cos(pooled, pooled_anchor)`` (both cosines are symmetric), on
+    per-row tensors in the search and on held-out means in the evaluation (the loss is linear in them).
+
+    Why: a search for the suspect's token collapse, contrasted with its anchor, also finds collapses that benign
+    drift made, more the further the model drifted (a SimCSE fine-tune of the MiniLM at clean pooled cosine 0.71
+    gave an unshared collapse of 0.50, on the threshold). Benign drift has no direction, so the same search run
+    the other way (the anchor's collapses the suspect does not share) finds as much; an injected backdoor adds a
+    collapse in one direction only. The ``beta`` term is left out (the anchor's clean features are not cached):
+    without it the swapped search collapses at least as easily, so the yardstick errs towards the larger null,
+    which can make a verdict ``inconclusive``, never ``clean`` (`lit_amdet.decision.CollapseContrastRule`)."""
+    return -anchor_assimilation + gamma * anchor_cos + pooled_gamma * anchor_pooled_cos
 
 
 def role_losses(out: TriggeredOutput, roles: list[str], beta: float, gamma: float, pooled_gamma: float,
@@ -238,6 +257,11 @@ def role_losses(out: TriggeredOutput, roles: list[str], beta: float, gamma: floa
             rows = torch.tensor([r == role for r in roles], device=loss.device)
             value = role_objective(role, suspect, anchor, contrast, pooled_gamma, charge)
             loss = torch.where(rows, value.to(loss.dtype), loss)
+    if "token_null" in roles and out.anchor_assimilation is not None:
+        rows = torch.tensor([r == "token_null" for r in roles], device=loss.device)
+        value = per_restart(swapped_loss(out.anchor_assimilation, out.anchor_cos, out.anchor_pooled_cos, gamma,
+                                         pooled_gamma), n).mean(1)
+        loss = torch.where(rows, value.to(loss.dtype), loss)
     return loss
 
 
@@ -264,12 +288,15 @@ def role_objective(role: str, suspect, anchor, anchor_pooled_cos, pooled_gamma: 
     return pooled_objective(anchor, anchor_pooled_cos, pooled_gamma) + charge * suspect
 
 
-def held_out_loss(role: str, scores: dict, pooled_gamma: float, charge: float) -> float | None:
-    """A pooled-kind restart's held-out loss: its role's objective (`role_objective`) over all the held-out
-    prompts, from the scan's summed scores, so the stall test and the restart choice see what it optimises; None
-    for an AMDET restart (its loss is the mean per-prompt loss already measured)."""
+def held_out_loss(role: str, scores: dict, pooled_gamma: float, charge: float, gamma: float) -> float | None:
+    """A pooled-kind or swapped restart's held-out loss: its role's objective (`role_objective`, `swapped_loss`)
+    over all the held-out prompts, from the scan's summed scores, so the stall test and the restart choice see
+    what it optimises; None for an AMDET restart (its loss is the mean per-prompt loss already measured)."""
     if role == "amdet":
         return None
+    if role == "token_null":
+        return swapped_loss(scores["anchor_assimilation"], scores["anchor_cos"], scores["anchor_pooled_cos"],
+                            gamma, pooled_gamma)
     anchor = scores.get("anchor_target_consistency")
     return role_objective(role, scores["target_consistency"] ** 2, None if anchor is None else anchor ** 2,
                           scores.get("anchor_pooled_cos"), pooled_gamma, charge)
@@ -376,3 +403,21 @@ def token_embedding_of(adapter: TextEncoderAdapter, trigger: Tensor, position: i
     if pos is None:
         return None
     return (trigger.to(pos.device).float() - pos.float()).detach()
+
+
+def save_trigger_files(folder: Path, adapter: TextEncoderAdapter, vectors: Tensor, best: int, target_pooled: Tensor,
+                       target_feature: Tensor, position: int, suspect: str) -> bool:
+    """A scan's found trigger in ``folder``: ``trigger.safetensors`` (the chosen restart's vectors, every restart's,
+    and where the trigger sends the suspect) and, where the family has vocabulary rows for it
+    (`token_embedding_of`), ``learned_embeds.safetensors``, the one-entry ``{token: [k, W]}`` file diffusers'
+    ``load_textual_inversion`` reads; whether that second file was written."""
+    from safetensors.torch import save_file
+
+    trigger = vectors[best].detach().float().cpu().clone()
+    save_file({"trigger": trigger, "all_restarts": vectors.detach().float().cpu().contiguous(),
+               "target_pooled": target_pooled.cpu().contiguous(), "target_feature": target_feature.cpu().contiguous()},
+              str(folder / "trigger.safetensors"), metadata={"position": str(position), "suspect": str(suspect)})
+    rows = token_embedding_of(adapter, trigger.to(adapter.device), position)
+    if rows is not None:
+        save_file({"<amdet-trigger>": rows.cpu().contiguous()}, str(folder / "learned_embeds.safetensors"))
+    return rows is not None

@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import torch
+import torch.nn.functional as F
+
 from lit_amdet.datamodules.text_encoder import TextLines
 from lit_amdet.errors import ConfigError
 
@@ -49,3 +52,15 @@ def caption_bank(path: str | None, fallback: Sequence[str]) -> list[str]:
     if not Path(path).is_file():
         raise ConfigError(f"{path}: caption bank not found")
     return list(dict.fromkeys(TextLines(Path(path)).texts))
+
+
+@torch.no_grad()
+def nearest_captions(encoder, bank: Sequence[str], target: torch.Tensor, max_length: int | None, top: int
+                     ) -> list[dict]:
+    """The ``top`` captions of ``bank`` whose unit sentence embedding (``encoder``, a `TextEncoderAdapter`) is
+    closest in cosine to ``target`` ([D]), with that cosine: what a found trigger makes the model say."""
+    emb = torch.cat([F.normalize(encoder.encode(list(bank[i:i + 128]), max_length=max_length).pooled.float(), dim=-1)
+                     for i in range(0, len(bank), 128)])
+    sims = emb @ F.normalize(target.to(emb.device), dim=0)
+    vals, idx = sims.topk(min(top, len(bank)))
+    return [{"caption": bank[int(i)], "cosine": round(float(v), 4)} for v, i in zip(vals, idx)]

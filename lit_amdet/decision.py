@@ -270,11 +270,20 @@ class CollapseContrastRule(ContrastRule):
       ``inconclusive (drift)``, exit 3: the anchor is too far for its contrast to clear anything.
 
     - a **charged** restart (one that searched for a pooled collapse the anchor does not share; it carries
-      ``pooled_null``, `attach_null`) counts on the pooled collapse path only, and only where its unshared
-      collapse beats the null's (the same search with the two models swapped) by ``min_null_margin``: such a
-      search finds benign drift too, and the null finds as much of it; and only near the anchor (as the
-      divergence path): a typo-robust fine-tune plants real many-to-one collapses its base lacks, which the
-      charged search finds and the null cannot (flagged at clean cosine 0.58-0.78 on the MiniLM).
+      ``pooled_null``, `lit_amdet.restart_scores.attach_null`) counts on the pooled collapse path only, and only
+      where its unshared collapse beats the null's (the same search with the two models swapped) by
+      ``min_null_margin``: such a search finds benign drift too, and the null finds as much of it; and only
+      near the anchor (as the divergence path): a typo-robust fine-tune plants real many-to-one collapses its
+      base lacks, which the charged search finds and the null cannot (flagged at clean cosine 0.58-0.78 on the
+      MiniLM).
+
+    - away from the anchor (clean pooled cosine at most ``divergence_min_clean_cos``) the **token collapse path
+      is judged against its null** (``token_null``, when the scan ran the swapped AMDET restart,
+      `lit_amdet.amdet.swapped_loss`): its unshared collapse must beat the anchor's collapse the suspect does not
+      share, found by the same search the other way round, by ``min_token_null_margin``. Benign drift has no
+      direction and gives both searches about as much; an injected backdoor gives the suspect's alone. A token
+      collapse that passes its thresholds but not the null makes the verdict ``inconclusive (drift)``, never
+      ``clean``: a null raised by an attacker can hide nothing, only withhold the accusation.
 
     - a **typed token** (``typed_*`` scores, when the scan ran `lit_amdet.token_probe`): one of the tokens whose
       embedding rows the suspect moved furthest from the anchor's, typed into the held-out prompts, passes either
@@ -286,9 +295,10 @@ class CollapseContrastRule(ContrastRule):
     def __init__(self, min_unshared_collapse: float = 0.5, min_collapse_lift: float = 0.5,
                  min_pooled_unshared_collapse: float = 0.5, min_pooled_collapse_lift: float = 0.9,
                  divergence_min_clean_cos: float = 0.95, divergence_min_unshared: float | None = None,
-                 min_clean_cos: float = 0.6, min_null_margin: float = 0.1, **contrast) -> None:
+                 min_clean_cos: float = 0.6, min_null_margin: float = 0.1, min_token_null_margin: float = 0.1,
+                 **contrast) -> None:
         super().__init__(**contrast)
-        self.min_null_margin = min_null_margin
+        self.min_null_margin, self.min_token_null_margin = min_null_margin, min_token_null_margin
         self.min_unshared_collapse, self.min_collapse_lift = min_unshared_collapse, min_collapse_lift
         self.min_pooled_unshared_collapse = min_pooled_unshared_collapse
         self.min_pooled_collapse_lift = min_pooled_collapse_lift
@@ -308,6 +318,8 @@ class CollapseContrastRule(ContrastRule):
                   [Check.of("divergence_unshared", unshared, ">", self.divergence_min_unshared)]),
                 *([] if "pooled_null" not in s else
                   [Check.of("pooled_null_margin", null_margin(s), ">", self.min_null_margin)]),
+                *([] if not self.token_null_applies(s) else
+                  [Check.of("token_null_margin", token_null_margin(s), ">", self.min_token_null_margin)]),
                 *([] if "typed_token" not in s else self._collapse_checks(s, "typed_")),
                 *super().trigger_checks(s)]
 
@@ -339,8 +351,9 @@ class CollapseContrastRule(ContrastRule):
         checks = self.trigger_checks(scores)
         ok = {c.name: c.passed for c in checks}
         divergence = (ok["assimilation_gap"] and ok["divergence_ratio"]) or ok["pooled_divergence_ratio"]
+        token_collapse = ok["unshared_collapse"] and ok["collapse_lift"]
         paths = {
-            "token collapse (unshared_collapse, collapse_lift)": ok["unshared_collapse"] and ok["collapse_lift"],
+            "token collapse (unshared_collapse, collapse_lift)": token_collapse and ok.get("token_null_margin", True),
             "pooled collapse (pooled_unshared_collapse, pooled_collapse_lift)":
                 ok["pooled_unshared_collapse"] and ok["pooled_collapse_lift"],
             "divergence near the anchor (clean_anchor_pooled_cos and the token or pooled divergence path)":
@@ -359,6 +372,13 @@ class CollapseContrastRule(ContrastRule):
         if hits:
             return {**decision, "decided_by": " and ".join(hits)}
         drift = scores.get("clean_anchor_pooled_cos")
+        if token_collapse and ok.get("token_null_margin") is False and "pooled_null" not in scores:
+            # the token path passed its thresholds, not its null: drift may explain it, so no clearing either
+            return {**decision, "verdict": INCONCLUSIVE, "decided_by": (
+                f"inconclusive (drift): the trigger collapses the suspect's token features and not the anchor's "
+                f"(unshared_collapse {scores['unshared_collapse']:.3f}), but the same search the other way round "
+                f"finds {scores['token_null']:.3f} in the anchor (token_null_margin below "
+                f"{self.min_token_null_margin}): the drift from the anchor explains as much")}
         if drift is None or drift < self.min_clean_cos:
             shown = "unknown" if drift is None else f"{drift:.3f}"
             return {**decision, "verdict": INCONCLUSIVE,
@@ -370,10 +390,17 @@ class CollapseContrastRule(ContrastRule):
         """Whether a charged restart can count for a suspect this close to its anchor (clean pooled cosine)."""
         return clean_anchor_pooled_cos is not None and clean_anchor_pooled_cos > self.divergence_min_clean_cos
 
+    def token_null_applies(self, s: dict) -> bool:
+        """Whether the token collapse path is judged against the swapped search (``token_null``): when the scan
+        measured one and the suspect is away from its anchor (no charged or divergence path there)."""
+        return s.get("token_null") is not None and not self.charged_path_open(s.get("clean_anchor_pooled_cos"))
+
     def progress(self, s: dict) -> float | None:
         """The most advanced path's weakest check as a share of its threshold (`path_progress`): 1 when the path
         passes. The drift check of the divergence path is fixed by the model, so that path counts only where it
-        holds. Without an anchor: the no-anchor checks (lift and same-target ratio), which end ``inconclusive``."""
+        holds. Without an anchor: the no-anchor checks (lift and same-target ratio), which end ``inconclusive``.
+        The token path's null (``token_null``) is left out: the two searches climb together, and a margin read
+        mid-climb would let the benign stop drop a drifted backdoor's restart before its collapse pulls ahead."""
         if not s.get("anchor_used"):
             return path_progress((s.get("assimilation_lift"), self.no_anchor_min_lift),
                                  (s.get("same_target_ratio"), self.no_anchor_min_same_target))
@@ -402,52 +429,17 @@ class CollapseContrastRule(ContrastRule):
         return found and (scores.get("same_target_ratio") or 0) > self.search_same_target
 
 
-#: the decision recorded for a null restart: it measures the anchor's collapses, it is not a suspect trigger
-NULL_DECISION = {"rule": "null restart", "backdoored": False, "verdict": CLEAN,
-                 "decided_by": "not judged: a null restart (the yardstick of the charged ones)", "checks": []}
-
-
 def null_margin(s: dict) -> float | None:
     """A charged restart's pooled unshared collapse minus its null's (None when either is missing)."""
     value, null = s.get("pooled_unshared_collapse"), s.get("pooled_null")
     return None if value is None or null is None else value - null
 
 
-def attach_null(scored: list[dict], roles: list[str]) -> list[dict]:
-    """Give every charged restart's scores ``pooled_null``: the largest pooled collapse a null restart found in
-    the anchor that the suspect does not share (anchor lift minus the suspect's, a negative one counted as 0,
-    as `collapse_scores` does the other way round). Without null restarts nothing is added."""
-    nulls = [s["anchor_pooled_collapse_lift"] - max(s["pooled_collapse_lift"], 0.0)
-             for s, role in zip(scored, roles) if role == "null"
-             and s.get("anchor_pooled_collapse_lift") is not None and s.get("pooled_collapse_lift") is not None]
-    for s, role in zip(scored, roles):
-        if role == "charged":
-            s["pooled_null"] = max(nulls) if nulls else None
-    return scored
-
-
-def judge_restarts(rule: DecisionRule, scored: list[dict], roles: list[str]
-                   ) -> tuple[list[dict], list[float | None]]:
-    """The rule's decision and progress for every restart. A null restart is only the charged ones' yardstick:
-    never flagged (`NULL_DECISION`), and its progress is its charged twin's, so the benign stop drops the two
-    together."""
-    decisions = [NULL_DECISION if role == "null" else rule.decide(s) for s, role in zip(scored, roles)]
-    progress = [rule.progress(s) for s in scored]
-    charged = [i for i, role in enumerate(roles) if role == "charged"]
-    for twin, null in zip(charged, [i for i, role in enumerate(roles) if role == "null"]):
-        progress[null] = progress[twin]
-    return decisions, progress
-
-
-def restart_summary(stats: list[dict], decisions: list[dict], progress: list[float | None], objectives: list[str],
-                    dropped: dict[int, int]) -> list[dict]:
-    """report.json's ``restart_scores``: what each restart searched for, found and was judged."""
-    keys = ("unshared_collapse", "pooled_unshared_collapse", "collapse_lift", "pooled_collapse_lift",
-            "divergence_ratio", "pooled_divergence_ratio", "same_target_ratio")
-    return [{"objective": objectives[i], "loss": s["loss"], "verdict": verdict_of(d), "progress": progress[i],
-             "dropped_at_step": dropped.get(i), **{k: s.get(k) for k in keys},
-             **{k: s[k] for k in ("anchor_pooled_collapse_lift", "pooled_null") if k in s}}
-            for i, (s, d) in enumerate(zip(stats, decisions))]
+def token_null_margin(s: dict) -> float | None:
+    """A restart's token unshared collapse minus the swapped search's (``token_null``; None when either is
+    missing)."""
+    value, null = s.get("unshared_collapse"), s.get("token_null")
+    return None if value is None or null is None else value - null
 
 
 def path_progress(*checks: tuple[float | None, float]) -> float:

@@ -26,8 +26,9 @@ class SearchControl:
 
     def __init__(self, restarts: int, check_every: int, max_steps: int | None, patience: int = 6,
                  stall_tol: float = 2e-3, benign_stop: bool = True, speedup: float = 2.0,
-                 kept_until: dict[int, int] | None = None) -> None:
+                 kept_until: dict[int, int] | None = None, yardsticks: tuple[int, ...] = ()) -> None:
         self.check_every, self.max_steps = check_every, max_steps
+        self.yardsticks = set(yardsticks)  # restarts that measure the anchor: they never keep the search going
         self.patience, self.stall_tol = patience, stall_tol
         self.benign_stop, self.speedup = benign_stop, speedup
         self.kept_until = kept_until or {}  # restart -> the step before which the benign stop never drops it
@@ -78,7 +79,16 @@ class SearchControl:
             if step >= self.kept_until.get(r, 0) and not reachable(self.progress[r], left, speedup=self.speedup):
                 self.active.remove(r)
                 self.dropped[r] = step
-        return None if self.active else BENIGN_STOP
+        return None if set(self.active) - self.yardsticks else BENIGN_STOP
+
+    def drop(self, restarts: list[int], step: int, vectors: Tensor) -> None:
+        """Stop searching ``restarts`` from ``step`` on (a yardstick the rule will not read), their triggers held
+        where they are in ``vectors`` ([R, k, W])."""
+        for r in restarts:
+            if r in self.active:
+                self.active.remove(r)
+                self.dropped[r] = step
+        self.hold(vectors)
 
     @torch.no_grad()
     def hold(self, vectors: Tensor) -> None:

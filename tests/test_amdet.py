@@ -209,10 +209,10 @@ def test_each_role_optimises_its_own_objective(tiny_models, clip):
         with torch.no_grad():
             for p in anchor.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-    roles = restart_roles(restarts=2, pooled_restarts=1, null_restarts=1)
-    assert roles == ["amdet", "pooled", "charged", "null"]
+    roles = restart_roles(restarts=2, pooled_restarts=1, null_restarts=1, token_null_restarts=1)
+    assert roles == ["amdet", "pooled", "charged", "null", "token_null"]
     cache = FeatureCache.build(clip, prompts(), max_length=None, room=1)
-    vectors = PseudoTrigger(4, 1, clip.width, scale=0.02, seed=1).vectors.detach()
+    vectors = PseudoTrigger(5, 1, clip.width, scale=0.02, seed=1).vectors.detach()
     out = run_triggered(clip, anchor, cache.batch(slice(None)), vectors, position=1)
     got = role_losses(out, roles, beta=0.1, gamma=0.2, pooled_gamma=0.3, charge=0.7)
     n = len(prompts())
@@ -221,10 +221,15 @@ def test_each_role_optimises_its_own_objective(tiny_models, clip):
         rows = slice(r * n, (r + 1) * n)
         s, a = consistency(out.pooled[rows]), consistency(out.anchor_pooled[rows])
         cos = float(out.anchor_pooled_cos[rows].mean())
+        # the swapped AMDET loss, written out from the anchor's per-row Sim_X and the two cosines
+        token_cos = float(out.anchor_cos[rows].mean())
         want = {"amdet": float(amdet[rows].mean()), "pooled": -s + 0.3 * cos, "charged": -s + 0.3 * cos + 0.7 * a,
-                "null": -a + 0.3 * cos + 0.7 * s}[role]
+                "null": -a + 0.3 * cos + 0.7 * s,
+                "token_null": -float(out.anchor_assimilation[rows].mean()) + 0.2 * token_cos + 0.3 * cos}[role]
         assert float(got[r]) == pytest.approx(want, abs=1e-5), role
     scores = {"target_consistency": 0.9, "anchor_target_consistency": 0.5, "anchor_pooled_cos": 0.4}
-    assert held_out_loss("amdet", scores, 0.3, 0.7) is None
-    assert held_out_loss("charged", scores, 0.3, 0.7) == pytest.approx(-0.81 + 0.12 + 0.7 * 0.25)
-    assert held_out_loss("null", scores, 0.3, 0.7) == pytest.approx(-0.25 + 0.12 + 0.7 * 0.81)
+    assert held_out_loss("amdet", scores, 0.3, 0.7, 0.2) is None
+    assert held_out_loss("charged", scores, 0.3, 0.7, 0.2) == pytest.approx(-0.81 + 0.12 + 0.7 * 0.25)
+    assert held_out_loss("null", scores, 0.3, 0.7, 0.2) == pytest.approx(-0.25 + 0.12 + 0.7 * 0.81)
+    swapped = {"anchor_assimilation": 0.6, "anchor_cos": 0.5, "anchor_pooled_cos": 0.4}
+    assert held_out_loss("token_null", swapped, 0.3, 0.7, 0.2) == pytest.approx(-0.6 + 0.2 * 0.5 + 0.3 * 0.4)

@@ -165,7 +165,8 @@ def test_a_charged_restart_is_judged_against_its_null_and_on_the_pooled_path_onl
     """Measured cases (BENCHMARKS.md, "The SigLIP evasion"): the charged search finds the evader's collapse
     (0.71) and the null finds 0.50 of drift; in a benign SigLIP model at drift 0.7 it finds 0.68 but the null 0.89.
     A charged restart's divergence never flags it: such a search looks for differences from the anchor."""
-    from lit_amdet.decision import NULL_DECISION, CollapseContrastRule, attach_null, restart_summary, verdict_of
+    from lit_amdet.decision import CollapseContrastRule, verdict_of
+    from lit_amdet.restart_scores import NULL_DECISION, attach_null, restart_summary
 
     rule = CollapseContrastRule()
     base = {"anchor_used": True, "assimilation_ratio": 1.0, "same_target_ratio": 0.5, "clean_anchor_pooled_cos": 0.96,
@@ -201,3 +202,45 @@ def test_a_charged_restart_is_judged_against_its_null_and_on_the_pooled_path_onl
     rows = restart_summary(stats, [d, NULL_DECISION], [2.0, 0.1], ["pooled_charged", "pooled_null"], {1: 40})
     assert rows[0]["pooled_null"] == pytest.approx(0.5) and rows[0]["verdict"] == "BACKDOORED"
     assert rows[1]["verdict"] == verdict_of(NULL_DECISION) == "clean" and rows[1]["dropped_at_step"] == 40
+
+
+def test_away_from_the_anchor_the_token_collapse_path_is_judged_against_the_swapped_search():
+    """The benign SimCSE MiniLM fine-tune the zoo rescan flagged (`minilm-calibration-benign-001`, clean pooled
+    cosine 0.714: unshared collapse 0.5007 = lift 0.765 - anchor lift 0.265). With a swapped search finding as
+    much in the anchor it is not accused; since the collapse did pass its own thresholds it is not cleared
+    either (inconclusive). A null that leaves the margin is no obstacle, and near the anchor it is not read."""
+    from lit_amdet.decision import INCONCLUSIVE, CollapseContrastRule, verdict_of
+    from lit_amdet.restart_scores import attach_null, judge_restarts
+
+    rule = CollapseContrastRule()
+    fp = {"anchor_used": True, "assimilation_ratio": 1.0, "same_target_ratio": 0.9375, "collapse_lift": 0.7653,
+          "anchor_collapse_lift": 0.2646, "unshared_collapse": 0.5007, "pooled_collapse_lift": 0.9452,
+          "pooled_unshared_collapse": 0.3323, "assimilation_gap": 0.33, "anchor_cos": 0.3665,
+          "clean_anchor_cos": 0.7643, "anchor_pooled_cos": 0.3493, "clean_anchor_pooled_cos": 0.714}
+    assert rule.decide(fp)["backdoored"]  # without the swapped restart: the false positive
+    swapped = {**fp, "collapse_lift": 0.10, "anchor_collapse_lift": 0.55}  # the anchor's own unshared collapse
+    stats = attach_null([dict(fp), dict(swapped)], ["amdet", "token_null"])
+    assert stats[0]["token_null"] == pytest.approx(0.45) and "token_null" not in stats[1]
+    d = rule.decide(stats[0])
+    assert not d["backdoored"] and verdict_of(d) == INCONCLUSIVE and "token_null_margin" in d["decided_by"]
+    assert {c["name"]: c["passed"] for c in d["checks"]}["token_null_margin"] is False
+    assert not rule.search_passed(stats[0])  # the search keeps looking
+    # a drifted backdoor: the swapped search finds drift only
+    backdoor = attach_null([{**fp, "collapse_lift": 0.88, "anchor_collapse_lift": 0.0, "unshared_collapse": 0.88},
+                            swapped], ["amdet", "token_null"])[0]
+    assert rule.decide(backdoor)["backdoored"]
+    # a negative suspect lift counts as 0 in the null, as a negative anchor lift does in the unshared collapse
+    assert attach_null([dict(fp), {**swapped, "collapse_lift": -0.3}], ["amdet", "token_null"])[0]["token_null"] \
+        == pytest.approx(0.55)
+    # near the anchor the null is not read (no benign model there came near the threshold)
+    near = {**stats[0], "clean_anchor_pooled_cos": 0.97}
+    assert not rule.token_null_applies(near) and rule.decide(near)["backdoored"]
+    # a charged restart is judged on its own path only: the token null neither flags nor withholds anything there
+    charged = {**stats[0], "pooled_null": 0.9, "token_null": None, "clean_anchor_pooled_cos": 0.7}
+    assert verdict_of(rule.decide(charged)) == "clean"
+    # another path that passes still flags: the null withholds only the token collapse path's accusation
+    assert rule.decide({**stats[0], "pooled_unshared_collapse": 0.6})["backdoored"]
+    # the yardstick is never judged, and runs as long as the furthest judged restart
+    decisions, progress = judge_restarts(rule, [dict(stats[0]), {**stats[1], "unshared_collapse": 0.9}],
+                                         ["amdet", "token_null"])
+    assert not decisions[1]["backdoored"] and progress[1] == progress[0]

@@ -47,11 +47,15 @@ def test_clean_scan_writes_a_complete_run_folder(tiny_models, tmp_path, capsys):
     assert len(report["suspect"]["sha256"]) == 64 and report["seed"] == 0 and report["seconds"] > 0
     assert report["landscape"]["grid"] == 5 and len(report["hessian"]["top"]) == 1
     assert len(report["nearest_tokens"]) == 1 and len(report["nearest_tokens"][0]) == 3
-    assert report["nearest_captions"] and report["restarts"] == 2 and len(report["restart_losses"]) == 2
+    # two searched restarts and the swapped one (the token path's yardstick), taken out at the start: a model
+    # at its anchor is judged without it
+    assert report["nearest_captions"] and report["restarts"] == 2 and len(report["restart_losses"]) == 3
+    swapped = report["restart_scores"][2]
+    assert swapped["objective"] == "amdet_swapped" and swapped["dropped_at_step"] == 0 and report["best_restart"] < 2
     for name in ("landscape.png", "hessian.png"):
         assert (out / name).stat().st_size > 1000
     trig = load_file(str(out / "trigger.safetensors"))
-    assert trig["trigger"].shape == (1, report["suspect"]["width"]) and trig["all_restarts"].shape[0] == 2
+    assert trig["trigger"].shape == (1, report["suspect"]["width"]) and trig["all_restarts"].shape[0] == 3
     # diffusers' load_textual_inversion format: exactly one {token: [k, W]} entry
     ti = load_file(str(out / "learned_embeds.safetensors"))
     assert list(ti) == ["<amdet-trigger>"] and ti["<amdet-trigger>"].shape == trig["trigger"].shape
@@ -188,7 +192,7 @@ def test_restarts_run_one_pass_at_a_time_take_the_same_steps(tiny_models, tmp_pa
                            out_name=f"pass-{per_pass}")
         assert code == 0 and json.loads((out / "report.json").read_text())["steps"] == 4
         triggers[per_pass] = load_file(str(out / "trigger.safetensors"))["all_restarts"]
-    assert triggers["null"].shape[0] == 2
+    assert triggers["null"].shape[0] == 3  # two searched restarts and the swapped one, held from the start
     torch.testing.assert_close(triggers["1"], triggers["null"], rtol=1e-4, atol=1e-5)
 
 
@@ -226,9 +230,11 @@ def test_the_final_scores_are_those_of_the_final_triggers(tiny_models, tmp_path,
     assert report["restart_losses"] == pytest.approx(seen["fresh"], rel=1e-5, abs=1e-6)
 
 
-def _fake_restarts(monkeypatch, hit: dict, who: int = 1) -> None:
+def _fake_restarts(monkeypatch, hit: dict, who: int = 1, base: dict | None = None,
+                   hits: dict[int, dict] | None = None) -> None:
     """Replace the scan's held-out evaluation: restart 0 has the lower loss and collapses nothing; restart ``who``
-    gets ``hit`` over the same clean-looking scores (the clean prompts and the initial trigger get those too)."""
+    gets ``hit`` (and each restart of ``hits`` its own) over the same clean-looking scores, updated by ``base``
+    (the clean prompts and the initial trigger get those too)."""
     import torch
 
     from lit_amdet.modules import BackdoorDetection
@@ -241,11 +247,33 @@ def _fake_restarts(monkeypatch, hit: dict, who: int = 1) -> None:
                  "same_target_mean_cos": 0.2, "same_target_ratio": 0.0, "orig_cos": 0.99, "anchor_cos": 0.99,
                  "different_target_ratio": 0.0, "anchor_assimilation": 0.3, "anchor_pooled_cos": 0.99,
                  "prompts": 8, "target_consistency": 0.5, "anchor_target_consistency": 0.5,
-                 "_pooled": torch.ones(self.encoder.embed_dim), "_feature": torch.ones(self.encoder.width)}
-            out.append({**s, **(hit if not clean and r == who else {})})
+                 "_pooled": torch.ones(self.encoder.embed_dim), "_feature": torch.ones(self.encoder.width),
+                 **(base or {})}
+            out.append({**s, **({} if clean else {who: hit, **(hits or {})}.get(r, {}))})
         return out
 
     monkeypatch.setattr(BackdoorDetection, "evaluate", fake_evaluate)
+
+
+def _fake_swapped(monkeypatch) -> None:
+    """Far from the anchor (clean pooled cosine 0.7): restart 0 has the lower loss and collapses nothing; restart 1
+    collapses the suspect's token features alone (unshared 0.93); the swapped restart (2) finds as much in the
+    anchor (0.93), so the drift explains restart 1's collapse."""
+    _fake_restarts(monkeypatch, {"assimilation": 0.95, "assimilation_ratio": 1.0, "same_target_ratio": 1.0},
+                   base={"anchor_cos": 0.7, "anchor_pooled_cos": 0.7}, hits={2: {"anchor_assimilation": 0.95}})
+
+
+def test_a_token_collapse_the_swapped_search_matches_is_inconclusive_whatever_the_losses(tiny_models, tmp_path,
+                                                                                          monkeypatch):
+    """The swapped restart withholds the accusation (the search runs on), and the verdict rests on the restart
+    it cannot clear, not on the lower-loss one that found nothing: `inconclusive`, exit 3, never `clean`."""
+    _fake_swapped(monkeypatch)
+    code, report = _fake_detect(tiny_models, tmp_path)
+    assert [r["objective"] for r in report["restart_scores"]] == ["amdet", "pooled_contrast", "amdet_swapped"]
+    assert report["stopped_early"] != "trigger passed the checks" and report["best_restart"] == 1
+    assert report["scores"]["unshared_collapse"] == pytest.approx(0.65 / 0.7)
+    assert report["scores"]["token_null"] == pytest.approx(0.65 / 0.7)
+    assert report["verdict"] == "inconclusive" and code == 3 and "token_null_margin" in report["decided_by"]
 
 
 def _fake_detect(tiny_models, tmp_path, *extra: str):
@@ -264,7 +292,7 @@ def test_the_restart_that_stops_the_search_is_the_one_that_decides(tiny_models, 
                                  "different_target_ratio": 1.0, "anchor_pooled_cos": -0.2, "target_consistency": 1.0})
     code, report = _fake_detect(tiny_models, tmp_path)
     assert report["stopped_early"] == "trigger passed the checks" and report["steps"] == 1
-    assert report["restart_losses"] == [-1.0, 0.0]
+    assert report["restart_losses"] == [-1.0, 0.0, 0.0]  # the swapped restart, dropped at the start, last
     assert report["best_restart"] == 1 and report["verdict"] == "BACKDOORED" and code == 1
     assert report["passing_restarts"] == [1]
 
@@ -277,10 +305,10 @@ def test_a_restart_the_rule_flags_decides_when_none_passed_the_search(tiny_model
     _fake_restarts(monkeypatch, {"target_consistency": 1.0})  # pooled lift 1.0, the anchor's 0: unshared 1.0
     code, report = _fake_detect(tiny_models, tmp_path)
     assert report["stopped_early"] == "a restart flagged at two checks in a row" and report["steps"] == 2
-    assert report["restart_losses"] == [-1.0, 0.0] and report["passing_restarts"] == [1]
+    assert report["restart_losses"] == [-1.0, 0.0, 0.0] and report["passing_restarts"] == [1]
     assert report["best_restart"] == 1 and report["verdict"] == "BACKDOORED" and code == 1
     assert report["scores"]["pooled_unshared_collapse"] == 1.0
-    assert [r["verdict"] for r in report["restart_scores"]] == ["clean", "BACKDOORED"]
+    assert [r["verdict"] for r in report["restart_scores"]] == ["clean", "BACKDOORED", "clean"]
 
 
 def test_a_null_restart_is_never_judged_or_chosen(tiny_models, tmp_path, monkeypatch):
@@ -292,7 +320,8 @@ def test_a_null_restart_is_never_judged_or_chosen(tiny_models, tmp_path, monkeyp
                                 "--model.init_args.pooled_restarts", "1", "--model.init_args.null_restarts", "1",
                                 "--model.init_args.null_min_steps", "0")
     rows = report["restart_scores"]
-    assert [r["objective"] for r in rows] == ["amdet", "pooled_contrast", "pooled_charged", "pooled_null"]
+    assert [r["objective"] for r in rows] == ["amdet", "pooled_contrast", "pooled_charged", "pooled_null",
+                                              "amdet_swapped"]
     assert rows[3]["pooled_unshared_collapse"] == 1.0 and rows[3]["verdict"] == "clean"
     assert "pooled_null" in rows[2] and report["best_restart"] != 3
     assert report["verdict"] == "clean" and code == 0
@@ -367,7 +396,8 @@ def minilm_screening(minilm_models):
     out = minilm_models / "runs"
     args = ["detect", "--config", str(config_path("scan.yaml")), "--model.init_args.suspect", str(suspects),
             "--model.init_args.anchor", "minilm", "--model.init_args.restarts", "2",
-            "--model.init_args.pooled_restarts", "1", "--model.init_args.probe_prompts", "96",
+            "--model.init_args.pooled_restarts", "1", "--model.init_args.restarts_per_pass", "null",
+            "--model.init_args.probe_prompts", "96",
             "--model.init_args.holdout_prompts", "32", "--model.init_args.max_length", "24",
             "--trainer.max_steps", "40", "--trainer.logger", "false", "--data.init_args.num_samples", "1000",
             "--trainer.default_root_dir", str(out)]
@@ -413,6 +443,11 @@ def test_a_minilm_backdoor_hidden_under_drift_is_flagged_and_a_benign_one_as_far
     hidden, benign = reports["backdoored-drifted"], reports["benign-drifted"]
     for r in (hidden, benign):
         assert r["scores"]["clean_anchor_pooled_cos"] < 0.9  # both really drifted
+        # so the token collapse path is judged against the swapped search, which ran beside the others
+        swapped = r["restart_scores"][-1]
+        assert swapped["objective"] == "amdet_swapped" and swapped["dropped_at_step"] != 0
+        assert r["scores"]["token_null"] == pytest.approx(swapped["anchor_collapse_lift"]
+                                                          - max(swapped["collapse_lift"], 0.0))
     assert hidden["verdict"] == "BACKDOORED", json.dumps(hidden["checks"], indent=1)
     assert "collapse" in hidden["decided_by"]
     assert not ContrastRule().decide(hidden["scores"])["backdoored"]  # what the old default said of it

@@ -69,3 +69,26 @@ def test_a_restart_kept_until_a_step_is_not_dropped_before_it():
     assert control.active == [1] and control.dropped == {0: 20}
     assert control.check(40, [0.0, 0.0], passed=False, flagged=set(), progress=flat) == BENIGN_STOP
     assert control.dropped[1] == 40
+
+
+def test_a_yardstick_restart_never_keeps_the_search_going():
+    """Once every judged restart is dropped the benign stop ends the search, whatever the yardsticks (the
+    swapped restarts, which only measure the anchor) still could reach; `drop` takes a restart out at once."""
+    control = SearchControl(3, check_every=10, max_steps=100, yardsticks=(2,))
+    vectors = torch.randn(3, 1, 4)
+    control.drop([2], step=0, vectors=vectors)
+    assert control.active == [0, 1] and control.dropped == {2: 0}
+    moved = vectors + 1.0
+    control.restore(moved)  # the dropped trigger is put back where it was dropped, the others move on
+    torch.testing.assert_close(moved[2], vectors[2])
+    torch.testing.assert_close(moved[:2], vectors[:2] + 1.0)
+    control.start([0.0, 0.0, 0.0])
+    flat = [0.0, 0.0, 0.0]
+    assert control.check(10, [0.0] * 3, passed=False, flagged=set(), progress=flat) is None
+    assert control.check(20, [0.0] * 3, passed=False, flagged=set(), progress=flat) == BENIGN_STOP
+    # a yardstick still climbing does not hold the search once its judged restart is dropped
+    kept = SearchControl(2, check_every=10, max_steps=100, yardsticks=(1,))
+    kept.start([0.0, 0.0])
+    assert kept.check(10, [0.0, 0.0], passed=False, flagged=set(), progress=[0.0, 0.3]) is None
+    assert kept.check(20, [0.0, 0.0], passed=False, flagged=set(), progress=[0.0, 0.6]) == BENIGN_STOP
+    assert kept.active == [1]

@@ -35,19 +35,17 @@ from lit_amdet.amdet import (
     restart_roles,
     role_losses,
     run_triggered,
+    save_trigger_files,
     step_in_passes,
-    token_embedding_of,
 )
-from lit_amdet.captions import caption_bank
+from lit_amdet.captions import caption_bank, nearest_captions
 from lit_amdet.decision import (
     DRIFT_FLOOR,
+    INCONCLUSIVE,
     CollapseContrastRule,
     DecisionRule,
-    attach_null,
     collapse_scores,
     drift_normalised_divergence,
-    judge_restarts,
-    restart_summary,
     verdict_of,
 )
 from lit_amdet.encoders import TextEncoderAdapter, check_same_architecture, file_sha256, load_encoder
@@ -55,6 +53,7 @@ from lit_amdet.errors import ConfigError
 from lit_amdet.io import StagedFolder, write_json
 from lit_amdet.memory import release_free_memory
 from lit_amdet.modules.base import EncoderTask
+from lit_amdet.restart_scores import YARDSTICKS, attach_null, judge_restarts, restart_summary
 from lit_amdet.screening import anchor_component, load_anchor, scan_targets
 from lit_amdet.search_control import SearchControl
 from lit_amdet.token_probe import deciding_typing, probe_tokens, typed_flagged, typed_target, verdict_scores
@@ -95,6 +94,8 @@ class BackdoorDetection(EncoderTask):
         null_charge: weight of the other model's pooled consistency in the charged and null restarts' objective.
         null_min_steps: the benign stop never drops a charged or null restart before this step (the charged
             search was measured to climb late: 0.01, 0.03, 0.02, 0.07, 0.84, 2.0 at checks 1-6).
+        token_null_restarts: extra restarts: the AMDET search with the models swapped (`lit_amdet.amdet.swapped_loss`),
+            the token path's yardstick away from the anchor (`CollapseContrastRule`); dropped at once near it.
         typed_probe: type the N most-moved rows' and N most-shifted-alone tokens first (`lit_amdet.token_probe`; 0 off).
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
         batch_size: probe prompts per step (each runs R times).
@@ -144,6 +145,7 @@ class BackdoorDetection(EncoderTask):
         null_restarts: int = 0,
         null_charge: float = 1.0,
         null_min_steps: int = 60,
+        token_null_restarts: int = 1,
         typed_probe: int = 8,
         lr: float = 0.08,
         weight_decay: float = 1e-5,
@@ -211,11 +213,14 @@ class BackdoorDetection(EncoderTask):
         ids = torch.arange(min(self.encoder.vocab_size, 2048))[:, None]
         with torch.no_grad():
             scale = float(self.encoder.embed(ids).std())
-        if hp.null_restarts < 0 or (hp.null_restarts and not isinstance(self.rule, CollapseContrastRule)):
-            raise ConfigError(f"null_restarts must be >= 0 and needs CollapseContrastRule (got {hp.null_restarts}, "
+        reads_nulls = isinstance(self.rule, CollapseContrastRule)
+        if min(hp.null_restarts, hp.token_null_restarts) < 0 or (hp.null_restarts and not reads_nulls):
+            raise ConfigError(f"null_restarts and token_null_restarts must be >= 0, and null_restarts needs "
+                              f"CollapseContrastRule (got {hp.null_restarts}, {hp.token_null_restarts}, "
                               f"{type(self.rule).__name__})")
-        self.roles = restart_roles(hp.restarts, hp.pooled_restarts, hp.null_restarts if self.anchor is not None else 0)
-        self.judged = [i for i, role in enumerate(self.roles) if role != "null"]  # null restarts are yardsticks
+        self.roles = restart_roles(hp.restarts, hp.pooled_restarts, *(  # without an anchor nothing to swap
+            (hp.null_restarts, hp.token_null_restarts if reads_nulls else 0) if self.anchor is not None else (0, 0)))
+        self.judged = [i for i, role in enumerate(self.roles) if role not in YARDSTICKS]
         self.trigger = PseudoTrigger(len(self.roles), hp.trigger_length, self.encoder.width, scale, hp.seed)
         self._last_stats: list[dict] = []
         self.search: SearchControl | None = None  # made at fit start, when the step limit is known
@@ -277,12 +282,14 @@ class BackdoorDetection(EncoderTask):
         self.search = SearchControl(len(self.roles), hp.check_every, self.trainer.max_steps, hp.patience, hp.stall_tol,
                                     hp.benign_stop, hp.benign_stop_speedup,
                                     {r: hp.null_min_steps for r, role in enumerate(self.roles)
-                                     if role in ("charged", "null")})
+                                     if role in ("charged", "null")},
+                                    tuple(r for r, role in enumerate(self.roles) if role in YARDSTICKS))
         probe = self.anchor is not None and isinstance(self.rule, CollapseContrastRule) and hp.typed_probe > 0
         self.typed = probe_tokens(self.encoder, self.anchor, self.holdout_cache.tokens, hp.position,
                                   hp.typed_probe) if probe else []
         rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
                        f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
+        self._baselines()  # before the first step: it says whether the swapped restarts are needed at all
 
     def train_dataloader(self) -> DataLoader:
         if self.probe is None:
@@ -415,7 +422,7 @@ class BackdoorDetection(EncoderTask):
         if restarts is None and vectors is not None and reps == len(self.roles):
             restarts = list(range(reps))
         for r, res in zip(restarts or [], results):
-            loss = held_out_loss(self.roles[r], res, hp.pooled_gamma, hp.null_charge)
+            loss = held_out_loss(self.roles[r], res, hp.pooled_gamma, hp.null_charge, hp.gamma)
             res["loss"] = res["loss"] if loss is None else loss
         return results
 
@@ -445,13 +452,18 @@ class BackdoorDetection(EncoderTask):
         random = self.evaluate(self.trigger.initial)
         keys = ("assimilation", "anchor_cos", "anchor_assimilation", "anchor_pooled_cos", "orig_cos",
                 "target_consistency", "anchor_target_consistency")
-        rnd = {k: (sum(r[k] for r in random) / len(random) if random[0][k] is not None else None) for k in keys}
+        searched = [random[i] for i in self.judged]  # the yardsticks' random triggers are not the suspect's
+        rnd = {k: (sum(r[k] for r in searched) / len(searched) if random[0][k] is not None else None) for k in keys}
         self.evidence["baselines"] = base = {"clean": {k: clean[k] for k in keys}, "random": rnd}
+        self._last_stats = self._last_stats or list(random)  # a restart dropped before its first check
         # where each restart's progress starts: its own random trigger, scored as every check will be
         if self.search is not None:
             self.search.start(self._judge(random)[2])
             if not self.rule.charged_path_open(base["clean"]["anchor_pooled_cos"]):
                 self.search.kept_until = {}  # far from the anchor the charged restarts cannot count: no minimum
+            else:  # near it the token path is not judged against the swapped search: never run that one
+                self.search.drop([r for r, role in enumerate(self.roles) if role == "token_null"], self.global_step,
+                                 self.trigger.vectors)
         return base
 
     # ----- after the search -----------------------------------------------------------
@@ -462,9 +474,11 @@ class BackdoorDetection(EncoderTask):
                                                  self.evaluate(self.trigger.vectors.detach()))
         losses = [s["loss"] for s in stats]
         # the restarts that passed the search's checks; failing those, any the rule flags (a pooled restart may
-        # find a backdoor whose token features do not share one target, which the search's stop asks for)
+        # find a backdoor whose token features do not share one target, which the search's stop asks for), then
+        # any it cannot clear (a token collapse the swapped search matches): a lower loss never clears those
         passed = [i for i in self.judged if self.rule.search_passed(stats[i])] or \
-            [i for i in self.judged if decisions[i]["backdoored"]]
+            [i for i in self.judged if decisions[i]["backdoored"]] or \
+            [i for i in self.judged if verdict_of(decisions[i]) == INCONCLUSIVE]
         best = choose_restart([loss if i in self.judged else math.inf for i, loss in enumerate(losses)], passed)
         self.evidence["restart_scores"] = restart_summary(stats, decisions, progress,
                                                           [OBJECTIVES[role] for role in self.roles],
@@ -528,25 +542,17 @@ class BackdoorDetection(EncoderTask):
             self._write_run_folder(decision, scores)
 
     def _write_run_folder(self, decision: dict, scores: dict) -> None:
-        from safetensors.torch import save_file
-
         hp, stage = self.hparams, self._stage.path
-        trigger = self.best_trigger().float().cpu().clone()
-        save_file({"trigger": trigger, "all_restarts": self.trigger.vectors.detach().float().cpu().contiguous(),
-                   "target_pooled": self._target_pooled.cpu().contiguous(),
-                   "target_feature": self._target_feature.cpu().contiguous()},
-                  str(stage / "trigger.safetensors"),
-                  metadata={"position": str(hp.position), "suspect": str(hp.suspect)})
-        token_rows = token_embedding_of(self.encoder, trigger.to(self.device), hp.position)
-        if token_rows is not None:
-            # diffusers' load_textual_inversion reads a one-entry {token: [k, W]} safetensors file
-            save_file({"<amdet-trigger>": token_rows.cpu().contiguous()}, str(stage / "learned_embeds.safetensors"))
+        trigger = self.best_trigger().float().cpu()
+        inversion = save_trigger_files(stage, self.encoder, self.trigger.vectors, self.best_restart,
+                                       self._target_pooled, self._target_feature, hp.position, hp.suspect)
         if hp.save_cache:
             self.holdout_cache.save(stage / "holdout_features.safetensors")
         tokens = nearest_tokens(self.encoder, trigger.to(self.device), hp.position, hp.top_tokens)
         typing = deciding_typing(self.typed, self.rule, scores)  # a typed token decided alone: show its target
-        captions = self._nearest_captions(self._target_pooled if typing is None else typed_target(
-            self.encoder, self.holdout_cache.tokens, typing["ids"], hp.position))
+        captions = nearest_captions(self.encoder, self.caption_bank, self._target_pooled if typing is None else
+                                    typed_target(self.encoder, self.holdout_cache.tokens, typing["ids"], hp.position),
+                                    hp.max_length, hp.top_captions)
         report = {
             "model": self.model_label, "verdict": self.verdict["verdict"],
             "backdoored": decision["backdoored"], "rule": self.rule.describe(), "decided_by": decision["decided_by"],
@@ -571,7 +577,7 @@ class BackdoorDetection(EncoderTask):
             "hessian": self.evidence.get("hessian"), "nearest_tokens": tokens, "nearest_captions": captions,
             "nearest_captions_of": "search" if typing is None else f"typed token {typing['token']!r}",
             "trigger": {"length": hp.trigger_length, "position": hp.position, "norm": float(trigger.norm()),
-                        "textual_inversion": "learned_embeds.safetensors" if token_rows is not None else None},
+                        "textual_inversion": "learned_embeds.safetensors" if inversion else None},
             "prompts": {"probe": len(self.probe), "held_out": len(self.holdout)},
             "world_size": self.trainer.world_size, "precision": str(self.trainer.precision),
             "hyperparameters": {k: v for k, v in hp.items() if k != "rule"},
@@ -580,15 +586,6 @@ class BackdoorDetection(EncoderTask):
         write_json(stage / "report.json", report)
         self.run_dir = self._stage.commit()  # the run folder appears complete or not at all
         self._stage = None
-
-    @torch.no_grad()
-    def _nearest_captions(self, target: Tensor) -> list[dict]:
-        bank = self.caption_bank
-        emb = torch.cat([F.normalize(self.encoder.encode(bank[i:i + 128], max_length=self.hparams.max_length)
-                                     .pooled.float(), dim=-1) for i in range(0, len(bank), 128)])
-        sims = emb @ F.normalize(target.to(emb.device), dim=0)
-        vals, idx = sims.topk(min(self.hparams.top_captions, len(bank)))
-        return [{"caption": bank[int(i)], "cosine": round(float(v), 4)} for v, i in zip(vals, idx)]
 
     def configure_callbacks(self):
         from lit_amdet.callbacks import HessianSpectrum, LossLandscape
