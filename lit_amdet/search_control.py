@@ -75,20 +75,17 @@ class SearchControl:
         left = -(-(self.max_steps - step) // self.check_every)  # checks still to come, the last one included
         if left <= 0:
             return None  # the step limit ends the search now: nothing is dropped, it simply ran its course
-        for r in list(self.active):
-            if step >= self.kept_until.get(r, 0) and not reachable(self.progress[r], left, speedup=self.speedup):
-                self.active.remove(r)
-                self.dropped[r] = step
+        self.drop([r for r in self.active if step >= self.kept_until.get(r, 0)
+                   and not reachable(self.progress[r], left, speedup=self.speedup)], step)
         return None if set(self.active) - self.yardsticks else BENIGN_STOP
 
-    def drop(self, restarts: list[int], step: int, vectors: Tensor) -> None:
-        """Stop searching ``restarts`` from ``step`` on (a yardstick the rule will not read), their triggers held
-        where they are in ``vectors`` ([R, k, W])."""
+    def drop(self, restarts: list[int], step: int) -> None:
+        """Stop searching ``restarts`` from ``step`` on (the benign stop's, or a yardstick the rule will not read);
+        call `hold` next, so their triggers stay where they are."""
         for r in restarts:
             if r in self.active:
                 self.active.remove(r)
                 self.dropped[r] = step
-        self.hold(vectors)
 
     @torch.no_grad()
     def hold(self, vectors: Tensor) -> None:

@@ -76,7 +76,8 @@ def test_a_yardstick_restart_never_keeps_the_search_going():
     swapped restarts, which only measure the anchor) still could reach; `drop` takes a restart out at once."""
     control = SearchControl(3, check_every=10, max_steps=100, yardsticks=(2,))
     vectors = torch.randn(3, 1, 4)
-    control.drop([2], step=0, vectors=vectors)
+    control.drop([2], step=0)
+    control.hold(vectors)
     assert control.active == [0, 1] and control.dropped == {2: 0}
     moved = vectors + 1.0
     control.restore(moved)  # the dropped trigger is put back where it was dropped, the others move on

@@ -462,8 +462,8 @@ class BackdoorDetection(EncoderTask):
             if not self.rule.charged_path_open(base["clean"]["anchor_pooled_cos"]):
                 self.search.kept_until = {}  # far from the anchor the charged restarts cannot count: no minimum
             else:  # near it the token path is not judged against the swapped search: never run that one
-                self.search.drop([r for r, role in enumerate(self.roles) if role == "token_null"], self.global_step,
-                                 self.trigger.vectors)
+                self.search.drop([r for r, role in enumerate(self.roles) if role == "token_null"], self.global_step)
+                self.search.hold(self.trigger.vectors)
         return base
 
     # ----- after the search -----------------------------------------------------------
