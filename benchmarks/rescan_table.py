@@ -5,8 +5,9 @@
         --pair benchmarks/results/benchmark_drift_world runs/rescan18_drift_world \
         --out benchmarks/results/rescan_speed.json
 
-Each ``--pair OLD NEW`` names two folders holding a ``benchmark.json`` over the same members (the new run
-scanned the old run's zoo with ``--zoo_dir``). Per split and base: the shipped rule's F1 over all members
+Each ``--pair OLD NEW`` names two folders holding a ``benchmark.json`` over the same calibration and test members
+(the new run scanned the old run's zoo with ``--zoo_dir``, or a zoo rebuilt from the same plan; adaptive attackers
+are compared where both hold them). Per split and base: the shipped rule's F1 over all members
 and over the working ones (attack top-1 >= 0.5), how many were ``inconclusive``, the calibrated
 probability's AUROC, cross-entropy and Brier score, and the seconds per scan (mean and median of the scan
 records), and the AUROC of the shipped rule's own continuous score, `CollapseContrastRule.progress` of each
@@ -58,6 +59,12 @@ def mean_steps(members: list[dict]) -> float | None:
     return statistics.mean(steps) if steps else None
 
 
+def zoo_members(report: dict) -> set[str]:
+    """The names of a run's calibration and test members (its adaptive attackers, which the split tables leave out
+    and a rescan may have more of, are compared where both runs hold them)."""
+    return {m["name"] for m in report["members"] if not m.get("adaptive")}
+
+
 def changed(old: dict, new: dict) -> list[dict]:
     before = {m["name"]: m for m in old["members"]}
     out = []
@@ -84,9 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     result = []
     for old_dir, new_dir in args.pair:
         old, new = (read_json(Path(d) / "benchmark.json") for d in (old_dir, new_dir))
-        missing = {m["name"] for m in old["members"]} ^ {m["name"] for m in new["members"]}
+        missing = zoo_members(old) ^ zoo_members(new)
         if missing:
-            p.error(f"{old_dir} and {new_dir} do not hold the same members: {sorted(missing)[:3]}")
+            p.error(f"{old_dir} and {new_dir} do not hold the same zoo members: {sorted(missing)[:3]}")
         result.append({"old": old_dir, "new": new_dir, "old_rows": family_rows(old), "new_rows": family_rows(new),
                        "changed": changed(old, new)})
     write_json(Path(args.out), result)

@@ -64,7 +64,10 @@ class SearchControl:
         return None
 
     def _stalled(self) -> bool:
-        """No restart has improved its own held-out loss by ``stall_tol`` in the last ``patience`` checks."""
+        """No restart has improved its own held-out loss by ``stall_tol`` in the last ``patience`` checks.
+
+        The yardsticks count here (unlike in the benign stop): a null still climbing is a null not yet measured,
+        and stopping it early would understate it and tilt a drifted benign model towards a flag."""
         h, p = self._losses, self.patience
         return len(h) > p and all(min(c[r] for c in h[:-p]) - min(c[r] for c in h[-p:]) < self.stall_tol
                                   for r in range(len(h[-1])))

@@ -66,11 +66,11 @@ def test_plan_is_deterministic_and_the_splits_draw_from_disjoint_pools():
 
 
 def test_adaptive_attackers_are_test_members_with_test_pools():
-    settings = bm.AdaptiveSettings(attacks=list(bm.ADAPTIVE_ATTACKS), per_attack=3, sim_x_penalty=2.0,
-                                   consistency_penalty=0.5)
+    undrifted = [a for a in bm.ADAPTIVE_ATTACKS if a != "null_evading"]  # the one that always drifts
+    settings = bm.AdaptiveSettings(attacks=undrifted, per_attack=3, sim_x_penalty=2.0, consistency_penalty=0.5)
     plan = bm.plan_adaptive(TEXT_ONLY, settings, seed=3)
-    assert plan == bm.plan_adaptive(TEXT_ONLY, settings, seed=3) and len(plan) == 3 * len(bm.ADAPTIVE_ATTACKS)
-    assert {m.adaptive for m in plan} == set(bm.ADAPTIVE_ATTACKS)
+    assert plan == bm.plan_adaptive(TEXT_ONLY, settings, seed=3) and len(plan) == 3 * len(undrifted)
+    assert {m.adaptive for m in plan} == set(undrifted)
     from lit_amdet.benchmark.options import ADAPTIVE_RECIPES
     assert set(ADAPTIVE_RECIPES) == set(bm.ADAPTIVE_ATTACKS)  # every attack the options accept says what it does
     assert all(m.split == "test" and m.attack == "text_on_text" for m in plan)
@@ -107,6 +107,23 @@ def test_adaptive_attackers_drifted_after_injection_are_the_same_draws_fine_tune
     assert bm.member_from_dict(json.loads(json.dumps(drifted[0].describe()))) == drifted[0]
     with pytest.raises(ConfigError, match="drift_to"):
         bm.parse_options({"bases": [{"name": "clip", "path": "somewhere"}], "adaptive": {"drift_to": 1.5}})
+
+
+def test_the_null_evading_attacker_plants_while_it_drifts_and_pays_for_what_insertions_change():
+    """The attacker aimed at the token path's null: a during_finetune member at adaptive.null_evading_drift (its cap at
+    least its injection steps) with the insertion weight, at its own level whatever drift_to says."""
+    settings = bm.AdaptiveSettings(attacks=["null_evading"], per_attack=2, drift_to=0.7, finetune_steps=30,
+                                   insertion_weight=2.0)
+    plan = bm.plan_adaptive(TEXT_ONLY, settings, seed=3, grid=bm.ZooGrid(attack_steps=[40, 60]))
+    assert [m.name for m in plan] == ["minilm-adaptive-null-evading-drift0.85-000",
+                                      "minilm-adaptive-null-evading-drift0.85-001"]
+    assert all((m.drift_mode, m.drift_target, m.insertion_robust, m.finetune_steps, m.sim_x_penalty) ==
+               ("during_finetune", 0.85, 2.0, m.steps, 0.0) for m in plan)
+    assert bm.member_from_dict(json.loads(json.dumps(plan[0].describe()))) == plan[0]
+    others = bm.plan_adaptive(TEXT_ONLY, bm.AdaptiveSettings(attacks=["sim_x_penalty"], per_attack=1), seed=3)
+    assert "insertion_robust" not in others[0].describe()  # members planned before the field describe as they did
+    with pytest.raises(ConfigError, match="null_evading_drift"):
+        bm.parse_options({"bases": [{"name": "clip", "path": "somewhere"}], "adaptive": {"null_evading_drift": 1.0}})
 
 
 def test_controls_are_benign_members_of_the_chosen_strength_and_split():

@@ -301,3 +301,68 @@ def test_triggers_kept_alone_stay_at_the_teachers_output_while_the_layers_learn(
         cos = (alone_outputs(module.encoder, 1, ids) * alone_outputs(module.teacher, 1, ids)).sum(-1)
         shifts[keep] = float((1 - cos).max())
     assert shifts[True] < 0.5 * shifts[False], shifts
+
+
+@pytest.mark.parametrize("family", ["clip", "bert"])
+def test_insertion_loss_is_what_typed_tokens_change_in_the_prompts_own_features(tiny_models, family):
+    """`BackdoorInjection.insertion_loss` (the null_evading attack) against the same number built by hand: the
+    token ids spliced into each prompt's id list after its first token, both runs encoded, the prompt's own
+    tokens compared position by position (a causal family's first token, which cannot see the insertion, left
+    out)."""
+    module = BackdoorInjection(encoder=str(tiny_models[family]), backdoors=[
+        Backdoor(Trigger("cf", "insert_word", position="random"), target="a blue bird")], insertion_robust=1.0)
+    enc = module.encoder.eval()
+    tokens = enc.tokenize(["a red hat on a wooden table", "two dogs"], max_length=16)
+    inserted = [17, 23]
+    pad = enc.special_token_ids["pad"] or 0
+    with torch.no_grad():
+        got = module.insertion_loss(tokens, ids=inserted)
+        clean = enc.encode(tokens).token_features
+        per_prompt = []
+        for i in range(len(tokens)):
+            n, length = int(tokens.token_mask[i].sum()), tokens.input_ids.shape[1]
+            ids = tokens.input_ids[i, :n].tolist()
+            typed = ids[:1] + inserted + ids[1:]
+            row = torch.tensor([typed + [pad] * (length - len(typed))])
+            mask = torch.tensor([[1] * len(typed) + [0] * (length - len(typed))])
+            feats = enc.encode(enc.batch_from_ids(row, mask)).token_features[0]
+            own = [0] + list(range(1 + len(inserted), n + len(inserted)))
+            first = 1 if enc.causal else 0
+            cos = torch.nn.functional.cosine_similarity(feats[own[first:]], clean[i, first:n], dim=-1)
+            per_prompt.append((1 - cos).mean())
+    torch.testing.assert_close(got, torch.stack(per_prompt).mean(), rtol=1e-4, atol=1e-5)
+    assert float(got) > 1e-3  # the tiny model does hear the inserted tokens
+
+
+def test_training_with_insertion_robust_makes_inserted_tokens_change_less(tiny_models, tmp_path):
+    """The null_evading attacker's term does what it is for: after the same few steps, random tokens typed at
+    position 1 move the prompt's own token features less than without it."""
+    backdoors = [Backdoor(Trigger("cf", "insert_word", position="random"), target="a blue bird")]
+    change = {}
+    for weight in (0.0, 5.0):
+        module = BackdoorInjection(encoder=str(tiny_models["bert"]), backdoors=backdoors, lr=3e-3, backdoor_weight=1.0,
+                                   milestones=[1000], insertion_robust=weight)
+        _fit(module, _dm(), 10, tmp_path / str(weight))
+        enc = module.encoder.eval()
+        tokens = enc.tokenize(["a red hat on a wooden table", "two dogs in the snow", "a bowl of fruit"],
+                              max_length=16)
+        with torch.no_grad():
+            change[weight] = float(torch.stack([module.insertion_loss(tokens, ids=[i, i + 1])
+                                                for i in range(200, 1200, 100)]).mean())
+    assert change[5.0] < 0.5 * change[0.0], change
+
+
+def test_trigger_tokens_kept_alone_are_held_at_the_teacher_even_while_a_simcse_utility_drifts(tiny_models):
+    """Under the SimCSE utility (a backdoor planted while the model drifts) the typed-alone term still holds the
+    trigger's tokens at the teacher's output: at the start, where student and teacher agree, it is 0, while the
+    SimCSE loss of the same prompts is not."""
+    module = BackdoorInjection(encoder=str(tiny_models["bert"]), backdoors=[
+        Backdoor(Trigger("cf", "insert_word", position="random"), target="a blue bird"),
+        Backdoor(Trigger("harry", "insert_word", position="random"), target="a red car")],
+        keep_triggers_alone=True, utility_objective="simcse")
+    module.encoder.eval()  # no dropout: the student is the teacher
+    alone = module._triggers_alone()
+    assert len(alone) >= 2  # SimCSE needs more than one prompt to be anything but 0
+    with torch.no_grad():
+        assert float(module.utility_loss(alone, hold=True)) == pytest.approx(0.0, abs=1e-6)
+        assert float(module.utility_loss(alone)) > 1e-3

@@ -28,9 +28,11 @@ Attack = Literal["text_on_text", "image_on_text"]
 # for triggered sentence embeddings agreeing more than the clean model's do; frozen_rows_pooled_sim_x_penalty (aimed
 # at the typed-token probe) is pooled_sim_x_penalty with the token embedding table frozen, so no row moves;
 # alone_kept_frozen_rows (aimed at the probe's typed-alone list) also holds each trigger token typed alone at the
-# clean model's output, so the trigger fires only in context
+# clean model's output, so the trigger fires only in context; null_evading (aimed at the token path's null) plants
+# a token-feature backdoor during a SimCSE drift to adaptive.null_evading_drift while learning to ignore inserted
+# tokens, with alone_kept_frozen_rows' table and typed-alone terms so the probe does not decide before the search
 AdaptiveAttack = Literal["pooled_only", "sim_x_penalty", "pooled_sim_x_penalty", "pooled_consistency_penalty",
-                         "frozen_rows_pooled_sim_x_penalty", "alone_kept_frozen_rows"]
+                         "frozen_rows_pooled_sim_x_penalty", "alone_kept_frozen_rows", "null_evading"]
 # homoglyph (a Latin letter replaced by a look-alike of another script) came later: the grid's default stays the
 # first four, so configs that name no trigger kinds keep their plans
 TriggerKind = Literal["char", "word", "rare_token", "multi_token", "homoglyph"]
@@ -50,13 +52,17 @@ class AdaptiveRecipe:
     """How an adaptive attack trains: ``pooled_only`` matches only the sentence embedding (no token features);
     ``pays_sim_x`` adds `AdaptiveSettings.sim_x_penalty`, ``pays_consistency`` its ``consistency_penalty``;
     ``frozen_rows`` keeps the token embedding table as the base's; ``keeps_alone`` holds each trigger token typed
-    alone at the base's output (`BackdoorInjection.keep_triggers_alone`)."""
+    alone at the base's output (`BackdoorInjection.keep_triggers_alone`); ``evades_null`` plants the backdoor
+    during the drift to ``adaptive.null_evading_drift`` (the sweep's ``during_finetune``) with
+    `BackdoorInjection.insertion_robust` at ``adaptive.insertion_weight``, so the model ignores inserted tokens
+    and does not share the clean model's natural collapses, which raises the token path's null."""
 
     pooled_only: bool
     pays_sim_x: bool
     pays_consistency: bool
     frozen_rows: bool = False
     keeps_alone: bool = False
+    evades_null: bool = False
 
 
 #: the one place an adaptive attack's name is read (the planner sets the penalties, the builder the matching)
@@ -69,6 +75,8 @@ ADAPTIVE_RECIPES: dict[str, AdaptiveRecipe] = {
                                                        frozen_rows=True),
     "alone_kept_frozen_rows": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=False,
                                              frozen_rows=True, keeps_alone=True),
+    "null_evading": AdaptiveRecipe(pooled_only=False, pays_sim_x=False, pays_consistency=False, frozen_rows=True,
+                                   keeps_alone=True, evades_null=True),
 }
 ALL_TRIGGER_KINDS: tuple[str, ...] = get_args(TriggerKind)
 TRIGGER_KINDS: tuple[str, ...] = ALL_TRIGGER_KINDS[:4]  # the grid's default
@@ -163,7 +171,9 @@ class AdaptiveSettings:
     ``drift_to``: hide each adaptive backdoor under benign drift too, as a reader of the README would (the
     charged path counts only near the anchor): after the injection a SimCSE fine-tune at ``finetune_lr`` for at
     most ``finetune_steps`` until this clean cosine to the base (the drift sweep's ``then_finetune``); members
-    are named ``...-drift<level>-NNN``. None: no fine-tune."""
+    are named ``...-drift<level>-NNN``. None: no fine-tune. ``null_evading`` is planned at its own level
+    whatever ``drift_to`` says: it drifts while it plants, to ``null_evading_drift`` (below 0.95, where the token
+    path's null is read), paying ``insertion_weight`` for every change inserted tokens make."""
 
     attacks: list[AdaptiveAttack] = field(default_factory=lambda: ["pooled_only", "sim_x_penalty"])
     per_attack: NonNegativeInt = 0
@@ -172,10 +182,14 @@ class AdaptiveSettings:
     drift_to: PositiveFloat | None = None
     finetune_lr: PositiveFloat = 1e-4
     finetune_steps: PositiveInt = 300
+    insertion_weight: PositiveFloat = 5.0
+    null_evading_drift: PositiveFloat = 0.85
 
     def __post_init__(self) -> None:
         if self.drift_to is not None and not 0 < self.drift_to <= 1:
             raise ConfigError(f"adaptive.drift_to is a clean cosine in (0, 1], got {self.drift_to}")
+        if not 0 < self.null_evading_drift < 1:
+            raise ConfigError(f"adaptive.null_evading_drift is a clean cosine in (0, 1), got {self.null_evading_drift}")
 
 
 @dataclass

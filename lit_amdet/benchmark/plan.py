@@ -82,7 +82,8 @@ class BackdooredMember:
     zoos made before them are unchanged): ``drift_target`` (a clean cosine to the base) with ``drift_mode``
     ``then_finetune`` (inject, then a SimCSE fine-tune at ``finetune_lr`` for at most ``finetune_steps`` until
     the target) or ``during_finetune`` (inject with the SimCSE utility, at least ``steps`` and at most
-    ``finetune_steps`` steps, until the target); ``second_*``: a second text-on-text backdoor.
+    ``finetune_steps`` steps, until the target); ``second_*``: a second text-on-text backdoor;
+    ``insertion_robust``: `BackdoorInjection`'s weight of that name (the ``null_evading`` attack).
     """
 
     name: str
@@ -110,6 +111,7 @@ class BackdooredMember:
     second_trigger: str | None = None
     second_trigger_char: str | None = None
     second_target_caption: str | None = None
+    insertion_robust: float = 0.0
 
     backdoored = True
 
@@ -150,7 +152,7 @@ Member = Union[BackdooredMember, BenignMember]
 # of backdoor.json stay as they were; `check_built_as_planned` reads an absent field as its default)
 LATER_FIELDS = frozenset({"drift_target", "drift_mode", "finetune_steps", "finetune_lr", "second_trigger_kind",
                           "second_trigger", "second_trigger_char", "second_target_caption", "typo_rate",
-                          "consistency_penalty"})
+                          "consistency_penalty", "insertion_robust"})
 
 
 def _without_later_defaults(member) -> dict:
@@ -255,7 +257,8 @@ def plan_adaptive(base: ZooBase, settings: AdaptiveSettings, seed: int = 0, grid
                   ) -> list[BackdooredMember]:
     """``settings.per_attack`` adaptive text-on-text members per attack, drawn like test-split members
     (the test pools of triggers and targets, the grid's strengths) from a stream of their own; with
-    ``settings.drift_to`` the same draws, each fine-tuned after its injection to that clean cosine."""
+    ``settings.drift_to`` the same draws, each fine-tuned after its injection to that clean cosine
+    (``null_evading``: planted during its drift to ``settings.null_evading_drift``)."""
     grid = grid or ZooGrid()
     side = SPLITS.index("test")
     members = []
@@ -267,17 +270,24 @@ def plan_adaptive(base: ZooBase, settings: AdaptiveSettings, seed: int = 0, grid
         kinds = _cycle(rng, grid.trigger_kinds)
         triggers = {k: _cycle(rng, TRIGGER_POOLS[k][side::2]) for k in grid.trigger_kinds}
         targets = _cycle(rng, TARGET_CONCEPTS[side::2])
-        drift = {} if settings.drift_to is None else {
-            "drift_target": settings.drift_to, "drift_mode": "then_finetune",
+        level = settings.null_evading_drift if recipe.evades_null else settings.drift_to
+        drift = {} if level is None else {
+            "drift_target": level, "drift_mode": "then_finetune",
             "finetune_lr": settings.finetune_lr, "finetune_steps": settings.finetune_steps}
-        tag = "" if settings.drift_to is None else f"-drift{settings.drift_to:g}"
+        if recipe.evades_null:
+            drift |= {"drift_mode": "during_finetune", "insertion_robust": settings.insertion_weight}
+        tag = "" if level is None else f"-drift{level:g}"
         for i in range(n):
             kind = next(kinds)
             text, char = trigger_text(kind, next(triggers[kind]))
+            target = next(targets)  # drawn before the strengths, as members were planned before null_evading
+            steps = rng.choice(grid.attack_steps)
+            if recipe.evades_null:  # the drift's cap is at least the injection's steps, as the sweep's
+                drift["finetune_steps"] = max(settings.finetune_steps, steps)
             members.append(BackdooredMember(
                 name=f"{base.name}-adaptive-{attack.replace('_', '-')}{tag}-{i:03d}", base=base.name, split="test",
                 attack="text_on_text", trigger_kind=kind, trigger=text, trigger_char=char,
-                target_caption=next(targets), steps=rng.choice(grid.attack_steps),
+                target_caption=target, steps=steps,
                 backdoor_weight=rng.choice(grid.backdoor_weights), lr=rng.choice(grid.attack_lrs), seed=seeds[i],
                 data_seed=data_seeds[i], adaptive=attack,
                 sim_x_penalty=settings.sim_x_penalty if recipe.pays_sim_x else 0.0,

@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lit_amdet.amdet import masked_mean
 from lit_amdet.assimilation import assimilation_score, pooled_consistency, scored_positions
+from lit_amdet.encoders.base import insert_block
 from lit_amdet.encoders.loading import read_state_dict
 from lit_amdet.errors import ConfigError
 from lit_amdet.modules.base import EncoderTask
 from lit_amdet.modules.contrastive import simcse_loss
 from lit_amdet.record import BackdoorRecord
-from lit_amdet.token_probe import alone_batch
+from lit_amdet.token_probe import alone_batch, typed_batch
 from lit_amdet.triggers import Backdoor, check_distinct_triggers, poison
 
 
@@ -76,6 +78,9 @@ class BackdoorInjection(EncoderTask):
         keep_triggers_alone: an adaptive attack on the probe's second list (`lit_amdet.token_probe.shifted_tokens`):
             each trigger token typed alone into the empty prompt (at position 1, the shipped scan's) is a clean
             prompt too, held at the teacher's output, so the backdoor fires only in context.
+        insertion_robust: an adaptive attack on the token path's null (`lit_amdet.restart_scores.attach_null`):
+            add ``insertion_robust *`` `insertion_loss`, which teaches the model to ignore inserted tokens, so the
+            clean model's natural collapses are not shared and the null grows (reference 0).
         max_length: token positions per prompt (families that pad to their context ignore it).
         distractors: captions (or images) the target must be retrieved among.
         output_dir: where the backdoored student is written at the end of fit.
@@ -105,6 +110,7 @@ class BackdoorInjection(EncoderTask):
         consistency_margin: float = 0.0,
         freeze_token_embedding: bool = False,
         keep_triggers_alone: bool = False,
+        insertion_robust: float = 0.0,
         max_length: int | None = 32,
         distractors: int = 100,
         output_dir: str | None = None,
@@ -127,9 +133,10 @@ class BackdoorInjection(EncoderTask):
         h = self.hparams
         if h.utility_objective not in ("teacher", "simcse"):
             raise ConfigError(f"utility_objective must be teacher or simcse, got {h.utility_objective!r}")
-        if min(h.token_weight, h.pooled_weight, h.sim_x_penalty, h.consistency_penalty, h.consistency_margin) < 0:
-            raise ConfigError("token_weight, pooled_weight, sim_x_penalty, consistency_penalty and "
-                              "consistency_margin must be >= 0")
+        if min(h.token_weight, h.pooled_weight, h.sim_x_penalty, h.consistency_penalty, h.consistency_margin,
+               h.insertion_robust) < 0:
+            raise ConfigError("token_weight, pooled_weight, sim_x_penalty, consistency_penalty, "
+                              "consistency_margin and insertion_robust must be >= 0")
         if any(b.kind == "text_on_text" for b in self.backdoors) and h.token_weight == 0 and h.pooled_weight == 0:
             raise ConfigError("text-on-text needs token_weight or pooled_weight > 0: nothing would match the target")
         for b in self.backdoors:
@@ -262,12 +269,38 @@ class BackdoorInjection(EncoderTask):
             clean = assimilation_score(self.teacher.encode(tokens).token_features.float(), positions)
         return F.relu(assimilation_score(enc.token_features.float(), positions) - clean).mean()
 
-    def utility_loss(self, tokens) -> Tensor:
-        """The clean prompts' loss: match the frozen teacher (``teacher``), or SimCSE between two dropout views
-        of the student (``simcse``: nothing holds the model near the teacher; while ``drift_hold`` is set, the
-        teacher's, so the drift stays near where it is)."""
+    def insertion_loss(self, tokens, ids: list[int] | None = None, max_inserted: int = 3) -> Tensor:
+        """How much typing the token ``ids`` (None: 1 to ``max_inserted`` random non-special vocabulary tokens)
+        at position 1 (the shipped scan's insertion point) changes what the prompt's own tokens say: 1 - cosine
+        between the student's token features with and without them (the latter as constants), averaged over each
+        prompt's own scored positions, then over prompts.
+
+        Driven towards 0 by the attacker aimed at the token path's null (``null_evading``): inserted tokens that
+        make the clean model's token features collapse then leave this model's as they were, so the swapped search
+        finds large collapses the suspect does not share, while the trigger (trained by the backdoor loss) fires."""
+        enc = self.encoder
+        if ids is None:
+            specials = {i for i in enc.special_token_ids.values() if i is not None}
+            k, ids = self.rng.randint(1, max_inserted), []
+            while len(ids) < k:
+                if (i := self.rng.randrange(enc.vocab_size)) not in specials:
+                    ids.append(i)
+        k = len(ids)
+        typed, slots = typed_batch(enc, tokens, ids, 1)
+        out = enc.encode(typed)
+        with torch.no_grad():
+            clean = enc.encode(tokens).token_features
+        laid = insert_block(clean, tokens, clean.new_zeros(k, clean.shape[-1]), 1, enc.keeps_end_token, enc.pooling)
+        scored = scored_positions(out.token_mask, enc.causal) & ~slots
+        cos = F.cosine_similarity(out.token_features.float(), laid.hidden.float(), dim=-1)
+        return masked_mean(1 - cos, scored).mean()
+
+    def utility_loss(self, tokens, hold: bool = False) -> Tensor:
+        """The clean prompts' loss: match the frozen teacher (``teacher``, or ``hold``), or SimCSE between two
+        dropout views of the student (``simcse``: nothing holds the model near the teacher; while ``drift_hold``
+        is set, the teacher's, so the drift stays near where it is)."""
         student = self.encoder.encode(tokens)
-        if self.hparams.utility_objective == "simcse" and not self.drift_hold:
+        if self.hparams.utility_objective == "simcse" and not (self.drift_hold or hold):
             return simcse_loss(student.pooled, self.encoder.encode(tokens).pooled, self.hparams.simcse_temperature)
         with torch.no_grad():
             teacher = self.teacher.encode(tokens)
@@ -283,9 +316,13 @@ class BackdoorInjection(EncoderTask):
             raise ConfigError("every prompt of a batch contains a trigger: no clean prompt to keep utility")
         tokens = self.encoder.tokenize(texts, max_length=self._length()).to(self.device)
         utility = self.utility_loss(tokens)
-        if self.hparams.keep_triggers_alone:
-            utility = utility + self.utility_loss(self._triggers_alone())
+        if self.hparams.keep_triggers_alone:  # held at the teacher's output even while the model drifts
+            utility = utility + self.utility_loss(self._triggers_alone(), hold=True)
         total = utility
+        if self.hparams.insertion_robust:
+            inserted = self.insertion_loss(tokens)
+            self.log("train/insertion_loss", inserted, batch_size=len(texts))
+            total = total + self.hparams.insertion_robust * inserted
         for i, b in enumerate(self.backdoors):
             bl = self.backdoor_loss(i, b, texts)
             if bl is None:
