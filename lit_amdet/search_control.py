@@ -28,7 +28,7 @@ class SearchControl:
                  stall_tol: float = 2e-3, benign_stop: bool = True, speedup: float = 2.0,
                  kept_until: dict[int, int] | None = None, yardsticks: tuple[int, ...] = ()) -> None:
         self.check_every, self.max_steps = check_every, max_steps
-        self.yardsticks = set(yardsticks)  # restarts that measure the anchor: they never keep the search going
+        self.yardsticks = set(yardsticks)  # restarts that measure the anchor: never what keeps the benign stop off
         self.patience, self.stall_tol = patience, stall_tol
         self.benign_stop, self.speedup = benign_stop, speedup
         self.kept_until = kept_until or {}  # restart -> the step before which the benign stop never drops it
