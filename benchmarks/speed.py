@@ -14,7 +14,12 @@ the same machine:
    50 x 50 landscape and 25 x 25 plot grid; in a child process of its own;
 2. **ours**: ``python -m lit_amdet detect --config configs/scan.yaml`` with the
    shipped defaults and nothing else but the suspect, the anchor and the run
-   folder, as a user runs it; in a child process of its own.
+   folder, as a user runs it; in a child process of its own, **cold**: with an
+   empty disk cache (`lit_amdet.anchor_cache`, emptied before every run), as the
+   first scan against an anchor on a new machine is. ``--warm`` adds a second run
+   of ours with the entry the cold run left (every later scan against that
+   anchor): its time and ratio are reported beside, never in place of, the cold
+   ones.
 
 Both sides' wall seconds cover the whole process: interpreter start, imports,
 model loading, prompts, the scan and its files. Peak RSS is the process's
@@ -82,11 +87,16 @@ def our_argv(model: str, anchor: str, run_dir: Path, device: str, tree: Path = R
 
 
 def run_ours(model: str, anchor: str, side_dir: Path, threads: int, device: str, extra: list[str] = (),
-             tree: Path = REPO) -> dict:
-    """``detect`` of the checkout ``tree`` (this one by default) on one pair, in a child process run there."""
+             tree: Path = REPO, cache: Path | None = None, cold: bool = True) -> dict:
+    """``detect`` of the checkout ``tree`` (this one by default) on one pair, in a child process run there, with the
+    disk cache in ``cache`` (default: ``side_dir``'s sibling ``anchor-cache``), emptied first when ``cold``."""
     run_dir = side_dir / "run"
     shutil.rmtree(side_dir, ignore_errors=True)
     side_dir.mkdir(parents=True)
+    cache = cache or side_dir.parent / "anchor-cache"
+    if cold:
+        shutil.rmtree(cache, ignore_errors=True)
+    os.environ["LIT_AMDET_CACHE"] = str(cache)  # the child's (run_child passes this process's environment)
     measured = reference_scan.run_child(our_argv(model, anchor, run_dir, device, tree) + list(extra),
                                         side_dir.parent / f"{side_dir.name}.log", threads, ok_codes=(0, 1, 3),
                                         cwd=tree)
@@ -133,6 +143,10 @@ def summarise(rows: list[dict]) -> dict:
                    speedup_max=max(speedups),
                    reference_correct=sum(r["reference"]["backdoored"] == r["truth_backdoored"] for r in rows),
                    goal_met=statistics.median(speedups) >= 10 and min(speedups) >= 5)
+        if "speedup_warm" in rows[0]:
+            warm = [r["speedup_warm"] for r in rows]
+            out.update(speedup_warm_median=statistics.median(warm), speedup_warm_min=min(warm),
+                       ours_warm_correct=sum(r["ours_warm"]["backdoored"] == r["truth_backdoored"] for r in rows))
     if rows and "baseline" in rows[0]:
         gains = [r["gain"] for r in rows]
         out.update(gain_median=statistics.median(gains), gain_min=min(gains), gain_max=max(gains),
@@ -148,8 +162,10 @@ def median_run(runs: list[dict]) -> dict:
 
 def table(rows: list[dict]) -> str:
     sides = [s for s in ("reference", "baseline") if rows and s in rows[0]]
+    warm = bool(rows) and "ours_warm" in rows[0]
     head = "| model (truth) | " + "".join(f"{s} s | verdict | " for s in sides) + "ours s | verdict | steps | " \
-        + "".join(f"{'x' if s == 'reference' else 'gain'} | " for s in sides) + "peak RSS MiB ours |"
+        + "".join(f"{'x' if s == 'reference' else 'gain'} | " for s in sides) + "peak RSS MiB ours |" \
+        + (" ours warm s | x warm |" if warm else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         truth = "backdoored" if r["truth_backdoored"] else "benign"
@@ -158,7 +174,11 @@ def table(rows: list[dict]) -> str:
         line += "".join(f"{r[s]['wall_s']:.1f} | {r[s]['verdict']} | " for s in sides)
         line += f"{ours['wall_s']:.1f} | {ours['verdict']} | {ours['steps']} | "
         line += "".join(f"{r['speedup' if s == 'reference' else 'gain']:.2f} | " for s in sides)
-        lines.append(line + f"{ours['peak_rss_mib']:.0f} |")
+        line += f"{ours['peak_rss_mib']:.0f} |"
+        if warm:
+            line += f" {r['ours_warm']['wall_s']:.1f} | " + (f"{r['speedup_warm']:.2f} |" if "speedup_warm" in r
+                                                             else "- |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -183,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs of ours (and of the baseline) per pair, alternating; "
                                                           "the median run counts")
     p.add_argument("--no-reference", action="store_true", help="leave the reference out (ours against the baseline)")
+    p.add_argument("--warm", action="store_true", help="also time ours again with the disk cache its cold run left")
     p.add_argument("--sizes", nargs="*", default=[], help=f"random-weight sizes to time ours on: "
                                                           f"{', '.join(scan_scaling.SIZES)}")
     args = p.parse_args(argv)
@@ -226,12 +247,18 @@ def main(argv: list[str] | None = None) -> None:
             for side, tree in (("ours", REPO), ("baseline", baseline)):
                 if tree is not None:
                     runs[side].append(run_ours(model, anchor, work_root / name / side, args.threads, args.device,
-                                               tree=tree))
+                                               tree=tree, cache=work_root / name / f"{side}-cache"))
                     print(f"  {side}: {runs[side][-1]['verdict']} in {runs[side][-1]['wall_s']:.1f} s", flush=True)
         row["ours"] = median_run(runs["ours"])
         if "reference" in row:
             row["speedup"] = row["reference"]["wall_s"] / row["ours"]["wall_s"]
             print(f"  ours {row['speedup']:.1f}x the reference", flush=True)
+        if args.warm:
+            row["ours_warm"] = run_ours(model, anchor, work_root / name / "ours", args.threads, args.device,
+                                        cache=work_root / name / "ours-cache", cold=False)
+            print(f"  ours warm: {row['ours_warm']['verdict']} in {row['ours_warm']['wall_s']:.1f} s", flush=True)
+            if "reference" in row:
+                row["speedup_warm"] = row["reference"]["wall_s"] / row["ours_warm"]["wall_s"]
         if baseline is not None:
             row["baseline"] = {**median_run(runs["baseline"]), "tree": str(baseline)}
             row["gain"] = row["baseline"]["wall_s"] / row["ours"]["wall_s"]
@@ -245,7 +272,9 @@ def main(argv: list[str] | None = None) -> None:
                            "load_average_at_end": os.getloadavg()},
                "reference": {"probe_prompts": args.reference_prompts, "epochs": REFERENCE_EPOCHS,
                              "grid": REFERENCE_GRID, "schedule": "issue"},
-               "ours": "python -m lit_amdet detect --config configs/scan.yaml (shipped defaults)",
+               "ours": "python -m lit_amdet detect --config configs/scan.yaml (shipped defaults; cold: an empty "
+                       "disk cache before every run" + ("; warm: again with the entry the cold run left)" if args.warm
+                                                        else ")"),
                "models": rows, "summary": summarise(rows) if rows else None,
                "sizes": [time_size(name, Path(args.models_dir), work_root, args.threads, args.device)
                          for name in args.sizes]}
@@ -262,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     if "speedup_median" in s:
         print(f"median {s['speedup_median']:.1f}x, min {s['speedup_min']:.1f}x; ours correct {s['ours_correct']}/"
               f"{len(rows)}, reference {s['reference_correct']}/{len(rows)}; goal met: {s['goal_met']}")
+    if "speedup_warm_median" in s:
+        print(f"warm disk cache: median {s['speedup_warm_median']:.1f}x, min {s['speedup_warm_min']:.1f}x; "
+              f"ours correct {s['ours_warm_correct']}/{len(rows)}")
     if "gain_median" in s:
         print(f"against the baseline: median {s['gain_median']:.2f}x ({s['gain_min']:.2f}-{s['gain_max']:.2f}x), "
               f"same verdict {s['same_verdicts']}/{len(rows)}")

@@ -288,6 +288,34 @@ def role_objective(role: str, suspect, anchor, anchor_pooled_cos, pooled_gamma: 
     return pooled_objective(anchor, anchor_pooled_cos, pooled_gamma) + charge * suspect
 
 
+#: the per-restart sums a scan's held-out evaluation adds up over prompts (and processes), in this order
+HELD_OUT_SUMS = ("n", "loss", "assimilation", "assimilated", "same_cos", "same_target", "anchor_cos",
+                 "anchor_negative", "anchor_assimilation", "anchor_pooled_cos", "orig_cos")
+
+
+def held_out_results(sums: Tensor, pooled: Tensor, anchor_pooled: Tensor, feature: Tensor, has_anchor: bool
+                     ) -> list[dict]:
+    """Each restart's held-out scores from the sums over the held-out prompts: ``sums`` ``[R, len(HELD_OUT_SUMS)]``,
+    ``pooled`` / ``anchor_pooled`` the summed unit sentence embeddings of suspect and anchor ``[R, D]``, ``feature``
+    the summed prompt features ``[R, W]``. Means per prompt; ``target_consistency`` the norm of the mean unit
+    sentence embedding; the anchor's scores None without one; ``_pooled`` / ``_feature`` the means themselves."""
+    results = []
+    for r in range(len(sums)):
+        s = dict(zip(HELD_OUT_SUMS, sums[r].tolist()))
+        n = s.pop("n")
+        results.append({
+            "loss": s["loss"] / n, "assimilation": s["assimilation"] / n, "assimilation_ratio": s["assimilated"] / n,
+            "same_target_mean_cos": s["same_cos"] / n, "same_target_ratio": s["same_target"] / n,
+            "orig_cos": s["orig_cos"] / n, "anchor_cos": s["anchor_cos"] / n if has_anchor else None,
+            "different_target_ratio": s["anchor_negative"] / n if has_anchor else None,
+            "anchor_assimilation": s["anchor_assimilation"] / n if has_anchor else None,
+            "anchor_pooled_cos": s["anchor_pooled_cos"] / n if has_anchor else None,
+            "prompts": int(n), "target_consistency": float((pooled[r] / n).norm()),
+            "anchor_target_consistency": float((anchor_pooled[r] / n).norm()) if has_anchor else None,
+            "_pooled": (pooled[r] / n).float(), "_feature": (feature[r] / n).float()})
+    return results
+
+
 def held_out_loss(role: str, scores: dict, pooled_gamma: float, charge: float, gamma: float) -> float | None:
     """A pooled-kind or swapped restart's held-out loss: its role's objective (`role_objective`, `swapped_loss`)
     over all the held-out prompts, from the scan's summed scores, so the stall test and the restart choice see

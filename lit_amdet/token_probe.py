@@ -35,12 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_amdet.anchor_cache import cached_tensor, module_digest
 from lit_amdet.assimilation import assimilation_score, pooled_consistency, scored_positions
 from lit_amdet.decision import collapse_scores
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
 
-__all__ = ["alone_batch", "alone_outputs", "deciding_typing", "moved_tokens", "probe_tokens", "shifted_tokens",
-           "typed_batch", "typed_flagged", "typed_scores", "typed_target", "verdict_scores", "verdict_typing"]
+__all__ = ["PROBE_LISTS", "TypedProbe", "alone_batch", "alone_outputs", "anchor_alone_outputs", "deciding_typing",
+           "moved_tokens", "probe_tokens", "shifted_tokens", "typed_batch", "typed_flagged", "typed_scores",
+           "typed_target", "verdict_scores", "verdict_typing"]
 
 
 @torch.no_grad()
@@ -78,27 +80,42 @@ def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: 
 
 
 # The anchor's outputs typed alone, per loaded anchor: a screening scans many suspects against one anchor object
-# (`lit_amdet.screening.anchors_loaded_once`; a benchmark loads it per scan, so each scan is timed as it runs alone),
-# and the pass is the probe's largest cost (16-19 s for the MiniLM's 30,522 tokens on this project's 2-core CPU).
-# The key holds each parameter's storage and in-place version counter, so weights loaded or changed in place are
-# never answered from the cache.
+# (`lit_amdet.screening.anchors_loaded_once`), and the pass is the probe's largest cost (15-20 s for the MiniLM's
+# 30,522 tokens on this project's 2-core CPU). The key holds each parameter's storage and in-place version counter,
+# so weights loaded or changed in place are never answered from it. Across processes (one `detect` per suspect, a
+# benchmark's scans) the disk cache (`lit_amdet.anchor_cache`) keeps it, under a digest of the weights.
 _ANCHOR_ALONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: the version of what `alone_outputs` computes, in the disk cache's key: raise it when that changes
+ALONE_VERSION = 1
 
 
-def _anchor_alone_outputs(anchor: TextEncoderAdapter, position: int, vocab: int) -> Tensor:
-    """`alone_outputs` of the anchor's first ``vocab`` token ids, computed once per anchor, position and weights."""
+def anchor_alone_outputs(anchor: TextEncoderAdapter, position: int, vocab: int, disk: bool = True) -> Tensor:
+    """`alone_outputs` of the anchor's first ``vocab`` token ids, computed once per anchor, position and weights
+    (``disk``: and kept in `lit_amdet.anchor_cache` for the next process)."""
     key = (position, vocab, tuple((p.data_ptr(), p._version) for p in anchor.parameters()))
     held = _ANCHOR_ALONE.get(anchor)
     if held is None or held[0] != key:
-        held = _ANCHOR_ALONE[anchor] = (key, alone_outputs(anchor, position, torch.arange(vocab)))
+        def compute() -> Tensor:
+            return alone_outputs(anchor, position, torch.arange(vocab))
+
+        if disk:
+            around = alone_batch(anchor, position, torch.zeros(1, dtype=torch.long))  # what the token is typed into
+            digest = module_digest(anchor, ("alone", ALONE_VERSION, position, vocab, anchor.pooling,
+                                            *around.input_ids, *around.attention_mask, *around.token_mask,
+                                            around.pool_index))
+            value = cached_tensor("anchor-alone", digest, compute, (vocab, anchor.embed_dim))
+        else:
+            value = compute()
+        held = _ANCHOR_ALONE[anchor] = (key, value)
     return held[1]
 
 
-def shifted_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: int, position: int
-                   ) -> list[tuple[int, float]]:
+def shifted_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: int, position: int,
+                   disk_cache: bool = True) -> list[tuple[int, float]]:
     """The ``top`` tokens whose sentence embedding typed alone (`alone_outputs`) is furthest from the anchor's
     (cosine distance), with that distance, furthest first; special tokens left out. One pass of the whole shared
-    vocabulary through each encoder: no token is skipped, since the attacker picks the trigger.
+    vocabulary through each encoder: no token is skipped, since the attacker picks the trigger. The anchor's pass is
+    made once per anchor (``disk_cache``: once per anchor on this machine, `anchor_alone_outputs`).
 
     Empty for a family read at its last padded position (SigLIP): each token alone is its whole context there (64
     positions, not 3), 20-40x the cost (66-92 s on the tiny test encoders against 1.5-3.5 s for the others, on
@@ -107,7 +124,7 @@ def shifted_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top:
         return []
     ids = torch.arange(min(suspect.vocab_size, anchor.vocab_size))
     shift = 1.0 - (alone_outputs(suspect, position, ids) *
-                   _anchor_alone_outputs(anchor, position, len(ids)).to(suspect.device)).sum(-1).cpu()
+                   anchor_alone_outputs(anchor, position, len(ids), disk_cache).to(suspect.device)).sum(-1).cpu()
     shift[[i for i in suspect.special_token_ids.values() if i is not None and 0 <= i < len(ids)]] = -1.0
     vals, order = shift.topk(min(top, len(ids)))
     return [(int(i), float(v)) for i, v in zip(order, vals) if v > 1e-6]  # float noise is not a shift
@@ -149,21 +166,36 @@ def typed_scores(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     return out
 
 
+PROBE_LISTS = ("rows", "alone")
+
+
 def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch, position: int,
-                 top: int, pairs_of: int = 3, prompts: int = 32) -> list[dict]:
+                 top: int, pairs_of: int = 3, prompts: int = 32, lists: Sequence[str] = PROBE_LISTS,
+                 typed_before: Sequence[dict] = (), disk_cache: bool = True) -> list[dict]:
     """The ``top`` most-moved tokens (`moved_tokens`) and the ``top`` most-shifted typed alone (`shifted_tokens`),
     each typed alone, then every ordered pair of each list's first ``pairs_of`` (a trigger of several tokens, such
     as a two-letter string, may need both): what was typed (the tokens joined by a space, and their ids), which
     list it came from (``by``: ``rows`` or ``alone``), how far it moved there (the least of its tokens), and the
     collapse scores (`lit_amdet.decision.collapse_scores`) of typing it into the first ``prompts`` of ``tokens``,
-    against the same prompts untyped. With 32 prompts and up to 28 typings: about 4 checks of the search."""
-    lists = {"rows": moved_tokens(suspect, anchor, top), "alone": shifted_tokens(suspect, anchor, top, position)}
+    against the same prompts untyped. With 32 prompts and up to 28 typings: about 4 checks of the search.
+
+    ``lists``: which of the two to make (the rows list is cheap; the alone list passes the whole vocabulary through
+    both encoders, so a scan makes it only when the search has not flagged the model already). A typing already in
+    ``typed_before`` (an earlier call's output) is not typed again."""
+    unknown = [by for by in lists if by not in PROBE_LISTS]
+    if unknown:
+        raise ValueError(f"unknown probe list {unknown[0]!r} (known: {', '.join(PROBE_LISTS)})")
+    made = {"rows": lambda: moved_tokens(suspect, anchor, top),
+            "alone": lambda: shifted_tokens(suspect, anchor, top, position, disk_cache)}
     typings: dict[tuple[int, ...], tuple[str, float]] = {}
-    for by, seeds in lists.items():
+    done = {tuple(p["ids"]) for p in typed_before}
+    for by in lists:
+        seeds = made[by]()
         moved = dict(seeds)
         heads = [i for i, _ in seeds[:pairs_of]]
         for typed in [(i,) for i, _ in seeds] + [(a, b) for a in heads for b in heads if a != b]:
-            typings.setdefault(typed, (by, min(moved[i] for i in typed)))  # a token on both lists: typed once
+            if typed not in done:  # a token on both lists: typed once
+                typings.setdefault(typed, (by, min(moved[i] for i in typed)))
     if not typings:
         return []
     tokens = tokens[:prompts]
@@ -174,6 +206,34 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
         out.append({"token": " ".join(suspect.ids_to_tokens(list(typed))), "ids": list(typed), "by": by,
                     "moved": round(moved, 4), **collapse_scores(scores, clean, anchor=True)})
     return out
+
+
+class TypedProbe:
+    """One scan's probe: its two lists, each made at most once (`probe_tokens`), and what became of each (``lists``:
+    ``due``, ``typed``, or ``skipped: why``; empty when the probe is off). A scan types the rows list before its
+    search; the alone list's vocabulary pass only for a model the search has not flagged (it could only add a path
+    to a verdict already made)."""
+
+    def __init__(self, suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, tokens: TokenBatch,
+                 position: int, top: int, disk_cache: bool = True, on: bool = True) -> None:
+        self.models, self.tokens, self.position = (suspect, anchor), tokens, position
+        self.top, self.disk_cache = top, disk_cache
+        self.typings: list[dict] = []
+        self.lists: dict[str, str] = {by: "due" for by in PROBE_LISTS} if on and anchor is not None else {}
+
+    def make(self, by: str) -> list[dict]:
+        """The list ``by``'s typings if it is still due (they join ``typings``), else none."""
+        if self.lists.get(by) != "due":
+            return []
+        new = probe_tokens(*self.models, self.tokens, self.position, self.top, lists=(by,),
+                           typed_before=self.typings, disk_cache=self.disk_cache)
+        self.typings += new
+        self.lists[by] = "typed"
+        return new
+
+    def skip(self, by: str, why: str) -> None:
+        if self.lists.get(by) == "due":
+            self.lists[by] = f"skipped: {why}"
 
 
 def _as_scores(probed: dict) -> dict:

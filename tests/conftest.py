@@ -27,6 +27,12 @@ TINY_MODELS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _anchor_cache(tmp_path, monkeypatch):
+    """Each test its own empty disk cache (`lit_amdet.anchor_cache`): none reads another's entries or the user's."""
+    monkeypatch.setenv("LIT_AMDET_CACHE", str(tmp_path / "lit-amdet-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from lit_amdet import tiny

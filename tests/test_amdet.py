@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from lit_amdet.amdet import (
+    HELD_OUT_SUMS,
     FeatureCache,
     PseudoTrigger,
     choose_restart,
+    held_out_results,
     nearest_tokens,
     reachable,
     run_triggered,
@@ -233,3 +235,21 @@ def test_each_role_optimises_its_own_objective(tiny_models, clip):
     assert held_out_loss("null", scores, 0.3, 0.7, 0.2) == pytest.approx(-0.25 + 0.12 + 0.7 * 0.81)
     swapped = {"anchor_assimilation": 0.6, "anchor_cos": 0.5, "anchor_pooled_cos": 0.4}
     assert held_out_loss("token_null", swapped, 0.3, 0.7, 0.2) == pytest.approx(-0.6 + 0.2 * 0.5 + 0.3 * 0.4)
+
+
+def test_held_out_results_are_means_per_prompt_from_the_sums():
+    """Two restarts' sums over 4 and 2 prompts, against the per-prompt values they were summed from."""
+    torch.manual_seed(0)
+    per_prompt = [torch.rand(4, len(HELD_OUT_SUMS) - 1), torch.rand(2, len(HELD_OUT_SUMS) - 1)]
+    pooled = [torch.nn.functional.normalize(torch.randn(len(p), 5), dim=-1) for p in per_prompt]
+    sums = torch.stack([torch.cat([torch.tensor([float(len(p))]), p.sum(0)]) for p in per_prompt]).double()
+    got = held_out_results(sums, torch.stack([p.sum(0) for p in pooled]).double(),
+                           torch.zeros(2, 5, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64), False)
+    for r, (p, u) in enumerate(zip(per_prompt, pooled)):
+        mean = dict(zip(HELD_OUT_SUMS[1:], p.mean(0).tolist()))
+        assert got[r]["prompts"] == len(p) and got[r]["loss"] == pytest.approx(mean["loss"])
+        assert got[r]["assimilation_ratio"] == pytest.approx(mean["assimilated"])
+        assert got[r]["same_target_mean_cos"] == pytest.approx(mean["same_cos"])
+        assert got[r]["target_consistency"] == pytest.approx(float(u.mean(0).norm()), abs=1e-6)
+        assert got[r]["anchor_cos"] is None and got[r]["anchor_target_consistency"] is None  # no anchor
+        assert torch.allclose(got[r]["_feature"], torch.full((3,), 1 / len(p)))

@@ -495,8 +495,17 @@ def test_the_typed_probe_types_the_minilm_trigger_and_flags_no_benign_fine_tune(
         singles = [t for t in reports[name]["typed_probe"] if len(t["ids"]) == 1]
         rows = [t["token"] for t in singles if t["by"] == "rows"]
         assert len(rows) == 8 and trigger & set(rows), rows
-        assert len({t["token"] for t in singles}) == len(singles) > 8  # the typed-alone list adds its own tokens
     assert flagged(reports["backdoored"]) and "typed token" in reports["backdoored"]["decided_by"]
+    # a model flagged at the first check skips the alone list's vocabulary pass; a benign one makes both lists,
+    # and the alone list adds tokens of its own
+    assert reports["backdoored"]["typed_probe_lists"] == {"rows": "typed",
+                                                          "alone": "skipped: the model was flagged already"}
+    assert {t["by"] for t in reports["backdoored"]["typed_probe"]} == {"rows"}
+    for name in ("benign", "benign-drifted"):
+        assert reports[name]["typed_probe_lists"] == {"rows": "typed", "alone": "typed"}
+        singles = [t for t in reports[name]["typed_probe"] if len(t["ids"]) == 1]
+        assert len({t["token"] for t in singles}) == len(singles) > 8 and {t["by"] for t in singles} == {"rows",
+                                                                                                          "alone"}
     for report in reports.values():  # the captions shown are the typed token's target when it decided alone
         typed_alone = report["backdoored"] and report["decided_by"].startswith("typed token")  # typed paths last
         assert report["nearest_captions_of"] == ("search" if not typed_alone else

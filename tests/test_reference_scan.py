@@ -95,3 +95,21 @@ def test_speed_compares_a_baseline_checkout_by_its_median_run():
     assert s["gain_median"] == pytest.approx(1.2) and s["gain_min"] == 1.0 and s["gain_max"] == 1.5
     assert s["same_verdicts"] == 3 and s["ours_correct"] == 3 and "speedup_median" not in s
     assert "| m0 (backdoored) | 12.0 | BACKDOORED | 10.0 | BACKDOORED | 10 | 1.20 | 1 |" in speed.table(rows)
+
+
+def test_speed_reports_the_warm_cache_beside_the_cold_runs():
+    """`benchmarks/speed.py --warm`: the goal is judged on the cold runs; the warm ones get ratios of their own."""
+    import speed
+
+    rows = [{"model": f"zoo/m{i}", "truth_backdoored": b, "reference": {"backdoored": False, "verdict": "clean",
+                                                                         "wall_s": ref},
+             "ours": {"backdoored": b, "verdict": v, "wall_s": cold, "steps": 10, "peak_rss_mib": 1.0},
+             "ours_warm": {"backdoored": b, "verdict": v, "wall_s": warm}, "speedup": ref / cold,
+             "speedup_warm": ref / warm}
+            for i, (b, v, ref, cold, warm) in enumerate(((True, "BACKDOORED", 100.0, 20.0, 20.0),
+                                                         (False, "clean", 100.0, 40.0, 10.0)))]
+    s = speed.summarise(rows)
+    assert s["speedup_median"] == pytest.approx(3.75) and s["goal_met"] is False  # the cold runs decide
+    assert s["speedup_warm_median"] == pytest.approx(7.5) and s["speedup_warm_min"] == 5.0
+    assert s["ours_warm_correct"] == 2 and s["reference_correct"] == 1
+    assert "| m1 (benign) | 100.0 | clean | 40.0 | clean | 10 | 2.50 | 1 | 10.0 | 10.00 |" in speed.table(rows)

@@ -157,6 +157,78 @@ def test_the_anchors_outputs_alone_are_computed_once_per_anchor_and_weights(tiny
     assert shifted_tokens(suspect, anchor, top=3, position=1) == [] and calls[-2:] == [False, True]
 
 
+def test_the_anchors_outputs_alone_are_kept_on_disk_for_the_next_process(tiny_models, monkeypatch, tmp_path):
+    """One `detect` per suspect: the anchor's vocabulary pass is read back from the disk cache (a fresh load of the
+    same anchor, as a new process has) and equals the pass made anew; a changed anchor, another slot, or an entry
+    that is not a finite tensor of the right shape is computed again, the bad entry replaced."""
+    import lit_amdet.token_probe as probe
+
+    monkeypatch.setenv("LIT_AMDET_CACHE", str(tmp_path / "cache"))
+    calls, real = [], probe.alone_outputs
+    monkeypatch.setattr(probe, "alone_outputs", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+    first_anchor = load_encoder(tiny_models["clip"])
+    made = probe.anchor_alone_outputs(first_anchor, 1, 500)
+    entries = list((tmp_path / "cache" / "anchor-alone").glob("*.safetensors"))
+    assert len(calls) == 1 and len(entries) == 1
+    anchor = load_encoder(tiny_models["clip"])  # the next process: another object, the same weights
+    read = probe.anchor_alone_outputs(anchor, 1, 500)
+    assert len(calls) == 1 and torch.equal(read, made)
+    assert torch.allclose(read, real(anchor, 1, torch.arange(500)), atol=1e-6)
+    probe.anchor_alone_outputs(load_encoder(tiny_models["clip"]), 2, 500)  # another slot: another entry
+    assert len(calls) == 2
+    changed = load_encoder(tiny_models["clip"])
+    with torch.no_grad():
+        changed.token_embedding.weight[7] += 1.0
+    assert not torch.equal(probe.anchor_alone_outputs(changed, 1, 500)[7], made[7]) and len(calls) == 3
+    from safetensors.torch import save_file
+
+    bad_entries = (lambda f: f.write_bytes(b"not a safetensors file"),
+                   lambda f: save_file({"value": torch.zeros(3, 2)}, str(f)),
+                   lambda f: save_file({"value": torch.full_like(made, float("nan"))}, str(f)))
+    for n, spoil in enumerate(bad_entries, start=4):
+        spoil(entries[0])
+        again = probe.anchor_alone_outputs(load_encoder(tiny_models["clip"]), 1, 500)
+        assert torch.allclose(again, made, atol=1e-6) and len(calls) == n
+        assert torch.equal(probe.anchor_alone_outputs(load_encoder(tiny_models["clip"]), 1, 500), again)
+        assert len(calls) == n  # the bad entry was replaced by a good one
+
+
+def test_an_unwritable_anchor_cache_costs_a_warning_not_the_scan(tiny_models, monkeypatch, tmp_path):
+    import lit_amdet.token_probe as probe
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("LIT_AMDET_CACHE", str(blocked))
+    anchor = load_encoder(tiny_models["bert"])
+    with pytest.warns(UserWarning, match="anchor cache not written"):
+        got = probe.anchor_alone_outputs(anchor, 1, 300)
+    assert torch.allclose(got, alone_outputs(anchor, 1, torch.arange(300)), atol=1e-6)
+
+
+def test_the_two_lists_made_one_at_a_time_are_the_probe_made_at_once(tiny_models):
+    """A scan types the rows list before its search and the alone list later (`TypedProbe`): the same typings and
+    scores as both at once, a token on both lists typed once; a list is made once, and one skipped is never made."""
+    from lit_amdet.token_probe import TypedProbe, probe_tokens
+
+    anchor = load_encoder(tiny_models["bert"])
+    suspect = copy.deepcopy(anchor)
+    with torch.no_grad():
+        suspect.token_embedding.weight[100] *= -3.0  # on both lists
+        suspect.token_embedding.weight[200] += 0.5 * suspect.token_embedding.weight[300]
+    tokens = anchor.tokenize(PROMPTS)
+    at_once = probe_tokens(suspect, anchor, tokens, position=1, top=4, disk_cache=False)
+    probe = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False)
+    rows = probe.make("rows")
+    assert rows and {p["by"] for p in rows} == {"rows"} and probe.lists == {"rows": "typed", "alone": "due"}
+    alone = probe.make("alone")
+    assert probe.make("alone") == [] and probe.typings == rows + alone == at_once
+    assert [p["ids"] for p in at_once].count([100]) == 1
+    skipped = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False)
+    skipped.skip("alone", "the model was flagged already")
+    assert skipped.make("alone") == [] and skipped.lists["alone"] == "skipped: the model was flagged already"
+    assert TypedProbe(suspect, None, tokens, position=1, top=4).lists == {}  # no anchor: no probe
+
+
 @pytest.mark.parametrize("family", ["clip", "bert"])
 def test_a_typed_target_is_where_the_prompts_with_the_word_typed_in_front_go(tiny_models, family):
     """`typed_target` (what a scan decided by a typed token shows the model saying) against the tokenizer's path:

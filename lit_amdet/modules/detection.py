@@ -25,11 +25,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lit_amdet.amdet import (
+    HELD_OUT_SUMS,
     OBJECTIVES,
     FeatureCache,
     PseudoTrigger,
     choose_restart,
     held_out_loss,
+    held_out_results,
     nearest_tokens,
     per_restart,
     restart_roles,
@@ -56,11 +58,8 @@ from lit_amdet.modules.base import EncoderTask
 from lit_amdet.restart_scores import YARDSTICKS, attach_null, judge_restarts, restart_summary
 from lit_amdet.screening import anchor_component, load_anchor, scan_targets
 from lit_amdet.search_control import SearchControl
-from lit_amdet.token_probe import deciding_typing, probe_tokens, typed_flagged, typed_target, verdict_scores
+from lit_amdet.token_probe import TypedProbe, deciding_typing, typed_flagged, typed_target, verdict_scores
 
-# per-restart sums the held-out evaluation reduces across processes
-STATS = ("n", "loss", "assimilation", "assimilated", "same_cos", "same_target", "anchor_cos", "anchor_negative",
-         "anchor_assimilation", "anchor_pooled_cos", "orig_cos")
 #: steps between giving freed pages back (`lit_amdet.memory`): 10 steps' creep is small, and pages are refaulted
 RELEASE_EVERY = 10
 
@@ -96,7 +95,12 @@ class BackdoorDetection(EncoderTask):
             search was measured to climb late: 0.01, 0.03, 0.02, 0.07, 0.84, 2.0 at checks 1-6).
         token_null_restarts: extra restarts: the AMDET search with the models swapped (`lit_amdet.amdet.swapped_loss`),
             the token path's yardstick away from the anchor (`CollapseContrastRule`); dropped at once near it.
-        typed_probe: type the N most-moved rows' and N most-shifted-alone tokens first (`lit_amdet.token_probe`; 0 off).
+        typed_probe: type the N most-moved rows' and N most-shifted-alone tokens (`lit_amdet.token_probe`; 0 off).
+            The rows list is typed before the search; the alone list, which passes the whole vocabulary through both
+            encoders, at the first check, and only while the search has not flagged the model (a flagged model
+            skips it: it could only add a path to a verdict already made).
+        anchor_cache: keep the anchor's half of the alone list on disk for the next scan against the same anchor
+            (`lit_amdet.anchor_cache`: keyed by a digest of the anchor's weights; ``$LIT_AMDET_CACHE``).
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
         batch_size: probe prompts per step (each runs R times).
         restarts_per_pass: restarts through the encoders together (None: all); fewer hold less autograd graph
@@ -147,6 +151,7 @@ class BackdoorDetection(EncoderTask):
         null_min_steps: int = 60,
         token_null_restarts: int = 1,
         typed_probe: int = 8,
+        anchor_cache: bool = True,
         lr: float = 0.08,
         weight_decay: float = 1e-5,
         batch_size: int = 8,
@@ -175,7 +180,7 @@ class BackdoorDetection(EncoderTask):
         super().__init__(ignore=["rule"])
         self.hparams["rule"] = self.rule.describe()
         self.evidence: dict = {}
-        self.typed: list[dict] = []  # the typed-token probe's typings and scores (on_fit_start)
+        self.typing: TypedProbe | None = None  # the typed-token probe (on_fit_start)
         self.verdict: dict | None = None
         self.probe: list[str] | None = None
         self.holdout: list[str] | None = None
@@ -285,8 +290,9 @@ class BackdoorDetection(EncoderTask):
                                      if role in ("charged", "null")},
                                     tuple(r for r, role in enumerate(self.roles) if role in YARDSTICKS))
         probe = self.anchor is not None and isinstance(self.rule, CollapseContrastRule) and hp.typed_probe > 0
-        self.typed = probe_tokens(self.encoder, self.anchor, self.holdout_cache.tokens, hp.position,
-                                  hp.typed_probe) if probe else []
+        self.typing = TypedProbe(self.encoder, self.anchor, self.holdout_cache.tokens, hp.position, hp.typed_probe,
+                                 hp.anchor_cache, on=probe)
+        self.typing.make("rows")  # cheap: no vocabulary pass
         rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
                        f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
         self._baselines()  # before the first step: it says whether the swapped restarts are needed at all
@@ -336,9 +342,10 @@ class BackdoorDetection(EncoderTask):
             if s.get(key) is not None:
                 self.log(f"check/{key}", float(s[key]), rank_zero_only=True)
         scored, decisions, progress = self._judge(stats)
-        reason = self.search.check(step, [st["loss"] for st in stats],
-                                   passed=any(self.rule.search_passed(scored[i]) for i in self.judged)
-                                   or typed_flagged(self.typed, self.rule),
+        passed = any(self.rule.search_passed(scored[i]) for i in self.judged) or self._typed_flag()
+        if not passed:  # the alone list's vocabulary pass is made only for a model not flagged yet
+            passed = typed_flagged(self.typing.make("alone"), self.rule)
+        reason = self.search.check(step, [st["loss"] for st in stats], passed=passed,
                                    flagged={i for i in self.judged if decisions[i]["backdoored"]}, progress=progress)
         self.search.hold(self.trigger.vectors)
         if reason:
@@ -373,7 +380,7 @@ class BackdoorDetection(EncoderTask):
         ref = self._run(cache, slice(0, 1), vectors, with_anchor=False).prompt_feature  # [R, W]
         world, rank = self.trainer.world_size if self._trainer else 1, self.global_rank if self._trainer else 0
         rows = torch.arange(len(cache))[rank::world]
-        sums = torch.zeros(reps, len(STATS), device=self.device, dtype=torch.float64)
+        sums = torch.zeros(reps, len(HELD_OUT_SUMS), device=self.device, dtype=torch.float64)
         pooled = torch.zeros(reps, self.encoder.embed_dim, device=self.device, dtype=torch.float64)
         anchor_pooled = torch.zeros_like(pooled)
         feature = torch.zeros(reps, self.encoder.width, device=self.device, dtype=torch.float64)
@@ -403,22 +410,7 @@ class BackdoorDetection(EncoderTask):
             pooled = self.trainer.strategy.reduce(pooled, reduce_op="sum")
             anchor_pooled = self.trainer.strategy.reduce(anchor_pooled, reduce_op="sum")
             feature = self.trainer.strategy.reduce(feature, reduce_op="sum")
-        has_anchor = self.anchor is not None
-        results = []
-        for r in range(reps):
-            s = dict(zip(STATS, sums[r].tolist()))
-            n = s.pop("n")
-            res = {"loss": s["loss"] / n, "assimilation": s["assimilation"] / n,
-                   "assimilation_ratio": s["assimilated"] / n, "same_target_mean_cos": s["same_cos"] / n,
-                   "same_target_ratio": s["same_target"] / n, "orig_cos": s["orig_cos"] / n,
-                   "anchor_cos": s["anchor_cos"] / n if has_anchor else None,
-                   "different_target_ratio": s["anchor_negative"] / n if has_anchor else None,
-                   "anchor_assimilation": s["anchor_assimilation"] / n if has_anchor else None,
-                   "anchor_pooled_cos": s["anchor_pooled_cos"] / n if has_anchor else None,
-                   "prompts": int(n), "target_consistency": float((pooled[r] / n).norm()),
-                   "anchor_target_consistency": float((anchor_pooled[r] / n).norm()) if has_anchor else None,
-                   "_pooled": (pooled[r] / n).float(), "_feature": (feature[r] / n).float()}
-            results.append(res)
+        results = held_out_results(sums, pooled, anchor_pooled, feature, self.anchor is not None)
         if restarts is None and vectors is not None and reps == len(self.roles):
             restarts = list(range(reps))
         for r, res in zip(restarts or [], results):
@@ -446,6 +438,9 @@ class BackdoorDetection(EncoderTask):
             s["random_trigger_anchor_cos"] = base["random"]["anchor_cos"]
             s["assimilation_gap"] = s["assimilation"] - s["anchor_assimilation"]
         return s
+
+    def _typed_flag(self) -> bool:
+        return typed_flagged(self.typing.typings, self.rule)
 
     def _baselines(self) -> dict:
         clean = self.evaluate(None)[0]
@@ -480,6 +475,10 @@ class BackdoorDetection(EncoderTask):
             [i for i in self.judged if decisions[i]["backdoored"]] or \
             [i for i in self.judged if verdict_of(decisions[i]) == INCONCLUSIVE]
         best = choose_restart([loss if i in self.judged else math.inf for i, loss in enumerate(losses)], passed)
+        if decisions[best]["backdoored"] or self._typed_flag():
+            self.typing.skip("alone", "the model was flagged already")
+        else:  # a search that ended before its first check, or a flag lost since: the verdict may rest on it
+            self.typing.make("alone")
         self.evidence["restart_scores"] = restart_summary(stats, decisions, progress,
                                                           [OBJECTIVES[role] for role in self.roles],
                                                           self.search.dropped)
@@ -490,7 +489,7 @@ class BackdoorDetection(EncoderTask):
         self.evidence["best_restart"] = best
         self.evidence["steps"] = self.global_step
         self.evidence["scores"] = {**{k: v for k, v in chosen.items() if not k.startswith("_")},
-                                   **verdict_scores(self.typed, self.rule)}
+                                   **verdict_scores(self.typing.typings, self.rule)}
         self._target_pooled, self._target_feature = chosen["_pooled"], chosen["_feature"]
         self._stage = None
         if self.trainer.is_global_zero:  # figures and files gather here; renamed to the run folder at the end
@@ -549,7 +548,7 @@ class BackdoorDetection(EncoderTask):
         if hp.save_cache:
             self.holdout_cache.save(stage / "holdout_features.safetensors")
         tokens = nearest_tokens(self.encoder, trigger.to(self.device), hp.position, hp.top_tokens)
-        typing = deciding_typing(self.typed, self.rule, scores)  # a typed token decided alone: show its target
+        typing = deciding_typing(self.typing.typings, self.rule, scores)  # a typed token decided alone: show its target
         captions = nearest_captions(self.encoder, self.caption_bank, self._target_pooled if typing is None else
                                     typed_target(self.encoder, self.holdout_cache.tokens, typing["ids"], hp.position),
                                     hp.max_length, hp.top_captions)
@@ -571,7 +570,8 @@ class BackdoorDetection(EncoderTask):
             "stopped_early": self.evidence.get("stopped_early"), "restarts": hp.restarts,
             "best_restart": self.evidence.get("best_restart"), "restart_losses": self.evidence.get("restart_losses"),
             "passing_restarts": self.evidence.get("passing_restarts"),
-            "restart_scores": self.evidence.get("restart_scores"), "typed_probe": self.typed,
+            "restart_scores": self.evidence.get("restart_scores"), "typed_probe": self.typing.typings,
+            "typed_probe_lists": self.typing.lists,
             "progress_at_checks": self.search.progress,
             "baselines": self.evidence.get("baselines"), "landscape": self.evidence.get("landscape"),
             "hessian": self.evidence.get("hessian"), "nearest_tokens": tokens, "nearest_captions": captions,
