@@ -171,7 +171,8 @@ PROBE_LISTS = ("rows", "alone")
 
 def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch, position: int,
                  top: int, pairs_of: int = 3, prompts: int = 32, lists: Sequence[str] = PROBE_LISTS,
-                 typed_before: Sequence[dict] = (), disk_cache: bool = True) -> list[dict]:
+                 typed_before: Sequence[dict] = (), disk_cache: bool = True, clean: dict | None = None
+                 ) -> list[dict]:
     """The ``top`` most-moved tokens (`moved_tokens`) and the ``top`` most-shifted typed alone (`shifted_tokens`),
     each typed alone, then every ordered pair of each list's first ``pairs_of`` (a trigger of several tokens, such
     as a two-letter string, may need both): what was typed (the tokens joined by a space, and their ids), which
@@ -181,7 +182,8 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
 
     ``lists``: which of the two to make (the rows list is cheap; the alone list passes the whole vocabulary through
     both encoders, so a scan makes it only when the search has not flagged the model already). A typing already in
-    ``typed_before`` (an earlier call's output) is not typed again."""
+    ``typed_before`` (an earlier call's output) is not typed again. ``clean``: a dict kept between such calls; the
+    untyped prompts' scores are stored there on first use, so a second list does not score them again."""
     unknown = [by for by in lists if by not in PROBE_LISTS]
     if unknown:
         raise ValueError(f"unknown probe list {unknown[0]!r} (known: {', '.join(PROBE_LISTS)})")
@@ -199,12 +201,14 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     if not typings:
         return []
     tokens = tokens[:prompts]
-    clean = typed_scores(suspect, anchor, tokens, (), position)
+    held = {} if clean is None else clean
+    if "scores" not in held:
+        held["scores"] = typed_scores(suspect, anchor, tokens, (), position)
     out = []
     for typed, (by, moved) in typings.items():
         scores = typed_scores(suspect, anchor, tokens, typed, position)
         out.append({"token": " ".join(suspect.ids_to_tokens(list(typed))), "ids": list(typed), "by": by,
-                    "moved": round(moved, 4), **collapse_scores(scores, clean, anchor=True)})
+                    "moved": round(moved, 4), **collapse_scores(scores, held["scores"], anchor=True)})
     return out
 
 
@@ -219,6 +223,7 @@ class TypedProbe:
         self.models, self.tokens, self.position = (suspect, anchor), tokens, position
         self.top, self.disk_cache = top, disk_cache
         self.typings: list[dict] = []
+        self._clean: dict = {}  # the untyped prompts' scores, shared by the two lists (`probe_tokens`)
         self.lists: dict[str, str] = {by: "due" for by in PROBE_LISTS} if on and anchor is not None else {}
 
     def make(self, by: str) -> list[dict]:
@@ -226,7 +231,7 @@ class TypedProbe:
         if self.lists.get(by) != "due":
             return []
         new = probe_tokens(*self.models, self.tokens, self.position, self.top, lists=(by,),
-                           typed_before=self.typings, disk_cache=self.disk_cache)
+                           typed_before=self.typings, disk_cache=self.disk_cache, clean=self._clean)
         self.typings += new
         self.lists[by] = "typed"
         return new
