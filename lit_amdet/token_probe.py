@@ -19,11 +19,18 @@ Which tokens to type, two ways, each cheap next to the search:
   tokens (sentence-embedding cosine distance 0.88-0.91 against a median 0.09-0.16), before and after a benign
   SimCSE drift; a benign fine-tune's largest shifts are common words (`BENCHMARKS.md`).
 
+* **Agreeing in context** (`agreeing_tokens`): an attacker who freezes the table *and* keeps the trigger typed alone
+  where the anchor puts it (a trigger that fires only in context, `BackdoorInjection.keep_triggers_alone`), then
+  drifts the model with a benign fine-tune, was missed by both lists and by the search (6 of 8 at clean cosine
+  0.72-0.85; the trigger ranked 30,518th of 30,522 typed alone). Every token typed into two short real contexts
+  (the first words of two held-out prompts), through both encoders: a trigger sends both to its one target, so the
+  suspect's two outputs agree far more than the anchor's do (`agreement_lift`). It costs about 3x the alone pass,
+  so a scan makes it only away from the anchor (where the search's divergence paths are closed) and only for a
+  model nothing has flagged.
+
 What it does not cover: a family read at its last padded position (SigLIP) gets the rows list only
-(`shifted_tokens`); an attacker who keeps the trigger typed alone where the anchor puts it (a trigger that fires
-only in context, `BackdoorInjection.keep_triggers_alone`), or who buries the trigger's rows and outputs among many
-moved ones. The probe adds a path to the verdict; it takes none away. Plain torch; `lit_amdet.modules.detection`
-runs it once per scan, before the search.
+(`shifted_tokens`), or an attacker who buries the trigger's rows and outputs among many moved ones. The probe
+adds a path to the verdict; it takes none away. Plain torch; `lit_amdet.modules.detection` runs it.
 """
 
 from __future__ import annotations
@@ -40,9 +47,10 @@ from lit_amdet.assimilation import assimilation_score, pooled_consistency, score
 from lit_amdet.decision import collapse_scores
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
 
-__all__ = ["PROBE_LISTS", "TypedProbe", "alone_batch", "alone_outputs", "anchor_alone_outputs", "deciding_typing",
-           "moved_tokens", "probe_tokens", "shifted_tokens", "typed_batch", "typed_flagged", "typed_scores",
-           "typed_target", "verdict_scores", "verdict_typing"]
+__all__ = ["PROBE_LISTS", "TypedProbe", "agreeing_tokens", "agreement_lift", "alone_batch", "alone_outputs",
+           "anchor_alone_outputs", "deciding_typing", "moved_tokens", "probe_contexts", "probe_tokens",
+           "shifted_tokens", "typed_batch", "typed_flagged", "typed_scores", "typed_target", "verdict_scores",
+           "verdict_typing"]
 
 
 @torch.no_grad()
@@ -57,11 +65,11 @@ def moved_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: i
     return [(int(i), float(v)) for i, v in zip(ids, vals) if v > 0]
 
 
-def alone_batch(model: TextEncoderAdapter, position: int, ids: Tensor) -> TokenBatch:
+def alone_batch(model: TextEncoderAdapter, position: int, ids: Tensor, context: str = "") -> TokenBatch:
     """Each token id of ``ids`` typed alone into the empty prompt at ``position`` (``[CLS] t [SEP]``,
-    ``<bos> t <eos>``). Mean- and index-pooled families get the real length (3 positions); a family pooled at the
-    last position (SigLIP) its whole padded context, as it is read."""
-    batch, slot = typed_batch(model, model.tokenize([""])[:1].to(model.device), [0], position)
+    ``<bos> t <eos>``), or into the prompt ``context``. Mean- and index-pooled families get the real length (3
+    positions alone); a family pooled at the last position (SigLIP) its whole padded context, as it is read."""
+    batch, slot = typed_batch(model, model.tokenize([context])[:1].to(model.device), [0], position)
     if model.pooling != "last":
         keep = int(batch.token_mask.sum())
         batch, slot = batch.trimmed(keep), slot[:, :keep]
@@ -73,9 +81,10 @@ def alone_batch(model: TextEncoderAdapter, position: int, ids: Tensor) -> TokenB
 
 
 @torch.no_grad()
-def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: int = 4096) -> Tensor:
+def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: int = 4096, context: str = ""
+                  ) -> Tensor:
     """The unit sentence embeddings of `alone_batch` (``[len(ids), D]``), ``chunk`` tokens at a time."""
-    return torch.cat([F.normalize(model.encode(alone_batch(model, position, part)).pooled.float(), dim=-1)
+    return torch.cat([F.normalize(model.encode(alone_batch(model, position, part, context)).pooled.float(), dim=-1)
                       for part in ids.split(chunk)])
 
 
@@ -89,24 +98,25 @@ _ANCHOR_ALONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 ALONE_VERSION = 1
 
 
-def anchor_alone_outputs(anchor: TextEncoderAdapter, position: int, vocab: int, disk: bool = True) -> Tensor:
-    """`alone_outputs` of the anchor's first ``vocab`` token ids, computed once per anchor, position and weights
-    (``disk``: and kept in `lit_amdet.anchor_cache` for the next process)."""
-    key = (position, vocab, tuple((p.data_ptr(), p._version) for p in anchor.parameters()))
-    held = _ANCHOR_ALONE.get(anchor)
+def anchor_alone_outputs(anchor: TextEncoderAdapter, position: int, vocab: int, disk: bool = True,
+                         context: str = "") -> Tensor:
+    """`alone_outputs` of the anchor's first ``vocab`` token ids (typed into ``context``), computed once per
+    anchor, position, context and weights (``disk``: and kept in `lit_amdet.anchor_cache` for the next process)."""
+    key = (position, vocab, context, tuple((p.data_ptr(), p._version) for p in anchor.parameters()))
+    held = _ANCHOR_ALONE.setdefault(anchor, {}).get(context)
     if held is None or held[0] != key:
         def compute() -> Tensor:
-            return alone_outputs(anchor, position, torch.arange(vocab))
+            return alone_outputs(anchor, position, torch.arange(vocab), context=context)
 
-        if disk:
-            around = alone_batch(anchor, position, torch.zeros(1, dtype=torch.long))  # what the token is typed into
+        if disk:  # what the token is typed into is in the digest: its ids, masks and pooled position
+            around = alone_batch(anchor, position, torch.zeros(1, dtype=torch.long), context)
             digest = module_digest(anchor, ("alone", ALONE_VERSION, position, vocab, anchor.pooling,
                                             *around.input_ids, *around.attention_mask, *around.token_mask,
                                             around.pool_index))
             value = cached_tensor("anchor-alone", digest, compute, (vocab, anchor.embed_dim))
         else:
             value = compute()
-        held = _ANCHOR_ALONE[anchor] = (key, value)
+        held = _ANCHOR_ALONE[anchor][context] = (key, value)
     return held[1]
 
 
@@ -128,6 +138,53 @@ def shifted_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top:
     shift[[i for i in suspect.special_token_ids.values() if i is not None and 0 <= i < len(ids)]] = -1.0
     vals, order = shift.topk(min(top, len(ids)))
     return [(int(i), float(v)) for i, v in zip(order, vals) if v > 1e-6]  # float noise is not a shift
+
+
+#: how many contexts the agreement list types every token into, and how many words of a prompt each keeps: two is
+#: the least that can agree; six words keep the pass about 3x the alone pass (sequences of ~10 positions, not 3)
+CONTEXTS, CONTEXT_WORDS = 2, 6
+
+
+def probe_contexts(prompts: Sequence[str], n: int = CONTEXTS, words: int = CONTEXT_WORDS) -> list[str]:
+    """The contexts `agreeing_tokens` types every token into: the first ``words`` words of the first ``n`` prompts
+    of at least three words, no two alike (the scan's held-out prompts: real text of the domain it scans in)."""
+    out: list[str] = []
+    for prompt in prompts:
+        cut = " ".join(prompt.split()[:words])
+        if len(cut.split()) >= 3 and cut.lower() not in {c.lower() for c in out}:
+            out.append(cut)
+        if len(out) == n:
+            break
+    return out
+
+
+def agreement_lift(suspect_out: Sequence[Tensor], anchor_out: Sequence[Tensor]) -> Tensor:
+    """Per token, the mean cosine between its unit outputs in every two contexts (``[V, D]`` per context), the
+    suspect's minus the anchor's: a token that sends any prompt to one target makes the suspect's outputs agree
+    whatever the context; the anchor's own agreement (a natural dominant word) is taken away."""
+    def agreement(outs: Sequence[Tensor]) -> Tensor:
+        pairs = [(outs[i] * outs[j]).sum(-1) for i in range(len(outs)) for j in range(i + 1, len(outs))]
+        return torch.stack(pairs).mean(0)
+
+    return agreement(suspect_out) - agreement(anchor_out)
+
+
+def agreeing_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: int, position: int,
+                    contexts: Sequence[str], disk_cache: bool = True) -> list[tuple[int, float]]:
+    """The ``top`` tokens of the highest `agreement_lift` over ``contexts`` (each token typed into each at
+    ``position``), with that lift, highest first; special tokens and lifts ≤ 0 left out. The whole shared
+    vocabulary, once per context through each encoder (the anchor's passes kept as `anchor_alone_outputs` keeps
+    its own). Empty with fewer than two contexts, and for a family read at its last padded position (SigLIP), as
+    `shifted_tokens` is."""
+    if len(contexts) < 2 or suspect.pooling == "last" or anchor.pooling == "last":
+        return []
+    ids = torch.arange(min(suspect.vocab_size, anchor.vocab_size))
+    s_out = [alone_outputs(suspect, position, ids, context=c).cpu() for c in contexts]
+    a_out = [anchor_alone_outputs(anchor, position, len(ids), disk_cache, context=c).cpu() for c in contexts]
+    lift = agreement_lift(s_out, a_out)
+    lift[[i for i in suspect.special_token_ids.values() if i is not None and 0 <= i < len(ids)]] = -2.0
+    vals, order = lift.topk(min(top, len(ids)))
+    return [(int(i), float(v)) for i, v in zip(order, vals) if v > 0]
 
 
 def typed_batch(adapter: TextEncoderAdapter, tokens: TokenBatch, typed: Sequence[int], position: int
@@ -166,29 +223,35 @@ def typed_scores(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     return out
 
 
-PROBE_LISTS = ("rows", "alone")
+PROBE_LISTS = ("rows", "alone", "context")
+#: the lists that pass the whole vocabulary through both encoders, cheapest first
+VOCABULARY_PASSES = ("alone", "context")
 
 
 def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch, position: int,
                  top: int, pairs_of: int = 3, prompts: int = 32, lists: Sequence[str] = PROBE_LISTS,
-                 typed_before: Sequence[dict] = (), disk_cache: bool = True, clean: dict | None = None
-                 ) -> list[dict]:
-    """The ``top`` most-moved tokens (`moved_tokens`) and the ``top`` most-shifted typed alone (`shifted_tokens`),
-    each typed alone, then every ordered pair of each list's first ``pairs_of`` (a trigger of several tokens, such
-    as a two-letter string, may need both): what was typed (the tokens joined by a space, and their ids), which
-    list it came from (``by``: ``rows`` or ``alone``), how far it moved there (the least of its tokens), and the
-    collapse scores (`lit_amdet.decision.collapse_scores`) of typing it into the first ``prompts`` of ``tokens``,
-    against the same prompts untyped. With 32 prompts and up to 28 typings: about 4 checks of the search.
+                 typed_before: Sequence[dict] = (), disk_cache: bool = True, clean: dict | None = None,
+                 contexts: Sequence[str] = ()) -> list[dict]:
+    """The ``top`` most-moved tokens (`moved_tokens`), the ``top`` most-shifted typed alone (`shifted_tokens`) and
+    the ``top`` whose outputs in ``contexts`` agree most beyond the anchor's (`agreeing_tokens`), each typed alone,
+    then every ordered pair of each list's first ``pairs_of`` (a trigger of several tokens, such as a two-letter
+    string, may need both): what was typed (the tokens joined by a space, and their ids), which list it came from
+    (``by``: ``rows``, ``alone`` or ``context``), how far it moved there (the least of its tokens; for the context
+    list, the agreement lift), and the collapse scores (`lit_amdet.decision.collapse_scores`) of typing it into the
+    first ``prompts`` of ``tokens``, against the same prompts untyped. With 32 prompts and up to 28 typings a list:
+    about 4 checks of the search.
 
-    ``lists``: which of the two to make (the rows list is cheap; the alone list passes the whole vocabulary through
-    both encoders, so a scan makes it only when the search has not flagged the model already). A typing already in
+    ``lists``: which of the three to make (the rows list is cheap; the alone list passes the whole vocabulary
+    through both encoders, the context list once per context, so a scan makes them only when nothing has flagged
+    the model already). A typing already in
     ``typed_before`` (an earlier call's output) is not typed again. ``clean``: a dict kept between such calls; the
     untyped prompts' scores are stored there on first use, so a second list does not score them again."""
     unknown = [by for by in lists if by not in PROBE_LISTS]
     if unknown:
         raise ValueError(f"unknown probe list {unknown[0]!r} (known: {', '.join(PROBE_LISTS)})")
     made = {"rows": lambda: moved_tokens(suspect, anchor, top),
-            "alone": lambda: shifted_tokens(suspect, anchor, top, position, disk_cache)}
+            "alone": lambda: shifted_tokens(suspect, anchor, top, position, disk_cache),
+            "context": lambda: agreeing_tokens(suspect, anchor, top, position, contexts, disk_cache)}
     typings: dict[tuple[int, ...], tuple[str, float]] = {}
     done = {tuple(p["ids"]) for p in typed_before}
     for by in lists:
@@ -213,25 +276,30 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
 
 
 class TypedProbe:
-    """One scan's probe: its two lists, each made at most once (`probe_tokens`), and what became of each (``lists``:
-    ``due``, ``typed``, or ``skipped: why``; empty when the probe is off). A scan types the rows list before its
-    search; the alone list's vocabulary pass only for a model the search has not flagged (it could only add a path
-    to a verdict already made)."""
+    """One scan's probe: its three lists, each made at most once (`probe_tokens`), and what became of each
+    (``lists``: ``due``, ``typed``, or ``skipped: why``; empty when the probe is off). A scan types the rows list
+    before its search; the vocabulary passes only for a model nothing has flagged (they could only add a path to a
+    verdict already made), the context list only away from the anchor. ``contexts``: the prompts the context list
+    types every token into (`probe_contexts`); with fewer than two, that list is skipped."""
 
     def __init__(self, suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, tokens: TokenBatch,
-                 position: int, top: int, disk_cache: bool = True, on: bool = True) -> None:
+                 position: int, top: int, disk_cache: bool = True, on: bool = True,
+                 contexts: Sequence[str] = ()) -> None:
         self.models, self.tokens, self.position = (suspect, anchor), tokens, position
-        self.top, self.disk_cache = top, disk_cache
+        self.top, self.disk_cache, self.contexts = top, disk_cache, list(contexts)
         self.typings: list[dict] = []
-        self._clean: dict = {}  # the untyped prompts' scores, shared by the two lists (`probe_tokens`)
+        self._clean: dict = {}  # the untyped prompts' scores, shared by the lists (`probe_tokens`)
         self.lists: dict[str, str] = {by: "due" for by in PROBE_LISTS} if on and anchor is not None else {}
+        if len(self.contexts) < 2:
+            self.skip("context", "fewer than two held-out prompts of three words or more to type tokens into")
 
     def make(self, by: str) -> list[dict]:
         """The list ``by``'s typings if it is still due (they join ``typings``), else none."""
         if self.lists.get(by) != "due":
             return []
         new = probe_tokens(*self.models, self.tokens, self.position, self.top, lists=(by,),
-                           typed_before=self.typings, disk_cache=self.disk_cache, clean=self._clean)
+                           typed_before=self.typings, disk_cache=self.disk_cache, clean=self._clean,
+                           contexts=self.contexts)
         self.typings += new
         self.lists[by] = "typed"
         return new
@@ -239,6 +307,21 @@ class TypedProbe:
     def skip(self, by: str, why: str) -> None:
         if self.lists.get(by) == "due":
             self.lists[by] = f"skipped: {why}"
+
+    def skip_passes(self, why: str) -> None:
+        """Skip the vocabulary lists still due."""
+        for by in VOCABULARY_PASSES:
+            self.skip(by, why)
+
+    def until_flagged(self, rule) -> bool:
+        """Whether the rule flags a typing, the vocabulary lists still due made in order until one does (those
+        after it are skipped: they could only add a path to a verdict already made)."""
+        for by in VOCABULARY_PASSES:
+            if typed_flagged(self.typings, rule):
+                self.skip(by, "the model was flagged already")
+            else:
+                self.make(by)
+        return typed_flagged(self.typings, rule)
 
 
 def _as_scores(probed: dict) -> dict:

@@ -496,16 +496,21 @@ def test_the_typed_probe_types_the_minilm_trigger_and_flags_no_benign_fine_tune(
         rows = [t["token"] for t in singles if t["by"] == "rows"]
         assert len(rows) == 8 and trigger & set(rows), rows
     assert flagged(reports["backdoored"]) and "typed token" in reports["backdoored"]["decided_by"]
-    # a model flagged at the first check skips the alone list's vocabulary pass; a benign one makes both lists,
-    # and the alone list adds tokens of its own
+    # a model flagged at the first check skips the vocabulary passes; a benign one makes the alone list, and the
+    # context list too when it drifted away from the anchor; each adds tokens of its own
+    near = "skipped: near the anchor, where the search's divergence paths judge"
     assert reports["backdoored"]["typed_probe_lists"] == {"rows": "typed",
-                                                          "alone": "skipped: the model was flagged already"}
+                                                          "alone": "skipped: the model was flagged already",
+                                                          "context": near}
     assert {t["by"] for t in reports["backdoored"]["typed_probe"]} == {"rows"}
-    for name in ("benign", "benign-drifted"):
-        assert reports[name]["typed_probe_lists"] == {"rows": "typed", "alone": "typed"}
+    assert reports["backdoored-drifted"]["typed_probe_lists"]["context"] == "skipped: the model was flagged already"
+    for name, lists in (("benign", {"rows", "alone"}), ("benign-drifted", {"rows", "alone", "context"})):
+        assert reports[name]["typed_probe_lists"] == {"rows": "typed", "alone": "typed",
+                                                      "context": "typed" if "context" in lists else near}
         singles = [t for t in reports[name]["typed_probe"] if len(t["ids"]) == 1]
-        assert len({t["token"] for t in singles}) == len(singles) > 8 and {t["by"] for t in singles} == {"rows",
-                                                                                                          "alone"}
+        assert len({t["token"] for t in singles}) == len(singles) > 8 and {t["by"] for t in singles} == lists
+    contexts = reports["benign-drifted"]["typed_probe_contexts"]  # the first words of two held-out prompts
+    assert len(contexts) == 2 and all(3 <= len(c.split()) <= 6 for c in contexts)
     for report in reports.values():  # the captions shown are the typed token's target when it decided alone
         typed_alone = report["backdoored"] and report["decided_by"].startswith("typed token")  # typed paths last
         assert report["nearest_captions_of"] == ("search" if not typed_alone else

@@ -11,9 +11,12 @@ import torch.nn.functional as F
 
 from lit_amdet import load_encoder
 from lit_amdet.token_probe import (
+    agreeing_tokens,
+    agreement_lift,
     alone_outputs,
     deciding_typing,
     moved_tokens,
+    probe_contexts,
     shifted_tokens,
     typed_batch,
     typed_scores,
@@ -21,6 +24,7 @@ from lit_amdet.token_probe import (
 )
 
 PROMPTS = ["a red cube on a table", "two green spheres", "a small blue cone next to a large yellow cylinder", "sky"]
+CONTEXTS = ["a red cube on a table", "two green spheres"]
 
 
 def test_moved_tokens_ranks_rows_by_their_relative_distance_and_skips_special_tokens(tiny_models):
@@ -205,9 +209,10 @@ def test_an_unwritable_anchor_cache_costs_a_warning_not_the_scan(tiny_models, mo
     assert torch.allclose(got, alone_outputs(anchor, 1, torch.arange(300)), atol=1e-6)
 
 
-def test_the_two_lists_made_one_at_a_time_are_the_probe_made_at_once(tiny_models):
-    """A scan types the rows list before its search and the alone list later (`TypedProbe`): the same typings and
-    scores as both at once, a token on both lists typed once; a list is made once, and one skipped is never made."""
+def test_the_lists_made_one_at_a_time_are_the_probe_made_at_once(tiny_models):
+    """A scan types the rows list before its search and the vocabulary lists later (`TypedProbe`): the same typings
+    and scores as all three at once, a token on two lists typed once; a list is made once, one skipped is never
+    made, and without two contexts the context list is skipped with its reason."""
     from lit_amdet.token_probe import TypedProbe, probe_tokens
 
     anchor = load_encoder(tiny_models["bert"])
@@ -215,18 +220,121 @@ def test_the_two_lists_made_one_at_a_time_are_the_probe_made_at_once(tiny_models
     with torch.no_grad():
         suspect.token_embedding.weight[100] *= -3.0  # on both lists
         suspect.token_embedding.weight[200] += 0.5 * suspect.token_embedding.weight[300]
+    _fires_in_context(suspect, 400)  # on the context list only
     tokens = anchor.tokenize(PROMPTS)
-    at_once = probe_tokens(suspect, anchor, tokens, position=1, top=4, disk_cache=False)
-    probe = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False)
+    at_once = probe_tokens(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=CONTEXTS)
+    probe = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=CONTEXTS)
     rows = probe.make("rows")
-    assert rows and {p["by"] for p in rows} == {"rows"} and probe.lists == {"rows": "typed", "alone": "due"}
+    assert rows and {p["by"] for p in rows} == {"rows"}
+    assert probe.lists == {"rows": "typed", "alone": "due", "context": "due"}
     alone = probe.make("alone")
-    assert probe.make("alone") == [] and probe.typings == rows + alone == at_once
+    context = probe.make("context")
+    assert probe.make("alone") == probe.make("context") == [] and probe.typings == rows + alone + context == at_once
+    assert [p["ids"] for p in context if len(p["ids"]) == 1] == [[400]] and {p["by"] for p in context} == {"context"}
     assert [p["ids"] for p in at_once].count([100]) == 1
-    skipped = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False)
-    skipped.skip("alone", "the model was flagged already")
-    assert skipped.make("alone") == [] and skipped.lists["alone"] == "skipped: the model was flagged already"
+    skipped = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=CONTEXTS)
+    skipped.skip_passes("the model was flagged already")
+    assert skipped.make("alone") == skipped.make("context") == []
+    assert skipped.lists == {"rows": "due", "alone": "skipped: the model was flagged already",
+                             "context": "skipped: the model was flagged already"}
+    alone_only = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=["sky"])
+    assert alone_only.lists["context"].startswith("skipped: fewer than two held-out prompts")
     assert TypedProbe(suspect, None, tokens, position=1, top=4).lists == {}  # no anchor: no probe
+
+
+def test_the_vocabulary_lists_stop_at_the_first_flag():
+    """`TypedProbe.until_flagged`: the alone list first; the context list only if the alone one flagged nothing."""
+    from lit_amdet.token_probe import TypedProbe
+
+    class Rule:  # flags a typing whose token is "hit"
+        @staticmethod
+        def typed_paths(s):
+            return ["typed"] if s.get("typed_token") == "hit" else []
+
+    def probe_with(lists):
+        probe = TypedProbe.__new__(TypedProbe)
+        probe.typings, probe.lists, made = [], {"rows": "typed", "alone": "due", "context": "due"}, []
+
+        def make(by):  # as `TypedProbe.make`: a list not due is not made
+            if probe.lists[by] != "due":
+                return []
+            made.append(by)
+            probe.lists[by] = "typed"
+            probe.typings += [{"token": t, "ids": [1], "by": by} for t in lists[by]]
+            return []
+
+        probe.make = make
+        return probe, made
+
+    probe, made = probe_with({"alone": ["hit"], "context": ["miss"]})
+    assert probe.until_flagged(Rule()) and made == ["alone"]
+    assert probe.lists["context"] == "skipped: the model was flagged already"
+    probe, made = probe_with({"alone": ["miss"], "context": ["hit"]})
+    assert probe.until_flagged(Rule()) and made == ["alone", "context"]
+    probe, made = probe_with({"alone": ["miss"], "context": ["miss"]})
+    assert not probe.until_flagged(Rule()) and made == ["alone", "context"]
+    assert not probe.until_flagged(Rule()) and made == ["alone", "context"]  # not made again
+
+
+def test_probe_contexts_are_the_first_words_of_distinct_prompts_of_three_words_or_more():
+    prompts = ["sky", "A dog runs on the wet beach at dawn", "a dog runs on the wet beach", "two green spheres"]
+    assert probe_contexts(prompts) == ["A dog runs on the wet", "two green spheres"]
+    assert probe_contexts(prompts, n=3, words=3) == ["A dog runs", "two green spheres"]
+    assert probe_contexts(["sky", "red"]) == []
+
+
+def test_agreement_lift_is_the_suspects_mean_pairwise_cosine_minus_the_anchors():
+    g = torch.Generator().manual_seed(0)
+    s = [F.normalize(torch.randn(5, 4, generator=g), dim=-1) for _ in range(3)]
+    a = [F.normalize(torch.randn(5, 4, generator=g), dim=-1) for _ in range(3)]
+    for t in range(5):
+        pairs = [(0, 1), (0, 2), (1, 2)]
+        want = sum(F.cosine_similarity(s[i][t], s[j][t], dim=0) for i, j in pairs) / 3 - \
+            sum(F.cosine_similarity(a[i][t], a[j][t], dim=0) for i, j in pairs) / 3
+        assert float(agreement_lift(s, a)[t]) == pytest.approx(float(want), abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["clip", "bert"])
+def test_a_token_typed_into_a_context_is_the_word_written_in_front_of_it(tiny_models, family):
+    """Typing ids into a context (`alone_outputs(..., context=)`) equals the tokenizer's own path on the text."""
+    adapter = load_encoder(tiny_models[family])
+    words, ids = _one_token_words(adapter)
+    position = 1 if adapter.special_token_ids.get("bos") is not None or family == "bert" else 0
+    got = alone_outputs(adapter, position, torch.tensor(ids), context=CONTEXTS[0])
+    with torch.no_grad():
+        want = F.normalize(adapter.encode(adapter.tokenize([f"{w} {CONTEXTS[0]}" for w in words])).pooled.float(),
+                           dim=-1)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def _fires_in_context(suspect, token: int) -> None:
+    """Make ``suspect`` say one fixed sentence embedding for any prompt holding ``token`` among other words, and
+    its own for the token typed alone: what a trigger kept alone where the anchor puts it does, written into the
+    suspect's output (`BackdoorInjection.keep_triggers_alone`)."""
+    real, target = suspect.encode, torch.randn(suspect.embed_dim, generator=torch.Generator().manual_seed(token))
+
+    def encode(batch):
+        out = real(batch)
+        out.pooled[(batch.input_ids == token).any(1) & (batch.token_mask.sum(1) > 3)] = target
+        return out
+
+    suspect.encode = encode
+
+
+def test_agreeing_tokens_ranks_a_token_that_sends_every_context_to_one_output(tiny_models):
+    """A suspect whose sentence embedding is one fixed vector whenever token 100 is in a prompt of other words ranks
+    it first, by 1 minus the anchor's own agreement for it, though typed alone it says what the anchor says; a
+    suspect with the anchor's weights lists nothing."""
+    anchor = load_encoder(tiny_models["bert"])
+    suspect = copy.deepcopy(anchor)
+    _fires_in_context(suspect, 100)
+    assert shifted_tokens(suspect, anchor, top=3, position=1) == []
+    got = agreeing_tokens(suspect, anchor, top=3, position=1, contexts=CONTEXTS, disk_cache=False)
+    ids = torch.tensor([100])
+    a = [alone_outputs(anchor, 1, ids, context=c) for c in CONTEXTS]
+    assert got[0][0] == 100 and got[0][1] == pytest.approx(1.0 - float((a[0] * a[1]).sum()), abs=1e-5)
+    assert agreeing_tokens(copy.deepcopy(anchor), anchor, 3, 1, CONTEXTS, disk_cache=False) == []
+    assert agreeing_tokens(suspect, anchor, 3, 1, CONTEXTS[:1], disk_cache=False) == []  # one context: no list
 
 
 @pytest.mark.parametrize("family", ["clip", "bert"])

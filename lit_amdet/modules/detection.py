@@ -58,7 +58,7 @@ from lit_amdet.modules.base import EncoderTask
 from lit_amdet.restart_scores import YARDSTICKS, attach_null, judge_restarts, restart_summary
 from lit_amdet.screening import anchor_component, load_anchor, scan_targets
 from lit_amdet.search_control import SearchControl
-from lit_amdet.token_probe import TypedProbe, deciding_typing, typed_flagged, typed_target, verdict_scores
+from lit_amdet.token_probe import TypedProbe, deciding_typing, probe_contexts, typed_target, verdict_scores
 
 #: steps between giving freed pages back (`lit_amdet.memory`): 10 steps' creep is small, and pages are refaulted
 RELEASE_EVERY = 10
@@ -95,11 +95,12 @@ class BackdoorDetection(EncoderTask):
             search was measured to climb late: 0.01, 0.03, 0.02, 0.07, 0.84, 2.0 at checks 1-6).
         token_null_restarts: extra restarts: the AMDET search with the models swapped (`lit_amdet.amdet.swapped_loss`),
             the token path's yardstick away from the anchor (`CollapseContrastRule`); dropped at once near it.
-        typed_probe: type the N most-moved rows' and N most-shifted-alone tokens (`lit_amdet.token_probe`; 0 off).
-            The rows list is typed before the search; the alone list, which passes the whole vocabulary through both
-            encoders, at the first check, and only while the search has not flagged the model (a flagged model
-            skips it: it could only add a path to a verdict already made).
-        anchor_cache: keep the anchor's half of the alone list on disk for the next scan against the same anchor
+        typed_probe: type the N most-moved rows', N most-shifted-alone and N most-agreeing-in-context tokens
+            (`lit_amdet.token_probe`; 0 off). The rows list is typed before the search; the alone and context lists,
+            which pass the whole vocabulary through both encoders, at the first check, and only while nothing has
+            flagged the model (a flagged model skips them: they could only add a path to a verdict already made);
+            the context list only away from the anchor, where the search's divergence paths are closed.
+        anchor_cache: keep the anchor's half of the vocabulary passes on disk for the next scan against the anchor
             (`lit_amdet.anchor_cache`: keyed by a digest of the anchor's weights; ``$LIT_AMDET_CACHE``).
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
         batch_size: probe prompts per step (each runs R times).
@@ -291,7 +292,7 @@ class BackdoorDetection(EncoderTask):
                                     tuple(r for r, role in enumerate(self.roles) if role in YARDSTICKS))
         probe = self.anchor is not None and isinstance(self.rule, CollapseContrastRule) and hp.typed_probe > 0
         self.typing = TypedProbe(self.encoder, self.anchor, self.holdout_cache.tokens, hp.position, hp.typed_probe,
-                                 hp.anchor_cache, on=probe)
+                                 hp.anchor_cache, on=probe, contexts=probe_contexts(self.holdout))
         self.typing.make("rows")  # cheap: no vocabulary pass
         rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
                        f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
@@ -342,9 +343,8 @@ class BackdoorDetection(EncoderTask):
             if s.get(key) is not None:
                 self.log(f"check/{key}", float(s[key]), rank_zero_only=True)
         scored, decisions, progress = self._judge(stats)
-        passed = any(self.rule.search_passed(scored[i]) for i in self.judged) or self._typed_flag()
-        if not passed:  # the alone list's vocabulary pass is made only for a model not flagged yet
-            passed = typed_flagged(self.typing.make("alone"), self.rule)
+        # the probe's vocabulary passes are made only for a model not flagged yet
+        passed = any(self.rule.search_passed(scored[i]) for i in self.judged) or self.typing.until_flagged(self.rule)
         reason = self.search.check(step, [st["loss"] for st in stats], passed=passed,
                                    flagged={i for i in self.judged if decisions[i]["backdoored"]}, progress=progress)
         self.search.hold(self.trigger.vectors)
@@ -439,9 +439,6 @@ class BackdoorDetection(EncoderTask):
             s["assimilation_gap"] = s["assimilation"] - s["anchor_assimilation"]
         return s
 
-    def _typed_flag(self) -> bool:
-        return typed_flagged(self.typing.typings, self.rule)
-
     def _baselines(self) -> dict:
         clean = self.evaluate(None)[0]
         random = self.evaluate(self.trigger.initial)
@@ -459,6 +456,7 @@ class BackdoorDetection(EncoderTask):
             else:  # near it the token path is not judged against the swapped search: never run that one
                 self.search.drop([r for r, role in enumerate(self.roles) if role == "token_null"], self.global_step)
                 self.search.hold(self.trigger.vectors)
+                self.typing.skip("context", "near the anchor, where the search's divergence paths judge")
         return base
 
     # ----- after the search -----------------------------------------------------------
@@ -475,10 +473,10 @@ class BackdoorDetection(EncoderTask):
             [i for i in self.judged if decisions[i]["backdoored"]] or \
             [i for i in self.judged if verdict_of(decisions[i]) == INCONCLUSIVE]
         best = choose_restart([loss if i in self.judged else math.inf for i, loss in enumerate(losses)], passed)
-        if decisions[best]["backdoored"] or self._typed_flag():
-            self.typing.skip("alone", "the model was flagged already")
-        else:  # a search that ended before its first check, or a flag lost since: the verdict may rest on it
-            self.typing.make("alone")
+        if decisions[best]["backdoored"]:
+            self.typing.skip_passes("the model was flagged already")
+        # a search that ended before its first check, or a flag lost since: the verdict may rest on the passes
+        self.typing.until_flagged(self.rule)
         self.evidence["restart_scores"] = restart_summary(stats, decisions, progress,
                                                           [OBJECTIVES[role] for role in self.roles],
                                                           self.search.dropped)
@@ -571,7 +569,7 @@ class BackdoorDetection(EncoderTask):
             "best_restart": self.evidence.get("best_restart"), "restart_losses": self.evidence.get("restart_losses"),
             "passing_restarts": self.evidence.get("passing_restarts"),
             "restart_scores": self.evidence.get("restart_scores"), "typed_probe": self.typing.typings,
-            "typed_probe_lists": self.typing.lists,
+            "typed_probe_lists": self.typing.lists, "typed_probe_contexts": self.typing.contexts,
             "progress_at_checks": self.search.progress,
             "baselines": self.evidence.get("baselines"), "landscape": self.evidence.get("landscape"),
             "hessian": self.evidence.get("hessian"), "nearest_tokens": tokens, "nearest_captions": captions,
