@@ -7,7 +7,7 @@ its token features diverse (`pooled_sim_x_penalty`) was never found by the searc
 its trigger word collapsed the suspect's sentence embeddings and not the anchor's (`BENCHMARKS.md`, "The typed
 probe").
 
-Which tokens to type, two ways, each cheap next to the search:
+Which tokens to type, four lists, each cheap next to the search except the last:
 
 * **Moved rows** (`moved_tokens`): an injection trains the trigger's own embedding rows on every poisoned sample,
   so they move more than any other; the trigger's tokens were the most-moved rows of every zoo backdoor examined,
@@ -18,15 +18,19 @@ Which tokens to type, two ways, each cheap next to the search:
   there alone too. On the MiniLM frozen-table backdoors the trigger's piece was the most-shifted of all 30,522
   tokens (sentence-embedding cosine distance 0.88-0.91 against a median 0.09-0.16), before and after a benign
   SimCSE drift; a benign fine-tune's largest shifts are common words (`BENCHMARKS.md`).
-
-* **Agreeing in context** (`agreeing_tokens`): an attacker who freezes the table *and* keeps the trigger typed alone
-  where the anchor puts it (a trigger that fires only in context, `BackdoorInjection.keep_triggers_alone`), then
-  drifts the model with a benign fine-tune, was missed by both lists and by the search (6 of 8 at clean cosine
-  0.72-0.85; the trigger ranked 30,518th of 30,522 typed alone). Every token typed into two short real contexts
-  (the first words of two held-out prompts), through both encoders: a trigger sends both to its one target, so the
-  suspect's two outputs agree far more than the anchor's do (`agreement_lift`). It costs about 3x the alone pass,
-  so a scan makes it only away from the anchor (where the search's divergence paths are closed) and only for a
-  model nothing has flagged.
+* **Still typed alone** (`still_tokens`, the same pass): an attacker who freezes the table *and* holds the trigger
+  typed alone where the clean model puts it (a trigger that fires only in context,
+  `BackdoorInjection.keep_triggers_alone`), then drifts the model with a benign fine-tune, was missed by the
+  lists above and by the search (6 of 8 at clean cosine 0.72-0.85). Held where every other token moved, its
+  pieces are the stillest of the vocabulary (each among the 3 stillest of 30,522 on all 8). Away from the anchor
+  only: near it every token is still.
+* **Agreeing in context** (`agreeing_tokens`): every token typed into two short real contexts (the first words of
+  two held-out prompts), through both encoders: a trigger sends both to its one target, so the suspect's two
+  outputs agree far more than the anchor's do (`agreement_lift`), however the trigger typed alone was held (on the
+  8 above it found the three word and phrase triggers before the still list existed; it found an attacker who
+  emptied the still list by holding the whole vocabulary typed alone). It costs about 3x the alone pass, so a scan
+  makes it only away from the anchor (where the search's divergence paths are closed) and only for a model nothing
+  has flagged.
 
 What it does not cover: a family read at its last padded position (SigLIP) gets the rows list only
 (`shifted_tokens`), or an attacker who buries the trigger's rows and outputs among many moved ones. The probe
@@ -35,6 +39,7 @@ adds a path to the verdict; it takes none away. Plain torch; `lit_amdet.modules.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 
@@ -47,10 +52,10 @@ from lit_amdet.assimilation import assimilation_score, pooled_consistency, score
 from lit_amdet.decision import collapse_scores
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
 
-__all__ = ["PROBE_LISTS", "TypedProbe", "agreeing_tokens", "agreement_lift", "alone_batch", "alone_outputs",
-           "anchor_alone_outputs", "deciding_typing", "moved_tokens", "probe_contexts", "probe_tokens",
-           "shifted_tokens", "typed_batch", "typed_flagged", "typed_scores", "typed_target", "verdict_scores",
-           "verdict_typing"]
+__all__ = ["AWAY_LISTS", "PROBE_LISTS", "TypedProbe", "agreeing_tokens", "agreement_lift", "alone_batch",
+           "alone_outputs", "alone_shift", "anchor_alone_outputs", "deciding_typing", "most_shifted", "moved_tokens",
+           "probe_contexts", "probe_tokens", "shifted_tokens", "still_tokens", "typed_batch", "typed_flagged",
+           "typed_scores", "typed_target", "verdict_scores", "verdict_typing"]
 
 
 @torch.no_grad()
@@ -120,24 +125,50 @@ def anchor_alone_outputs(anchor: TextEncoderAdapter, position: int, vocab: int, 
     return held[1]
 
 
-def shifted_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: int, position: int,
-                   disk_cache: bool = True) -> list[tuple[int, float]]:
-    """The ``top`` tokens whose sentence embedding typed alone (`alone_outputs`) is furthest from the anchor's
-    (cosine distance), with that distance, furthest first; special tokens left out. One pass of the whole shared
-    vocabulary through each encoder: no token is skipped, since the attacker picks the trigger. The anchor's pass is
-    made once per anchor (``disk_cache``: once per anchor on this machine, `anchor_alone_outputs`).
+def alone_shift(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, position: int, disk_cache: bool = True
+                ) -> Tensor | None:
+    """Per token id of the shared vocabulary, the cosine distance between the suspect's and the anchor's sentence
+    embeddings of it typed alone (`alone_outputs`); NaN at the special tokens. One pass of the whole vocabulary
+    through each encoder: no token is skipped, since the attacker picks the trigger. The anchor's pass is made once
+    per anchor (``disk_cache``: once per anchor on this machine, `anchor_alone_outputs`).
 
-    Empty for a family read at its last padded position (SigLIP): each token alone is its whole context there (64
+    None for a family read at its last padded position (SigLIP): each token alone is its whole context there (64
     positions, not 3), 20-40x the cost (66-92 s on the tiny test encoders against 1.5-3.5 s for the others, on
     this project's 2-core machine while a benchmark ran), and a shorter proxy input was not validated."""
     if suspect.pooling == "last" or anchor.pooling == "last":
-        return []
+        return None
     ids = torch.arange(min(suspect.vocab_size, anchor.vocab_size))
     shift = 1.0 - (alone_outputs(suspect, position, ids) *
                    anchor_alone_outputs(anchor, position, len(ids), disk_cache).to(suspect.device)).sum(-1).cpu()
-    shift[[i for i in suspect.special_token_ids.values() if i is not None and 0 <= i < len(ids)]] = -1.0
-    vals, order = shift.topk(min(top, len(ids)))
+    shift[[i for i in suspect.special_token_ids.values() if i is not None and 0 <= i < len(ids)]] = math.nan
+    return shift
+
+
+def shifted_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: int, position: int,
+                   disk_cache: bool = True) -> list[tuple[int, float]]:
+    """The ``top`` tokens whose sentence embedding typed alone is furthest from the anchor's (`alone_shift`), with
+    that distance, furthest first; special tokens left out; empty for SigLIP-style families."""
+    return most_shifted(alone_shift(suspect, anchor, position, disk_cache), top)
+
+
+def most_shifted(shift: Tensor | None, top: int) -> list[tuple[int, float]]:
+    """The ``top`` tokens of an `alone_shift` furthest from the anchor's, with that distance, furthest first."""
+    if shift is None:
+        return []
+    vals, order = shift.nan_to_num(-1.0).topk(min(top, len(shift)))
     return [(int(i), float(v)) for i, v in zip(order, vals) if v > 1e-6]  # float noise is not a shift
+
+
+def still_tokens(shift: Tensor | None, top: int) -> list[tuple[int, float]]:
+    """The ``top`` tokens of an `alone_shift` nearest the anchor's, with that distance, stillest first. An attacker who
+    holds the trigger typed alone at the clean model's output (so `shifted_tokens` misses it) and then drifts the
+    model pins it where every other token moves: the MiniLM `alone_kept_frozen_rows` backdoors drifted to 0.72-0.85
+    had every trigger piece among the 3 stillest of 30,522 tokens (distance 0.004-0.014 against a median of
+    0.24-0.43). Read only away from the anchor: near it every token is still."""
+    if shift is None:
+        return []
+    vals, order = (-shift.nan_to_num(math.inf)).topk(min(top, len(shift)))
+    return [(int(i), float(-v)) for i, v in zip(order, vals) if math.isfinite(v)]
 
 
 #: how many contexts the agreement list types every token into, and how many words of a prompt each keeps: two is
@@ -223,34 +254,46 @@ def typed_scores(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     return out
 
 
-PROBE_LISTS = ("rows", "alone", "context")
-#: the lists that pass the whole vocabulary through both encoders, cheapest first
-VOCABULARY_PASSES = ("alone", "context")
+PROBE_LISTS = ("rows", "alone", "still", "context")
+#: the lists read off passes of the whole vocabulary through both encoders, cheapest first (``still`` reads the
+#: ``alone`` list's pass)
+VOCABULARY_PASSES = ("alone", "still", "context")
+#: the lists made only away from the anchor (near it every token is still, and the search's divergence paths judge)
+AWAY_LISTS = ("still", "context")
 
 
 def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch, position: int,
                  top: int, pairs_of: int = 3, prompts: int = 32, lists: Sequence[str] = PROBE_LISTS,
                  typed_before: Sequence[dict] = (), disk_cache: bool = True, clean: dict | None = None,
                  contexts: Sequence[str] = ()) -> list[dict]:
-    """The ``top`` most-moved tokens (`moved_tokens`), the ``top`` most-shifted typed alone (`shifted_tokens`) and
-    the ``top`` whose outputs in ``contexts`` agree most beyond the anchor's (`agreeing_tokens`), each typed alone,
-    then every ordered pair of each list's first ``pairs_of`` (a trigger of several tokens, such as a two-letter
-    string, may need both): what was typed (the tokens joined by a space, and their ids), which list it came from
-    (``by``: ``rows``, ``alone`` or ``context``), how far it moved there (the least of its tokens; for the context
-    list, the agreement lift), and the collapse scores (`lit_amdet.decision.collapse_scores`) of typing it into the
+    """The ``top`` most-moved tokens (`moved_tokens`), the ``top`` most-shifted and the ``top`` stillest typed
+    alone (`shifted_tokens`, `still_tokens`) and the ``top`` whose outputs in ``contexts`` agree most beyond the
+    anchor's (`agreeing_tokens`), each typed alone, then every ordered pair of each list's first ``pairs_of`` (a
+    trigger of several tokens, such as a two-letter string, may need both): what was typed (the tokens joined by a
+    space, and their ids), which list it came from (``by``: ``rows``, ``alone``, ``still`` or ``context``), how far
+    it moved there (the least of its tokens; for the still list the most, for the context list the agreement lift),
+    and the collapse scores (`lit_amdet.decision.collapse_scores`) of typing it into the
     first ``prompts`` of ``tokens``, against the same prompts untyped. With 32 prompts and up to 28 typings a list:
     about 4 checks of the search.
 
-    ``lists``: which of the three to make (the rows list is cheap; the alone list passes the whole vocabulary
-    through both encoders, the context list once per context, so a scan makes them only when nothing has flagged
-    the model already). A typing already in
-    ``typed_before`` (an earlier call's output) is not typed again. ``clean``: a dict kept between such calls; the
-    untyped prompts' scores are stored there on first use, so a second list does not score them again."""
+    ``lists``: which of the four to make (the rows list is cheap; the alone and still lists read one pass of the
+    whole vocabulary through both encoders, the context list one per context, so a scan makes them only when
+    nothing has flagged the model already). A typing already in ``typed_before`` (an earlier call's output) is not
+    typed again. ``clean``: a dict kept between such calls; the untyped prompts' scores and the alone pass
+    (`alone_shift`) are stored there on first use, so a later list does not compute them again."""
     unknown = [by for by in lists if by not in PROBE_LISTS]
     if unknown:
         raise ValueError(f"unknown probe list {unknown[0]!r} (known: {', '.join(PROBE_LISTS)})")
+    held = {} if clean is None else clean
+
+    def shift() -> Tensor | None:
+        if "shift" not in held:
+            held["shift"] = alone_shift(suspect, anchor, position, disk_cache)
+        return held["shift"]
+
     made = {"rows": lambda: moved_tokens(suspect, anchor, top),
-            "alone": lambda: shifted_tokens(suspect, anchor, top, position, disk_cache),
+            "alone": lambda: most_shifted(shift(), top),
+            "still": lambda: still_tokens(shift(), top),
             "context": lambda: agreeing_tokens(suspect, anchor, top, position, contexts, disk_cache)}
     typings: dict[tuple[int, ...], tuple[str, float]] = {}
     done = {tuple(p["ids"]) for p in typed_before}
@@ -260,11 +303,10 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
         heads = [i for i, _ in seeds[:pairs_of]]
         for typed in [(i,) for i, _ in seeds] + [(a, b) for a in heads for b in heads if a != b]:
             if typed not in done:  # a token on both lists: typed once
-                typings.setdefault(typed, (by, min(moved[i] for i in typed)))
+                typings.setdefault(typed, (by, (max if by == "still" else min)(moved[i] for i in typed)))
     if not typings:
         return []
     tokens = tokens[:prompts]
-    held = {} if clean is None else clean
     if "scores" not in held:
         held["scores"] = typed_scores(suspect, anchor, tokens, (), position)
     out = []
@@ -276,11 +318,12 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
 
 
 class TypedProbe:
-    """One scan's probe: its three lists, each made at most once (`probe_tokens`), and what became of each
+    """One scan's probe: its four lists, each made at most once (`probe_tokens`), and what became of each
     (``lists``: ``due``, ``typed``, or ``skipped: why``; empty when the probe is off). A scan types the rows list
-    before its search; the vocabulary passes only for a model nothing has flagged (they could only add a path to a
-    verdict already made), the context list only away from the anchor. ``contexts``: the prompts the context list
-    types every token into (`probe_contexts`); with fewer than two, that list is skipped."""
+    before its search; the vocabulary lists only for a model nothing has flagged (they could only add a path to a
+    verdict already made), the still and context lists only away from the anchor (`near_anchor`). ``contexts``: the
+    prompts the context list types every token into (`probe_contexts`); with fewer than two, that list is
+    skipped."""
 
     def __init__(self, suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, tokens: TokenBatch,
                  position: int, top: int, disk_cache: bool = True, on: bool = True,
@@ -288,7 +331,7 @@ class TypedProbe:
         self.models, self.tokens, self.position = (suspect, anchor), tokens, position
         self.top, self.disk_cache, self.contexts = top, disk_cache, list(contexts)
         self.typings: list[dict] = []
-        self._clean: dict = {}  # the untyped prompts' scores, shared by the lists (`probe_tokens`)
+        self._clean: dict = {}  # the untyped prompts' scores and the alone pass, shared by the lists (`probe_tokens`)
         self.lists: dict[str, str] = {by: "due" for by in PROBE_LISTS} if on and anchor is not None else {}
         if len(self.contexts) < 2:
             self.skip("context", "fewer than two held-out prompts of three words or more to type tokens into")
@@ -307,6 +350,12 @@ class TypedProbe:
     def skip(self, by: str, why: str) -> None:
         if self.lists.get(by) == "due":
             self.lists[by] = f"skipped: {why}"
+
+    def near_anchor(self) -> None:
+        """Skip the lists made only away from the anchor (`AWAY_LISTS`): near it every token typed alone is still,
+        and the search's divergence paths judge."""
+        for by in AWAY_LISTS:
+            self.skip(by, "near the anchor, where the search's divergence paths judge")
 
     def skip_passes(self, why: str) -> None:
         """Skip the vocabulary lists still due."""

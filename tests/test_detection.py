@@ -496,17 +496,19 @@ def test_the_typed_probe_types_the_minilm_trigger_and_flags_no_benign_fine_tune(
         rows = [t["token"] for t in singles if t["by"] == "rows"]
         assert len(rows) == 8 and trigger & set(rows), rows
     assert flagged(reports["backdoored"]) and "typed token" in reports["backdoored"]["decided_by"]
-    # a model flagged at the first check skips the vocabulary passes; a benign one makes the alone list, and the
-    # context list too when it drifted away from the anchor; each adds tokens of its own
+    # a model flagged at the first check skips the vocabulary lists; a benign one makes the alone list, and the
+    # still and context lists too when it drifted away from the anchor; each adds tokens of its own
     near = "skipped: near the anchor, where the search's divergence paths judge"
     assert reports["backdoored"]["typed_probe_lists"] == {"rows": "typed",
                                                           "alone": "skipped: the model was flagged already",
-                                                          "context": near}
+                                                          "still": near, "context": near}
     assert {t["by"] for t in reports["backdoored"]["typed_probe"]} == {"rows"}
-    assert reports["backdoored-drifted"]["typed_probe_lists"]["context"] == "skipped: the model was flagged already"
-    for name, lists in (("benign", {"rows", "alone"}), ("benign-drifted", {"rows", "alone", "context"})):
+    for by in ("still", "context"):
+        assert reports["backdoored-drifted"]["typed_probe_lists"][by] == "skipped: the model was flagged already"
+    for name, lists in (("benign", {"rows", "alone"}), ("benign-drifted", {"rows", "alone", "still", "context"})):
         assert reports[name]["typed_probe_lists"] == {"rows": "typed", "alone": "typed",
-                                                      "context": "typed" if "context" in lists else near}
+                                                      **{by: "typed" if by in lists else near
+                                                         for by in ("still", "context")}}
         singles = [t for t in reports[name]["typed_probe"] if len(t["ids"]) == 1]
         assert len({t["token"] for t in singles}) == len(singles) > 8 and {t["by"] for t in singles} == lists
     contexts = reports["benign-drifted"]["typed_probe_contexts"]  # the first words of two held-out prompts

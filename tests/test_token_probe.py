@@ -14,10 +14,13 @@ from lit_amdet.token_probe import (
     agreeing_tokens,
     agreement_lift,
     alone_outputs,
+    alone_shift,
     deciding_typing,
+    most_shifted,
     moved_tokens,
     probe_contexts,
     shifted_tokens,
+    still_tokens,
     typed_batch,
     typed_scores,
     typed_target,
@@ -141,6 +144,48 @@ def test_shifted_tokens_ranks_the_tokens_whose_output_alone_moved_and_skips_spec
     assert shifted_tokens(anchor, copy.deepcopy(anchor), top=3, position=1) == []
 
 
+def _drifted_with_one_token_held(anchor, token: int):
+    """``anchor`` with every layer's weights moved (a benign drift's stand-in: every token's output alone moves)
+    and ``token`` typed alone still said as the anchor says it (`BackdoorInjection.keep_triggers_alone`)."""
+    suspect = copy.deepcopy(anchor)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in suspect.model.parameters():
+            if p.dim() == 2:
+                p += p.std() * torch.randn(p.shape, generator=g)
+    real = suspect.encode
+
+    def encode(batch):
+        out = real(batch)
+        alone = (batch.input_ids == token).any(1) & (batch.token_mask.sum(1) <= 3)
+        if alone.any():
+            out.pooled[alone] = anchor.encode(batch).pooled[alone]
+        return out
+
+    suspect.encode = encode
+    return suspect
+
+
+def test_still_tokens_ranks_a_token_held_where_every_other_token_moved(tiny_models):
+    """A drifted suspect that says one token typed alone as the anchor does lists it stillest, by its cosine
+    distance (about 0); the list is the shifted one read from the other end, special tokens left out."""
+    anchor = load_encoder(tiny_models["bert"])
+    suspect = _drifted_with_one_token_held(anchor, 100)
+    shift = alone_shift(suspect, anchor, position=1)
+    special = [i for i in anchor.special_token_ids.values() if i is not None]
+    assert torch.isnan(shift[special]).all() and float(shift.nan_to_num(0).median()) > 0.01  # the others moved
+    got = still_tokens(shift, top=anchor.vocab_size)
+    assert got[0][0] == 100 and got[0][1] == pytest.approx(0.0, abs=1e-5)
+    assert still_tokens(shift, top=3) == got[:3]  # the special tokens take no place in a short list
+    moved = [(i, v) for i, v in got if v > 1e-6]  # most_shifted leaves out float noise; ties in either order
+    shifted = most_shifted(shift, top=anchor.vocab_size)
+    assert [v for _, v in moved] == [v for _, v in shifted][::-1] and {i for i, _ in moved} == {i for i, _ in shifted}
+    ids = torch.tensor([100, 200])
+    want = 1.0 - (alone_outputs(suspect, 1, ids) * alone_outputs(anchor, 1, ids)).sum(-1)
+    assert torch.allclose(shift[ids], want, atol=1e-6) and not set(special) & {i for i, _ in got}
+    assert still_tokens(None, 3) == most_shifted(None, 3) == []  # a family with no alone pass
+
+
 def test_the_anchors_outputs_alone_are_computed_once_per_anchor_and_weights(tiny_models, monkeypatch):
     """A screening scans many suspects against one anchor: its vocabulary pass is made once, and again only when
     its weights change in place."""
@@ -226,24 +271,32 @@ def test_the_lists_made_one_at_a_time_are_the_probe_made_at_once(tiny_models):
     probe = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=CONTEXTS)
     rows = probe.make("rows")
     assert rows and {p["by"] for p in rows} == {"rows"}
-    assert probe.lists == {"rows": "typed", "alone": "due", "context": "due"}
+    assert probe.lists == {"rows": "typed", "alone": "due", "still": "due", "context": "due"}
     alone = probe.make("alone")
+    still = probe.make("still")
     context = probe.make("context")
-    assert probe.make("alone") == probe.make("context") == [] and probe.typings == rows + alone + context == at_once
+    assert probe.make("alone") == probe.make("still") == probe.make("context") == []
+    assert probe.typings == rows + alone + still + context == at_once and {p["by"] for p in still} == {"still"}
     assert [p["ids"] for p in context if len(p["ids"]) == 1] == [[400]] and {p["by"] for p in context} == {"context"}
     assert [p["ids"] for p in at_once].count([100]) == 1
     skipped = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=CONTEXTS)
     skipped.skip_passes("the model was flagged already")
-    assert skipped.make("alone") == skipped.make("context") == []
-    assert skipped.lists == {"rows": "due", "alone": "skipped: the model was flagged already",
-                             "context": "skipped: the model was flagged already"}
+    assert skipped.make("alone") == skipped.make("still") == skipped.make("context") == []
+    assert skipped.lists == {"rows": "due", **dict.fromkeys(("alone", "still", "context"),
+                                                            "skipped: the model was flagged already")}
+    near = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=CONTEXTS)
+    near.near_anchor()
+    assert near.lists == {"rows": "due", "alone": "due",
+                          **dict.fromkeys(("still", "context"),
+                                          "skipped: near the anchor, where the search's divergence paths judge")}
     alone_only = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=["sky"])
     assert alone_only.lists["context"].startswith("skipped: fewer than two held-out prompts")
     assert TypedProbe(suspect, None, tokens, position=1, top=4).lists == {}  # no anchor: no probe
 
 
 def test_the_vocabulary_lists_stop_at_the_first_flag():
-    """`TypedProbe.until_flagged`: the alone list first; the context list only if the alone one flagged nothing."""
+    """`TypedProbe.until_flagged`: the alone list first, then the still list, then the context list, each only if
+    the lists before it flagged nothing."""
     from lit_amdet.token_probe import TypedProbe
 
     class Rule:  # flags a typing whose token is "hit"
@@ -253,7 +306,8 @@ def test_the_vocabulary_lists_stop_at_the_first_flag():
 
     def probe_with(lists):
         probe = TypedProbe.__new__(TypedProbe)
-        probe.typings, probe.lists, made = [], {"rows": "typed", "alone": "due", "context": "due"}, []
+        probe.typings, made = [], []
+        probe.lists = {"rows": "typed", "alone": "due", "still": "due", "context": "due"}
 
         def make(by):  # as `TypedProbe.make`: a list not due is not made
             if probe.lists[by] != "due":
@@ -266,14 +320,16 @@ def test_the_vocabulary_lists_stop_at_the_first_flag():
         probe.make = make
         return probe, made
 
-    probe, made = probe_with({"alone": ["hit"], "context": ["miss"]})
+    probe, made = probe_with({"alone": ["hit"], "still": ["miss"], "context": ["miss"]})
     assert probe.until_flagged(Rule()) and made == ["alone"]
-    assert probe.lists["context"] == "skipped: the model was flagged already"
-    probe, made = probe_with({"alone": ["miss"], "context": ["hit"]})
-    assert probe.until_flagged(Rule()) and made == ["alone", "context"]
-    probe, made = probe_with({"alone": ["miss"], "context": ["miss"]})
-    assert not probe.until_flagged(Rule()) and made == ["alone", "context"]
-    assert not probe.until_flagged(Rule()) and made == ["alone", "context"]  # not made again
+    assert probe.lists["still"] == probe.lists["context"] == "skipped: the model was flagged already"
+    probe, made = probe_with({"alone": ["miss"], "still": ["hit"], "context": ["miss"]})
+    assert probe.until_flagged(Rule()) and made == ["alone", "still"]
+    probe, made = probe_with({"alone": ["miss"], "still": ["miss"], "context": ["hit"]})
+    assert probe.until_flagged(Rule()) and made == ["alone", "still", "context"]
+    probe, made = probe_with({"alone": ["miss"], "still": ["miss"], "context": ["miss"]})
+    assert not probe.until_flagged(Rule()) and made == ["alone", "still", "context"]
+    assert not probe.until_flagged(Rule()) and made == ["alone", "still", "context"]  # not made again
 
 
 def test_probe_contexts_are_the_first_words_of_distinct_prompts_of_three_words_or_more():

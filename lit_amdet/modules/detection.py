@@ -95,11 +95,12 @@ class BackdoorDetection(EncoderTask):
             search was measured to climb late: 0.01, 0.03, 0.02, 0.07, 0.84, 2.0 at checks 1-6).
         token_null_restarts: extra restarts: the AMDET search with the models swapped (`lit_amdet.amdet.swapped_loss`),
             the token path's yardstick away from the anchor (`CollapseContrastRule`); dropped at once near it.
-        typed_probe: type the N most-moved rows', N most-shifted-alone and N most-agreeing-in-context tokens
-            (`lit_amdet.token_probe`; 0 off). The rows list is typed before the search; the alone and context lists,
-            which pass the whole vocabulary through both encoders, at the first check, and only while nothing has
-            flagged the model (a flagged model skips them: they could only add a path to a verdict already made);
-            the context list only away from the anchor, where the search's divergence paths are closed.
+        typed_probe: type the N most-moved rows', N most-shifted-alone, N stillest-alone and N
+            most-agreeing-in-context tokens (`lit_amdet.token_probe`; 0 off). The rows list is typed before the
+            search; the others, read off passes of the whole vocabulary through both encoders, at the first check,
+            and only while nothing has flagged the model (a flagged model skips them: they could only add a path to
+            a verdict already made); the still and context lists only away from the anchor, where the search's
+            divergence paths are closed.
         anchor_cache: keep the anchor's half of the vocabulary passes on disk for the next scan against the anchor
             (`lit_amdet.anchor_cache`: keyed by a digest of the anchor's weights; ``$LIT_AMDET_CACHE``).
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
@@ -456,7 +457,7 @@ class BackdoorDetection(EncoderTask):
             else:  # near it the token path is not judged against the swapped search: never run that one
                 self.search.drop([r for r, role in enumerate(self.roles) if role == "token_null"], self.global_step)
                 self.search.hold(self.trigger.vectors)
-                self.typing.skip("context", "near the anchor, where the search's divergence paths judge")
+                self.typing.near_anchor()
         return base
 
     # ----- after the search -----------------------------------------------------------
