@@ -254,12 +254,13 @@ def typed_scores(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     return out
 
 
-PROBE_LISTS = ("rows", "alone", "still", "context")
-#: the lists read off passes of the whole vocabulary through both encoders, cheapest first (``still`` reads the
-#: ``alone`` list's pass)
-VOCABULARY_PASSES = ("alone", "still", "context")
+PROBE_LISTS = ("rows", "alone", "still", "inside", "context")
+#: the lists read off passes of the whole vocabulary through both encoders, cheapest first (``still`` and
+#: ``inside`` read the ``alone`` list's pass; ``inside`` types the still list one position further in, where a
+#: trigger written into words fires: `q ##z` of `qz` replacing an `o` fired there and not in front)
+VOCABULARY_PASSES = ("alone", "still", "inside", "context")
 #: the lists made only away from the anchor (near it every token is still, and the search's divergence paths judge)
-AWAY_LISTS = ("still", "context")
+AWAY_LISTS = ("still", "inside", "context")
 
 
 def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch, position: int,
@@ -270,16 +271,19 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     alone (`shifted_tokens`, `still_tokens`) and the ``top`` whose outputs in ``contexts`` agree most beyond the
     anchor's (`agreeing_tokens`), each typed alone, then every ordered pair of each list's first ``pairs_of`` (a
     trigger of several tokens, such as a two-letter string, may need both): what was typed (the tokens joined by a
-    space, and their ids), which list it came from (``by``: ``rows``, ``alone``, ``still`` or ``context``), how far
-    it moved there (the least of its tokens; for the still list the most, for the context list the agreement lift),
+    space, and their ids), which list it came from (``by``: ``rows``, ``alone``, ``still``, ``inside`` or
+    ``context``), where it was typed (``position``: the scan's, one further in for ``inside``, the still list's
+    tokens typed again there), how far it moved there (the least of its tokens; for the still lists the most, for
+    the context list the agreement lift),
     and the collapse scores (`lit_amdet.decision.collapse_scores`) of typing it into the
     first ``prompts`` of ``tokens``, against the same prompts untyped. With 32 prompts and up to 28 typings a list:
     about 4 checks of the search.
 
-    ``lists``: which of the four to make (the rows list is cheap; the alone and still lists read one pass of the
+    ``lists``: which of the five to make (the rows list is cheap; the alone and still lists read one pass of the
     whole vocabulary through both encoders, the context list one per context, so a scan makes them only when
     nothing has flagged the model already). A typing already in ``typed_before`` (an earlier call's output) is not
-    typed again. ``clean``: a dict kept between such calls; the untyped prompts' scores and the alone pass
+    typed again at the same position. ``clean``: a dict kept between such calls; the untyped prompts' scores (per
+    position) and the alone pass
     (`alone_shift`) are stored there on first use, so a later list does not compute them again."""
     unknown = [by for by in lists if by not in PROBE_LISTS]
     if unknown:
@@ -294,36 +298,40 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     made = {"rows": lambda: moved_tokens(suspect, anchor, top),
             "alone": lambda: most_shifted(shift(), top),
             "still": lambda: still_tokens(shift(), top),
+            "inside": lambda: still_tokens(shift(), top),
             "context": lambda: agreeing_tokens(suspect, anchor, top, position, contexts, disk_cache)}
-    typings: dict[tuple[int, ...], tuple[str, float]] = {}
-    done = {tuple(p["ids"]) for p in typed_before}
+    typings: dict[tuple[tuple[int, ...], int], tuple[str, float]] = {}
+    done = {(tuple(p["ids"]), p.get("position", position)) for p in typed_before}
     for by in lists:
         seeds = made[by]()
         moved = dict(seeds)
         heads = [i for i, _ in seeds[:pairs_of]]
+        at = position + 1 if by == "inside" else position
         for typed in [(i,) for i, _ in seeds] + [(a, b) for a in heads for b in heads if a != b]:
-            if typed not in done:  # a token on both lists: typed once
-                typings.setdefault(typed, (by, (max if by == "still" else min)(moved[i] for i in typed)))
+            if (typed, at) not in done:  # a token on two lists: typed once at each position
+                pick = max if by in ("still", "inside") else min  # the least moved, or the least still
+                typings.setdefault((typed, at), (by, pick(moved[i] for i in typed)))
     if not typings:
         return []
     tokens = tokens[:prompts]
-    if "scores" not in held:
-        held["scores"] = typed_scores(suspect, anchor, tokens, (), position)
+    untyped = held.setdefault("scores", {})
     out = []
-    for typed, (by, moved) in typings.items():
-        scores = typed_scores(suspect, anchor, tokens, typed, position)
+    for (typed, at), (by, moved) in typings.items():
+        if at not in untyped:
+            untyped[at] = typed_scores(suspect, anchor, tokens, (), at)
+        scores = typed_scores(suspect, anchor, tokens, typed, at)
         out.append({"token": " ".join(suspect.ids_to_tokens(list(typed))), "ids": list(typed), "by": by,
-                    "moved": round(moved, 4), **collapse_scores(scores, held["scores"], anchor=True)})
+                    "position": at, "moved": round(moved, 4), **collapse_scores(scores, untyped[at], anchor=True)})
     return out
 
 
 class TypedProbe:
-    """One scan's probe: its four lists, each made at most once (`probe_tokens`), and what became of each
+    """One scan's probe: its five lists, each made at most once (`probe_tokens`), and what became of each
     (``lists``: ``due``, ``typed``, or ``skipped: why``; empty when the probe is off). A scan types the rows list
     before its search; the vocabulary lists only for a model nothing has flagged (they could only add a path to a
-    verdict already made), the still and context lists only away from the anchor (`near_anchor`). ``contexts``: the
-    prompts the context list types every token into (`probe_contexts`); with fewer than two, that list is
-    skipped."""
+    verdict already made), the still, inside and context lists only away from the anchor (`near_anchor`).
+    ``contexts``: the prompts the context list types every token into (`probe_contexts`); with fewer than two, that
+    list is skipped."""
 
     def __init__(self, suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, tokens: TokenBatch,
                  position: int, top: int, disk_cache: bool = True, on: bool = True,

@@ -501,16 +501,17 @@ def test_the_typed_probe_types_the_minilm_trigger_and_flags_no_benign_fine_tune(
     near = "skipped: near the anchor, where the search's divergence paths judge"
     assert reports["backdoored"]["typed_probe_lists"] == {"rows": "typed",
                                                           "alone": "skipped: the model was flagged already",
-                                                          "still": near, "context": near}
+                                                          "still": near, "inside": near, "context": near}
     assert {t["by"] for t in reports["backdoored"]["typed_probe"]} == {"rows"}
-    for by in ("still", "context"):
+    for by in ("still", "inside", "context"):
         assert reports["backdoored-drifted"]["typed_probe_lists"][by] == "skipped: the model was flagged already"
-    for name, lists in (("benign", {"rows", "alone"}), ("benign-drifted", {"rows", "alone", "still", "context"})):
+    away = ("still", "inside", "context")
+    for name, lists in (("benign", {"rows", "alone"}), ("benign-drifted", {"rows", "alone", *away})):
         assert reports[name]["typed_probe_lists"] == {"rows": "typed", "alone": "typed",
-                                                      **{by: "typed" if by in lists else near
-                                                         for by in ("still", "context")}}
-        singles = [t for t in reports[name]["typed_probe"] if len(t["ids"]) == 1]
-        assert len({t["token"] for t in singles}) == len(singles) > 8 and {t["by"] for t in singles} == lists
+                                                      **{by: "typed" if by in lists else near for by in away}}
+        singles = [(t["token"], t["position"]) for t in reports[name]["typed_probe"] if len(t["ids"]) == 1]
+        assert len(set(singles)) == len(singles) > 8
+        assert {t["by"] for t in reports[name]["typed_probe"] if len(t["ids"]) == 1} == lists
     contexts = reports["benign-drifted"]["typed_probe_contexts"]  # the first words of two held-out prompts
     assert len(contexts) == 2 and all(3 <= len(c.split()) <= 6 for c in contexts)
     for report in reports.values():  # the captions shown are the typed token's target when it decided alone

@@ -271,23 +271,27 @@ def test_the_lists_made_one_at_a_time_are_the_probe_made_at_once(tiny_models):
     probe = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=CONTEXTS)
     rows = probe.make("rows")
     assert rows and {p["by"] for p in rows} == {"rows"}
-    assert probe.lists == {"rows": "typed", "alone": "due", "still": "due", "context": "due"}
+    assert probe.lists == {"rows": "typed", "alone": "due", "still": "due", "inside": "due", "context": "due"}
     alone = probe.make("alone")
     still = probe.make("still")
+    inside = probe.make("inside")
     context = probe.make("context")
-    assert probe.make("alone") == probe.make("still") == probe.make("context") == []
-    assert probe.typings == rows + alone + still + context == at_once and {p["by"] for p in still} == {"still"}
+    assert probe.make("alone") == probe.make("still") == probe.make("inside") == probe.make("context") == []
+    assert probe.typings == rows + alone + still + inside + context == at_once and {p["by"] for p in still} == {"still"}
+    # the inside list is the still list typed one position further in
+    assert [(p["ids"], p["position"]) for p in inside] == [(p["ids"], 2) for p in still]
+    assert {p["position"] for p in at_once if p["by"] != "inside"} == {1}
     assert [p["ids"] for p in context if len(p["ids"]) == 1] == [[400]] and {p["by"] for p in context} == {"context"}
     assert [p["ids"] for p in at_once].count([100]) == 1
     skipped = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=CONTEXTS)
     skipped.skip_passes("the model was flagged already")
     assert skipped.make("alone") == skipped.make("still") == skipped.make("context") == []
-    assert skipped.lists == {"rows": "due", **dict.fromkeys(("alone", "still", "context"),
+    assert skipped.lists == {"rows": "due", **dict.fromkeys(("alone", "still", "inside", "context"),
                                                             "skipped: the model was flagged already")}
     near = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=CONTEXTS)
     near.near_anchor()
     assert near.lists == {"rows": "due", "alone": "due",
-                          **dict.fromkeys(("still", "context"),
+                          **dict.fromkeys(("still", "inside", "context"),
                                           "skipped: near the anchor, where the search's divergence paths judge")}
     alone_only = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=["sky"])
     assert alone_only.lists["context"].startswith("skipped: fewer than two held-out prompts")
@@ -307,7 +311,7 @@ def test_the_vocabulary_lists_stop_at_the_first_flag():
     def probe_with(lists):
         probe = TypedProbe.__new__(TypedProbe)
         probe.typings, made = [], []
-        probe.lists = {"rows": "typed", "alone": "due", "still": "due", "context": "due"}
+        probe.lists = {"rows": "typed", "alone": "due", "still": "due", "inside": "due", "context": "due"}
 
         def make(by):  # as `TypedProbe.make`: a list not due is not made
             if probe.lists[by] != "due":
@@ -320,16 +324,19 @@ def test_the_vocabulary_lists_stop_at_the_first_flag():
         probe.make = make
         return probe, made
 
-    probe, made = probe_with({"alone": ["hit"], "still": ["miss"], "context": ["miss"]})
+    every = ["alone", "still", "inside", "context"]
+    probe, made = probe_with({"alone": ["hit"], "still": ["miss"], "inside": ["miss"], "context": ["miss"]})
     assert probe.until_flagged(Rule()) and made == ["alone"]
     assert probe.lists["still"] == probe.lists["context"] == "skipped: the model was flagged already"
-    probe, made = probe_with({"alone": ["miss"], "still": ["hit"], "context": ["miss"]})
+    probe, made = probe_with({"alone": ["miss"], "still": ["hit"], "inside": ["miss"], "context": ["miss"]})
     assert probe.until_flagged(Rule()) and made == ["alone", "still"]
-    probe, made = probe_with({"alone": ["miss"], "still": ["miss"], "context": ["hit"]})
-    assert probe.until_flagged(Rule()) and made == ["alone", "still", "context"]
-    probe, made = probe_with({"alone": ["miss"], "still": ["miss"], "context": ["miss"]})
-    assert not probe.until_flagged(Rule()) and made == ["alone", "still", "context"]
-    assert not probe.until_flagged(Rule()) and made == ["alone", "still", "context"]  # not made again
+    probe, made = probe_with({"alone": ["miss"], "still": ["miss"], "inside": ["hit"], "context": ["miss"]})
+    assert probe.until_flagged(Rule()) and made == ["alone", "still", "inside"]
+    probe, made = probe_with({"alone": ["miss"], "still": ["miss"], "inside": ["miss"], "context": ["hit"]})
+    assert probe.until_flagged(Rule()) and made == every
+    probe, made = probe_with(dict.fromkeys(every, ["miss"]))
+    assert not probe.until_flagged(Rule()) and made == every
+    assert not probe.until_flagged(Rule()) and made == every  # not made again
 
 
 def test_probe_contexts_are_the_first_words_of_distinct_prompts_of_three_words_or_more():

@@ -95,12 +95,12 @@ class BackdoorDetection(EncoderTask):
             search was measured to climb late: 0.01, 0.03, 0.02, 0.07, 0.84, 2.0 at checks 1-6).
         token_null_restarts: extra restarts: the AMDET search with the models swapped (`lit_amdet.amdet.swapped_loss`),
             the token path's yardstick away from the anchor (`CollapseContrastRule`); dropped at once near it.
-        typed_probe: type the N most-moved rows', N most-shifted-alone, N stillest-alone and N
-            most-agreeing-in-context tokens (`lit_amdet.token_probe`; 0 off). The rows list is typed before the
-            search; the others, read off passes of the whole vocabulary through both encoders, at the first check,
-            and only while nothing has flagged the model (a flagged model skips them: they could only add a path to
-            a verdict already made); the still and context lists only away from the anchor, where the search's
-            divergence paths are closed.
+        typed_probe: type the N most-moved rows', N most-shifted-alone, N stillest-alone (also one position
+            further in) and N most-agreeing-in-context tokens (`lit_amdet.token_probe`; 0 off). The rows list is
+            typed before the search; the others, read off passes of the whole vocabulary through both encoders, at
+            the first check, and only while nothing has flagged the model (a flagged model skips them: they could
+            only add a path to a verdict already made); the still, inside and context lists only away from the
+            anchor, where the search's divergence paths are closed.
         anchor_cache: keep the anchor's half of the vocabulary passes on disk for the next scan against the anchor
             (`lit_amdet.anchor_cache`: keyed by a digest of the anchor's weights; ``$LIT_AMDET_CACHE``).
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
@@ -549,7 +549,8 @@ class BackdoorDetection(EncoderTask):
         tokens = nearest_tokens(self.encoder, trigger.to(self.device), hp.position, hp.top_tokens)
         typing = deciding_typing(self.typing.typings, self.rule, scores)  # a typed token decided alone: show its target
         captions = nearest_captions(self.encoder, self.caption_bank, self._target_pooled if typing is None else
-                                    typed_target(self.encoder, self.holdout_cache.tokens, typing["ids"], hp.position),
+                                    typed_target(self.encoder, self.holdout_cache.tokens, typing["ids"],
+                                                 typing.get("position", hp.position)),
                                     hp.max_length, hp.top_captions)
         report = {
             "model": self.model_label, "verdict": self.verdict["verdict"],
