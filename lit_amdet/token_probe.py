@@ -58,6 +58,11 @@ __all__ = ["AWAY_LISTS", "PROBE_LISTS", "TypedProbe", "agreeing_tokens", "agreem
            "typed_scores", "typed_target", "verdict_scores", "verdict_typing"]
 
 
+def _special_ids(adapter: TextEncoderAdapter, n: int) -> list[int]:
+    """The ids of ``adapter``'s special tokens below ``n``: never a candidate on any list."""
+    return [i for i in adapter.special_token_ids.values() if i is not None and 0 <= i < n]
+
+
 @torch.no_grad()
 def moved_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: int) -> list[tuple[int, float]]:
     """The ``top`` tokens whose embedding rows the suspect moved furthest from the anchor's, relative to the anchor
@@ -65,7 +70,7 @@ def moved_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: i
     s, a = suspect.token_embedding.weight, anchor.token_embedding.weight
     n = min(len(s), len(a))
     moved = (s[:n].float() - a[:n].float()).norm(dim=1) / a[:n].float().norm(dim=1).clamp_min(1e-12)
-    moved[[i for i in suspect.special_token_ids.values() if i is not None and 0 <= i < n]] = 0.0
+    moved[_special_ids(suspect, n)] = 0.0
     vals, ids = moved.topk(min(top, n))
     return [(int(i), float(v)) for i, v in zip(ids, vals) if v > 0]
 
@@ -140,7 +145,7 @@ def alone_shift(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, positio
     ids = torch.arange(min(suspect.vocab_size, anchor.vocab_size))
     shift = 1.0 - (alone_outputs(suspect, position, ids) *
                    anchor_alone_outputs(anchor, position, len(ids), disk_cache).to(suspect.device)).sum(-1).cpu()
-    shift[[i for i in suspect.special_token_ids.values() if i is not None and 0 <= i < len(ids)]] = math.nan
+    shift[_special_ids(suspect, len(ids))] = math.nan
     return shift
 
 
@@ -213,7 +218,7 @@ def agreeing_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top
     s_out = [alone_outputs(suspect, position, ids, context=c).cpu() for c in contexts]
     a_out = [anchor_alone_outputs(anchor, position, len(ids), disk_cache, context=c).cpu() for c in contexts]
     lift = agreement_lift(s_out, a_out)
-    lift[[i for i in suspect.special_token_ids.values() if i is not None and 0 <= i < len(ids)]] = -2.0
+    lift[_special_ids(suspect, len(ids))] = -2.0
     vals, order = lift.topk(min(top, len(ids)))
     return [(int(i), float(v)) for i, v in zip(order, vals) if v > 0]
 
@@ -274,17 +279,16 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     space, and their ids), which list it came from (``by``: ``rows``, ``alone``, ``still``, ``inside`` or
     ``context``), where it was typed (``position``: the scan's, one further in for ``inside``, the still list's
     tokens typed again there), how far it moved there (the least of its tokens; for the still lists the most, for
-    the context list the agreement lift),
-    and the collapse scores (`lit_amdet.decision.collapse_scores`) of typing it into the
-    first ``prompts`` of ``tokens``, against the same prompts untyped. With 32 prompts and up to 28 typings a list:
-    about 4 checks of the search.
+    the context list the agreement lift), and the collapse scores (`lit_amdet.decision.collapse_scores`) of typing
+    it into the first ``prompts`` of ``tokens``, against the same prompts untyped. With 32 prompts and up to 28
+    typings a list: about 4 checks of the search.
 
-    ``lists``: which of the five to make (the rows list is cheap; the alone and still lists read one pass of the
-    whole vocabulary through both encoders, the context list one per context, so a scan makes them only when
-    nothing has flagged the model already). A typing already in ``typed_before`` (an earlier call's output) is not
-    typed again at the same position. ``clean``: a dict kept between such calls; the untyped prompts' scores (per
-    position) and the alone pass
-    (`alone_shift`) are stored there on first use, so a later list does not compute them again."""
+    ``lists``: which of the five to make (the rows list is cheap; the alone, still and inside lists read one pass
+    of the whole vocabulary through both encoders, the context list one per context, so a scan makes them only
+    when nothing has flagged the model already). A typing already in ``typed_before`` (an earlier call's output)
+    is not typed again at the same position. ``clean``: a dict kept between such calls; the untyped prompts'
+    scores (per position) and the alone pass (`alone_shift`) are stored there on first use, so a later list does
+    not compute them again."""
     unknown = [by for by in lists if by not in PROBE_LISTS]
     if unknown:
         raise ValueError(f"unknown probe list {unknown[0]!r} (known: {', '.join(PROBE_LISTS)})")
