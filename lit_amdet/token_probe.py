@@ -32,8 +32,12 @@ Which tokens to type, four lists, each cheap next to the search except the last:
   makes it only away from the anchor (where the search's divergence paths are closed) and only for a model nothing
   has flagged.
 
-What it does not cover: a family read at its last padded position (SigLIP) gets the rows list only
-(`shifted_tokens`), or an attacker who buries the trigger's rows and outputs among many moved ones. The probe
+A family read at its last padded position (SigLIP) types every token in its whole 64-position context, 20-40x
+the cost of the 3-position pass; there the alone list is made by group testing (`grouped_shift`: 32 tokens to a
+row typed into the context list's two contexts, the rows that moved most opened token by token), and the still,
+inside and context lists are not made.
+
+What it does not cover: an attacker who buries the trigger's rows and outputs among many moved ones. The probe
 adds a path to the verdict; it takes none away. Plain torch; `lit_amdet.modules.detection` runs it.
 """
 
@@ -52,10 +56,10 @@ from lit_amdet.assimilation import assimilation_score, pooled_consistency, score
 from lit_amdet.decision import collapse_scores
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
 
-__all__ = ["AWAY_LISTS", "PROBE_LISTS", "TypedProbe", "agreeing_tokens", "agreement_lift", "alone_batch",
-           "alone_outputs", "alone_shift", "anchor_alone_outputs", "deciding_typing", "most_shifted", "moved_tokens",
+__all__ = ["AWAY_LISTS", "PROBE_LISTS", "agreeing_tokens", "agreement_lift", "alone_batch", "alone_outputs",
+           "alone_shift", "anchor_alone_outputs", "deciding_typing", "grouped_shift", "most_shifted", "moved_tokens",
            "probe_contexts", "probe_tokens", "shifted_tokens", "still_tokens", "typed_batch", "typed_flagged",
-           "typed_scores", "typed_target", "verdict_scores", "verdict_typing"]
+           "typed_scores", "typed_target", "TypedProbe", "verdict_scores", "verdict_typing", "vocabulary_groups"]
 
 
 def _special_ids(adapter: TextEncoderAdapter, n: int) -> list[int]:
@@ -77,15 +81,18 @@ def moved_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: i
 
 def alone_batch(model: TextEncoderAdapter, position: int, ids: Tensor, context: str = "") -> TokenBatch:
     """Each token id of ``ids`` typed alone into the empty prompt at ``position`` (``[CLS] t [SEP]``,
-    ``<bos> t <eos>``), or into the prompt ``context``. Mean- and index-pooled families get the real length (3
-    positions alone); a family pooled at the last position (SigLIP) its whole padded context, as it is read."""
-    batch, slot = typed_batch(model, model.tokenize([context])[:1].to(model.device), [0], position)
+    ``<bos> t <eos>``), or into the prompt ``context``; ``ids`` of shape ``[n, k]``: each row's ``k`` ids typed
+    there together (`grouped_shift`). Mean- and index-pooled families get the real length (3 positions alone); a
+    family pooled at the last position (SigLIP) its whole padded context, as it is read."""
+    rows_ids = ids.view(len(ids), -1)
+    width = rows_ids.shape[1]
+    batch, slot = typed_batch(model, model.tokenize([context])[:1].to(model.device), [0] * width, position)
     if model.pooling != "last":
         keep = int(batch.token_mask.sum())
         batch, slot = batch.trimmed(keep), slot[:, :keep]
-    n = len(ids)
+    n = len(rows_ids)
     rows = batch.input_ids.repeat(n, 1)
-    rows[:, int(slot[0].nonzero()[0, 0])] = ids.to(rows.device)
+    rows[:, slot[0].nonzero()[:, 0]] = rows_ids.to(rows.device)
     return TokenBatch(rows, batch.attention_mask.repeat(n, 1), batch.token_mask.repeat(n, 1),
                       batch.pool_index.repeat(n))
 
@@ -93,9 +100,12 @@ def alone_batch(model: TextEncoderAdapter, position: int, ids: Tensor, context: 
 @torch.no_grad()
 def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: int = 4096, context: str = ""
                   ) -> Tensor:
-    """The unit sentence embeddings of `alone_batch` (``[len(ids), D]``), ``chunk`` tokens at a time."""
+    """The unit sentence embeddings of `alone_batch` (``[len(ids), D]``), ``chunk`` rows at a time (fewer when each
+    row is longer than 16 positions, as a whole padded context is: about as many positions per pass)."""
+    length = alone_batch(model, position, ids[:1], context).input_ids.shape[1]
+    rows = max(16, min(chunk, chunk * 16 // length))
     return torch.cat([F.normalize(model.encode(alone_batch(model, position, part, context)).pooled.float(), dim=-1)
-                      for part in ids.split(chunk)])
+                      for part in ids.split(rows)])
 
 
 # The anchor's outputs typed alone, per loaded anchor: a screening scans many suspects against one anchor object
@@ -109,43 +119,107 @@ ALONE_VERSION = 1
 
 
 def anchor_alone_outputs(anchor: TextEncoderAdapter, position: int, vocab: int, disk: bool = True,
-                         context: str = "") -> Tensor:
-    """`alone_outputs` of the anchor's first ``vocab`` token ids (typed into ``context``), computed once per
-    anchor, position, context and weights (``disk``: and kept in `lit_amdet.anchor_cache` for the next process)."""
-    key = (position, vocab, context, tuple((p.data_ptr(), p._version) for p in anchor.parameters()))
-    held = _ANCHOR_ALONE.setdefault(anchor, {}).get(context)
+                         context: str = "", groups: Tensor | None = None) -> Tensor:
+    """`alone_outputs` of the anchor's first ``vocab`` token ids (typed into ``context``; ``groups``: of these rows
+    of ids instead, `grouped_shift`), computed once per anchor, position, context, groups and weights (``disk``: and
+    kept in `lit_amdet.anchor_cache` for the next process)."""
+    typed = torch.arange(vocab) if groups is None else groups
+    name = context if groups is None else ("groups", context)
+    key = (position, vocab, context, tuple(typed.shape), tuple((p.data_ptr(), p._version) for p in anchor.parameters()))
+    held = _ANCHOR_ALONE.setdefault(anchor, {}).get(name)
     if held is None or held[0] != key:
         def compute() -> Tensor:
-            return alone_outputs(anchor, position, torch.arange(vocab), context=context)
+            return alone_outputs(anchor, position, typed, context=context)
 
         if disk:  # what the token is typed into is in the digest: its ids, masks and pooled position
             around = alone_batch(anchor, position, torch.zeros(1, dtype=torch.long), context)
+            extra = () if groups is None else ("groups", groups)
             digest = module_digest(anchor, ("alone", ALONE_VERSION, position, vocab, anchor.pooling,
                                             *around.input_ids, *around.attention_mask, *around.token_mask,
-                                            around.pool_index))
-            value = cached_tensor("anchor-alone", digest, compute, (vocab, anchor.embed_dim))
+                                            around.pool_index, *extra))
+            value = cached_tensor("anchor-alone", digest, compute, (len(typed), anchor.embed_dim))
         else:
             value = compute()
-        held = _ANCHOR_ALONE[anchor][context] = (key, value)
+        held = _ANCHOR_ALONE[anchor][name] = (key, value)
     return held[1]
 
 
-def alone_shift(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, position: int, disk_cache: bool = True
-                ) -> Tensor | None:
+def alone_shift(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, position: int, disk_cache: bool = True,
+                contexts: Sequence[str] = ()) -> Tensor:
     """Per token id of the shared vocabulary, the cosine distance between the suspect's and the anchor's sentence
     embeddings of it typed alone (`alone_outputs`); NaN at the special tokens. One pass of the whole vocabulary
     through each encoder: no token is skipped, since the attacker picks the trigger. The anchor's pass is made once
     per anchor (``disk_cache``: once per anchor on this machine, `anchor_alone_outputs`).
 
-    None for a family read at its last padded position (SigLIP): each token alone is its whole context there (64
-    positions, not 3), 20-40x the cost (66-92 s on the tiny test encoders against 1.5-3.5 s for the others, on
-    this project's 2-core machine while a benchmark ran), and a shorter proxy input was not validated."""
+    A family read at its last padded position (SigLIP) gets `grouped_shift` in ``contexts`` instead: each token
+    alone is its whole context there (64 positions, not 3), 20-40x the cost of this pass."""
     if suspect.pooling == "last" or anchor.pooling == "last":
-        return None
+        return grouped_shift(suspect, anchor, position, contexts, disk_cache=disk_cache)
     ids = torch.arange(min(suspect.vocab_size, anchor.vocab_size))
     shift = 1.0 - (alone_outputs(suspect, position, ids) *
                    anchor_alone_outputs(anchor, position, len(ids), disk_cache).to(suspect.device)).sum(-1).cpu()
     shift[_special_ids(suspect, len(ids))] = math.nan
+    return shift
+
+
+#: `grouped_shift`: tokens typed together in one row, the rows whose tokens are each left out in turn, and the seed
+#: of the fixed shuffle that groups them (fixed, so the anchor's half is the same for every suspect and is cached).
+#: 32 to a row (half the positions of 16) ranked each drifted SigLIP trigger where 16 did, first or second, its row
+#: the most moved of 1,544 on all three, so 8 rows opened leave room (`BENCHMARKS.md`, "SigLIP's alone list by group
+#: testing")
+GROUP_SIZE, GROUPS_OPENED, GROUP_SEED = 32, 8, 0
+
+
+def vocabulary_groups(vocab: int, leave_out: Sequence[int], size: int = GROUP_SIZE, seed: int = GROUP_SEED
+                      ) -> Tensor:
+    """Every id below ``vocab`` but ``leave_out``, shuffled by ``seed`` and cut into rows of ``size`` (``[G, size]``;
+    the last row filled up from the start of the shuffle)."""
+    keep = torch.ones(vocab, dtype=torch.bool)
+    keep[list(leave_out)] = False
+    ids = torch.arange(vocab)[keep]
+    ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
+    short = -len(ids) % size
+    return torch.cat([ids, ids[:short]]).view(-1, size)
+
+
+@torch.no_grad()
+def grouped_shift(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, position: int,
+                  contexts: Sequence[str] = (), size: int = GROUP_SIZE, opened: int = GROUPS_OPENED,
+                  disk_cache: bool = True) -> Tensor:
+    """`alone_shift` for a family read at its last padded position, by group testing: the vocabulary typed ``size``
+    tokens to a row (`vocabulary_groups`) into each of ``contexts`` (none: the empty prompt), each row's
+    suspect-to-anchor cosine distance averaged over the contexts, and in the ``opened`` rows that moved most, each
+    token's share of its row's distance: the row's distance minus the same row's with that token left out (both
+    averaged over the contexts). NaN for every token of a row not opened, and at the special tokens.
+
+    Why rows in context and shares. A SigLIP backdoor planted with the table frozen does not fire typed alone into
+    the padding (its row is stiller than most there) but does in real words: on one drifted to 0.87, its row (of 16)
+    was among the 14 most moved of 3,088 in 5 of 6 six-word contexts (`BENCHMARKS.md`); leaving the trigger out of
+    a row it fires in takes the row back. The context costs nothing here: every row is the whole padded context
+    anyway. One pass of ``V / size`` rows per context through each encoder (with 32 to a row, about two thirds of
+    the positions of the 3-position pass of the same vocabulary, per context) plus ``opened * size`` rows per
+    context; the anchor's rows are cached like `anchor_alone_outputs`. Not a still list: a held token among moving
+    ones moves with its row."""
+    vocab = min(suspect.vocab_size, anchor.vocab_size)
+    groups = vocabulary_groups(vocab, _special_ids(suspect, vocab), size)
+    contexts = list(contexts) or [""]
+
+    def distance(rows: Tensor, cached: bool = False) -> Tensor:
+        """Mean over the contexts of the rows' suspect-to-anchor cosine distance."""
+        total = torch.zeros(len(rows))
+        for context in contexts:
+            theirs = (anchor_alone_outputs(anchor, position, vocab, disk_cache, context, groups=rows) if cached
+                      else alone_outputs(anchor, position, rows, context=context))
+            total += 1.0 - (alone_outputs(suspect, position, rows, context=context) *
+                            theirs.to(suspect.device)).sum(-1).cpu()
+        return total / len(contexts)
+
+    row_shift = distance(groups, cached=True)
+    shift = torch.full((vocab,), math.nan)
+    for g in row_shift.topk(min(opened, len(groups))).indices.tolist():
+        row = groups[g]
+        without = distance(torch.stack([torch.cat([row[:i], row[i + 1:]]) for i in range(len(row))]))
+        shift[row] = torch.maximum(shift[row].nan_to_num(-math.inf), row_shift[g] - without)
     return shift
 
 
@@ -266,6 +340,8 @@ PROBE_LISTS = ("rows", "alone", "still", "inside", "context")
 VOCABULARY_PASSES = ("alone", "still", "inside", "context")
 #: the lists made only away from the anchor (near it every token is still, and the search's divergence paths judge)
 AWAY_LISTS = ("still", "inside", "context")
+#: the lists a family read at its last padded position does not make: its alone list is grouped (`grouped_shift`)
+LONG_CONTEXT_SKIPS = ("still", "inside", "context")
 
 
 def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch, position: int,
@@ -296,7 +372,7 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
 
     def shift() -> Tensor | None:
         if "shift" not in held:
-            held["shift"] = alone_shift(suspect, anchor, position, disk_cache)
+            held["shift"] = alone_shift(suspect, anchor, position, disk_cache, contexts)
         return held["shift"]
 
     made = {"rows": lambda: moved_tokens(suspect, anchor, top),
@@ -347,6 +423,9 @@ class TypedProbe:
         self.lists: dict[str, str] = {by: "due" for by in PROBE_LISTS} if on and anchor is not None else {}
         if len(self.contexts) < 2:
             self.skip("context", "fewer than two held-out prompts of three words or more to type tokens into")
+        if "last" in (suspect.pooling, getattr(anchor, "pooling", None)):
+            for by in LONG_CONTEXT_SKIPS:  # the alone list is grouped there (`grouped_shift`): no still token
+                self.skip(by, "read at the last padded position: tokens are typed in groups, none alone")
 
     def make(self, by: str) -> list[dict]:
         """The list ``by``'s typings if it is still due (they join ``typings``), else none."""

@@ -11,11 +11,15 @@ import torch.nn.functional as F
 
 from lit_amdet import load_encoder
 from lit_amdet.token_probe import (
+    GROUP_SIZE,
+    GROUPS_OPENED,
+    TypedProbe,
     agreeing_tokens,
     agreement_lift,
     alone_outputs,
     alone_shift,
     deciding_typing,
+    grouped_shift,
     most_shifted,
     moved_tokens,
     probe_contexts,
@@ -24,6 +28,7 @@ from lit_amdet.token_probe import (
     typed_batch,
     typed_scores,
     typed_target,
+    vocabulary_groups,
 )
 
 PROMPTS = ["a red cube on a table", "two green spheres", "a small blue cone next to a large yellow cylinder", "sky"]
@@ -184,6 +189,64 @@ def test_still_tokens_ranks_a_token_held_where_every_other_token_moved(tiny_mode
     want = 1.0 - (alone_outputs(suspect, 1, ids) * alone_outputs(anchor, 1, ids)).sum(-1)
     assert torch.allclose(shift[ids], want, atol=1e-6) and not set(special) & {i for i, _ in got}
     assert still_tokens(None, 3) == most_shifted(None, 3) == []  # a family with no alone pass
+
+
+def test_vocabulary_groups_cover_every_ordinary_token_in_a_fixed_shuffle():
+    groups = vocabulary_groups(103, leave_out=[0, 7, 102], size=16)
+    ids = set(groups.flatten().tolist())
+    assert groups.shape == (7, 16) and ids == set(range(103)) - {0, 7, 102}  # 100 ids, the last row filled up
+    assert all(len(set(row.tolist())) == 16 for row in groups)  # no token twice in one row
+    assert torch.equal(groups, vocabulary_groups(103, leave_out=[0, 7, 102], size=16))
+    assert not torch.equal(groups, vocabulary_groups(103, leave_out=[0, 7, 102], size=16, seed=1))
+
+
+def test_grouped_shift_gives_a_token_that_moves_every_row_it_is_in_the_largest_share(tiny_models):
+    """A family read at its last padded position types the vocabulary in rows, into each context: a token the
+    suspect reads differently moves its row most, and leaving it out of that row takes the row back, so its share is
+    the largest. The share is the row's cosine distance minus the row's without the token, each averaged over the
+    contexts, computed here from rows typed one by one; tokens of unopened rows are NaN, as are the special
+    tokens."""
+    anchor = load_encoder(tiny_models["siglip"])
+    assert anchor.pooling == "last"
+    suspect = copy.deepcopy(anchor)
+    with torch.no_grad():
+        suspect.token_embedding.weight[100] *= -3.0
+    shift = alone_shift(suspect, anchor, 0, False, CONTEXTS)  # SigLIP's alone list is the grouped one
+    assert torch.equal(shift.nan_to_num(-9), grouped_shift(suspect, anchor, 0, CONTEXTS, disk_cache=False
+                                                           ).nan_to_num(-9))
+    assert most_shifted(shift, 3)[0][0] == 100
+    special = [i for i in anchor.special_token_ids.values() if i is not None and i < anchor.vocab_size]
+    assert GROUP_SIZE <= int(torch.isfinite(shift).sum()) <= GROUPS_OPENED * GROUP_SIZE
+    assert torch.isnan(shift[special]).all()
+    row = next(r for r in vocabulary_groups(anchor.vocab_size, special) if 100 in r.tolist())
+
+    def distance(ids):
+        total = 0.0
+        for context in CONTEXTS:
+            out = []
+            for model in (suspect, anchor):
+                batch, _ = typed_batch(model, model.tokenize([context])[:1], ids, 0)
+                with torch.no_grad():
+                    out.append(F.normalize(model.encode(batch).pooled.float(), dim=-1))
+            total += float(1.0 - (out[0] * out[1]).sum())
+        return total / len(CONTEXTS)
+
+    whole = distance(row.tolist())
+    for token in (100, int(row[row != 100][0])):
+        want = whole - distance([t for t in row.tolist() if t != token])
+        assert float(shift[token]) == pytest.approx(want, abs=1e-5)
+    assert most_shifted(grouped_shift(anchor, copy.deepcopy(anchor), 0, disk_cache=False), 3) == []
+
+
+def test_a_family_read_at_its_last_position_makes_the_grouped_alone_list_and_no_still_list(tiny_models):
+    anchor = load_encoder(tiny_models["siglip"])
+    tokens = anchor.tokenize(PROMPTS, max_length=12)
+    probe = TypedProbe(copy.deepcopy(anchor), anchor, tokens, 0, 4, disk_cache=False, contexts=CONTEXTS)
+    assert probe.lists["alone"] == "due"
+    assert all(probe.lists[by].startswith("skipped: read at the last padded position") for by in
+               ("still", "inside", "context"))
+    probe.make("alone")
+    assert probe.lists["alone"] == "typed"
 
 
 def test_the_anchors_outputs_alone_are_computed_once_per_anchor_and_weights(tiny_models, monkeypatch):
