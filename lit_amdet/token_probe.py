@@ -173,11 +173,12 @@ GROUP_SIZE, GROUPS_OPENED, GROUP_SEED = 32, 8, 0
 def vocabulary_groups(vocab: int, leave_out: Sequence[int], size: int = GROUP_SIZE, seed: int = GROUP_SEED
                       ) -> Tensor:
     """Every id below ``vocab`` but ``leave_out``, shuffled by ``seed`` and cut into rows of ``size`` (``[G, size]``;
-    the last row filled up from the start of the shuffle)."""
+    the last row filled up from the start of the shuffle; a vocabulary smaller than a row is one row)."""
     keep = torch.ones(vocab, dtype=torch.bool)
     keep[list(leave_out)] = False
     ids = torch.arange(vocab)[keep]
     ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
+    size = max(1, min(size, len(ids)))
     short = -len(ids) % size
     return torch.cat([ids, ids[:short]]).view(-1, size)
 

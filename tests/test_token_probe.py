@@ -198,6 +198,7 @@ def test_vocabulary_groups_cover_every_ordinary_token_in_a_fixed_shuffle():
     assert all(len(set(row.tolist())) == 16 for row in groups)  # no token twice in one row
     assert torch.equal(groups, vocabulary_groups(103, leave_out=[0, 7, 102], size=16))
     assert not torch.equal(groups, vocabulary_groups(103, leave_out=[0, 7, 102], size=16, seed=1))
+    assert vocabulary_groups(10, leave_out=[0], size=32).shape == (1, 9)  # fewer tokens than a row: one row
 
 
 def test_grouped_shift_gives_a_token_that_moves_every_row_it_is_in_the_largest_share(tiny_models):
