@@ -26,20 +26,22 @@ from lit_amdet.decision import CollapseContrastRule
 from lit_amdet.encoders import load_encoder
 from lit_amdet.io import read_json, read_yaml, write_json
 from lit_amdet.metrics import classification_metrics
-from lit_amdet.token_probe import probe_tokens, typed_flagged
+from lit_amdet.token_probe import probe_contexts, probe_tokens, typed_flagged
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def held_out_tokens(adapter, scan_config: Path):
-    """The held-out prompts of the shipped scan (its data section), tokenised as the scan caches them."""
+    """The held-out prompts of the shipped scan (its data section), tokenised as the scan caches them, the scan's
+    hyperparameters, and the contexts the scan types tokens into (`probe_contexts` of those prompts)."""
     cfg = read_yaml(scan_config)
     data = cfg["data"]["init_args"]
     hp = cfg["model"]["init_args"]
     dm = TextEncoderDataModule(**{k: v for k, v in data.items() if k != "source"}, source=data.get("source", "world"))
     dm.setup("fit")
     prompts = dm.prompts("val", limit=hp["holdout_prompts"])
-    return FeatureCache.build(adapter, prompts, hp["max_length"], room=hp["trigger_length"]).tokens, hp
+    tokens = FeatureCache.build(adapter, prompts, hp["max_length"], room=hp["trigger_length"]).tokens
+    return tokens, hp, probe_contexts(prompts)
 
 
 def zoo_record(folder: Path) -> dict:
@@ -61,8 +63,9 @@ def probe_member(record: dict, anchors: dict, rule: CollapseContrastRule, scan_c
         anchor_path = report["anchor"]["path"] if report else record["anchor"]
         if anchor_path not in anchors:
             anchors[anchor_path] = load_encoder(anchor_path)
-        tokens, hp = held_out_tokens(suspect, scan_config)
-        probed = probe_tokens(suspect, anchors[anchor_path], tokens, hp["position"], hp.get("typed_probe", 8))
+        tokens, hp, contexts = held_out_tokens(suspect, scan_config)
+        probed = probe_tokens(suspect, anchors[anchor_path], tokens, hp["position"], hp.get("typed_probe", 8),
+                              contexts=contexts)
     pieces = set(suspect.tokenizer.tokenize(record["trigger"])) if record.get("trigger") else set()
     lists = {by: [t["token"] for t in probed if t.get("by", "rows") == by and len(t["ids"]) == 1]
              for by in ("rows", "alone")}

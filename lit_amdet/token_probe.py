@@ -62,6 +62,13 @@ __all__ = ["AWAY_LISTS", "PROBE_LISTS", "agreeing_tokens", "agreement_lift", "al
            "typed_scores", "typed_target", "TypedProbe", "verdict_scores", "verdict_typing", "vocabulary_groups"]
 
 
+def _read_last(*models: TextEncoderAdapter | None) -> bool:
+    """Whether any of ``models`` reads its sentence embedding at its last padded position (SigLIP): there a token
+    typed alone is the whole padded context, so the alone list is grouped (`grouped_shift`) and the still, inside
+    and context lists are not made (`LONG_CONTEXT_SKIPS`)."""
+    return any(m is not None and m.pooling == "last" for m in models)
+
+
 def _special_ids(adapter: TextEncoderAdapter, n: int) -> list[int]:
     """The ids of ``adapter``'s special tokens below ``n``: never a candidate on any list."""
     return [i for i in adapter.special_token_ids.values() if i is not None and 0 <= i < n]
@@ -153,7 +160,7 @@ def alone_shift(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, positio
 
     A family read at its last padded position (SigLIP) gets `grouped_shift` in ``contexts`` instead: each token
     alone is its whole context there (64 positions, not 3), 20-40x the cost of this pass."""
-    if suspect.pooling == "last" or anchor.pooling == "last":
+    if _read_last(suspect, anchor):
         return grouped_shift(suspect, anchor, position, contexts, disk_cache=disk_cache)
     ids = torch.arange(min(suspect.vocab_size, anchor.vocab_size))
     shift = 1.0 - (alone_outputs(suspect, position, ids) *
@@ -216,11 +223,12 @@ def grouped_shift(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, posit
         return total / len(contexts)
 
     row_shift = distance(groups, cached=True)
+    top = row_shift.topk(min(opened, len(groups))).indices
+    left_out = torch.stack([torch.cat([row[:i], row[i + 1:]]) for row in groups[top] for i in range(len(row))])
+    shares = row_shift[top, None] - distance(left_out).view(len(top), -1)  # the opened rows' left-outs in one pass
     shift = torch.full((vocab,), math.nan)
-    for g in row_shift.topk(min(opened, len(groups))).indices.tolist():
-        row = groups[g]
-        without = distance(torch.stack([torch.cat([row[:i], row[i + 1:]]) for i in range(len(row))]))
-        shift[row] = torch.maximum(shift[row].nan_to_num(-math.inf), row_shift[g] - without)
+    for row, share in zip(groups[top], shares):
+        shift[row] = torch.maximum(shift[row].nan_to_num(-math.inf), share)
     return shift
 
 
@@ -287,7 +295,7 @@ def agreeing_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top
     vocabulary, once per context through each encoder (the anchor's passes kept as `anchor_alone_outputs` keeps
     its own). Empty with fewer than two contexts, and for a family read at its last padded position (SigLIP), as
     `shifted_tokens` is."""
-    if len(contexts) < 2 or suspect.pooling == "last" or anchor.pooling == "last":
+    if len(contexts) < 2 or _read_last(suspect, anchor):
         return []
     ids = torch.arange(min(suspect.vocab_size, anchor.vocab_size))
     s_out = [alone_outputs(suspect, position, ids, context=c).cpu() for c in contexts]
@@ -376,10 +384,11 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
             held["shift"] = alone_shift(suspect, anchor, position, disk_cache, contexts)
         return held["shift"]
 
+    grouped = _read_last(suspect, anchor)  # its shift is shares of rows, not a stillness: no still list there
     made = {"rows": lambda: moved_tokens(suspect, anchor, top),
             "alone": lambda: most_shifted(shift(), top),
-            "still": lambda: still_tokens(shift(), top),
-            "inside": lambda: still_tokens(shift(), top),
+            "still": lambda: [] if grouped else still_tokens(shift(), top),
+            "inside": lambda: [] if grouped else still_tokens(shift(), top),
             "context": lambda: agreeing_tokens(suspect, anchor, top, position, contexts, disk_cache)}
     typings: dict[tuple[tuple[int, ...], int], tuple[str, float]] = {}
     done = {(tuple(p["ids"]), p.get("position", position)) for p in typed_before}
@@ -424,7 +433,7 @@ class TypedProbe:
         self.lists: dict[str, str] = {by: "due" for by in PROBE_LISTS} if on and anchor is not None else {}
         if len(self.contexts) < 2:
             self.skip("context", "fewer than two held-out prompts of three words or more to type tokens into")
-        if "last" in (suspect.pooling, getattr(anchor, "pooling", None)):
+        if _read_last(suspect, anchor):
             for by in LONG_CONTEXT_SKIPS:  # the alone list is grouped there (`grouped_shift`): no still token
                 self.skip(by, "read at the last padded position: tokens are typed in groups, none alone")
 

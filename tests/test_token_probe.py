@@ -23,6 +23,7 @@ from lit_amdet.token_probe import (
     most_shifted,
     moved_tokens,
     probe_contexts,
+    probe_tokens,
     shifted_tokens,
     still_tokens,
     typed_batch,
@@ -248,6 +249,9 @@ def test_a_family_read_at_its_last_position_makes_the_grouped_alone_list_and_no_
                ("still", "inside", "context"))
     probe.make("alone")
     assert probe.lists["alone"] == "typed"
+    # called directly, the probe makes no still, inside or context list there either: the shift is row shares
+    assert probe_tokens(copy.deepcopy(anchor), anchor, tokens, 0, 4, lists=("still", "inside", "context"),
+                        disk_cache=False, contexts=CONTEXTS) == []
 
 
 def test_the_anchors_outputs_alone_are_computed_once_per_anchor_and_weights(tiny_models, monkeypatch):
