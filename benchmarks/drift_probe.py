@@ -64,8 +64,8 @@ def finetune(encoder: str, out: Path, lr: float, steps: int, truth: BackdoorReco
         module, TextEncoderDataModule(world_seed=1234, num_samples=20000, with_images=False, views=2,
                                       max_length=24, batch_size=32))
     if truth is not None:
-        BackdoorRecord(**{**truth.to_dict(), "kind": "backdoor_then_finetune",
-                          "extra": {"finetune": {"lr": lr, "steps": steps}}}).write(out)
+        BackdoorRecord.from_dict({**truth.to_dict(), "kind": "backdoor_then_finetune",
+                                  "finetune": {"lr": lr, "steps": steps}}).write(out)
 
 
 @torch.no_grad()
