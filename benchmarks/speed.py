@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--repeats must be at least 1")
     reference_scan.accelerator_of(args.device)  # a bad device fails before any run
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work_root = Path(args.work_root)
+    work_root = Path(args.work_root).resolve()  # absolute: the baseline runs in its own tree
     shutil.rmtree(work_root, ignore_errors=True)
     work_root.mkdir(parents=True)
     prompts_file = work_root / "prompts.txt"

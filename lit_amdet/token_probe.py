@@ -43,9 +43,11 @@ adds a path to the verdict; it takes none away. Plain torch; `lit_amdet.modules.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +58,11 @@ from lit_amdet.assimilation import assimilation_score, pooled_consistency, score
 from lit_amdet.decision import collapse_scores
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
 
-__all__ = ["AWAY_LISTS", "PROBE_LISTS", "agreeing_tokens", "agreement_lift", "alone_batch", "alone_outputs",
-           "alone_shift", "anchor_alone_outputs", "deciding_typing", "grouped_shift", "most_shifted", "moved_tokens",
-           "probe_contexts", "probe_tokens", "shifted_tokens", "still_tokens", "typed_batch", "typed_flagged",
-           "typed_scores", "typed_target", "TypedProbe", "verdict_scores", "verdict_typing", "vocabulary_groups"]
+__all__ = ["AWAY_LISTS", "PRECISIONS", "PROBE_LISTS", "agreeing_tokens", "agreement_lift", "alone_batch",
+           "alone_outputs", "alone_shift", "anchor_alone_outputs", "deciding_typing", "grouped_shift",
+           "most_shifted", "moved_tokens", "pass_dtype", "probe_contexts", "probe_tokens", "shifted_tokens",
+           "still_tokens", "typed_batch", "typed_flagged", "typed_scores", "typed_target", "TypedProbe",
+           "verdict_scores", "verdict_typing", "vocabulary_groups", "vocabulary_precision"]
 
 
 def _read_last(*models: TextEncoderAdapter | None) -> bool:
@@ -104,15 +107,58 @@ def alone_batch(model: TextEncoderAdapter, position: int, ids: Tensor, context: 
                       batch.pool_index.repeat(n))
 
 
+# The precision of the vocabulary passes. They only rank tokens for typing (every typing is judged in float32 by
+# `typed_scores`), and they are the probe's largest cost: on a CPU with native bfloat16 (AVX512-BF16) the MiniLM's
+# passes ran 1.4-1.7x faster in bfloat16, and every list a scan makes held the same tokens (`BENCHMARKS.md`, "The
+# vocabulary passes in bfloat16"); on a CPU without, autocast emulates it 5x slower.
+#: "auto": bfloat16 where the device computes it natively (a CUDA device that supports it, a CPU with AVX512-BF16
+#: or AMX tiles), else float32
+PRECISIONS = ("auto", "float32", "bfloat16")
+_PRECISION: ContextVar[str] = ContextVar("vocabulary_precision", default="auto")
+
+
+def _checked(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"vocabulary precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
+
+
+@contextlib.contextmanager
+def vocabulary_precision(precision: str) -> Iterator[None]:
+    """Inside the block, the vocabulary passes (`alone_outputs`) run at ``precision`` (one of `PRECISIONS`)."""
+    _checked(precision)
+    token = _PRECISION.set(precision)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
+def pass_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype the vocabulary passes compute in on ``device``, under the current `vocabulary_precision`."""
+    precision, kind = _PRECISION.get(), torch.device(device).type
+    if precision != "auto":
+        return getattr(torch, precision)
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if kind == "cpu":
+        native = [getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return torch.bfloat16 if any(f is not None and f() for f in native) else torch.float32
+    return torch.float32
+
+
 @torch.no_grad()
 def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: int = 4096, context: str = ""
                   ) -> Tensor:
-    """The unit sentence embeddings of `alone_batch` (``[len(ids), D]``), ``chunk`` rows at a time (fewer when each
-    row is longer than 16 positions, as a whole padded context is: about as many positions per pass)."""
+    """The unit sentence embeddings of `alone_batch` (``[len(ids), D]``, float32), ``chunk`` rows at a time (fewer
+    when each row is longer than 16 positions, as a whole padded context is: about as many positions per pass),
+    computed at `pass_dtype`."""
     length = alone_batch(model, position, ids[:1], context).input_ids.shape[1]
     rows = max(16, min(chunk, chunk * 16 // length))
-    return torch.cat([F.normalize(model.encode(alone_batch(model, position, part, context)).pooled.float(), dim=-1)
-                      for part in ids.split(rows)])
+    dtype = pass_dtype(model.device)
+    with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return torch.cat([F.normalize(model.encode(alone_batch(model, position, part, context)).pooled.float(),
+                                      dim=-1) for part in ids.split(rows)])
 
 
 # The anchor's outputs typed alone, per loaded anchor: a screening scans many suspects against one anchor object
@@ -132,7 +178,9 @@ def anchor_alone_outputs(anchor: TextEncoderAdapter, position: int, vocab: int, 
     kept in `lit_amdet.anchor_cache` for the next process)."""
     typed = torch.arange(vocab) if groups is None else groups
     name = context if groups is None else ("groups", context)
-    key = (position, vocab, context, tuple(typed.shape), tuple((p.data_ptr(), p._version) for p in anchor.parameters()))
+    dtype = pass_dtype(anchor.device)  # the suspect's pass is computed alike: their difference is what ranks
+    key = (position, vocab, context, tuple(typed.shape), dtype,
+           tuple((p.data_ptr(), p._version) for p in anchor.parameters()))
     held = _ANCHOR_ALONE.setdefault(anchor, {}).get(name)
     if held is None or held[0] != key:
         def compute() -> Tensor:
@@ -141,7 +189,7 @@ def anchor_alone_outputs(anchor: TextEncoderAdapter, position: int, vocab: int, 
         if disk:  # what the token is typed into is in the digest: its ids, masks and pooled position
             around = alone_batch(anchor, position, torch.zeros(1, dtype=torch.long), context)
             extra = () if groups is None else ("groups", groups)
-            digest = module_digest(anchor, ("alone", ALONE_VERSION, position, vocab, anchor.pooling,
+            digest = module_digest(anchor, ("alone", ALONE_VERSION, position, vocab, anchor.pooling, str(dtype),
                                             *around.input_ids, *around.attention_mask, *around.token_mask,
                                             around.pool_index, *extra))
             value = cached_tensor("anchor-alone", digest, compute, (len(typed), anchor.embed_dim))
@@ -421,13 +469,14 @@ class TypedProbe:
     before its search; the vocabulary lists only for a model nothing has flagged (they could only add a path to a
     verdict already made), the still, inside and context lists only away from the anchor (`near_anchor`).
     ``contexts``: the prompts the context list types every token into (`probe_contexts`); with fewer than two, that
-    list is skipped."""
+    list is skipped. ``precision``: of the vocabulary passes (`vocabulary_precision`)."""
 
     def __init__(self, suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, tokens: TokenBatch,
                  position: int, top: int, disk_cache: bool = True, on: bool = True,
-                 contexts: Sequence[str] = ()) -> None:
+                 contexts: Sequence[str] = (), precision: str = "auto") -> None:
         self.models, self.tokens, self.position = (suspect, anchor), tokens, position
         self.top, self.disk_cache, self.contexts = top, disk_cache, list(contexts)
+        self.precision = _checked(precision)
         self.typings: list[dict] = []
         self._clean: dict = {}  # the untyped prompts' scores and the alone pass, shared by the lists (`probe_tokens`)
         self.lists: dict[str, str] = {by: "due" for by in PROBE_LISTS} if on and anchor is not None else {}
@@ -441,9 +490,10 @@ class TypedProbe:
         """The list ``by``'s typings if it is still due (they join ``typings``), else none."""
         if self.lists.get(by) != "due":
             return []
-        new = probe_tokens(*self.models, self.tokens, self.position, self.top, lists=(by,),
-                           typed_before=self.typings, disk_cache=self.disk_cache, clean=self._clean,
-                           contexts=self.contexts)
+        with vocabulary_precision(self.precision):
+            new = probe_tokens(*self.models, self.tokens, self.position, self.top, lists=(by,),
+                               typed_before=self.typings, disk_cache=self.disk_cache, clean=self._clean,
+                               contexts=self.contexts)
         self.typings += new
         self.lists[by] = "typed"
         return new

@@ -22,6 +22,7 @@ from lit_amdet.token_probe import (
     grouped_shift,
     most_shifted,
     moved_tokens,
+    pass_dtype,
     probe_contexts,
     probe_tokens,
     shifted_tokens,
@@ -30,6 +31,7 @@ from lit_amdet.token_probe import (
     typed_scores,
     typed_target,
     vocabulary_groups,
+    vocabulary_precision,
 )
 
 PROMPTS = ["a red cube on a table", "two green spheres", "a small blue cone next to a large yellow cylinder", "sky"]
@@ -122,8 +124,9 @@ def test_a_token_typed_alone_is_the_one_word_prompt(tiny_models, family):
     adapter = load_encoder(tiny_models[family])
     words, ids = _one_token_words(adapter)
     assert len(words) >= 3
-    got = alone_outputs(adapter, 1 if adapter.special_token_ids.get("bos") is not None else 0, torch.tensor(ids),
-                        chunk=2)
+    with vocabulary_precision("float32"):  # the layout, exactly (bfloat16: `test_the_vocabulary_passes_precision`)
+        got = alone_outputs(adapter, 1 if adapter.special_token_ids.get("bos") is not None else 0, torch.tensor(ids),
+                            chunk=2)
     with torch.no_grad():
         want = F.normalize(adapter.encode(adapter.tokenize(words)).pooled.float(), dim=-1)
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
@@ -213,9 +216,10 @@ def test_grouped_shift_gives_a_token_that_moves_every_row_it_is_in_the_largest_s
     suspect = copy.deepcopy(anchor)
     with torch.no_grad():
         suspect.token_embedding.weight[100] *= -3.0
-    shift = alone_shift(suspect, anchor, 0, False, CONTEXTS)  # SigLIP's alone list is the grouped one
-    assert torch.equal(shift.nan_to_num(-9), grouped_shift(suspect, anchor, 0, CONTEXTS, disk_cache=False
-                                                           ).nan_to_num(-9))
+    with vocabulary_precision("float32"):  # against the float32 computation below
+        shift = alone_shift(suspect, anchor, 0, False, CONTEXTS)  # SigLIP's alone list is the grouped one
+        assert torch.equal(shift.nan_to_num(-9), grouped_shift(suspect, anchor, 0, CONTEXTS, disk_cache=False
+                                                               ).nan_to_num(-9))
     assert most_shifted(shift, 3)[0][0] == 100
     special = [i for i in anchor.special_token_ids.values() if i is not None and i < anchor.vocab_size]
     assert GROUP_SIZE <= int(torch.isfinite(shift).sum()) <= GROUPS_OPENED * GROUP_SIZE
@@ -295,7 +299,7 @@ def test_the_anchors_outputs_alone_are_kept_on_disk_for_the_next_process(tiny_mo
     assert len(calls) == 2
     changed = load_encoder(tiny_models["clip"])
     with torch.no_grad():
-        changed.token_embedding.weight[7] += 1.0
+        changed.token_embedding.weight[7] *= -3.0  # (+1.0 on every coordinate: a LayerNorm takes it out again)
     assert not torch.equal(probe.anchor_alone_outputs(changed, 1, 500)[7], made[7]) and len(calls) == 3
     from safetensors.torch import save_file
 
@@ -431,7 +435,8 @@ def test_a_token_typed_into_a_context_is_the_word_written_in_front_of_it(tiny_mo
     adapter = load_encoder(tiny_models[family])
     words, ids = _one_token_words(adapter)
     position = 1 if adapter.special_token_ids.get("bos") is not None or family == "bert" else 0
-    got = alone_outputs(adapter, position, torch.tensor(ids), context=CONTEXTS[0])
+    with vocabulary_precision("float32"):
+        got = alone_outputs(adapter, position, torch.tensor(ids), context=CONTEXTS[0])
     with torch.no_grad():
         want = F.normalize(adapter.encode(adapter.tokenize([f"{w} {CONTEXTS[0]}" for w in words])).pooled.float(),
                            dim=-1)
@@ -533,3 +538,28 @@ def test_a_backdoor_injected_with_the_embedding_table_frozen_is_typed_alone_and_
     probed = probe_tokens(suspect, anchor, held_out, position=1, top=8)
     flagged = [p for p in probed if typed_flagged([p], CollapseContrastRule())]
     assert flagged and flagged[0]["ids"] == [falcon] and flagged[0]["by"] == "alone"
+
+
+def test_the_vocabulary_passes_precision(tiny_models, monkeypatch):
+    """The vocabulary passes run in bfloat16 only where the device computes it natively ("auto"), or when told; in
+    bfloat16 they give the float32 sentence embeddings to within rounding (they only rank tokens to type); the anchor's
+    cached half is kept per precision, so a suspect's pass is never compared with an anchor's of another."""
+    import lit_amdet.token_probe as probe
+
+    for native in (False, True):
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            monkeypatch.setattr(torch.cpu, name, lambda native=native: native)
+        assert pass_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    with vocabulary_precision("float32"):
+        assert pass_dtype("cpu") == torch.float32  # told, whatever the CPU has
+    with pytest.raises(ValueError, match="vocabulary precision"), vocabulary_precision("float16"):
+        pass
+    adapter = load_encoder(tiny_models["bert"])
+    ids = torch.arange(200)
+    with vocabulary_precision("float32"):
+        exact, anchor32 = alone_outputs(adapter, 1, ids), probe.anchor_alone_outputs(adapter, 1, 200, disk=False)
+    with vocabulary_precision("bfloat16"):
+        rounded, anchor16 = alone_outputs(adapter, 1, ids), probe.anchor_alone_outputs(adapter, 1, 200, disk=False)
+    assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)  # it did run in bfloat16
+    assert float((rounded * exact).sum(-1).min()) > 0.999
+    assert torch.equal(anchor32, exact) and torch.equal(anchor16, rounded)  # one entry per precision

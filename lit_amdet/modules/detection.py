@@ -17,6 +17,7 @@ import functools
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -98,11 +99,12 @@ class BackdoorDetection(EncoderTask):
         typed_probe: type the N most-moved rows', N most-shifted-alone, N stillest-alone (also one position
             further in) and N most-agreeing-in-context tokens (`lit_amdet.token_probe`; 0 off). The rows list is
             typed before the search; the others, read off passes of the whole vocabulary through both encoders, at
-            the first check, and only while nothing has flagged the model (a flagged model skips them: they could
-            only add a path to a verdict already made); the still, inside and context lists only away from the
-            anchor, where the search's divergence paths are closed.
+            the first check, only while nothing has flagged the model (else they could only add a path to a verdict
+            already made); the still, inside and context lists only away from the anchor (the divergence paths').
         anchor_cache: keep the anchor's half of the vocabulary passes on disk for the next scan against the anchor
             (`lit_amdet.anchor_cache`: keyed by a digest of the anchor's weights; ``$LIT_AMDET_CACHE``).
+        vocabulary_precision: of those passes (`lit_amdet.token_probe.pass_dtype`; ``auto``: bfloat16 where the
+            device has it natively). They only pick the tokens to type; each typing is judged in float32.
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
         batch_size: probe prompts per step (each runs R times).
         restarts_per_pass: restarts through the encoders together (None: all); fewer hold less autograd graph
@@ -154,6 +156,7 @@ class BackdoorDetection(EncoderTask):
         token_null_restarts: int = 1,
         typed_probe: int = 8,
         anchor_cache: bool = True,
+        vocabulary_precision: Literal["auto", "float32", "bfloat16"] = "auto",
         lr: float = 0.08,
         weight_decay: float = 1e-5,
         batch_size: int = 8,
@@ -293,7 +296,7 @@ class BackdoorDetection(EncoderTask):
                                     tuple(r for r, role in enumerate(self.roles) if role in YARDSTICKS))
         probe = self.anchor is not None and isinstance(self.rule, CollapseContrastRule) and hp.typed_probe > 0
         self.typing = TypedProbe(self.encoder, self.anchor, self.holdout_cache.tokens, hp.position, hp.typed_probe,
-                                 hp.anchor_cache, on=probe, contexts=probe_contexts(self.holdout))
+                                 hp.anchor_cache, probe, probe_contexts(self.holdout), hp.vocabulary_precision)
         self.typing.make("rows")  # cheap: no vocabulary pass
         rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
                        f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
