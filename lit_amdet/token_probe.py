@@ -48,6 +48,7 @@ import math
 import weakref
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ from lit_amdet.assimilation import assimilation_score, pooled_consistency, score
 from lit_amdet.decision import collapse_scores
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
 
-__all__ = ["AWAY_LISTS", "PRECISIONS", "PROBE_LISTS", "agreeing_tokens", "agreement_lift", "alone_batch",
+__all__ = ["AWAY_LISTS", "PRECISIONS", "PROBE_LISTS", "Precision", "agreeing_tokens", "agreement_lift", "alone_batch",
            "alone_outputs", "alone_shift", "anchor_alone_outputs", "deciding_typing", "grouped_shift",
            "most_shifted", "moved_tokens", "pass_dtype", "probe_contexts", "probe_tokens", "shifted_tokens",
            "still_tokens", "typed_batch", "typed_flagged", "typed_scores", "typed_target", "TypedProbe",
@@ -113,7 +114,8 @@ def alone_batch(model: TextEncoderAdapter, position: int, ids: Tensor, context: 
 # vocabulary passes in bfloat16"); on a CPU without, autocast emulates it 5x slower.
 #: "auto": bfloat16 where the device computes it natively (a CUDA device that supports it, a CPU with AVX512-BF16
 #: or AMX tiles), else float32
-PRECISIONS = ("auto", "float32", "bfloat16")
+Precision = Literal["auto", "float32", "bfloat16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 _PRECISION: ContextVar[str] = ContextVar("vocabulary_precision", default="auto")
 
 
@@ -427,7 +429,7 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
         raise ValueError(f"unknown probe list {unknown[0]!r} (known: {', '.join(PROBE_LISTS)})")
     held = {} if clean is None else clean
 
-    def shift() -> Tensor | None:
+    def shift() -> Tensor:
         if "shift" not in held:
             held["shift"] = alone_shift(suspect, anchor, position, disk_cache, contexts)
         return held["shift"]

@@ -17,7 +17,6 @@ import functools
 import math
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +58,7 @@ from lit_amdet.modules.base import EncoderTask
 from lit_amdet.restart_scores import YARDSTICKS, attach_null, judge_restarts, restart_summary
 from lit_amdet.screening import anchor_component, load_anchor, scan_targets
 from lit_amdet.search_control import SearchControl
-from lit_amdet.token_probe import TypedProbe, deciding_typing, probe_contexts, typed_target, verdict_scores
+from lit_amdet.token_probe import Precision, TypedProbe, deciding_typing, probe_contexts, typed_target, verdict_scores
 
 #: steps between giving freed pages back (`lit_amdet.memory`): 10 steps' creep is small, and pages are refaulted
 RELEASE_EVERY = 10
@@ -156,7 +155,7 @@ class BackdoorDetection(EncoderTask):
         token_null_restarts: int = 1,
         typed_probe: int = 8,
         anchor_cache: bool = True,
-        vocabulary_precision: Literal["auto", "float32", "bfloat16"] = "auto",
+        vocabulary_precision: Precision = "auto",
         lr: float = 0.08,
         weight_decay: float = 1e-5,
         batch_size: int = 8,
