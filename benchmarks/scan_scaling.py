@@ -66,6 +66,23 @@ def build_pair(name: str, models_dir: Path) -> tuple[Path, Path, int]:
     return folders[0], folders[1], params
 
 
+def build_near(name: str, models_dir: Path, noise: float = 0.01) -> tuple[Path, Path]:
+    """A suspect near the anchor of one size, built once: the anchor's weights each times ``1 + noise * N(0, 1)``
+    (seed 2), so a scan of it takes a benign model's near-anchor path (clean cosine about 0.99: the divergence
+    paths, the alone list only); returns its folder and the anchor's."""
+    from lit_amdet.encoders import load_encoder
+
+    anchor = build_pair(name, models_dir)[1]
+    folder = models_dir / name / "near"
+    if not (folder / "config.json").is_file():
+        model, gen = load_encoder(anchor), torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.mul_(1 + noise * torch.randn(param.shape, generator=gen))
+        model.save(folder)
+    return folder, anchor
+
+
 def measure(name: str, args: argparse.Namespace) -> dict:
     suspect, anchor, params = build_pair(name, Path(args.models_dir))
     work = Path(args.work_root) / name

@@ -206,10 +206,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warm", action="store_true", help="also time ours again with the disk cache its cold run left")
     p.add_argument("--sizes", nargs="*", default=[], help=f"random-weight sizes to time ours on: "
                                                           f"{', '.join(scan_scaling.SIZES)}")
+    p.add_argument("--near-sizes", nargs="*", default=[], help="random-weight sizes timed as pairs, like --pair: "
+                                                               "a suspect near the anchor (scan_scaling.build_near)")
     args = p.parse_args(argv)
-    if not args.pair and not args.sizes:
-        p.error("give --pair MODEL=ANCHOR (repeated) and/or --sizes")
-    unknown = [s for s in args.sizes if s not in scan_scaling.SIZES]
+    if not args.pair and not args.sizes and not args.near_sizes:
+        p.error("give --pair MODEL=ANCHOR (repeated), --sizes and/or --near-sizes")
+    unknown = [s for s in args.sizes + args.near_sizes if s not in scan_scaling.SIZES]
     if unknown:
         p.error(f"unknown size {unknown[0]!r} (known: {', '.join(scan_scaling.SIZES)})")
     pairs = []
@@ -218,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         if not sep or not Path(model).exists():
             p.error(f"--pair {item!r}: give MODEL=ANCHOR with an existing model folder")
         pairs.append((absolute(model), absolute(anchor)))
+    pairs += [tuple(map(str, scan_scaling.build_near(n, Path(args.models_dir).resolve()))) for n in args.near_sizes]
     baseline = Path(args.baseline_tree).resolve() if args.baseline_tree else None
     if baseline is not None and not (baseline / "lit_amdet" / "cli.py").is_file():
         p.error(f"--baseline-tree {args.baseline_tree}: not a lit-amdet checkout (no lit_amdet/cli.py)")

@@ -35,7 +35,9 @@ Which tokens to type, four lists, each cheap next to the search except the last:
 A family read at its last padded position (SigLIP) types every token in its whole 64-position context, 20-40x
 the cost of the 3-position pass; there the alone list is made by group testing (`grouped_shift`: 32 tokens to a
 row typed into the context list's two contexts, the rows that moved most opened token by token), and the still,
-inside and context lists are not made.
+inside and context lists are not made. Near the anchor, where a scan reads only the alone list, every family makes
+it by group testing in the empty prompt (`NEAR_GROUP_SIZE` tokens to a row): 2.3x cheaper on the MiniLM, and the
+trigger's piece headed it on every backdoor measured, as it heads the whole pass.
 
 What it does not cover: an attacker who buries the trigger's rows and outputs among many moved ones. The probe
 adds a path to the verdict; it takes none away. Plain torch; `lit_amdet.modules.detection` runs it.
@@ -153,10 +155,12 @@ def pass_dtype(device: torch.device | str) -> torch.dtype:
 def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: int = 4096, context: str = ""
                   ) -> Tensor:
     """The unit sentence embeddings of `alone_batch` (``[len(ids), D]``, float32), ``chunk`` rows at a time (fewer
-    when each row is longer than 16 positions, as a whole padded context is: about as many positions per pass),
-    computed at `pass_dtype`."""
+    when each row is longer than 3 positions, as a row of grouped tokens or a whole padded context is: at most as
+    many positions per pass as ``chunk`` tokens typed alone, which bounds the activations held at once; a ViT-L/14
+    tower's rows of 8 grouped tokens at 4,096 a pass peaked 610 MiB above its whole pass), computed at
+    `pass_dtype`."""
     length = alone_batch(model, position, ids[:1], context).input_ids.shape[1]
-    rows = max(16, min(chunk, chunk * 16 // length))
+    rows = max(16, min(chunk, chunk * 3 // length))
     dtype = pass_dtype(model.device)
     with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
         return torch.cat([F.normalize(model.encode(alone_batch(model, position, part, context)).pooled.float(),
@@ -202,16 +206,19 @@ def anchor_alone_outputs(anchor: TextEncoderAdapter, position: int, vocab: int, 
 
 
 def alone_shift(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, position: int, disk_cache: bool = True,
-                contexts: Sequence[str] = ()) -> Tensor:
+                contexts: Sequence[str] = (), groups: int = 0) -> Tensor:
     """Per token id of the shared vocabulary, the cosine distance between the suspect's and the anchor's sentence
     embeddings of it typed alone (`alone_outputs`); NaN at the special tokens. One pass of the whole vocabulary
     through each encoder: no token is skipped, since the attacker picks the trigger. The anchor's pass is made once
     per anchor (``disk_cache``: once per anchor on this machine, `anchor_alone_outputs`).
 
     A family read at its last padded position (SigLIP) gets `grouped_shift` in ``contexts`` instead: each token
-    alone is its whole context there (64 positions, not 3), 20-40x the cost of this pass."""
+    alone is its whole context there (64 positions, not 3), 20-40x the cost of this pass. ``groups`` > 0 asks for
+    `grouped_shift` in the empty prompt, that many tokens to a row, for any family (`NEAR_GROUP_SIZE`)."""
     if _read_last(suspect, anchor):
         return grouped_shift(suspect, anchor, position, contexts, disk_cache=disk_cache)
+    if groups > 0:
+        return grouped_shift(suspect, anchor, position, (), size=groups, disk_cache=disk_cache)
     ids = torch.arange(min(suspect.vocab_size, anchor.vocab_size))
     shift = 1.0 - (alone_outputs(suspect, position, ids) *
                    anchor_alone_outputs(anchor, position, len(ids), disk_cache).to(suspect.device)).sum(-1).cpu()
@@ -225,6 +232,10 @@ def alone_shift(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, positio
 #: the most moved of 1,544 on all three, so 8 rows opened leave room (`BENCHMARKS.md`, "SigLIP's alone list by group
 #: testing")
 GROUP_SIZE, GROUPS_OPENED, GROUP_SEED = 32, 8, 0
+#: near the anchor a scan reads no still, inside or context list, so its alone list needs no token's own pass: it is
+#: made by group testing there too, this many tokens to a row typed into the empty prompt (``size + 2`` positions
+#: for ``size`` tokens, not ``3 * size``; `BENCHMARKS.md`, "The alone list in groups near the anchor")
+NEAR_GROUP_SIZE = 8
 
 
 def vocabulary_groups(vocab: int, leave_out: Sequence[int], size: int = GROUP_SIZE, seed: int = GROUP_SEED
@@ -406,7 +417,7 @@ LONG_CONTEXT_SKIPS = ("still", "inside", "context")
 def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch, position: int,
                  top: int, pairs_of: int = 3, prompts: int = 32, lists: Sequence[str] = PROBE_LISTS,
                  typed_before: Sequence[dict] = (), disk_cache: bool = True, clean: dict | None = None,
-                 contexts: Sequence[str] = ()) -> list[dict]:
+                 contexts: Sequence[str] = (), alone_groups: int = 0) -> list[dict]:
     """The ``top`` most-moved tokens (`moved_tokens`), the ``top`` most-shifted and the ``top`` stillest typed
     alone (`shifted_tokens`, `still_tokens`) and the ``top`` whose outputs in ``contexts`` agree most beyond the
     anchor's (`agreeing_tokens`), each typed alone, then every ordered pair of each list's first ``pairs_of`` (a
@@ -423,7 +434,8 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     when nothing has flagged the model already). A typing already in ``typed_before`` (an earlier call's output)
     is not typed again at the same position. ``clean``: a dict kept between such calls; the untyped prompts'
     scores (per position) and the alone pass (`alone_shift`) are stored there on first use, so a later list does
-    not compute them again."""
+    not compute them again. ``alone_groups`` > 0: that pass by group testing (`alone_shift`'s ``groups``), which
+    gives no still or inside list."""
     unknown = [by for by in lists if by not in PROBE_LISTS]
     if unknown:
         raise ValueError(f"unknown probe list {unknown[0]!r} (known: {', '.join(PROBE_LISTS)})")
@@ -431,10 +443,10 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
 
     def shift() -> Tensor:
         if "shift" not in held:
-            held["shift"] = alone_shift(suspect, anchor, position, disk_cache, contexts)
+            held["shift"] = alone_shift(suspect, anchor, position, disk_cache, contexts, alone_groups)
         return held["shift"]
 
-    grouped = _read_last(suspect, anchor)  # its shift is shares of rows, not a stillness: no still list there
+    grouped = alone_groups > 0 or _read_last(suspect, anchor)  # shares of rows, not a stillness: no still list
     made = {"rows": lambda: moved_tokens(suspect, anchor, top),
             "alone": lambda: most_shifted(shift(), top),
             "still": lambda: [] if grouped else still_tokens(shift(), top),
@@ -471,14 +483,16 @@ class TypedProbe:
     before its search; the vocabulary lists only for a model nothing has flagged (they could only add a path to a
     verdict already made), the still, inside and context lists only away from the anchor (`near_anchor`).
     ``contexts``: the prompts the context list types every token into (`probe_contexts`); with fewer than two, that
-    list is skipped. ``precision``: of the vocabulary passes (`vocabulary_precision`)."""
+    list is skipped. ``precision``: of the vocabulary passes (`vocabulary_precision`). ``group_near``: near the
+    anchor make the alone list by group testing (`NEAR_GROUP_SIZE` tokens to a row), not every token alone."""
 
     def __init__(self, suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, tokens: TokenBatch,
                  position: int, top: int, disk_cache: bool = True, on: bool = True,
-                 contexts: Sequence[str] = (), precision: str = "auto") -> None:
+                 contexts: Sequence[str] = (), precision: str = "auto", group_near: bool = True) -> None:
         self.models, self.tokens, self.position = (suspect, anchor), tokens, position
         self.top, self.disk_cache, self.contexts = top, disk_cache, list(contexts)
         self.precision = _checked(precision)
+        self.group_near, self.alone_groups = group_near, 0  # the latter set by `near_anchor`
         self.typings: list[dict] = []
         self._clean: dict = {}  # the untyped prompts' scores and the alone pass, shared by the lists (`probe_tokens`)
         self.lists: dict[str, str] = {by: "due" for by in PROBE_LISTS} if on and anchor is not None else {}
@@ -495,7 +509,7 @@ class TypedProbe:
         with vocabulary_precision(self.precision):
             new = probe_tokens(*self.models, self.tokens, self.position, self.top, lists=(by,),
                                typed_before=self.typings, disk_cache=self.disk_cache, clean=self._clean,
-                               contexts=self.contexts)
+                               contexts=self.contexts, alone_groups=self.alone_groups)
         self.typings += new
         self.lists[by] = "typed"
         return new
@@ -506,9 +520,12 @@ class TypedProbe:
 
     def near_anchor(self) -> None:
         """Skip the lists made only away from the anchor (`AWAY_LISTS`): near it every token typed alone is still,
-        and the search's divergence paths judge."""
+        and the search's divergence paths judge. The alone list, the only one left to read a vocabulary pass, is
+        then made by group testing (``group_near``), unless its pass was made already."""
         for by in AWAY_LISTS:
             self.skip(by, "near the anchor, where the search's divergence paths judge")
+        if self.group_near and "shift" not in self._clean:
+            self.alone_groups = NEAR_GROUP_SIZE
 
     def skip_passes(self, why: str) -> None:
         """Skip the vocabulary lists still due."""

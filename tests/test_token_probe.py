@@ -13,6 +13,7 @@ from lit_amdet import load_encoder
 from lit_amdet.token_probe import (
     GROUP_SIZE,
     GROUPS_OPENED,
+    NEAR_GROUP_SIZE,
     TypedProbe,
     agreeing_tokens,
     agreement_lift,
@@ -130,6 +131,26 @@ def test_a_token_typed_alone_is_the_one_word_prompt(tiny_models, family):
     with torch.no_grad():
         want = F.normalize(adapter.encode(adapter.tokenize(words)).pooled.float(), dim=-1)
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+
+
+def test_the_vocabulary_passes_hold_no_more_positions_at_once_than_tokens_typed_alone(tiny_models, monkeypatch):
+    """`alone_outputs` runs ``chunk`` tokens typed alone (3 positions each) at a time, and rows of grouped tokens
+    (10 positions for 8) in as few rows as keep the positions per pass at most that: the activations held at once,
+    not the row count, are what a large tower's peak memory follows. Every row is still computed once, in order."""
+    adapter = load_encoder(tiny_models["bert"])
+    seen = []
+    encode = adapter.encode
+    monkeypatch.setattr(adapter, "encode", lambda batch: seen.append(tuple(batch.input_ids.shape)) or encode(batch))
+    ids = torch.arange(5, 5 + 40 * 8)
+    with vocabulary_precision("float32"):
+        alone_outputs(adapter, 1, ids[:200], chunk=64)
+        assert seen == [(64, 3)] * 3 + [(8, 3)]
+        seen.clear()
+        grouped = alone_outputs(adapter, 1, ids.view(40, 8), chunk=64)
+    assert seen == [(19, 10), (19, 10), (2, 10)] and all(rows * length <= 64 * 3 for rows, length in seen)
+    with vocabulary_precision("float32"):
+        one_pass = alone_outputs(adapter, 1, ids.view(40, 8), chunk=4096)
+    assert torch.allclose(grouped, one_pass, atol=1e-5)
 
 
 def test_shifted_tokens_ranks_the_tokens_whose_output_alone_moved_and_skips_special_tokens(tiny_models):
@@ -368,6 +389,37 @@ def test_the_lists_made_one_at_a_time_are_the_probe_made_at_once(tiny_models):
     alone_only = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=["sky"])
     assert alone_only.lists["context"].startswith("skipped: fewer than two held-out prompts")
     assert TypedProbe(suspect, None, tokens, position=1, top=4).lists == {}  # no anchor: no probe
+
+
+def test_near_the_anchor_the_alone_list_is_made_by_group_testing(tiny_models):
+    """Near the anchor the alone list is the only one read off a vocabulary pass, and it needs no token's own
+    stillness: a scan makes it by group testing in the empty prompt (`NEAR_GROUP_SIZE` tokens to a row). The token
+    the suspect reads differently still heads it, its "moved" is its share of its row (`grouped_shift`), and the
+    tokens of rows not opened are never listed; ``group_near=False`` or a pass made before the anchor was judged
+    keeps every token alone."""
+    anchor = load_encoder(tiny_models["bert"])
+    suspect = copy.deepcopy(anchor)
+    with torch.no_grad():
+        suspect.token_embedding.weight[100] *= -3.0
+    tokens = anchor.tokenize(PROMPTS)
+    made = {}
+    with vocabulary_precision("float32"):
+        for group_near in (True, False):
+            probe = TypedProbe(suspect, anchor, tokens, 1, 4, disk_cache=False, contexts=CONTEXTS,
+                               group_near=group_near)
+            probe.near_anchor()
+            made[group_near] = probe.make("alone")
+        shares = grouped_shift(suspect, anchor, 1, (), size=NEAR_GROUP_SIZE, disk_cache=False)
+        whole = alone_shift(suspect, anchor, 1, disk_cache=False)
+    grouped = [p for p in made[True] if len(p["ids"]) == 1]
+    assert grouped[0]["ids"] == [100] and made[False][0]["ids"] == [100]
+    assert [(p["ids"][0], p["moved"]) for p in grouped] == [(i, round(v, 4)) for i, v in most_shifted(shares, 4)]
+    assert [p["ids"][0] for p in made[False] if len(p["ids"]) == 1] == [i for i, _ in most_shifted(whole, 4)]
+    assert int(torch.isfinite(shares).sum()) <= GROUPS_OPENED * NEAR_GROUP_SIZE < int(torch.isfinite(whole).sum())
+    late = TypedProbe(suspect, anchor, tokens, 1, 4, disk_cache=False, contexts=CONTEXTS)
+    late.make("alone")  # the whole pass, made before the scan knew it was near the anchor
+    late.near_anchor()
+    assert late.alone_groups == 0
 
 
 def test_the_vocabulary_lists_stop_at_the_first_flag():

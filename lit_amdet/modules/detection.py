@@ -104,6 +104,8 @@ class BackdoorDetection(EncoderTask):
             (`lit_amdet.anchor_cache`: keyed by a digest of the anchor's weights; ``$LIT_AMDET_CACHE``).
         vocabulary_precision: of those passes (`lit_amdet.token_probe.pass_dtype`; ``auto``: bfloat16 where the
             device has it natively). They only pick the tokens to type; each typing is judged in float32.
+        alone_in_groups: near the anchor make the alone list, the only one read there, by group testing
+            (`lit_amdet.token_probe.NEAR_GROUP_SIZE`): about 3x cheaper than typing every token alone.
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
         batch_size: probe prompts per step (each runs R times).
         restarts_per_pass: restarts through the encoders together (None: all); fewer hold less autograd graph
@@ -156,6 +158,7 @@ class BackdoorDetection(EncoderTask):
         typed_probe: int = 8,
         anchor_cache: bool = True,
         vocabulary_precision: Precision = "auto",
+        alone_in_groups: bool = True,
         lr: float = 0.08,
         weight_decay: float = 1e-5,
         batch_size: int = 8,
@@ -295,7 +298,8 @@ class BackdoorDetection(EncoderTask):
                                     tuple(r for r, role in enumerate(self.roles) if role in YARDSTICKS))
         probe = self.anchor is not None and isinstance(self.rule, CollapseContrastRule) and hp.typed_probe > 0
         self.typing = TypedProbe(self.encoder, self.anchor, self.holdout_cache.tokens, hp.position, hp.typed_probe,
-                                 hp.anchor_cache, probe, probe_contexts(self.holdout), hp.vocabulary_precision)
+                                 hp.anchor_cache, probe, probe_contexts(self.holdout), hp.vocabulary_precision,
+                                 hp.alone_in_groups)
         self.typing.make("rows")  # cheap: no vocabulary pass
         rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
                        f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
@@ -485,10 +489,7 @@ class BackdoorDetection(EncoderTask):
                                                           self.search.dropped)
         self.best_restart = best
         chosen = stats[best]
-        self.evidence["restart_losses"] = losses
-        self.evidence["passing_restarts"] = passed
-        self.evidence["best_restart"] = best
-        self.evidence["steps"] = self.global_step
+        self.evidence.update(restart_losses=losses, passing_restarts=passed, best_restart=best, steps=self.global_step)
         self.evidence["scores"] = {**{k: v for k, v in chosen.items() if not k.startswith("_")},
                                    **verdict_scores(self.typing.typings, self.rule)}
         self._target_pooled, self._target_feature = chosen["_pooled"], chosen["_feature"]
@@ -533,9 +534,9 @@ class BackdoorDetection(EncoderTask):
         if "landscape" in self.evidence:
             scores["landscape_positive_ratio"] = self.evidence["landscape"]["positive_ratio"]
         if "hessian" in self.evidence:
-            scores["hessian_top"] = self.evidence["hessian"]["top"][0]
-            scores["hessian_bottom"] = self.evidence["hessian"]["bottom"][0]
-            scores["hessian_negative_ratio"] = self.evidence["hessian"]["negative_ratio"]
+            hessian = self.evidence["hessian"]
+            scores.update(hessian_top=hessian["top"][0], hessian_bottom=hessian["bottom"][0],
+                          hessian_negative_ratio=hessian["negative_ratio"])
         decision = self.rule.decide(scores)
         self.verdict = {"model": self.model_label, **decision, "verdict": verdict_of(decision), "scores": scores}
         if self.trainer.is_global_zero:
