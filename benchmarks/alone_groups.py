@@ -28,7 +28,15 @@ from lit_amdet.decision import CollapseContrastRule
 from lit_amdet.encoders import load_encoder
 from lit_amdet.io import read_json, read_yaml, write_json
 from lit_amdet.resources import config_path
-from lit_amdet.token_probe import alone_shift, grouped_shift, most_shifted, pass_dtype, probe_tokens, typed_flagged
+from lit_amdet.token_probe import (
+    NEAR_GROUP_SIZE,
+    alone_shift,
+    grouped_shift,
+    most_shifted,
+    pass_dtype,
+    probe_tokens,
+    typed_flagged,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from typed_probe import held_out_tokens  # noqa: E402
@@ -86,9 +94,9 @@ def measure(path: str, anchor_ref: str, record: dict, sizes: list[int], position
     if type_them:
         row["whole"]["flagged_typings"] = flagged_typings(suspect, anchor, full, position, tokens)
     for key in ["whole"] + [f"groups_{s}" for s in sizes]:
-        tokens = [t for t, _ in row[key]["list"]]
-        row[key]["pieces_listed"] = [p for p in pieces if p in tokens]
-        row[key]["same_as_whole"] = len(set(tokens) & {t for t, _ in row["whole"]["list"]})
+        names = [t for t, _ in row[key]["list"]]
+        row[key]["pieces_listed"] = [p for p in pieces if p in names]
+        row[key]["same_as_whole"] = len(set(names) & {t for t, _ in row["whole"]["list"]})
     return row
 
 
@@ -96,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", action="append", default=[], type=Path)
     parser.add_argument("--model", action="append", default=[], help="PATH=ANCHOR")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[NEAR_GROUP_SIZE])
     parser.add_argument("--type", action="store_true", help="also type each list and judge the typings")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
