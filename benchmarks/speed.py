@@ -220,7 +220,6 @@ def main(argv: list[str] | None = None) -> None:
         if not sep or not Path(model).exists():
             p.error(f"--pair {item!r}: give MODEL=ANCHOR with an existing model folder")
         pairs.append((absolute(model), absolute(anchor)))
-    pairs += [tuple(map(str, scan_scaling.build_near(n, Path(args.models_dir).resolve()))) for n in args.near_sizes]
     baseline = Path(args.baseline_tree).resolve() if args.baseline_tree else None
     if baseline is not None and not (baseline / "lit_amdet" / "cli.py").is_file():
         p.error(f"--baseline-tree {args.baseline_tree}: not a lit-amdet checkout (no lit_amdet/cli.py)")
@@ -229,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     reference_scan.accelerator_of(args.device)  # a bad device fails before any run
+    # built (once) only after every argument is checked: an L/14-sized pair takes a minute
+    pairs += [tuple(map(str, scan_scaling.build_near(n, Path(args.models_dir).resolve()))) for n in args.near_sizes]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work_root = Path(args.work_root).resolve()  # absolute: the baseline runs in its own tree
     shutil.rmtree(work_root, ignore_errors=True)

@@ -105,7 +105,7 @@ class BackdoorDetection(EncoderTask):
         vocabulary_precision: of those passes (`lit_amdet.token_probe.pass_dtype`; ``auto``: bfloat16 where the
             device has it natively). They only pick the tokens to type; each typing is judged in float32.
         alone_in_groups: near the anchor make the alone list, the only one read there, by group testing
-            (`lit_amdet.token_probe.NEAR_GROUP_SIZE`): about 3x cheaper than typing every token alone.
+            (`lit_amdet.token_probe.NEAR_GROUP_SIZE`): 2.3x cheaper than every token alone on the MiniLM.
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
         batch_size: probe prompts per step (each runs R times).
         restarts_per_pass: restarts through the encoders together (None: all); fewer hold less autograd graph
