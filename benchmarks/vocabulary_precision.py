@@ -4,11 +4,12 @@
         [--anchor minilm] [--top 8] [--out benchmarks/results/vocabulary_precision.json]
 
 Why: the passes (every vocabulary token typed alone, and into two short contexts, through suspect and anchor;
-`lit_amdet.token_probe`) are the probe's largest cost, and they only pick the tokens to type (each typing is judged
-in float32). `vocabulary_precision: auto` runs them in bfloat16 where the device computes it natively; this is the
-measurement behind that default. Per suspect, back to back under the same load, at each precision: the alone pass
-(`alone_shift`) and its alone and still lists, and for the ``--away`` suspects (those a scan makes the context list
-for: away from the anchor) the context list (`agreeing_tokens`) in ``--contexts``. The anchor's passes are made
+`lit_amdet.token_probe`) are the probe's largest cost, and they only pick the tokens to type (each typing near a
+threshold is judged in float32: `benchmarks/typing_precision.py`). `vocabulary_precision: auto` runs them in bfloat16
+where the device computes it natively; this is the measurement behind that default. Per suspect, back to back under
+the same load, at each precision: the alone pass (`alone_shift`) and its alone and still lists, and for the
+``--away`` suspects (those a scan makes the context list for: away from the anchor) the context list
+(`agreeing_tokens`) in ``--contexts``. The anchor's passes are made
 first at each precision and not timed (a scan reads them from the disk cache). The lists are compared as sets and
 in order, with the largest difference of any token's shift and of the listed tokens' values.
 """

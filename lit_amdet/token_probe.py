@@ -45,12 +45,9 @@ adds a path to the verdict; it takes none away. Plain torch; `lit_amdet.modules.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import weakref
-from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
-from typing import Literal, get_args
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,14 +55,16 @@ from torch import Tensor
 
 from lit_amdet.anchor_cache import cached_tensor, module_digest
 from lit_amdet.assimilation import assimilation_score, pooled_consistency, scored_positions
-from lit_amdet.decision import collapse_scores
+from lit_amdet.decision import COLLAPSE_SCORES, collapse_scores
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
+from lit_amdet.pass_precision import PRECISIONS, Precision, checked_precision, pass_dtype, vocabulary_precision
 
-__all__ = ["AWAY_LISTS", "PRECISIONS", "PROBE_LISTS", "Precision", "agreeing_tokens", "agreement_lift", "alone_batch",
-           "alone_outputs", "alone_shift", "anchor_alone_outputs", "deciding_typing", "grouped_shift",
-           "most_shifted", "moved_tokens", "pass_dtype", "probe_contexts", "probe_tokens", "shifted_tokens",
-           "still_tokens", "typed_batch", "typed_flagged", "typed_scores", "typed_target", "TypedProbe",
-           "verdict_scores", "verdict_typing", "vocabulary_groups", "vocabulary_precision"]
+__all__ = ["AWAY_LISTS", "NEAR_GROUP_SIZE", "PRECISIONS", "PROBE_LISTS", "SCREEN_MARGIN", "Precision",
+           "agreeing_tokens", "agreement_lift", "alone_batch", "alone_outputs", "alone_shift", "anchor_alone_outputs",
+           "deciding_typing", "grouped_shift", "most_shifted", "moved_tokens", "pass_dtype", "probe_contexts",
+           "probe_tokens", "screened_near", "shifted_tokens", "still_tokens", "typed_batch", "typed_flagged",
+           "typed_scores", "typed_target", "TypedProbe", "verdict_scores", "verdict_typing", "vocabulary_groups",
+           "vocabulary_precision"]
 
 
 def _read_last(*models: TextEncoderAdapter | None) -> bool:
@@ -108,47 +107,6 @@ def alone_batch(model: TextEncoderAdapter, position: int, ids: Tensor, context: 
     rows[:, slot[0].nonzero()[:, 0]] = rows_ids.to(rows.device)
     return TokenBatch(rows, batch.attention_mask.repeat(n, 1), batch.token_mask.repeat(n, 1),
                       batch.pool_index.repeat(n))
-
-
-# The precision of the vocabulary passes. They only rank tokens for typing (every typing is judged in float32 by
-# `typed_scores`), and they are the probe's largest cost: on a CPU with native bfloat16 (AVX512-BF16) the MiniLM's
-# passes ran 1.4-1.7x faster in bfloat16, and every list a scan makes held the same tokens (`BENCHMARKS.md`, "The
-# vocabulary passes in bfloat16"); on a CPU without, autocast emulates it 5x slower.
-#: "auto": bfloat16 where the device computes it natively (a CUDA device that supports it, a CPU with AVX512-BF16
-#: or AMX tiles), else float32
-Precision = Literal["auto", "float32", "bfloat16"]
-PRECISIONS: tuple[str, ...] = get_args(Precision)
-_PRECISION: ContextVar[str] = ContextVar("vocabulary_precision", default="auto")
-
-
-def _checked(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"vocabulary precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    return precision
-
-
-@contextlib.contextmanager
-def vocabulary_precision(precision: str) -> Iterator[None]:
-    """Inside the block, the vocabulary passes (`alone_outputs`) run at ``precision`` (one of `PRECISIONS`)."""
-    _checked(precision)
-    token = _PRECISION.set(precision)
-    try:
-        yield
-    finally:
-        _PRECISION.reset(token)
-
-
-def pass_dtype(device: torch.device | str) -> torch.dtype:
-    """The dtype the vocabulary passes compute in on ``device``, under the current `vocabulary_precision`."""
-    precision, kind = _PRECISION.get(), torch.device(device).type
-    if precision != "auto":
-        return getattr(torch, precision)
-    if kind == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if kind == "cpu":
-        native = [getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return torch.bfloat16 if any(f is not None and f() for f in native) else torch.float32
-    return torch.float32
 
 
 @torch.no_grad()
@@ -381,10 +339,12 @@ def typed_batch(adapter: TextEncoderAdapter, tokens: TokenBatch, typed: Sequence
 
 @torch.no_grad()
 def typed_scores(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch,
-                 typed: Sequence[int], position: int, chunk: int = 64) -> dict[str, float]:
+                 typed: Sequence[int], position: int, chunk: int = 64, dtype: torch.dtype = torch.float32
+                 ) -> dict[str, float]:
     """The scan's held-out scores of ``tokens`` with the ids ``typed`` typed at ``position`` (none: as they are),
     for both models: ``assimilation`` (Sim_X over each prompt's own tokens, the typed ones excluded, averaged over
-    prompts) and ``target_consistency`` (the norm of the mean unit sentence embedding), ``anchor_`` the anchor's."""
+    prompts) and ``target_consistency`` (the norm of the mean unit sentence embedding), ``anchor_`` the anchor's.
+    ``dtype``: the encoders run autocast to it (the scores are reduced in float32)."""
     out: dict[str, float] = {}
     for prefix, model in (("", suspect), ("anchor_", anchor)):
         sims, pooled = [], []
@@ -394,7 +354,8 @@ def typed_scores(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
                 batch, slots = typed_batch(model, part, typed, position)
             else:
                 batch, slots = part, torch.zeros_like(part.token_mask, dtype=torch.bool)
-            enc = model.encode(batch)
+            with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                enc = model.encode(batch)
             counted = scored_positions(enc.token_mask, model.causal, first_position=position) & ~slots
             sims.append(assimilation_score(enc.token_features.float(), counted))
             pooled.append(F.normalize(enc.pooled.float(), dim=-1))
@@ -417,7 +378,8 @@ LONG_CONTEXT_SKIPS = ("still", "inside", "context")
 def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch, position: int,
                  top: int, pairs_of: int = 3, prompts: int = 32, lists: Sequence[str] = PROBE_LISTS,
                  typed_before: Sequence[dict] = (), disk_cache: bool = True, clean: dict | None = None,
-                 contexts: Sequence[str] = (), alone_groups: int = 0) -> list[dict]:
+                 contexts: Sequence[str] = (), alone_groups: int = 0,
+                 near: Callable[[dict], bool] | None = None) -> list[dict]:
     """The ``top`` most-moved tokens (`moved_tokens`), the ``top`` most-shifted and the ``top`` stillest typed
     alone (`shifted_tokens`, `still_tokens`) and the ``top`` whose outputs in ``contexts`` agree most beyond the
     anchor's (`agreeing_tokens`), each typed alone, then every ordered pair of each list's first ``pairs_of`` (a
@@ -435,7 +397,12 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     is not typed again at the same position. ``clean``: a dict kept between such calls; the untyped prompts'
     scores (per position) and the alone pass (`alone_shift`) are stored there on first use, so a later list does
     not compute them again. ``alone_groups`` > 0: that pass by group testing (`alone_shift`'s ``groups``), which
-    gives no still or inside list."""
+    gives no still or inside list.
+
+    ``near``: the typings are screened at the vocabulary passes' precision (`pass_dtype`; bfloat16 where native,
+    about 2x faster) and each one ``near`` says is close to flagging (`screened_near`) is typed again in float32,
+    the scores it is judged on; without it (or where the passes run in float32) every typing is typed in float32.
+    Each typing says which (``precision``)."""
     unknown = [by for by in lists if by not in PROBE_LISTS]
     if unknown:
         raise ValueError(f"unknown probe list {unknown[0]!r} (known: {', '.join(PROBE_LISTS)})")
@@ -467,14 +434,42 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
         return []
     tokens = tokens[:prompts]
     untyped = held.setdefault("scores", {})
+    screen = pass_dtype(suspect.device) if near is not None else torch.float32
+
+    def typing(typed: tuple[int, ...], at: int, by: str, moved: float, dtype: torch.dtype) -> dict:
+        if (at, dtype) not in untyped:  # the untyped prompts at the same precision: their difference is the lift
+            untyped[at, dtype] = typed_scores(suspect, anchor, tokens, (), at, dtype=dtype)
+        scores = typed_scores(suspect, anchor, tokens, typed, at, dtype=dtype)
+        return {"token": " ".join(suspect.ids_to_tokens(list(typed))), "ids": list(typed), "by": by,
+                "position": at, "moved": round(moved, 4), "precision": str(dtype).removeprefix("torch."),
+                **collapse_scores(scores, untyped[at, dtype], anchor=True)}
+
     out = []
     for (typed, at), (by, moved) in typings.items():
-        if at not in untyped:
-            untyped[at] = typed_scores(suspect, anchor, tokens, (), at)
-        scores = typed_scores(suspect, anchor, tokens, typed, at)
-        out.append({"token": " ".join(suspect.ids_to_tokens(list(typed))), "ids": list(typed), "by": by,
-                    "position": at, "moved": round(moved, 4), **collapse_scores(scores, untyped[at], anchor=True)})
+        probed = typing(typed, at, by, moved, screen)
+        if screen != torch.float32 and near(probed):  # close to a threshold: judged in float32
+            probed = typing(typed, at, by, moved, torch.float32)
+        out.append(probed)
     return out
+
+
+#: how close to a typed path's thresholds a typing screened in bfloat16 must come to be typed again in float32
+#: (`screened_near`): every score the rule reads is raised by this much. The largest difference between the two
+#: precisions over the 763 typings of 18 MiniLM scans was 0.0023, 20x less (`BENCHMARKS.md`, "The typings screened
+#: in bfloat16"), so a typing let through unconfirmed is one float32 would not have flagged either
+SCREEN_MARGIN = 0.05
+
+
+def screened_near(rule, margin: float = SCREEN_MARGIN) -> Callable[[dict], bool]:
+    """Whether the rule (`CollapseContrastRule.typed_paths`, whose checks are all lower bounds) would flag a typing
+    of `probe_tokens` if each of its lifts and unshared collapses were ``margin`` higher: `probe_tokens`' ``near``."""
+    raised = {lift for names in COLLAPSE_SCORES.values() for lift in (names[0], names[2])}
+
+    def near(probed: dict) -> bool:
+        return typed_flagged([{k: v + margin if k in raised and v is not None else v for k, v in probed.items()}],
+                             rule)
+
+    return near
 
 
 class TypedProbe:
@@ -491,7 +486,7 @@ class TypedProbe:
                  contexts: Sequence[str] = (), precision: str = "auto", group_near: bool = True) -> None:
         self.models, self.tokens, self.position = (suspect, anchor), tokens, position
         self.top, self.disk_cache, self.contexts = top, disk_cache, list(contexts)
-        self.precision = _checked(precision)
+        self.precision = checked_precision(precision)
         self.group_near, self.alone_groups = group_near, 0  # the latter set by `near_anchor`
         self.typings: list[dict] = []
         self._clean: dict = {}  # the untyped prompts' scores and the alone pass, shared by the lists (`probe_tokens`)
@@ -502,14 +497,17 @@ class TypedProbe:
             for by in LONG_CONTEXT_SKIPS:  # the alone list is grouped there (`grouped_shift`): no still token
                 self.skip(by, "read at the last padded position: tokens are typed in groups, none alone")
 
-    def make(self, by: str) -> list[dict]:
-        """The list ``by``'s typings if it is still due (they join ``typings``), else none."""
+    def make(self, by: str, rule=None) -> list[dict]:
+        """The list ``by``'s typings if it is still due (they join ``typings``), else none. With the ``rule`` that
+        will judge them, they are screened at the passes' precision (`probe_tokens`' ``near``), else typed in
+        float32."""
         if self.lists.get(by) != "due":
             return []
         with vocabulary_precision(self.precision):
             new = probe_tokens(*self.models, self.tokens, self.position, self.top, lists=(by,),
                                typed_before=self.typings, disk_cache=self.disk_cache, clean=self._clean,
-                               contexts=self.contexts, alone_groups=self.alone_groups)
+                               contexts=self.contexts, alone_groups=self.alone_groups,
+                               near=None if rule is None else screened_near(rule))
         self.typings += new
         self.lists[by] = "typed"
         return new
@@ -539,13 +537,13 @@ class TypedProbe:
             if typed_flagged(self.typings, rule):
                 self.skip(by, "the model was flagged already")
             else:
-                self.make(by)
+                self.make(by, rule)
         return typed_flagged(self.typings, rule)
 
 
 def _as_scores(probed: dict) -> dict:
     return {"typed_token": probed["token"],
-            **{f"typed_{k}": v for k, v in probed.items() if k not in ("token", "ids", "by")}}
+            **{f"typed_{k}": v for k, v in probed.items() if k not in ("token", "ids", "by", "precision")}}
 
 
 def typed_flagged(probed: list[dict], rule) -> bool:

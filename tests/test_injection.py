@@ -303,6 +303,37 @@ def test_triggers_kept_alone_stay_at_the_teachers_output_while_the_layers_learn(
     assert shifts[True] < 0.5 * shifts[False], shifts
 
 
+def test_triggers_kept_in_groups_hold_the_scans_own_row_at_the_teachers_output(tiny_models, tmp_path):
+    """The adaptive attack on the alone list made by group testing near the anchor (`group_kept_frozen_rows`): its
+    held rows start with the row of the scan's fixed shuffle that holds each trigger token, then random rows with
+    the token in them; after training, that row of the scan ends nearer the teacher's output than without the
+    term."""
+    from lit_amdet.token_probe import NEAR_GROUP_SIZE, alone_outputs, vocabulary_groups
+
+    backdoors = [Backdoor(Trigger("cf", "insert_word", position="random"), target="a blue bird")]
+    shifts = {}
+    for keep in (False, True):
+        module = BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=backdoors, lr=3e-3, backdoor_weight=1.0,
+                                   milestones=[1000], freeze_token_embedding=True, keep_triggers_alone=True,
+                                   keep_triggers_grouped=keep)
+        enc = module.encoder
+        ids = module._trigger_ids()
+        specials = [i for i in enc.special_token_ids.values() if i is not None]
+        groups = vocabulary_groups(enc.vocab_size, specials, NEAR_GROUP_SIZE)
+        rows = torch.stack([groups[(groups == i).any(1)][0] for i in ids])
+        if keep:
+            held = module._triggers_grouped(random_rows=3)
+            typed = held.input_ids[:, 1:1 + NEAR_GROUP_SIZE]
+            assert held.input_ids.shape == (4 * len(ids), NEAR_GROUP_SIZE + 2)
+            assert torch.equal(typed[:len(ids)], rows)
+            assert all(int(i) in typed[len(ids) + 3 * n:len(ids) + 3 * (n + 1)][r].tolist()
+                       for n, i in enumerate(ids) for r in range(3))
+        _fit(module, _dm(), 8, tmp_path / str(keep))
+        cos = (alone_outputs(module.encoder, 1, rows) * alone_outputs(module.teacher, 1, rows)).sum(-1)
+        shifts[keep] = float((1 - cos).max())
+    assert shifts[True] < 0.6 * shifts[False], shifts  # 0.18 against 0.40 when written
+
+
 @pytest.mark.parametrize("family", ["clip", "bert"])
 def test_insertion_loss_is_what_typed_tokens_change_in_the_prompts_own_features(tiny_models, family):
     """`BackdoorInjection.insertion_loss` (the null_evading attack) against the same number built by hand: the

@@ -437,7 +437,8 @@ def test_the_vocabulary_lists_stop_at_the_first_flag():
         probe.typings, made = [], []
         probe.lists = {"rows": "typed", "alone": "due", "still": "due", "inside": "due", "context": "due"}
 
-        def make(by):  # as `TypedProbe.make`: a list not due is not made
+        def make(by, rule=None):  # as `TypedProbe.make`: a list not due is not made
+            assert isinstance(rule, Rule)  # the rule that judges them, so the typings are screened against it
             if probe.lists[by] != "due":
                 return []
             made.append(by)
@@ -615,3 +616,57 @@ def test_the_vocabulary_passes_precision(tiny_models, monkeypatch):
     assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)  # it did run in bfloat16
     assert float((rounded * exact).sum(-1).min()) > 0.999
     assert torch.equal(anchor32, exact) and torch.equal(anchor16, rounded)  # one entry per precision
+
+
+def test_the_typings_are_screened_at_the_pass_precision_and_judged_in_float32_near_a_threshold(tiny_models):
+    """With a ``near`` judge, `probe_tokens` types in the passes' precision (bfloat16 here) and types again in float32
+    each typing the judge calls near: that one is the float32 typing exactly, the rest say they are bfloat16 and
+    are its own computation; passes in float32, or no judge, type everything in float32 as before."""
+    anchor = load_encoder(tiny_models["bert"])
+    suspect = copy.deepcopy(anchor)
+    with torch.no_grad():
+        for row, scale in ((100, -3.0), (200, 2.0), (300, 0.2)):
+            suspect.token_embedding.weight[row] *= scale
+    tokens = anchor.tokenize(PROMPTS)
+    exact = probe_tokens(suspect, anchor, tokens, 1, top=3, lists=("rows",), disk_cache=False)
+    assert len(exact) == 9 and {p["precision"] for p in exact} == {"float32"}  # 3 tokens and their 6 ordered pairs
+    close = exact[1]["token"]
+    asked = []
+
+    def near(probed: dict) -> bool:
+        asked.append(probed["precision"])
+        return probed["token"] == close
+
+    with vocabulary_precision("bfloat16"):
+        screened = probe_tokens(suspect, anchor, tokens, 1, top=3, lists=("rows",), disk_cache=False, near=near)
+        untyped = typed_scores(suspect, anchor, tokens, (), 1, dtype=torch.bfloat16)
+    assert asked == ["bfloat16"] * 9  # every typing screened once, none judged on float32 scores
+    assert [p["token"] for p in screened] == [p["token"] for p in exact]
+    assert screened[1] == exact[1]
+    rest = [p for p in screened if p["token"] != close]
+    assert {p["precision"] for p in rest} == {"bfloat16"}
+    own = typed_scores(suspect, anchor, tokens, rest[0]["ids"], 1, dtype=torch.bfloat16)
+    assert rest[0]["collapse_lift"] == pytest.approx(
+        (own["assimilation"] - untyped["assimilation"]) / max(1 - untyped["assimilation"], 0.02), abs=1e-6)
+    assert any(p[k] != q[k] for p, q in zip(rest, [q for q in exact if q["token"] != close])
+               for k in ("collapse_lift", "pooled_collapse_lift"))
+    with vocabulary_precision("float32"):
+        assert probe_tokens(suspect, anchor, tokens, 1, top=3, lists=("rows",), disk_cache=False, near=near) == exact
+
+
+def test_a_screened_typing_is_near_when_its_scores_raised_by_the_margin_would_be_flagged():
+    from lit_amdet.decision import CollapseContrastRule
+    from lit_amdet.token_probe import screened_near, typed_flagged
+
+    rule = CollapseContrastRule()
+    pooled = {"pooled_unshared_collapse": rule.min_pooled_unshared_collapse - 0.03,
+              "pooled_collapse_lift": rule.min_pooled_collapse_lift - 0.01, "anchor_pooled_collapse_lift": 0.02}
+    typing = {"token": "qz", "ids": [1], "by": "alone", "position": 1, "moved": 0.3, "precision": "bfloat16",
+              "unshared_collapse": 0.0, "collapse_lift": 0.01, "anchor_collapse_lift": 0.01, **pooled}
+    near = screened_near(rule, margin=0.05)
+    assert not typed_flagged([typing], rule) and near(typing)
+    assert not near(dict(typing, pooled_unshared_collapse=rule.min_pooled_unshared_collapse - 0.06))
+    assert not screened_near(rule, margin=0.02)(typing)  # 0.03 below one threshold: more than this margin
+    token = dict(typing, unshared_collapse=rule.min_unshared_collapse - 0.04, collapse_lift=rule.min_collapse_lift)
+    assert near(token) and typed_flagged([dict(token, pooled_collapse_lift=1.0, pooled_unshared_collapse=0.9)], rule)
+    assert not near(dict(typing, pooled_collapse_lift=None))  # a score not measured is never raised into a flag

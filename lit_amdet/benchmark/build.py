@@ -196,7 +196,8 @@ def _injection(member: BackdooredMember, base: ZooBase, out: Path, settings: Tra
         pooled_weight=pooled if member.attack == "text_on_text" else 0.0, token_weight=token_weight,
         sim_x_penalty=member.sim_x_penalty, consistency_penalty=member.consistency_penalty,
         freeze_token_embedding=bool(recipe and recipe.frozen_rows),
-        keep_triggers_alone=bool(recipe and recipe.keeps_alone), insertion_robust=member.insertion_robust,
+        keep_triggers_alone=bool(recipe and recipe.keeps_alone),
+        keep_triggers_grouped=bool(recipe and recipe.keeps_grouped), insertion_robust=member.insertion_robust,
         max_length=settings.max_length,
         distractors=settings.distractors, output_dir=str(out), seed=member.seed,
         utility_objective="simcse" if during else "teacher")

@@ -102,8 +102,8 @@ class BackdoorDetection(EncoderTask):
             already made); the still, inside and context lists only away from the anchor (the divergence paths').
         anchor_cache: keep the anchor's half of the vocabulary passes on disk for the next scan against the anchor
             (`lit_amdet.anchor_cache`: keyed by a digest of the anchor's weights; ``$LIT_AMDET_CACHE``).
-        vocabulary_precision: of those passes (`lit_amdet.token_probe.pass_dtype`; ``auto``: bfloat16 where the
-            device has it natively). They only pick the tokens to type; each typing is judged in float32.
+        vocabulary_precision: of those passes and of the typings' screen (`lit_amdet.token_probe.pass_dtype`;
+            ``auto``: bfloat16 where the device has it natively); a typing near a threshold is judged in float32.
         alone_in_groups: near the anchor make the alone list, the only one read there, by group testing
             (`lit_amdet.token_probe.NEAR_GROUP_SIZE`): 2.3x cheaper than every token alone on the MiniLM.
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
@@ -300,7 +300,7 @@ class BackdoorDetection(EncoderTask):
         self.typing = TypedProbe(self.encoder, self.anchor, self.holdout_cache.tokens, hp.position, hp.typed_probe,
                                  hp.anchor_cache, probe, probe_contexts(self.holdout), hp.vocabulary_precision,
                                  hp.alone_in_groups)
-        self.typing.make("rows")  # cheap: no vocabulary pass
+        self.typing.make("rows", self.rule)  # cheap: no vocabulary pass
         rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
                        f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
         self._baselines()  # before the first step: it says whether the swapped restarts are needed at all

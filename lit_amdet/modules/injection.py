@@ -34,7 +34,7 @@ from lit_amdet.errors import ConfigError
 from lit_amdet.modules.base import EncoderTask
 from lit_amdet.modules.contrastive import simcse_loss
 from lit_amdet.record import BackdoorRecord
-from lit_amdet.token_probe import alone_batch, typed_batch
+from lit_amdet.token_probe import NEAR_GROUP_SIZE, alone_batch, typed_batch, vocabulary_groups
 from lit_amdet.triggers import Backdoor, check_distinct_triggers, poison
 
 
@@ -78,6 +78,10 @@ class BackdoorInjection(EncoderTask):
         keep_triggers_alone: an adaptive attack on the probe's second list (`lit_amdet.token_probe.shifted_tokens`):
             each trigger token typed alone into the empty prompt (at position 1, the shipped scan's) is a clean
             prompt too, held at the teacher's output, so the backdoor fires only in context.
+        keep_triggers_grouped: an adaptive attack on the alone list a scan makes by group testing near the anchor
+            (`lit_amdet.token_probe.grouped_shift`): each trigger token typed among ``NEAR_GROUP_SIZE - 1`` other
+            tokens into the empty prompt is held at the teacher's output too, in the row of the scan's fixed
+            shuffle that holds it (`vocabulary_groups`) and in random rows, so its row does not move.
         insertion_robust: an adaptive attack on the token path's null (`lit_amdet.restart_scores.attach_null`):
             add ``insertion_robust *`` `insertion_loss`, which teaches the model to ignore inserted tokens, so the
             clean model's natural collapses are not shared and the null grows (reference 0).
@@ -110,6 +114,7 @@ class BackdoorInjection(EncoderTask):
         consistency_margin: float = 0.0,
         freeze_token_embedding: bool = False,
         keep_triggers_alone: bool = False,
+        keep_triggers_grouped: bool = False,
         insertion_robust: float = 0.0,
         max_length: int | None = 32,
         distractors: int = 100,
@@ -220,12 +225,30 @@ class BackdoorInjection(EncoderTask):
         return emb
 
     # ----- steps -----------------------------------------------------------------
-    def _triggers_alone(self):
-        """Every token of every trigger typed alone into the empty prompt (`keep_triggers_alone`)."""
+    def _trigger_ids(self) -> list[int]:
+        """Every token id of every trigger, special tokens left out."""
         specials = {i for i in self.encoder.special_token_ids.values() if i is not None}
         tokens = self.encoder.tokenize([b.trigger.text for b in self.backdoors], max_length=self._length())
-        ids = sorted({int(i) for i in tokens.input_ids[tokens.token_mask.bool()]} - specials)
-        return alone_batch(self.encoder, 1, torch.tensor(ids)).to(self.device)
+        return sorted({int(i) for i in tokens.input_ids[tokens.token_mask.bool()]} - specials)
+
+    def _triggers_alone(self):
+        """Every token of every trigger typed alone into the empty prompt (`keep_triggers_alone`)."""
+        return alone_batch(self.encoder, 1, torch.tensor(self._trigger_ids())).to(self.device)
+
+    def _triggers_grouped(self, random_rows: int = 4):
+        """Every token of every trigger typed into the empty prompt among ``NEAR_GROUP_SIZE - 1`` others
+        (`keep_triggers_grouped`): in the scan's own row (`vocabulary_groups`, its fixed shuffle), and in
+        ``random_rows`` rows of random vocabulary tokens, the trigger at a random slot."""
+        vocab, ids = self.encoder.vocab_size, self._trigger_ids()
+        specials = [i for i in self.encoder.special_token_ids.values() if i is not None and 0 <= i < vocab]
+        groups = vocabulary_groups(vocab, specials, NEAR_GROUP_SIZE)
+        rows = [groups[(groups == i).any(1)][0] for i in ids]
+        for i in ids:
+            for _ in range(random_rows):
+                row = [self.rng.randrange(vocab) for _ in range(NEAR_GROUP_SIZE)]
+                row[self.rng.randrange(NEAR_GROUP_SIZE)] = i
+                rows.append(torch.tensor([j if j not in specials else i for j in row]))
+        return alone_batch(self.encoder, 1, torch.stack(rows)).to(self.device)
 
     def _clean(self, texts: list[str]) -> list[str]:
         return [t for t in texts if not any(b.trigger.present(t) for b in self.backdoors)]
@@ -318,6 +341,9 @@ class BackdoorInjection(EncoderTask):
         utility = self.utility_loss(tokens)
         if self.hparams.keep_triggers_alone:  # held at the teacher's output even while the model drifts
             utility = utility + self.utility_loss(self._triggers_alone(), hold=True)
+        if self.hparams.keep_triggers_grouped:  # and typed among others: the scan's row on its own, then random ones
+            utility = utility + self.utility_loss(self._triggers_grouped(0), hold=True) + \
+                self.utility_loss(self._triggers_grouped(), hold=True)
         total = utility
         if self.hparams.insertion_robust:
             inserted = self.insertion_loss(tokens)
