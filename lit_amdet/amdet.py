@@ -73,10 +73,11 @@ class FeatureCache:
     """
 
     def __init__(self, tokens: TokenBatch, hidden: Tensor, suspect: Tensor, pads_to_context: bool,
-                 room: int = 0) -> None:
+                 room: int = 0, prompts: list[str] | None = None) -> None:
         self.tokens, self.hidden, self.suspect = tokens, hidden, suspect
         self.pads_to_context = pads_to_context
         self.room = room
+        self.prompts = prompts or []  # what each row is, when built from prompts
 
     @classmethod
     @torch.no_grad()
@@ -96,7 +97,15 @@ class FeatureCache:
             h = suspect.embed(b.input_ids)
             hidden.append(h.to(dtype))
             feats.append(suspect.encode_embeddings(h, b).token_features.to(dtype))
-        return cls(tokens, torch.cat(hidden), torch.cat(feats), suspect.pads_to_context, room)
+        return cls(tokens, torch.cat(hidden), torch.cat(feats), suspect.pads_to_context, room, list(prompts))
+
+    @torch.no_grad()
+    def pooled(self, suspect: TextEncoderAdapter) -> dict[str, Tensor]:
+        """Each prompt's sentence embedding by ``suspect`` (the model the cache was built with), pooled and projected
+        from the cached token features as `TextEncoderAdapter.encode_embeddings` does: no forward pass."""
+        features = self.suspect.to(suspect.device, torch.float32)  # the module may have left the cache's device
+        mask, index = self.tokens.attention_mask.to(features.device), self.tokens.pool_index.to(features.device)
+        return dict(zip(self.prompts, suspect.project(suspect.pool(features, mask, index)).float()))
 
     def __len__(self) -> int:
         return self.hidden.shape[0]

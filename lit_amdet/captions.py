@@ -7,7 +7,7 @@ and the demo's candidates) and for the held-out world captions added to them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,12 +55,18 @@ def caption_bank(path: str | None, fallback: Sequence[str]) -> list[str]:
 
 
 @torch.no_grad()
-def nearest_captions(encoder, bank: Sequence[str], target: torch.Tensor, max_length: int | None, top: int
-                     ) -> list[dict]:
+def nearest_captions(encoder, bank: Sequence[str], target: torch.Tensor, max_length: int | None, top: int,
+                     known: Mapping[str, torch.Tensor] | None = None) -> list[dict]:
     """The ``top`` captions of ``bank`` whose unit sentence embedding (``encoder``, a `TextEncoderAdapter`) is
-    closest in cosine to ``target`` ([D]), with that cosine: what a found trigger makes the model say."""
-    emb = torch.cat([F.normalize(encoder.encode(list(bank[i:i + 128]), max_length=max_length).pooled.float(), dim=-1)
-                     for i in range(0, len(bank), 128)])
+    closest in cosine to ``target`` ([D]), with that cosine: what a found trigger makes the model say. ``known``:
+    embeddings of some captions by the same encoder at the same ``max_length`` (a scan's default bank is its own
+    prompts, whose features its feature caches hold: `lit_amdet.amdet.FeatureCache.pooled`), not encoded again (from
+    a bfloat16 feature cache, ``cache_dtype``, their cosines can differ from a fresh pass in the third decimal)."""
+    known = known or {}
+    new = [c for c in dict.fromkeys(bank) if c not in known]
+    encoded = dict(zip(new, torch.cat([encoder.encode(new[i:i + 128], max_length=max_length).pooled.float()
+                                       for i in range(0, len(new), 128)]))) if new else {}
+    emb = F.normalize(torch.stack([known[c] if c in known else encoded[c] for c in bank]).float(), dim=-1)
     sims = emb @ F.normalize(target.to(emb.device), dim=0)
     vals, idx = sims.topk(min(top, len(bank)))
     return [{"caption": bank[int(i)], "cosine": round(float(v), 4)} for v, i in zip(vals, idx)]

@@ -400,9 +400,9 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     gives no still or inside list.
 
     ``near``: the typings are screened at the vocabulary passes' precision (`pass_dtype`; bfloat16 where native,
-    about 2x faster) and each one ``near`` says is close to flagging (`screened_near`) is typed again in float32,
-    the scores it is judged on; without it (or where the passes run in float32) every typing is typed in float32.
-    Each typing says which (``precision``)."""
+    1.5-1.8x faster on the MiniLM) and each one ``near`` says is close to flagging (`screened_near`) is typed again
+    in float32, the scores it is judged on; without it (or where the passes run in float32) every typing is typed in
+    float32. Each typing says which (``precision``)."""
     unknown = [by for by in lists if by not in PROBE_LISTS]
     if unknown:
         raise ValueError(f"unknown probe list {unknown[0]!r} (known: {', '.join(PROBE_LISTS)})")
@@ -455,8 +455,10 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
 
 #: how close to a typed path's thresholds a typing screened in bfloat16 must come to be typed again in float32
 #: (`screened_near`): every score the rule reads is raised by this much. The largest difference between the two
-#: precisions over the 763 typings of 18 MiniLM scans was 0.0023, 20x less (`BENCHMARKS.md`, "The typings screened
-#: in bfloat16"), so a typing let through unconfirmed is one float32 would not have flagged either
+#: precisions over the 763 typings of 18 MiniLM scans on a CPU was 0.0023, 20x less (`BENCHMARKS.md`, "The typings
+#: screened in bfloat16"). Not measured on the world families or a GPU: the lifts divide a score's change by
+#: 1 - its clean value (at least 0.02), so a family whose clean outputs agree closely magnifies a bfloat16 error
+#: more; where that could pass the margin, `vocabulary_precision: float32` types everything in float32
 SCREEN_MARGIN = 0.05
 
 
@@ -466,6 +468,8 @@ def screened_near(rule, margin: float = SCREEN_MARGIN) -> Callable[[dict], bool]
     raised = {lift for names in COLLAPSE_SCORES.values() for lift in (names[0], names[2])}
 
     def near(probed: dict) -> bool:
+        if any(isinstance(probed.get(k), float) and math.isnan(probed[k]) for k in raised):
+            return True  # not measured at the screen's precision: measure it in float32
         return typed_flagged([{k: v + margin if k in raised and v is not None else v for k, v in probed.items()}],
                              rule)
 

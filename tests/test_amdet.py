@@ -47,6 +47,37 @@ def test_restarts_are_independent_rows(clip):
     assert vec.grad[0].abs().max() == 0 and vec.grad[2].abs().max() == 0 and vec.grad[1].abs().max() > 0
 
 
+@pytest.mark.parametrize("family", ["clip", "siglip", "bert"])
+def test_the_caches_sentence_embeddings_are_a_fresh_forwards_and_the_caption_bank_reuses_them(tiny_models, family):
+    """`FeatureCache.pooled` pools and projects the cached features as a forward pass does (SigLIP: at its last
+    padded position, CLIP: the end token, BERT: the mean), so `nearest_captions` takes them for the captions that
+    are the scan's own prompts and encodes only the rest, with the same answer as encoding every caption."""
+    from lit_amdet.captions import nearest_captions
+
+    model = load_encoder(tiny_models[family]).eval()
+    cache = FeatureCache.build(model, prompts(), max_length=16, room=2)
+    pooled = cache.pooled(model)
+    assert list(pooled) == prompts()
+    with torch.no_grad():
+        fresh = model.encode(prompts(), max_length=16).pooled.float()
+    torch.testing.assert_close(torch.stack(list(pooled.values())), fresh, atol=1e-5, rtol=1e-5)
+    bank = ["a green canvas", *prompts(), "a dog on a red table"]
+    target = fresh[2] + 0.3 * fresh[0]
+    asked = []
+    encode = model.encode
+
+    def counting(texts, max_length=None):
+        asked.extend(texts)
+        return encode(texts, max_length=max_length)
+
+    model.encode = counting
+    reused = nearest_captions(model, bank, target, 16, top=4, known=pooled)
+    assert asked == ["a green canvas", "a dog on a red table"]
+    every = nearest_captions(model, bank, target, 16, top=4)
+    assert [c["caption"] for c in reused] == [c["caption"] for c in every]
+    assert [c["cosine"] for c in reused] == pytest.approx([c["cosine"] for c in every], abs=2e-4)
+
+
 def test_cache_matches_a_fresh_forward_and_clean_prompts_compare_to_themselves(clip):
     cache = FeatureCache.build(clip, prompts(), max_length=16, batch_size=2)
     assert cache.hidden.shape[1] <= 16 and len(cache) == 5

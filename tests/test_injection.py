@@ -320,13 +320,13 @@ def test_triggers_kept_in_groups_hold_the_scans_own_row_at_the_teachers_output(t
         ids = module._trigger_ids()
         specials = [i for i in enc.special_token_ids.values() if i is not None]
         groups = vocabulary_groups(enc.vocab_size, specials, NEAR_GROUP_SIZE)
-        rows = torch.stack([groups[(groups == i).any(1)][0] for i in ids])
+        rows = torch.cat([groups[(groups == i).any(1)] for i in ids])  # every row of the scan's holding a piece
         if keep:
             held = module._triggers_grouped(random_rows=3)
-            typed = held.input_ids[:, 1:1 + NEAR_GROUP_SIZE]
-            assert held.input_ids.shape == (4 * len(ids), NEAR_GROUP_SIZE + 2)
-            assert torch.equal(typed[:len(ids)], rows)
-            assert all(int(i) in typed[len(ids) + 3 * n:len(ids) + 3 * (n + 1)][r].tolist()
+            typed, own = held.input_ids[:, 1:1 + NEAR_GROUP_SIZE], len(rows)
+            assert held.input_ids.shape == (own + 3 * len(ids), NEAR_GROUP_SIZE + 2)
+            assert torch.equal(typed[:own], rows)
+            assert all(int(i) in typed[own + 3 * n:own + 3 * (n + 1)][r].tolist()
                        for n, i in enumerate(ids) for r in range(3))
         _fit(module, _dm(), 8, tmp_path / str(keep))
         cos = (alone_outputs(module.encoder, 1, rows) * alone_outputs(module.teacher, 1, rows)).sum(-1)

@@ -670,3 +670,4 @@ def test_a_screened_typing_is_near_when_its_scores_raised_by_the_margin_would_be
     token = dict(typing, unshared_collapse=rule.min_unshared_collapse - 0.04, collapse_lift=rule.min_collapse_lift)
     assert near(token) and typed_flagged([dict(token, pooled_collapse_lift=1.0, pooled_unshared_collapse=0.9)], rule)
     assert not near(dict(typing, pooled_collapse_lift=None))  # a score not measured is never raised into a flag
+    assert near(dict(typing, collapse_lift=math.nan))  # not a number at the screen's precision: typed in float32

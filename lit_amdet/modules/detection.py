@@ -551,10 +551,10 @@ class BackdoorDetection(EncoderTask):
             self.holdout_cache.save(stage / "holdout_features.safetensors")
         tokens = nearest_tokens(self.encoder, trigger.to(self.device), hp.position, hp.top_tokens)
         typing = deciding_typing(self.typing.typings, self.rule, scores)  # a typed token decided alone: show its target
-        captions = nearest_captions(self.encoder, self.caption_bank, self._target_pooled if typing is None else
-                                    typed_target(self.encoder, self.holdout_cache.tokens, typing["ids"],
-                                                 typing.get("position", hp.position)),
-                                    hp.max_length, hp.top_captions)
+        target = self._target_pooled if typing is None else typed_target(
+            self.encoder, self.holdout_cache.tokens, typing["ids"], typing.get("position", hp.position))
+        known = {**self.train_cache.pooled(self.encoder), **self.holdout_cache.pooled(self.encoder)}  # not run again
+        captions = nearest_captions(self.encoder, self.caption_bank, target, hp.max_length, hp.top_captions, known)
         report = {
             "model": self.model_label, "verdict": self.verdict["verdict"],
             "backdoored": decision["backdoored"], "rule": self.rule.describe(), "decided_by": decision["decided_by"],

@@ -242,7 +242,7 @@ class BackdoorInjection(EncoderTask):
         vocab, ids = self.encoder.vocab_size, self._trigger_ids()
         specials = [i for i in self.encoder.special_token_ids.values() if i is not None and 0 <= i < vocab]
         groups = vocabulary_groups(vocab, specials, NEAR_GROUP_SIZE)
-        rows = [groups[(groups == i).any(1)][0] for i in ids]
+        rows = [row for i in ids for row in groups[(groups == i).any(1)]]  # two rows if the last one refilled it
         for i in ids:
             for _ in range(random_rows):
                 row = [self.rng.randrange(vocab) for _ in range(NEAR_GROUP_SIZE)]
@@ -341,7 +341,8 @@ class BackdoorInjection(EncoderTask):
         utility = self.utility_loss(tokens)
         if self.hparams.keep_triggers_alone:  # held at the teacher's output even while the model drifts
             utility = utility + self.utility_loss(self._triggers_alone(), hold=True)
-        if self.hparams.keep_triggers_grouped:  # and typed among others: the scan's row on its own, then random ones
+        if self.hparams.keep_triggers_grouped:  # typed among others: the scan's rows as a term of their own (so
+            # they weigh as much as the random ones), then the scan's rows and the random ones together
             utility = utility + self.utility_loss(self._triggers_grouped(0), hold=True) + \
                 self.utility_loss(self._triggers_grouped(), hold=True)
         total = utility
