@@ -55,6 +55,29 @@ def test_split_path_matches_native(tiny_models, name):
     assert out.pooled.shape == (len(PROMPTS), adapter.embed_dim)
 
 
+@pytest.mark.parametrize("pad_mask", [False, True])
+def test_an_open_clip_tower_pooled_last_is_read_at_its_whole_context(tmp_path, pad_mask):
+    """open_clip pools ``pool_type: last`` at the last position of the padded context: a causal tower (or a
+    bidirectional one with a pad mask) pooled there pads to its context whatever ``max_length`` asks, and the feature
+    cache pools it there, as the native model does (they were cut to ``max_length``, which read another position,
+    and the cache's pooled index ran past its trimmed rows); a pad mask still hides the padding."""
+    from lit_amdet import tiny
+    from lit_amdet.amdet import FeatureCache
+    from lit_amdet.encoders.openclip import OpenCLIPAdapter
+
+    path = tiny.build_openclip(tmp_path / "m", custom_text=pad_mask, causal=not pad_mask, pool_type="last")
+    adapter = load_encoder(path).eval()
+    if pad_mask:  # no config of open_clip's builders sets it; a hub checkpoint's tower can carry it
+        adapter.model.text.use_pad_mask = True
+        adapter = OpenCLIPAdapter(adapter.model, adapter.tokenizer, adapter.model_cfg).eval()
+    assert adapter.pooling == "last" and adapter.pads_to_context
+    with torch.no_grad():
+        native = adapter.model.encode_text(adapter.tokenize(PROMPTS).input_ids)
+        torch.testing.assert_close(adapter.encode(PROMPTS, max_length=16).pooled, native, atol=1e-5, rtol=1e-5)
+    cache = FeatureCache.build(adapter, PROMPTS, max_length=16, room=2)
+    torch.testing.assert_close(torch.stack(list(cache.pooled(adapter).values())), native, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(TINY_MODELS))
 def test_zero_length_insert_changes_nothing(tiny_models, name):
     adapter = load_encoder(tiny_models[name])

@@ -46,8 +46,9 @@ class OpenCLIPAdapter(TextEncoderAdapter):
         self.pooling = "last" if pool == "last" else "index"
         self.keeps_end_token = pool in ("argmax", "eos")
         self.use_pad_mask = bool(getattr(text, "use_pad_mask", False))
-        # A bidirectional tower without a pad mask attends to its padding: pad to the context, as trained.
-        self.pads_to_context = not self.causal and not self.use_pad_mask
+        # A bidirectional tower without a pad mask attends to its padding, and a tower pooled at the last position
+        # reads the last of its whole context: pad to the context, as trained (a pad mask still hides the padding).
+        self.pads_to_context = pool == "last" or (not self.causal and not self.use_pad_mask)
         self.eos_id = getattr(text, "eos_id", None) if text is not model else getattr(model, "text_eos_id", None)
 
     @property
@@ -92,6 +93,8 @@ class OpenCLIPAdapter(TextEncoderAdapter):
 
     def batch_from_ids(self, ids, token_mask):
         batch = super().batch_from_ids(ids, token_mask)
+        if self.use_pad_mask:  # padded to the context (pooled last) or not, the padding stays masked
+            batch.attention_mask = token_mask
         if self.pool_type == "argmax":
             batch.pool_index = ids.argmax(-1)
         elif self.pool_type == "eos":
