@@ -21,10 +21,12 @@ import torch
 
 from lit_amdet.amdet import FeatureCache
 from lit_amdet.captions import caption_bank, nearest_captions
-from lit_amdet.datamodules import TextEncoderDataModule
 from lit_amdet.encoders import load_encoder
-from lit_amdet.io import read_yaml, write_json
+from lit_amdet.io import write_json
 from lit_amdet.resources import config_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from typed_probe import scan_prompts  # noqa: E402
 
 
 def main() -> None:
@@ -33,11 +35,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/caption_bank_reuse.json")
     args = parser.parse_args()
-    cfg = read_yaml(config_path("scan.yaml"))
-    data, hp = cfg["data"]["init_args"], cfg["model"]["init_args"]
-    dm = TextEncoderDataModule(**{k: v for k, v in data.items() if k != "source"}, source=data.get("source", "world"))
-    dm.setup("fit")
-    probe, held = dm.prompts("train", limit=hp["probe_prompts"]), dm.prompts("val", limit=hp["holdout_prompts"])
+    probe, held, hp = scan_prompts(config_path("scan.yaml"))
     model = load_encoder(args.model).eval()
     caches = [FeatureCache.build(model, p, hp["max_length"], room=hp["trigger_length"]) for p in (probe, held)]
     bank = caption_bank(None, probe + held)

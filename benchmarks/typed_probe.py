@@ -31,15 +31,20 @@ from lit_amdet.token_probe import probe_contexts, probe_tokens, typed_flagged
 REPO = Path(__file__).resolve().parents[1]
 
 
-def held_out_tokens(adapter, scan_config: Path):
-    """The held-out prompts of the shipped scan (its data section), tokenised as the scan caches them, the scan's
-    hyperparameters, and the contexts the scan types tokens into (`probe_contexts` of those prompts)."""
+def scan_prompts(scan_config: Path) -> tuple[list[str], list[str], dict]:
+    """The probe and held-out prompts of a scan config (its data section and sizes), and its hyperparameters."""
     cfg = read_yaml(scan_config)
     data = cfg["data"]["init_args"]
     hp = cfg["model"]["init_args"]
     dm = TextEncoderDataModule(**{k: v for k, v in data.items() if k != "source"}, source=data.get("source", "world"))
     dm.setup("fit")
-    prompts = dm.prompts("val", limit=hp["holdout_prompts"])
+    return dm.prompts("train", limit=hp["probe_prompts"]), dm.prompts("val", limit=hp["holdout_prompts"]), hp
+
+
+def held_out_tokens(adapter, scan_config: Path):
+    """The held-out prompts of the shipped scan (`scan_prompts`), tokenised as the scan caches them, the scan's
+    hyperparameters, and the contexts the scan types tokens into (`probe_contexts` of those prompts)."""
+    _, prompts, hp = scan_prompts(scan_config)
     tokens = FeatureCache.build(adapter, prompts, hp["max_length"], room=hp["trigger_length"]).tokens
     return tokens, hp, probe_contexts(prompts)
 

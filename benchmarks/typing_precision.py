@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from lit_amdet.decision import CollapseContrastRule, collapse_scores
+from lit_amdet.decision import CollapseContrastRule
 from lit_amdet.encoders import load_encoder
 from lit_amdet.io import read_json, write_json
 from lit_amdet.resources import config_path
-from lit_amdet.token_probe import SCREEN_MARGIN, pass_dtype, typed_flagged, typed_scores
+from lit_amdet.token_probe import SCREEN_MARGIN, pass_dtype, typed_flagged, typing_collapse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from typed_probe import held_out_tokens  # noqa: E402
@@ -36,17 +36,12 @@ PROMPTS = 32  # `probe_tokens`' default: the typings' prompts
 
 
 def typed_all(suspect, anchor, tokens, typings: list[dict], dtype: torch.dtype) -> tuple[list[dict], float]:
-    """Every typing's collapse scores at ``dtype`` (against the untyped prompts at the same precision), and the
-    seconds it took."""
-    started = time.perf_counter()
-    untyped, out = {}, []
-    for p in typings:
-        at = p.get("position", 1)
-        if at not in untyped:
-            untyped[at] = typed_scores(suspect, anchor, tokens, (), at, dtype=dtype)
-        scores = typed_scores(suspect, anchor, tokens, p["ids"], at, dtype=dtype)
-        out.append({"token": p["token"], "ids": p["ids"], "by": p.get("by"), "position": at,
-                    **collapse_scores(scores, untyped[at], anchor=True)})
+    """Every typing's collapse scores at ``dtype`` (`typing_collapse`: against the untyped prompts at the same
+    precision), and the seconds it took."""
+    started, untyped = time.perf_counter(), {}
+    out = [{"token": p["token"], "ids": p["ids"], "by": p.get("by"), "position": p.get("position", 1),
+            **typing_collapse(suspect, anchor, tokens, p["ids"], p.get("position", 1), untyped, dtype)}
+           for p in typings]
     return out, time.perf_counter() - started
 
 

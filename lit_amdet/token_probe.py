@@ -63,8 +63,8 @@ __all__ = ["AWAY_LISTS", "NEAR_GROUP_SIZE", "PRECISIONS", "PROBE_LISTS", "SCREEN
            "agreeing_tokens", "agreement_lift", "alone_batch", "alone_outputs", "alone_shift", "anchor_alone_outputs",
            "deciding_typing", "grouped_shift", "most_shifted", "moved_tokens", "pass_dtype", "probe_contexts",
            "probe_tokens", "screened_near", "shifted_tokens", "still_tokens", "typed_batch", "typed_flagged",
-           "typed_scores", "typed_target", "TypedProbe", "verdict_scores", "verdict_typing", "vocabulary_groups",
-           "vocabulary_precision"]
+           "typed_scores", "typed_target", "TypedProbe", "typing_collapse", "verdict_scores", "verdict_typing",
+           "vocabulary_groups", "vocabulary_precision"]
 
 
 def _read_last(*models: TextEncoderAdapter | None) -> bool:
@@ -364,6 +364,16 @@ def typed_scores(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     return out
 
 
+def typing_collapse(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch,
+                    typed: Sequence[int], position: int, untyped: dict, dtype: torch.dtype = torch.float32) -> dict:
+    """`collapse_scores` of typing ``typed`` at ``position`` (`typed_scores` at ``dtype``) against the same prompts
+    untyped at the same precision, whose scores ``untyped`` keeps per (position, dtype): a lift never mixes the two."""
+    if (position, dtype) not in untyped:
+        untyped[position, dtype] = typed_scores(suspect, anchor, tokens, (), position, dtype=dtype)
+    scores = typed_scores(suspect, anchor, tokens, typed, position, dtype=dtype)
+    return collapse_scores(scores, untyped[position, dtype], anchor=True)
+
+
 PROBE_LISTS = ("rows", "alone", "still", "inside", "context")
 #: the lists read off passes of the whole vocabulary through both encoders, cheapest first (``still`` and
 #: ``inside`` read the ``alone`` list's pass; ``inside`` types the still list one position further in, where a
@@ -437,12 +447,9 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     screen = pass_dtype(suspect.device) if near is not None else torch.float32
 
     def typing(typed: tuple[int, ...], at: int, by: str, moved: float, dtype: torch.dtype) -> dict:
-        if (at, dtype) not in untyped:  # the untyped prompts at the same precision: their difference is the lift
-            untyped[at, dtype] = typed_scores(suspect, anchor, tokens, (), at, dtype=dtype)
-        scores = typed_scores(suspect, anchor, tokens, typed, at, dtype=dtype)
         return {"token": " ".join(suspect.ids_to_tokens(list(typed))), "ids": list(typed), "by": by,
                 "position": at, "moved": round(moved, 4), "precision": str(dtype).removeprefix("torch."),
-                **collapse_scores(scores, untyped[at, dtype], anchor=True)}
+                **typing_collapse(suspect, anchor, tokens, typed, at, untyped, dtype)}
 
     out = []
     for (typed, at), (by, moved) in typings.items():
