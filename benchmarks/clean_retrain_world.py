@@ -256,7 +256,7 @@ def markdown(results: dict, detectors: list[str] = DETECTORS) -> str:
     for r in rows:
         lines.append(f"| {attack_label(r)} | {100 * r['rate']:g} % | {r['num_poisoned']} / {r['num_samples']} | "
                      + " | ".join(f"{r['metrics'][d]['auroc']:.3f} / {r['metrics'][d]['pr_auc']:.3f}"
-                                  for d in detectors) + " |")
+                                  if d in r["metrics"] else "–" for d in detectors) + " |")  # not scored then
     lines += ["", "| attack | rate | poisons removed / lost clean at 1 %: " + " | ".join(detectors) + " |",
               "|" + "---|" * (2 + len(detectors))]
     for r in rows:

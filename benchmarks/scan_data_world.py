@@ -33,7 +33,7 @@ from lit_amdet.datamodules.poisoned import CAPTIONS, LABELS, write_poisoned_worl
 from lit_amdet.poisoning import build_attack
 
 TARGET = "banana"
-DETECTORS = ["kdist", "lid", "slof", "dao", "iforest", "lof", "clip"]
+DETECTORS = ["kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal"]
 IMAGE_SIZE = 32  # as in configs/pretrain_poisoned.yaml
 
 
@@ -137,7 +137,8 @@ def markdown(rows: list[dict], detectors: list[str] = DETECTORS) -> str:
             + " | ".join(detectors) + " |")
     lines = [head, "|" + "---|" * (8 + len(detectors))]
     for r in rows:
-        cells = [f"{r['metrics'][d]['auroc']:.3f} / {r['metrics'][d]['pr_auc']:.3f}" for d in detectors]
+        cells = [f"{r['metrics'][d]['auroc']:.3f} / {r['metrics'][d]['pr_auc']:.3f}" if d in r["metrics"] else "–"
+                 for d in detectors]  # a detector added after the row was scanned
         refs = f"{r['reference_draws']} x {r['reference_size']}" if r["reference_size"] else "all"
         attack = r["attack"] + "".join(f" {key}={value:g}" for key, value in r["attack_args"].items())
         lines.append(f"| {attack} | {100 * r['rate']:g} % | {r['num_poisoned']} / {r['num_samples']} | "

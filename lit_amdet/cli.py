@@ -84,15 +84,18 @@ class AmdetTrainer(Trainer):
         return facts
 
     def scan_data(self, model: LightningModule, datamodule: LightningDataModule | None = None,
-                  detectors: list[str] = ["kdist", "lid", "slof", "dao", "iforest", "lof", "clip"],  # noqa: B006
+                  detectors: list[str] = [  # noqa: B006
+                      "kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "dao+xmodal"],
                   k: int = 16, labels: str | None = None, output_dir: str = "runs/scan_data", top: int = 16,
                   chunk_size: int = 1024, reference_size: int | None = None, reference_draws: int = 8,
-                  budget: int | float | None = None, cut_by: str = "dao", write_shards: bool = False,
+                  budget: int | float | None = None, cut_by: str = "dao+xmodal", write_shards: bool = False,
                   variant: Variant = "exact", dao_form: DaoForm = "log") -> dict:
         """Score every image-caption pair of a data set for being backdoor-poisoned (sparse kNN neighbourhoods).
 
         Args:
-            detectors: kdist, lid, slof, dao (global exact kNN), iforest, lof, clip (negated pair cosine).
+            detectors: kdist, lid, slof, dao (global exact kNN), iforest, lof, clip (negated pair cosine), xmodal
+                (a caption against the captions of its image's k nearest images); several joined by + (dao+xmodal)
+                rank as their union: each pair by its best rank under them.
             k: neighbourhood size.
             labels: poison labels (a poison_labels.json / .npy) to report ROC-AUC, PR-AUC and FPR@95%TPR.
             output_dir: where embeddings.safetensors, scores.csv, report.json and the PNG figures go.
@@ -105,10 +108,11 @@ class AmdetTrainer(Trainer):
             budget: remove the cut_by detector's most anomalous pairs: a fraction in (0, 1) (0.01: the top 1 %,
                 rounded up) or a count >= 1; writes keep.txt and flagged.txt (sample keys, data-set order) and
                 report.json's "cut" block (with labels: poisons removed, clean pairs lost); null = no cut.
-            cut_by: the detector whose ranking picks the cut (one of detectors). DAO by default: with
-                subsampled references it is within 0.03 ROC-AUC of the best kNN detector on every attack of
-                BENCHMARKS.md "Poisoned pairs" (0.97-1.00 on the learned backdoors, 0.85-0.98 on unlearned
-                poisons), and unlike k-distance it does not invert (ROC-AUC 0.02-0.22) with whole-set references.
+            cut_by: the detector whose ranking picks the cut (one of detectors). dao+xmodal by default: DAO finds
+                poisons isolated from clean pairs (Blend, SIG: all 25 at 0.05 %), xmodal those whose images stay
+                near clean ones but whose captions disagree with theirs (BadNets 4 x 4 at 0.05 %: 25 of 25, DAO
+                20); their union keeps 24-25 of 25 on both (BENCHMARKS.md "Captions that disagree with their
+                images' neighbours").
             write_shards: with a budget and webdataset shard input, also write the shards without the flagged
                 samples to output_dir/shards/ (same file names).
             variant: exact (neighbours exact and global), or reference: SLOF/DAO/k-dist/LID as the published

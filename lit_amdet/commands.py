@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from lit_amdet.outliers import DaoForm, Variant
 
 #: the sample detectors scan-data runs by default
-DETECTORS = ("kdist", "lid", "slof", "dao", "iforest", "lof", "clip")
+DETECTORS = ("kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "dao+xmodal")
 
 
 def detect(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule | None = None,
@@ -131,7 +131,7 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
               detectors: Sequence[str] = DETECTORS, k: int = 16, labels: str | None = None,
               output_dir: str = "runs/scan_data", top: int = 16, chunk_size: int = 1024,
               reference_size: int | None = None, reference_draws: int = 8, budget: float | int | None = None,
-              cut_by: str = "dao", write_shards: bool = False, variant: Variant = "exact",
+              cut_by: str = "dao+xmodal", write_shards: bool = False, variant: Variant = "exact",
               dao_form: DaoForm = "log") -> dict:
     """Embed every pair of ``datamodule`` with ``model`` (a `SampleEmbedding`) through ``trainer.predict`` and
     score it for poisoning on process 0 (`lit_amdet.sample_scan.score_and_report`); the report dict there, {} on
@@ -142,22 +142,24 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
     from lit_amdet import cleaning, sample_scan
     from lit_amdet.modules.data_scan import SampleEmbedding
     from lit_amdet.neighbours import ShardedSearch
-    from lit_amdet.outliers import check_reference_size
+    from lit_amdet.outliers import PAIR_DETECTORS, check_reference_size
 
     if not isinstance(model, SampleEmbedding):
         raise ConfigError(f"scan_data needs --model lit_amdet.modules.data_scan.SampleEmbedding "
                           f"(got {type(model).__name__})")
     if datamodule is None:
         raise ConfigError("scan_data needs data: --data lit_amdet.datamodules.TextEncoderDataModule --data.source ...")
-    names = sample_scan.check_detectors(detectors)
+    # the cut's ranking is always scored: the default (a union) need not be listed among the detectors
+    names = sample_scan.check_detectors([*detectors, cut_by] if budget is not None else detectors)
     modality = model.hparams.modality
     has_images = getattr(datamodule, "has_images", None)
     # Cheap checks before an embedding pass that may take many GPU-minutes.
-    if has_images is False and (modality != "text" or "clip" in names):
-        raise ConfigError(f"{'the clip detector' if modality == 'text' else f'modality {modality!r}'} needs "
+    pair = [d for d in sample_scan.base_detectors(names) if d in PAIR_DETECTORS]
+    if has_images is False and (modality != "text" or pair):
+        raise ConfigError(f"{f'the {pair[0]} detector' if modality == 'text' else f'modality {modality!r}'} needs "
                           "images, but the data has none (set data.image_column)")
-    if "clip" in names and not model.encoder.has_image_tower:
-        raise ConfigError(f"the clip detector needs an image tower; {model.encoder.name} has none; "
+    if pair and not model.encoder.has_image_tower:
+        raise ConfigError(f"the {pair[0]} detector needs an image tower; {model.encoder.name} has none; "
                           "drop it from detectors")
     if labels is not None and getattr(datamodule, "dataset", None) is not None:
         sample_scan.read_labels(labels, len(datamodule.dataset))

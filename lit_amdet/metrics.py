@@ -112,6 +112,19 @@ def ranks(scores: np.ndarray) -> np.ndarray:
     return out
 
 
+def rank_union(*scores: np.ndarray) -> np.ndarray:
+    """Several detectors' scores as one ranking that flags what any of them ranks high: samples ordered by their
+    best rank under the detectors, ties by their second best (then by index, as `ranks` breaks them). Returned as
+    a score (higher = more anomalous): ``-(best + (second - 1) / n)``. The top ``B`` of it holds every sample each
+    detector ranks within about ``B / len(scores)`` (less where the lists overlap): a budget shared between
+    detectors that each see poisons the other misses."""
+    if not scores or any(s.shape != scores[0].shape for s in scores):
+        raise ValueError("rank_union needs one or more score arrays of the same shape")
+    each = np.sort(np.stack([ranks(s) for s in scores]), axis=0)  # [detectors, n], best rank first
+    second = each[1] if len(scores) > 1 else np.ones_like(each[0])
+    return -(each[0] + (second - 1) / len(scores[0])).astype(np.float64)
+
+
 def recall_at_k(queries: Tensor, keys: Tensor, ks: tuple[int, ...] = (1, 5), block: int = 100) -> dict[int, float]:
     """Recall@k of query i retrieving key i among ``block`` consecutive candidates (blocks of the set).
 

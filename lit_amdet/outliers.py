@@ -21,6 +21,13 @@ excluded when ``x`` is in ``R``), ``i = 1..k``.
   ``mean_j ((a_k(x) + eps) / (a_k(x_j) + eps)) ** LID(x_j)`` (Anderberg et al.,
   SDM 2024; ``dao_form="power"``), reported as its logarithm: the same ranking,
   and no overflow (LIDs of 10-50 raise ratios of a few to beyond float32).
+* xmodal (cross-modal disagreement): ``-mean_{j in kNN_image(x)} cos(t(x), t(x_j))``,
+  how unlike a pair's caption is to the captions of its image's ``k`` nearest
+  images. A poison pairs an image with the attacker's caption, not with what
+  the image shows, so images like it carry other captions; the kNN-label
+  consistency filter of noisy-label learning (Peri et al., "Deep k-NN defense
+  against clean-label data poisoning", 2020), with captions as labels. It reads
+  both towers' embeddings, not the sample features.
 
 Neighbours are exact and global over the whole set (`lit_amdet.neighbours`:
 chunked matrix products, in one process or spread over several). The
@@ -45,6 +52,7 @@ from lit_amdet.neighbours import Metric, NeighbourSearch, float_matrix, knn
 __all__ = [
     "DAO_FORMS",
     "DETECTORS",
+    "PAIR_DETECTORS",
     "VARIANTS",
     "check_reference_size",
     "clip_score",
@@ -57,11 +65,14 @@ __all__ = [
     "reference_code_scores",
     "score_samples",
     "slof_score",
+    "xmodal_score",
 ]
 
 #: Detector names understood by :func:`score_samples`.
-DETECTORS: tuple[str, ...] = ("kdist", "lid", "slof", "dao", "iforest", "lof", "clip")
+DETECTORS: tuple[str, ...] = ("kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal")
 _KNN_DETECTORS = frozenset({"kdist", "lid", "slof", "dao"})
+#: the detectors that read a pair's image and caption embeddings apart (`score_and_report`'s ``image_text``)
+PAIR_DETECTORS = frozenset({"clip", "xmodal"})
 
 Variant = Literal["exact", "reference"]
 #: ``exact``: the formulas above on exact global neighbours; ``reference``: the published code's (see module doc).
@@ -235,6 +246,54 @@ def clip_score(image_embeddings: Tensor, text_embeddings: Tensor) -> Tensor:
     )
 
 
+def caption_disagreement(text: Tensor, neighbours: Tensor, ref_text: Tensor | None = None,
+                         chunk_size: int = 4096) -> Tensor:
+    """``-mean_j cos(t_i, r_j)`` over the rows ``j`` of ``neighbours[i]`` (indices into ``ref_text``, default
+    ``text``): how unlike each caption is to its neighbours' captions. Chunked: ``[N, k, D]`` at once would not
+    fit for a million pairs."""
+    t = torch.nn.functional.normalize(float_matrix(text), dim=1)
+    r = t if ref_text is None else torch.nn.functional.normalize(float_matrix(ref_text), dim=1)
+    out = torch.empty(len(t), dtype=t.dtype, device=t.device)
+    for s in range(0, len(t), chunk_size):
+        out[s:s + chunk_size] = -(t[s:s + chunk_size].unsqueeze(1) * r[neighbours[s:s + chunk_size]]).sum(-1).mean(1)
+    return out
+
+
+def xmodal_score(image: Tensor, text: Tensor, k: int = 16, *, chunk_size: int = 1024, seed: int = 0,
+                 reference_size: int | None = None, reference_draws: int = 1,
+                 search: NeighbourSearch | None = None) -> Tensor | None:
+    """Cross-modal disagreement (module doc): each pair's caption against the captions of its image's ``k``
+    nearest images, among the whole set or, with ``reference_size``, in each of ``reference_draws`` random
+    subsamples (the same draws as `score_samples` with the same ``seed``), averaged. Against the whole set
+    poisons that share a trigger are each other's nearest images and share the caption too (blended images
+    are); a subsample leaves few of them. None on a process of ``search`` that only lent its share."""
+    n = image.shape[0]
+    opts = dict(k=k, chunk_size=chunk_size)
+    if reference_size is not None:
+        check_reference_size(k, reference_size, reference_draws, n)
+    if reference_size is None:
+        found = (search or knn)(image, None, **opts)
+        return None if found is None else caption_disagreement(text, found[1])
+    total: Tensor | None = None
+    for rows, own in _reference_draws(n, reference_size, reference_draws, seed, image.device):
+        found = (search or knn)(image, image[rows], self_index=own, **opts)
+        if found is None:
+            continue
+        score = caption_disagreement(text, found[1], text[rows]) / reference_draws
+        total = score if total is None else total + score
+    return total
+
+
+def _reference_draws(n: int, reference_size: int, reference_draws: int, seed: int, device: torch.device):
+    """The random subsamples the scores are averaged over: each draw's rows, and each point's row in it (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(reference_draws):
+        rows = torch.randperm(n, generator=g)[:reference_size].to(device)
+        own = torch.full((n,), -1, dtype=torch.int64, device=device)
+        own[rows] = torch.arange(reference_size, device=device)
+        yield rows, own
+
+
 # ---------------------------------------------------------------------------
 # convenience
 # ---------------------------------------------------------------------------
@@ -281,7 +340,8 @@ def score_samples(
     that are not its root only lend their share and get ``{}``.
 
     ``"iforest"`` and ``"lof"`` run scikit-learn on CPU (fit on ``embeddings``);
-    ``"clip"`` needs ``text_embeddings``. Results are on ``embeddings.device``.
+    ``"clip"`` and ``"xmodal"`` read ``embeddings`` as the image embeddings and need ``text_embeddings``.
+    Results are on ``embeddings.device``.
     """
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown:
@@ -305,11 +365,7 @@ def score_samples(
             if references is not None:
                 raise ValueError("reference_size subsamples the set itself; it does not go with references")
             check_reference_size(k, reference_size, reference_draws, n, variant)
-            g = torch.Generator().manual_seed(seed)
-            for _ in range(reference_draws):
-                rows = torch.randperm(n, generator=g)[:reference_size].to(embeddings.device)
-                own = torch.full((n,), -1, dtype=torch.int64, device=embeddings.device)
-                own[rows] = torch.arange(reference_size, device=embeddings.device)
+            for rows, own in _reference_draws(n, reference_size, reference_draws, seed, embeddings.device):
                 draw = _knn_scores(embeddings, embeddings[rows], own, **how)
                 for name, score in draw.items():
                     out[name] = out[name] + score / reference_draws if name in out else score / reference_draws
@@ -324,6 +380,11 @@ def score_samples(
         if text_embeddings is None:
             raise ValueError("the 'clip' detector needs text_embeddings")
         out["clip"] = clip_score(embeddings, text_embeddings)
+    if "xmodal" in detectors:
+        if text_embeddings is None:
+            raise ValueError("the 'xmodal' detector needs text_embeddings")
+        out["xmodal"] = xmodal_score(embeddings, text_embeddings, k, chunk_size=chunk_size, seed=seed,
+                                     reference_size=reference_size, reference_draws=reference_draws)
     return {name: out[name] for name in detectors}
 
 

@@ -29,10 +29,18 @@ from lit_amdet import cleaning
 from lit_amdet.datamodules.shards import skipped_summary
 from lit_amdet.errors import ConfigError, LitAmdetError, missing_hint
 from lit_amdet.io import write_json, write_with
-from lit_amdet.metrics import ranking_metrics
+from lit_amdet.metrics import rank_union, ranking_metrics
 from lit_amdet.metrics import ranks as rank_scores
 from lit_amdet.neighbours import NeighbourSearch
-from lit_amdet.outliers import DETECTORS, DaoForm, Variant, clip_score, score_samples
+from lit_amdet.outliers import (
+    DETECTORS,
+    PAIR_DETECTORS,
+    DaoForm,
+    Variant,
+    clip_score,
+    score_samples,
+    xmodal_score,
+)
 from lit_amdet.poisoning import load_labels
 
 Modality = Literal["image", "text", "both"]
@@ -50,13 +58,19 @@ def sample_features(image: Tensor | None, text: Tensor, modality: Modality) -> T
 
 
 def check_detectors(detectors: Sequence[str]) -> list[str]:
-    """The detector names without repeats; an unknown name (or none) is a `ConfigError`."""
+    """The detector names without repeats; an unknown name (or none) is a `ConfigError`. A name joining several
+    detectors with ``+`` (``dao+xmodal``) is their `rank_union`."""
     names = list(dict.fromkeys(detectors))  # a repeated name would repeat a CSV column
-    unknown = [d for d in names if d not in DETECTORS]
+    unknown = [d for d in names if not all(part in DETECTORS for part in d.split("+"))]
     if unknown or not names:
         raise ConfigError(f"unknown detector(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                          f"choose from {', '.join(DETECTORS)}")
+                          f"choose from {', '.join(DETECTORS)}, or several joined by + (dao+xmodal)")
     return names
+
+
+def base_detectors(names: Sequence[str]) -> list[str]:
+    """The detectors ``names`` need computed: each one, the parts of each union (`check_detectors`)."""
+    return list(dict.fromkeys(part for d in names for part in d.split("+")))
 
 
 def read_labels(path: str | Path, num_samples: int) -> np.ndarray:
@@ -206,10 +220,12 @@ def score_and_report(
         embeddings: ``[N, D]`` sample features (see `sample_features`).
         captions: the ``N`` captions, in row order.
         labels: poison labels: a `PoisonedPairs.save_labels` file or a bool mask; None if unknown.
-        detectors: names from `lit_amdet.outliers.DETECTORS`.
+        detectors: names from `lit_amdet.outliers.DETECTORS`, or several joined by ``+`` (their `rank_union`;
+            its parts are scored and reported too).
         k: neighbourhood size of the kNN detectors and LOF.
         out_dir: where ``scores.csv``, ``report.json`` and the PNG figures go.
-        image_text: ``(image, text)`` embeddings for the ``clip`` baseline (negated pair cosine).
+        image_text: ``(image, text)`` embeddings for the ``clip`` baseline (negated pair cosine) and ``xmodal``
+            (a caption against its image's neighbours' captions).
         indices: data-set index of each row (default ``0..N-1``).
         image_loader: data-set index -> PIL image, for the thumbnails (None: captions only).
         top: how many top-ranked samples the thumbnail figure and the report list.
@@ -227,7 +243,8 @@ def score_and_report(
         search: the neighbour search spread over processes (`lit_amdet.neighbours.ShardedSearch`): every
             process calls this with the same arguments; all take part in the search, process 0 writes the
             files and the others return ``{}``.
-        budget: remove ``cut_by``'s top ``budget`` (a fraction in (0, 1) or a count; `lit_amdet.cleaning`):
+        budget: remove ``cut_by``'s top ``budget`` (a fraction in (0, 1) or a count; `lit_amdet.cleaning`; ``cut_by``
+            is scored whether ``detectors`` lists it or not):
             writes ``keep.txt``/``flagged.txt`` and the report's ``cut`` block; None: no cut.
         cut_by: the detector whose ranking picks the cut.
         keys: each row's sample key for the key lists (default: its data-set index).
@@ -239,7 +256,9 @@ def score_and_report(
     Returns:
         The ``report.json`` content.
     """
-    names = check_detectors(detectors)
+    names = check_detectors([*detectors, cut_by] if budget is not None else detectors)  # the cut's is scored
+    computed = base_detectors(names)
+    names = list(dict.fromkeys([*names, *computed]))  # a union's parts are reported beside it
     if embeddings.dim() != 2 or embeddings.shape[0] < 2:
         raise ConfigError(f"need an [N, D] embedding matrix with N >= 2, got shape {tuple(embeddings.shape)}")
     n = embeddings.shape[0]
@@ -249,8 +268,9 @@ def score_and_report(
         raise ConfigError(f"k={k} must be in [1, {n - 1}] for {n} samples")
     if top < 0 or chunk_size < 1:
         raise ConfigError(f"top must be >= 0 and chunk_size >= 1 (got {top}, {chunk_size})")
-    if "clip" in names and image_text is None:
-        raise ConfigError("the clip detector needs image and text embeddings (a model with an image tower "
+    pair = [d for d in computed if d in PAIR_DETECTORS]
+    if pair and image_text is None:
+        raise ConfigError(f"the {pair[0]} detector needs image and text embeddings (a model with an image tower "
                           "and data with images); drop it from detectors")
     cleaning.check_cut(budget, cut_by, names, n)
     if keys is not None and len(keys) != n:
@@ -265,19 +285,25 @@ def score_and_report(
             raise ConfigError(f"labels for {mask.size} samples, but there are {n}")
 
     x = embeddings.to(device) if device is not None else embeddings
-    others = [d for d in names if d != "clip"]
+    others = [d for d in computed if d not in PAIR_DETECTORS]
     try:  # the library's own checks (e.g. reference_size) become the one-line config error
         raw = score_samples(x, others, k, chunk_size=chunk_size, seed=seed, reference_size=reference_size,
                             reference_draws=reference_draws, variant=variant, dao_form=dao_form,
                             search=search) if others else {}
+        if "xmodal" in computed:  # every process: its image search is spread over them too
+            assert image_text is not None
+            image, text = (t.to(x.device) for t in image_text)
+            raw["xmodal"] = xmodal_score(image, text, k, chunk_size=chunk_size, seed=seed,
+                                         reference_size=reference_size, reference_draws=reference_draws, search=search)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if search is not None and not search.is_root:
         return {}  # this process lent its share of the neighbour search; process 0 writes the report
-    if "clip" in names:
+    if "clip" in computed:
         assert image_text is not None
         raw["clip"] = clip_score(*image_text)
-    scores = {d: raw[d].detach().double().cpu().numpy() for d in names}
+    scores = {d: raw[d].detach().double().cpu().numpy() for d in computed}
+    scores = {d: scores[d] if d in scores else rank_union(*(scores[part] for part in d.split("+"))) for d in names}
     ranks = {d: rank_scores(s) for d, s in scores.items()}
 
     out = Path(out_dir)

@@ -296,7 +296,8 @@ def test_scan_data_budget_writes_the_cut(world, tmp_path, capsys):
     from lit_amdet.datamodules import TextEncoderDataModule
     from lit_amdet.sample_scan import read_labels
 
-    scan(world, tmp_path, "--detectors", "[kdist,dao,clip]", "--labels", str(world[1]), "--budget", "0.05")
+    scan(world, tmp_path, "--detectors", "[kdist,dao,clip]", "--labels", str(world[1]), "--budget", "0.05",
+         "--cut_by", "dao")
     dm = TextEncoderDataModule(source=str(world[0]), image_column="image", val_fraction=0)
     keys = [dm.sample_key(i) for i in range(N_WORLD)]
     keep, flagged = read_keys(tmp_path / KEEP), read_keys(tmp_path / FLAGGED)
@@ -321,6 +322,13 @@ def test_scan_data_budget_writes_the_cut(world, tmp_path, capsys):
     assert "cut by dao at budget 0.05: 10 of 200 flagged" in capsys.readouterr().out
 
 
+def test_scan_data_scores_the_default_cut_even_when_not_listed(world, tmp_path):
+    scan(world, tmp_path, "--detectors", "[kdist]", "--labels", str(world[1]), "--budget", "0.05")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["cut"]["detector"] == "dao+xmodal" and report["cut"]["flagged"] == 10
+    assert report["detectors"] == ["kdist", "dao+xmodal", "dao", "xmodal"]
+
+
 def test_scan_data_budget_count_without_labels(world, tmp_path):
     scan(world, tmp_path, "--detectors", "[kdist,slof]", "--budget", "3", "--cut_by", "kdist")
     report = json.loads((tmp_path / "report.json").read_text())
@@ -329,7 +337,7 @@ def test_scan_data_budget_count_without_labels(world, tmp_path):
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--budget", "0.01", "--cut_by", "lof"], "cut_by 'lof' is not among the detectors run (kdist, dao)"),
+    (["--budget", "0.01", "--cut_by", "dao+lif"], "unknown detector(s) 'dao+lif'"),
     (["--budget", "200"], "removes 200 of 200 samples"),
     (["--budget", "2.5"], "whole count"),
     (["--write_shards", "true"], "write_shards needs a budget"),

@@ -13,6 +13,7 @@ from lit_amdet.metrics import (
     auroc,
     classification_metrics,
     probability_metrics,
+    rank_union,
     ranking_metrics,
     ranks,
     recall_at_k,
@@ -87,6 +88,28 @@ def test_ranking_metrics_large_scores_and_ties():
 
 def test_ranks_break_ties_by_index():
     assert ranks(np.array([0.5, 2.0, 0.5, 3.0])).tolist() == [3, 2, 4, 1]
+
+
+def test_rank_union_orders_by_best_then_second_rank():
+    rng = np.random.default_rng(5)
+    a, b, c = rng.normal(size=40), rng.normal(size=40), rng.normal(size=40)
+    a[7] = b[7]  # values repeat across detectors: ranks, not scores, are compared
+    for parts in ((a, b), (a, b, c)):
+        # a loop: each sample's ranks (1 = most anomalous, ties to the lower index) sorted best first
+        rank = [{i: r + 1 for r, i in enumerate(sorted(range(40), key=lambda i: (-s[i], i)))} for s in parts]
+        keys = {i: sorted(r[i] for r in rank)[:2] for i in range(40)}
+        want = sorted(range(40), key=lambda i: (*keys[i], i))
+        assert (np.argsort(-rank_union(*parts), kind="stable")).tolist() == want
+    # the top 2 of a two-detector union holds each one's first: what either flags, the union flags
+    top = np.argsort(-rank_union(a, b), kind="stable")[:2]
+    assert set(top) == {int(np.argmax(a)), int(np.argmax(b))} or int(np.argmax(a)) == int(np.argmax(b))
+    np.testing.assert_array_equal(np.argsort(-rank_union(a), kind="stable"), np.argsort(-a, kind="stable"))
+    # the guarantee a cut rests on: a sample some detector ranks r-th is within the union's first len(parts) * r
+    for parts in ((a, b), (a, b, c)):
+        best = np.min([ranks(s) for s in parts], axis=0)
+        assert (ranks(rank_union(*parts)) <= len(parts) * best).all()
+    with pytest.raises(ValueError):
+        rank_union(a, b[:3])
 
 
 def test_recall_at_k_against_a_loop():

@@ -16,6 +16,7 @@ from lit_amdet.outliers import (
     lof_score,
     score_samples,
     slof_score,
+    xmodal_score,
 )
 
 EPS = 1e-12
@@ -314,3 +315,56 @@ def test_subsampling_unmasks_a_clump_of_outliers():
     for name in ("slof", "dao"):
         assert roc_auc_score(labels, whole[name].numpy()) < 0.6, name  # masked
         assert roc_auc_score(labels, sub[name].numpy()) > 0.95, name
+
+
+def _brute_xmodal(image: np.ndarray, text: np.ndarray, k: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """Each caption's mean cosine to the captions of its image's k nearest images (by Euclidean distance, ties to
+    the lower row; itself excluded), negated, against ``rows`` (default: every row)."""
+    rows = np.arange(len(image)) if rows is None else rows
+    d = np.sqrt(((image[:, None] - image[rows][None]) ** 2).sum(-1))
+    d[rows, np.arange(len(rows))] = np.inf  # a sample is not its own neighbour
+    nb = rows[np.argsort(d, axis=1, kind="stable")[:, :k]]
+    t = text / np.linalg.norm(text, axis=1, keepdims=True)
+    return -np.einsum("nd,nkd->nk", t, t[nb]).mean(1)
+
+
+def test_xmodal_matches_brute_force_whole_set_and_subsamples():
+    rng = np.random.default_rng(21)
+    image = rng.normal(size=(80, 6))
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text = rng.normal(size=(80, 5))
+    image[10:14] = image[3]  # duplicates: ties broken by row, as the search does
+    got = xmodal_score(torch.from_numpy(image), torch.from_numpy(text), 5, chunk_size=7)
+    np.testing.assert_allclose(got.numpy(), _brute_xmodal(image, text, 5), rtol=1e-10)
+    got = xmodal_score(torch.from_numpy(image), torch.from_numpy(text), 4, reference_size=25, reference_draws=3,
+                       seed=4)
+    g, want = torch.Generator().manual_seed(4), np.zeros(80)
+    for _ in range(3):  # the draws of score_samples with the same seed
+        want += _brute_xmodal(image, text, 4, torch.randperm(80, generator=g)[:25].numpy()) / 3
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
+    out = score_samples(torch.from_numpy(image), ("xmodal",), 4, text_embeddings=torch.from_numpy(text),
+                        reference_size=25, reference_draws=3, seed=4)
+    np.testing.assert_allclose(out["xmodal"].numpy(), want, rtol=1e-10)
+    with pytest.raises(ValueError, match="text_embeddings"):
+        score_samples(torch.from_numpy(image), ("xmodal",))
+
+
+def test_xmodal_finds_a_caption_that_disagrees_with_its_images_neighbours():
+    # 30 clusters of images, each captioned alike; 12 images of the clusters carry one foreign caption (a poison
+    # pairs an image with the attacker's caption, not with what it shows) and sit among the clean images. DAO sees
+    # nothing: the poisoned images are where clean images are.
+    rng = np.random.default_rng(3)
+    centres, captions = rng.normal(size=(30, 16)), rng.normal(size=(30, 12))
+    which = rng.integers(0, 30, size=1200)
+    image = centres[which] + 0.3 * rng.normal(size=(1200, 16))
+    text = captions[which] + 0.3 * rng.normal(size=(1200, 12))
+    poisons = rng.choice(1200, size=12, replace=False)
+    text[poisons] = rng.normal(size=12)[:, None] * 0.01 + rng.normal(size=(1, 12))  # one target caption
+    labels = np.zeros(1200, bool)
+    labels[poisons] = True
+    from sklearn.metrics import roc_auc_score
+
+    x, t = torch.from_numpy(image), torch.from_numpy(text)
+    sub = score_samples(x, ("xmodal", "dao"), 8, text_embeddings=t, reference_size=200, reference_draws=4)
+    assert roc_auc_score(labels, sub["xmodal"].numpy()) > 0.99
+    assert roc_auc_score(labels, sub["dao"].numpy()) < 0.8

@@ -68,9 +68,34 @@ def test_bad_inputs_raise_config_error(tmp_path):
         score_and_report(x, captions, None, ["kdist"], 44, tmp_path, quiet=True)
     with pytest.raises(ConfigError, match="clip detector"):
         score_and_report(x, captions, None, ["clip"], 4, tmp_path, quiet=True)
+    with pytest.raises(ConfigError, match="xmodal detector"):
+        score_and_report(x, captions, None, ["dao", "xmodal"], 4, tmp_path, quiet=True)
+    with pytest.raises(ConfigError, match="reference_size"):  # checked for xmodal's own search too
+        score_and_report(x, captions, None, ["xmodal"], 4, tmp_path, quiet=True, image_text=(image, text),
+                         reference_size=3)
     with pytest.raises(ConfigError, match="needs image embeddings"):
         sample_features(None, text, "both")
     assert check_detectors(["kdist", "lid", "kdist"]) == ["kdist", "lid"]
+    assert check_detectors(["dao+xmodal"]) == ["dao+xmodal"]
+    with pytest.raises(ConfigError, match="unknown detector"):
+        check_detectors(["dao+mahalanobis"])
+    with pytest.raises(ConfigError, match="xmodal detector"):  # a union's parts need what the parts need
+        score_and_report(x, captions, None, ["dao+xmodal"], 4, tmp_path, quiet=True)
+
+
+def test_a_union_of_detectors_is_scored_reported_and_cut_by(tmp_path):
+    image, text, labels = _planted()
+    captions = [f"pair {i}" for i in range(len(labels))]
+    report = score_and_report(torch.cat([image, text], 1), captions, labels, ["dao+clip"], 8, tmp_path,
+                              image_text=(image, text), quiet=True, budget=4, cut_by="dao+clip")
+    assert report["detectors"] == ["dao+clip", "dao", "clip"]  # the parts reported beside the union
+    with (tmp_path / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # the union's ranks from the parts' ranks (exact integers; the scores are printed to 6 digits)
+    best = {i: sorted(int(r[f"{d}_rank"]) for d in ("dao", "clip")) for i, r in enumerate(rows)}
+    want = sorted(range(len(rows)), key=lambda i: (*best[i], i))
+    assert sorted(range(len(rows)), key=lambda i: int(rows[i]["dao+clip_rank"])) == want
+    assert report["cut"]["detector"] == "dao+clip" and report["cut"]["metrics"]["poisons_removed"] == 4
 
 
 def _batch(index: list[int], dim: int = 3, image: bool = True) -> dict:

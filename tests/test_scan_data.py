@@ -66,7 +66,7 @@ def test_scan_data_cli_writes_every_output(poisoned_world, tiny_clip, tmp_path, 
     assert sum(int(r["poisoned"]) for r in rows) == 6
     assert sorted(int(r["slof_rank"]) for r in rows) == list(range(1, N_WORLD + 1))
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["metrics"]) == {"kdist", "lid", "slof", "dao", "iforest", "lof", "clip"}
+    assert set(report["metrics"]) == {"kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "dao+xmodal"}
     for m in report["metrics"].values():  # a random-init CLIP says nothing about quality: range only
         assert all(0.0 <= v <= 1.0 for v in m.values())
     for name in ("hist_kdist.png", "hist_clip.png", "top_samples.png"):

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from lit_amdet.neighbours import ShardedSearch, knn, merge_neighbours
-from lit_amdet.outliers import score_samples
+from lit_amdet.outliers import score_samples, xmodal_score
 
 NAMES = ("kdist", "lid", "slof", "dao")
+#: the cases xmodal is also spread over processes in (its captions: `_captions`)
+XMODAL_CASES = ("ints_k16", "floats", "ints_subsampled")
 
 
 def _data() -> dict[str, torch.Tensor]:
@@ -42,6 +44,15 @@ CASES: dict[str, tuple[str, int, dict]] = {
 }
 
 
+def _captions(x: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(len(x)).normal(size=(len(x), 4))).float()
+
+
+def _xmodal(x: torch.Tensor, k: int, opts: dict, search=None, chunk_size: int = 1024):
+    subsample = {key: opts[key] for key in ("reference_size", "reference_draws", "seed") if key in opts}
+    return xmodal_score(x, _captions(x), k, chunk_size=chunk_size, search=search, **subsample)
+
+
 def _lists(search, x: torch.Tensor, k: int, metric: str = "euclidean"):
     """The whole set against itself, and the set against every third row of it (the query-share mode)."""
     sub = torch.arange(0, len(x), 3 if len(x) >= 3 * (k + 2) else 1)
@@ -62,6 +73,8 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             metric = opts.get("metric", "euclidean")
             results[name] = (_lists(search, data[which], k, metric),
                              score_samples(data[which], NAMES, k, chunk_size=29, search=search, **opts))
+            if name in XMODAL_CASES:
+                results[name + "_xmodal"] = _xmodal(data[which], k, opts, search, chunk_size=29)
         try:  # a bad argument fails on every process before any exchange: none waits for the others
             search(data["ints"], k=len(data["ints"]))
         except ValueError:
@@ -70,6 +83,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             torch.save(results, out)
         else:
             assert all(r[1] == {} and r[0] == (None, None) for n, r in results.items() if n in CASES)
+            assert all(results[n + "_xmodal"] is None for n in XMODAL_CASES)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -92,6 +106,8 @@ def test_two_processes_equal_one_bit_for_bit(tmp_path):
         want = score_samples(data[which], NAMES, k, chunk_size=1024, **opts)
         for det in NAMES:
             assert torch.equal(scores[det], want[det]), (name, det)
+        if name in XMODAL_CASES:
+            assert torch.equal(results[name + "_xmodal"], _xmodal(data[which], k, opts)), name
     assert (results["ints_k16"][0][0][0][-20:] == 0).all()  # the duplicate group really is tied at 0
 
 
