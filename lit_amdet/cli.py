@@ -84,11 +84,10 @@ class AmdetTrainer(Trainer):
         return facts
 
     def scan_data(self, model: LightningModule, datamodule: LightningDataModule | None = None,
-                  detectors: list[str] = [  # noqa: B006
-                      "kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "dao+xmodal"],
+                  detectors: list[str] = list(commands.DETECTORS),  # noqa: B006, B008
                   k: int = 16, labels: str | None = None, output_dir: str = "runs/scan_data", top: int = 16,
                   chunk_size: int = 1024, reference_size: int | None = None, reference_draws: int = 8,
-                  budget: int | float | None = None, cut_by: str = "dao+xmodal", write_shards: bool = False,
+                  budget: int | float | None = None, cut_by: str = commands.CUT_BY, write_shards: bool = False,
                   variant: Variant = "exact", dao_form: DaoForm = "log") -> dict:
         """Score every image-caption pair of a data set for being backdoor-poisoned (sparse kNN neighbourhoods).
 

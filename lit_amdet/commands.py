@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 #: the sample detectors scan-data runs by default
 DETECTORS = ("kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "dao+xmodal")
+#: the detector (here a rank union) whose ranking scan-data's budget cuts by default
+CUT_BY = "dao+xmodal"
 
 
 def detect(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule | None = None,
@@ -131,7 +133,7 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
               detectors: Sequence[str] = DETECTORS, k: int = 16, labels: str | None = None,
               output_dir: str = "runs/scan_data", top: int = 16, chunk_size: int = 1024,
               reference_size: int | None = None, reference_draws: int = 8, budget: float | int | None = None,
-              cut_by: str = "dao+xmodal", write_shards: bool = False, variant: Variant = "exact",
+              cut_by: str = CUT_BY, write_shards: bool = False, variant: Variant = "exact",
               dao_form: DaoForm = "log") -> dict:
     """Embed every pair of ``datamodule`` with ``model`` (a `SampleEmbedding`) through ``trainer.predict`` and
     score it for poisoning on process 0 (`lit_amdet.sample_scan.score_and_report`); the report dict there, {} on
@@ -149,8 +151,7 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
                           f"(got {type(model).__name__})")
     if datamodule is None:
         raise ConfigError("scan_data needs data: --data lit_amdet.datamodules.TextEncoderDataModule --data.source ...")
-    # the cut's ranking is always scored: the default (a union) need not be listed among the detectors
-    names = sample_scan.check_detectors([*detectors, cut_by] if budget is not None else detectors)
+    names = sample_scan.detectors_run(detectors, budget, cut_by)
     modality = model.hparams.modality
     has_images = getattr(datamodule, "has_images", None)
     # Cheap checks before an embedding pass that may take many GPU-minutes.

@@ -68,6 +68,12 @@ def check_detectors(detectors: Sequence[str]) -> list[str]:
     return names
 
 
+def detectors_run(detectors: Sequence[str], budget: float | int | None, cut_by: str) -> list[str]:
+    """`check_detectors` of ``detectors`` plus, with a ``budget``, the cut's ``cut_by``: the cut's ranking is
+    always scored (the default, a union, need not be listed)."""
+    return check_detectors([*detectors, cut_by] if budget is not None else detectors)
+
+
 def base_detectors(names: Sequence[str]) -> list[str]:
     """The detectors ``names`` need computed: each one, the parts of each union (`check_detectors`)."""
     return list(dict.fromkeys(part for d in names for part in d.split("+")))
@@ -256,7 +262,7 @@ def score_and_report(
     Returns:
         The ``report.json`` content.
     """
-    names = check_detectors([*detectors, cut_by] if budget is not None else detectors)  # the cut's is scored
+    names = detectors_run(detectors, budget, cut_by)
     computed = base_detectors(names)
     names = list(dict.fromkeys([*names, *computed]))  # a union's parts are reported beside it
     if embeddings.dim() != 2 or embeddings.shape[0] < 2:

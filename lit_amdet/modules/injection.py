@@ -16,6 +16,7 @@ fine-tune that moves the whole model (the benchmark's drift sweep, with
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import time
 from pathlib import Path
@@ -235,14 +236,23 @@ class BackdoorInjection(EncoderTask):
         """Every token of every trigger typed alone into the empty prompt (`keep_triggers_alone`)."""
         return alone_batch(self.encoder, 1, torch.tensor(self._trigger_ids())).to(self.device)
 
+    def _vocabulary_specials(self) -> list[int]:
+        vocab = self.encoder.vocab_size
+        return [i for i in self.encoder.special_token_ids.values() if i is not None and 0 <= i < vocab]
+
+    @functools.cached_property
+    def _scan_rows(self) -> list[Tensor]:
+        """The rows of the scan's fixed shuffle (`vocabulary_groups`) that hold a trigger token: two for a token
+        the last row refilled. Computed once: neither the vocabulary nor the triggers change during training."""
+        groups = vocabulary_groups(self.encoder.vocab_size, self._vocabulary_specials(), NEAR_GROUP_SIZE)
+        return [row for i in self._trigger_ids() for row in groups[(groups == i).any(1)]]
+
     def _triggers_grouped(self, random_rows: int = 4):
         """Every token of every trigger typed into the empty prompt among ``NEAR_GROUP_SIZE - 1`` others
         (`keep_triggers_grouped`): in the scan's own row (`vocabulary_groups`, its fixed shuffle), and in
         ``random_rows`` rows of random vocabulary tokens, the trigger at a random slot."""
-        vocab, ids = self.encoder.vocab_size, self._trigger_ids()
-        specials = [i for i in self.encoder.special_token_ids.values() if i is not None and 0 <= i < vocab]
-        groups = vocabulary_groups(vocab, specials, NEAR_GROUP_SIZE)
-        rows = [row for i in ids for row in groups[(groups == i).any(1)]]  # two rows if the last one refilled it
+        vocab, ids, specials = self.encoder.vocab_size, self._trigger_ids(), self._vocabulary_specials()
+        rows = list(self._scan_rows)
         for i in ids:
             for _ in range(random_rows):
                 row = [self.rng.randrange(vocab) for _ in range(NEAR_GROUP_SIZE)]
