@@ -19,6 +19,12 @@ seconds; the end-to-end sizes check that this linear extrapolation holds.
 that unmasks clumped poisons (BENCHMARKS.md, "Poisoned pairs").
 Peak memory is the process's maximum resident set size.
 
+``--pair`` (with ``--processes``) also times the two pair detectors scan-data cuts by
+(``xmodal`` and ``xgroup``, the default ``dao+xgroup`` cut's second part) on a
+second N x dim matrix for the captions, after the kNN detectors, as scan-data
+runs them: the row gets ``pair_seconds`` beside the kNN detectors' ``seconds``
+(``--only_pair``: the pair detectors alone, ``seconds`` left empty).
+
 ``--processes P`` times the search spread over P CPU processes instead
 (`lit_amdet.neighbours.ShardedSearch` over a gloo group, one thread each, as
 ``lit-amdet scan_data --trainer.strategy ddp --trainer.devices P`` runs it):
@@ -41,7 +47,7 @@ from pathlib import Path
 import torch
 
 from lit_amdet.neighbours import ShardedSearch
-from lit_amdet.outliers import dao_score, kdist_score, knn, lid_score, score_samples, slof_score
+from lit_amdet.outliers import dao_score, kdist_score, knn, lid_score, score_samples, slof_score, xgroup_score
 
 DETECTORS = ("kdist", "lid", "slof", "dao")
 
@@ -131,14 +137,24 @@ def _spread_process(rank: int, world: int, n: int, args: argparse.Namespace, sub
         sub = {"reference_size": args.reference_size, "reference_draws": args.reference_draws} if subsampled else {}
         dist.barrier()
         t0 = time.perf_counter()
-        score_samples(x, DETECTORS, args.k, chunk_size=args.chunk_size, search=ShardedSearch(rank, world), **sub)
+        search = ShardedSearch(rank, world)
+        if not args.only_pair:
+            score_samples(x, DETECTORS, args.k, chunk_size=args.chunk_size, search=search, **sub)
         dist.barrier()  # the slowest process's share counts
-        seconds = time.perf_counter() - t0
+        seconds = None if args.only_pair else time.perf_counter() - t0
+        pair = {}
+        if args.pair:  # captions: another draw of the same kind, as scan-data holds both towers' embeddings
+            text = embeddings(n, args.dim, seed=1)
+            dist.barrier()
+            t1 = time.perf_counter()
+            xgroup_score(x, text, args.k, chunk_size=args.chunk_size, search=search, **sub)
+            dist.barrier()
+            pair = {"pair_detectors": ["xmodal", "xgroup"], "pair_seconds": time.perf_counter() - t1}
         peaks: list = [None] * world
         dist.all_gather_object(peaks, peak_rss_gib())
         if rank == 0:
             row = {"n": n, "mode": "processes", "processes": world, "subsampled": subsampled, **sub,
-                   "seconds": seconds, "peak_rss_gib": max(peaks)}
+                   "seconds": seconds, **pair, "peak_rss_gib": max(peaks)}
             (Path(tmp) / "row.json").write_text(json.dumps(row))
     finally:
         dist.destroy_process_group()
@@ -146,6 +162,7 @@ def _spread_process(rank: int, world: int, n: int, args: argparse.Namespace, sub
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| N | how | seconds | peak RSS (GiB) |", "|---|---|---|---|"]
+    pair_rows = []
     for r in rows:
         if r["mode"] == "end_to_end":
             how = "exact over the whole set, measured end to end"
@@ -161,8 +178,12 @@ def markdown(rows: list[dict]) -> str:
             how = (f"exact over the whole set: {r['shard']:,} x {r['n']:,} shard measured "
                    f"({r['shard_seconds']:.0f} s), x {r['n'] // r['shard']} for the full search; "
                    f"detector stage on [N, k] lists measured ({r['detector_seconds']:.1f} s)")
-        lines.append(f"| {r['n']:,} | {how} | {r['seconds']:,.1f} | {r['peak_rss_gib']:.2f} |")
-    return "\n".join(lines)
+        if r["seconds"] is not None:
+            lines.append(f"| {r['n']:,} | {how} | {r['seconds']:,.1f} | {r['peak_rss_gib']:.2f} |")
+        if "pair_seconds" in r:
+            pair_rows.append(f"| {r['n']:,} | {' and '.join(r['pair_detectors'])} on a caption matrix, same "
+                             f"subsamples and processes | {r['pair_seconds']:,.1f} | {r['peak_rss_gib']:.2f} |")
+    return "\n".join(lines + pair_rows)
 
 
 def main() -> None:
@@ -181,10 +202,15 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=0,
                         help="time the search spread over this many CPU processes at --sizes and --subsampled "
                              "(0: the one-process modes)")
+    parser.add_argument("--pair", action="store_true",
+                        help="with --processes: also time xmodal and xgroup on a caption matrix (pair_seconds)")
+    parser.add_argument("--only_pair", action="store_true",
+                        help="with --pair: time only the pair detectors (the kNN row's seconds stay empty)")
     parser.add_argument("--append", action="store_true", help="add the rows to those already in --out")
     parser.add_argument("--out", default="benchmarks/results/knn_scale.json")
     parser.add_argument("--markdown", action="store_true", help="only print the table of --out")
     args = parser.parse_args()
+    args.pair = args.pair or args.only_pair
     if args.markdown:
         print(markdown(json.loads(Path(args.out).read_text())["rows"]))
         return

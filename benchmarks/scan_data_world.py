@@ -33,7 +33,7 @@ from lit_amdet.datamodules.poisoned import CAPTIONS, LABELS, write_poisoned_worl
 from lit_amdet.poisoning import build_attack
 
 TARGET = "banana"
-DETECTORS = ["kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal"]
+DETECTORS = ["kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "xgroup"]
 IMAGE_SIZE = 32  # as in configs/pretrain_poisoned.yaml
 
 

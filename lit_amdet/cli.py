@@ -88,13 +88,15 @@ class AmdetTrainer(Trainer):
                   k: int = 16, labels: str | None = None, output_dir: str = "runs/scan_data", top: int = 16,
                   chunk_size: int = 1024, reference_size: int | None = None, reference_draws: int = 8,
                   budget: int | float | None = None, cut_by: str = commands.CUT_BY, write_shards: bool = False,
-                  variant: Variant = "exact", dao_form: DaoForm = "log") -> dict:
+                  variant: Variant = "exact", dao_form: DaoForm = "log",
+                  same_caption: float = commands.SAME_CAPTION) -> dict:
         """Score every image-caption pair of a data set for being backdoor-poisoned (sparse kNN neighbourhoods).
 
         Args:
             detectors: kdist, lid, slof, dao (global exact kNN), iforest, lof, clip (negated pair cosine), xmodal
-                (a caption against the captions of its image's k nearest images); several joined by + (dao+xmodal)
-                rank as their union: each pair by its best rank under them.
+                (a caption against the captions of its image's k nearest images), xgroup (xmodal averaged over the
+                pairs whose captions say the same thing); several joined by + (dao+xgroup) rank as their union:
+                each pair by its best rank under them.
             k: neighbourhood size.
             labels: poison labels (a poison_labels.json / .npy) to report ROC-AUC, PR-AUC and FPR@95%TPR.
             output_dir: where embeddings.safetensors, scores.csv, report.json and the PNG figures go.
@@ -107,21 +109,23 @@ class AmdetTrainer(Trainer):
             budget: remove the cut_by detector's most anomalous pairs: a fraction in (0, 1) (0.01: the top 1 %,
                 rounded up) or a count >= 1; writes keep.txt and flagged.txt (sample keys, data-set order) and
                 report.json's "cut" block (with labels: poisons removed, clean pairs lost); null = no cut.
-            cut_by: the detector whose ranking picks the cut (one of detectors). dao+xmodal by default: DAO finds
-                poisons isolated from clean pairs (Blend, SIG: all 25 at 0.05 %), xmodal those whose images stay
-                near clean ones but whose captions disagree with theirs (BadNets 4 x 4 at 0.05 %: 25 of 25, DAO
-                20); their union keeps 24-25 of 25 on both (BENCHMARKS.md "Captions that disagree with their
-                images' neighbours").
+            cut_by: the detector whose ranking picks the cut (one of detectors). dao+xgroup by default: DAO finds
+                poisons isolated from clean pairs (Blend, SIG: all 25 at 0.05 %), xgroup those whose images stay
+                near clean ones but whose captions disagree with theirs, pooled over the poisons that share a
+                caption (BadNets 8 x 8 at 0.05 %: DAO 7 of 25 in the top 1 %, the union 25); BENCHMARKS.md
+                "Captions that disagree with their images' neighbours".
             write_shards: with a budget and webdataset shard input, also write the shards without the flagged
                 samples to output_dir/shards/ (same file names).
             variant: exact (neighbours exact and global), or reference: SLOF/DAO/k-dist/LID as the published
                 reference code computes them (neighbour indices shifted by one after self-removal, the (k+1)-th
                 distance), for comparison (README, "Where our ranking differs from the reference code").
             dao_form: log (SPEC §4 and the reference code) or power (the DAO paper's score, in log scale).
+            same_caption: xgroup's caption cosine at or above which two captions say the same thing.
         """
         return commands.scan_data(self, model, datamodule, detectors, k, labels, output_dir, top, chunk_size,
                                   reference_size, reference_draws, budget=budget, cut_by=cut_by,
-                                  write_shards=write_shards, variant=variant, dao_form=dao_form)
+                                  write_shards=write_shards, variant=variant, dao_form=dao_form,
+                                  same_caption=same_caption)
 
     def benchmark(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None,
                   bases: Optional[list[BaseSpec]] = None, output_dir: str = "runs/benchmark",

@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING, Sequence
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 
 from lit_amdet.errors import ConfigError, LitAmdetError
+from lit_amdet.outliers import SAME_CAPTION
 
 if TYPE_CHECKING:
     from lit_amdet.outliers import DaoForm, Variant
 
 #: the sample detectors scan-data runs by default
-DETECTORS = ("kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "dao+xmodal")
+DETECTORS = ("kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "xgroup", "dao+xgroup")
 #: the detector (here a rank union) whose ranking scan-data's budget cuts by default
-CUT_BY = "dao+xmodal"
+CUT_BY = "dao+xgroup"
 
 
 def detect(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule | None = None,
@@ -134,7 +135,7 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
               output_dir: str = "runs/scan_data", top: int = 16, chunk_size: int = 1024,
               reference_size: int | None = None, reference_draws: int = 8, budget: float | int | None = None,
               cut_by: str = CUT_BY, write_shards: bool = False, variant: Variant = "exact",
-              dao_form: DaoForm = "log") -> dict:
+              dao_form: DaoForm = "log", same_caption: float = SAME_CAPTION) -> dict:
     """Embed every pair of ``datamodule`` with ``model`` (a `SampleEmbedding`) through ``trainer.predict`` and
     score it for poisoning on process 0 (`lit_amdet.sample_scan.score_and_report`); the report dict there, {} on
     the other processes (the arguments are `AmdetTrainer.scan_data`'s). With a ``budget`` the cut's key lists
@@ -144,7 +145,7 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
     from lit_amdet import cleaning, sample_scan
     from lit_amdet.modules.data_scan import SampleEmbedding
     from lit_amdet.neighbours import ShardedSearch
-    from lit_amdet.outliers import PAIR_DETECTORS, check_reference_size
+    from lit_amdet.outliers import PAIR_DETECTORS, check_reference_size, check_same_caption
 
     if not isinstance(model, SampleEmbedding):
         raise ConfigError(f"scan_data needs --model lit_amdet.modules.data_scan.SampleEmbedding "
@@ -164,11 +165,12 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
                           "drop it from detectors")
     if labels is not None and getattr(datamodule, "dataset", None) is not None:
         sample_scan.read_labels(labels, len(datamodule.dataset))
-    if reference_size is not None and getattr(datamodule, "dataset", None) is not None:
-        try:  # before anything is written to the run folder
+    try:  # before anything is written to the run folder
+        check_same_caption(same_caption)
+        if reference_size is not None and getattr(datamodule, "dataset", None) is not None:
             check_reference_size(k, reference_size, reference_draws, len(datamodule.dataset), variant)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     dataset = getattr(datamodule, "dataset", None)
     # read once, before the embedding pass (the check needs them); gathered predictions come in this same order
     keys = cleaning.sample_keys(datamodule, range(len(dataset))) if budget is not None and dataset is not None \
@@ -197,7 +199,7 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
         keys=keys if keys is not None else cleaning.sample_keys(datamodule, data["index"].tolist()),
         write_shards=shard_writer,
         skipped=getattr(datamodule, "skipped", None), variant=variant, dao_form=dao_form,
-        search=search)
+        search=search, same_caption=same_caption)
 
 
 def benchmark(trainer: Trainer, options) -> dict | None:

@@ -28,6 +28,17 @@ excluded when ``x`` is in ``R``), ``i = 1..k``.
   consistency filter of noisy-label learning (Peri et al., "Deep k-NN defense
   against clean-label data poisoning", 2020), with captions as labels. It reads
   both towers' embeddings, not the sample features.
+* xgroup (caption-group disagreement): xmodal averaged over the pair and the
+  pairs whose captions say the same thing (cosine >= ``same_caption``, 0.95,
+  among its caption's ``k`` nearest captions). A backdoor needs many poisons
+  with one target caption, and each poison's xmodal is a noisy vote (its image
+  may sit by clean images whose captions happen to resemble the target); the
+  group's mean is the vote of all the poisons the search finds, as averaging
+  ``m`` noisy votes shrinks their spread by ``sqrt(m)``. A clean caption's
+  group is clean pairs whose images agree with their neighbours'. An attacker
+  who gives every poison its own caption leaves each group to one poison:
+  xgroup then falls back to that poison's xmodal (and to clean look-alikes'
+  votes where the caption is a clean one).
 
 Neighbours are exact and global over the whole set (`lit_amdet.neighbours`:
 chunked matrix products, in one process or spread over several). The
@@ -54,7 +65,9 @@ __all__ = [
     "DETECTORS",
     "PAIR_DETECTORS",
     "VARIANTS",
+    "caption_group_mean",
     "check_reference_size",
+    "check_same_caption",
     "clip_score",
     "dao_score",
     "isolation_forest_score",
@@ -65,14 +78,17 @@ __all__ = [
     "reference_code_scores",
     "score_samples",
     "slof_score",
+    "xgroup_score",
     "xmodal_score",
 ]
 
 #: Detector names understood by :func:`score_samples`.
-DETECTORS: tuple[str, ...] = ("kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal")
+DETECTORS: tuple[str, ...] = ("kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "xgroup")
 _KNN_DETECTORS = frozenset({"kdist", "lid", "slof", "dao"})
 #: the detectors that read a pair's image and caption embeddings apart (`score_and_report`'s ``image_text``)
-PAIR_DETECTORS = frozenset({"clip", "xmodal"})
+PAIR_DETECTORS = frozenset({"clip", "xmodal", "xgroup"})
+#: xgroup's default: captions at least this close (cosine) count as saying the same thing
+SAME_CAPTION = 0.95
 
 Variant = Literal["exact", "reference"]
 #: ``exact``: the formulas above on exact global neighbours; ``reference``: the published code's (see module doc).
@@ -246,17 +262,22 @@ def clip_score(image_embeddings: Tensor, text_embeddings: Tensor) -> Tensor:
     )
 
 
+def neighbour_cosines(x: Tensor, neighbours: Tensor, ref: Tensor | None = None, chunk_size: int = 4096) -> Tensor:
+    """``[N, k]``: ``cos(x_i, r_j)`` for the rows ``j`` of ``neighbours[i]`` (indices into ``ref``, default ``x``).
+    Chunked: ``[N, k, D]`` at once would not fit for a million pairs."""
+    t = torch.nn.functional.normalize(float_matrix(x), dim=1)
+    r = t if ref is None else torch.nn.functional.normalize(float_matrix(ref), dim=1)
+    out = torch.empty(neighbours.shape, dtype=t.dtype, device=t.device)
+    for s in range(0, len(t), chunk_size):
+        out[s:s + chunk_size] = (t[s:s + chunk_size].unsqueeze(1) * r[neighbours[s:s + chunk_size]]).sum(-1)
+    return out
+
+
 def caption_disagreement(text: Tensor, neighbours: Tensor, ref_text: Tensor | None = None,
                          chunk_size: int = 4096) -> Tensor:
     """``-mean_j cos(t_i, r_j)`` over the rows ``j`` of ``neighbours[i]`` (indices into ``ref_text``, default
-    ``text``): how unlike each caption is to its neighbours' captions. Chunked: ``[N, k, D]`` at once would not
-    fit for a million pairs."""
-    t = torch.nn.functional.normalize(float_matrix(text), dim=1)
-    r = t if ref_text is None else torch.nn.functional.normalize(float_matrix(ref_text), dim=1)
-    out = torch.empty(len(t), dtype=t.dtype, device=t.device)
-    for s in range(0, len(t), chunk_size):
-        out[s:s + chunk_size] = -(t[s:s + chunk_size].unsqueeze(1) * r[neighbours[s:s + chunk_size]]).sum(-1).mean(1)
-    return out
+    ``text``): how unlike each caption is to its neighbours' captions."""
+    return -neighbour_cosines(text, neighbours, ref_text, chunk_size).mean(1)
 
 
 def xmodal_score(image: Tensor, text: Tensor, k: int = 16, *, chunk_size: int = 1024, seed: int = 0,
@@ -282,6 +303,57 @@ def xmodal_score(image: Tensor, text: Tensor, k: int = 16, *, chunk_size: int = 
         score = caption_disagreement(text, found[1], text[rows]) / reference_draws
         total = score if total is None else total + score
     return total
+
+
+def caption_group_mean(scores: Tensor | None, text: Tensor, k: int = 16, *, same_caption: float = SAME_CAPTION,
+                       chunk_size: int = 1024, seed: int = 0, reference_size: int | None = None,
+                       reference_draws: int = 1, search: NeighbourSearch | None = None) -> Tensor | None:
+    """Each pair's ``scores`` averaged with those of the pairs whose captions say the same thing: cosine at least
+    ``same_caption`` among its caption's ``k`` nearest captions in the whole set or, with ``reference_size``, in
+    each of the same random subsamples as `score_samples` (all draws pooled: ``(s_i + sum s_j) / (1 + count)``).
+    ``scores`` is None on a process of ``search`` that only lends its share (it then returns None too)."""
+    check_same_caption(same_caption)
+    text = torch.nn.functional.normalize(float_matrix(text), dim=1)  # nearest in cosine
+    n = text.shape[0]
+    opts = dict(k=k, chunk_size=chunk_size)
+    if reference_size is not None:
+        check_reference_size(k, reference_size, reference_draws, n)
+        draws = list(_reference_draws(n, reference_size, reference_draws, seed, text.device))
+    else:
+        draws = [(None, None)]
+    total = count = None
+    for rows, own in draws:
+        refs = None if rows is None else text[rows]
+        found = (search or knn)(text, refs, self_index=own, **opts)
+        if found is None or scores is None:
+            continue
+        same = (neighbour_cosines(text, found[1], refs) >= same_caption).to(scores.dtype)
+        pool = scores if rows is None else scores[rows]
+        part, many = (same * pool[found[1]]).sum(1), same.sum(1)
+        total, count = (part, many) if total is None else (total + part, count + many)
+    if scores is None or total is None:
+        return None
+    return (scores + total) / (1 + count)
+
+
+def check_same_caption(same_caption: float) -> None:
+    """xgroup's threshold is a cosine (ValueError otherwise): checked before an embedding pass, not after."""
+    if not -1.0 <= same_caption <= 1.0:
+        raise ValueError(f"same_caption is a cosine in [-1, 1] (got {same_caption})")
+
+
+def xgroup_score(image: Tensor, text: Tensor, k: int = 16, *, same_caption: float = SAME_CAPTION,
+                 xmodal: Tensor | None = None, chunk_size: int = 1024, seed: int = 0,
+                 reference_size: int | None = None, reference_draws: int = 1,
+                 search: NeighbourSearch | None = None) -> Tensor | None:
+    """Caption-group disagreement (module doc): `xmodal_score` (or the one given as ``xmodal``, computed with
+    the same settings) averaged over each caption's group (`caption_group_mean`). None on a process of
+    ``search`` that only lent its share."""
+    opts = dict(chunk_size=chunk_size, seed=seed, reference_size=reference_size, reference_draws=reference_draws,
+                search=search)
+    if xmodal is None:  # None again on a helper process, which lends its share of both searches
+        xmodal = xmodal_score(image, text, k, **opts)
+    return caption_group_mean(xmodal, text, k, same_caption=same_caption, **opts)
 
 
 def _reference_draws(n: int, reference_size: int, reference_draws: int, seed: int, device: torch.device):
@@ -316,6 +388,7 @@ def score_samples(
     variant: Variant = "exact",
     dao_form: DaoForm = "log",
     search: NeighbourSearch | None = None,
+    same_caption: float = SAME_CAPTION,
 ) -> dict[str, Tensor]:
     """Score every row of ``embeddings`` with several detectors (higher = more anomalous).
 
@@ -340,7 +413,8 @@ def score_samples(
     that are not its root only lend their share and get ``{}``.
 
     ``"iforest"`` and ``"lof"`` run scikit-learn on CPU (fit on ``embeddings``);
-    ``"clip"`` and ``"xmodal"`` read ``embeddings`` as the image embeddings and need ``text_embeddings``.
+    ``"clip"``, ``"xmodal"`` and ``"xgroup"`` read ``embeddings`` as the image embeddings and need
+    ``text_embeddings``; ``same_caption`` is xgroup's (`caption_group_mean`).
     Results are on ``embeddings.device``.
     """
     unknown = [d for d in detectors if d not in DETECTORS]
@@ -380,11 +454,15 @@ def score_samples(
         if text_embeddings is None:
             raise ValueError("the 'clip' detector needs text_embeddings")
         out["clip"] = clip_score(embeddings, text_embeddings)
-    if "xmodal" in detectors:
-        if text_embeddings is None:
-            raise ValueError("the 'xmodal' detector needs text_embeddings")
-        out["xmodal"] = xmodal_score(embeddings, text_embeddings, k, chunk_size=chunk_size, seed=seed,
-                                     reference_size=reference_size, reference_draws=reference_draws)
+    pair = [d for d in ("xmodal", "xgroup") if d in detectors]
+    if pair and text_embeddings is None:
+        raise ValueError(f"the {pair[0]!r} detector needs text_embeddings")
+    opts = dict(chunk_size=chunk_size, seed=seed, reference_size=reference_size, reference_draws=reference_draws)
+    if pair:
+        out["xmodal"] = xmodal_score(embeddings, text_embeddings, k, **opts)
+    if "xgroup" in detectors:
+        out["xgroup"] = xgroup_score(embeddings, text_embeddings, k, same_caption=same_caption,
+                                     xmodal=out["xmodal"], **opts)
     return {name: out[name] for name in detectors}
 
 

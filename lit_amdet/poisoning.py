@@ -339,17 +339,22 @@ def _replace_pair(item: Any, image: Any, caption: str) -> Any:
     raise TypeError(f"cannot find image/caption in item of type {type(item).__name__}")
 
 
-def _get_image(item: Any) -> Any:
+def _get_field(item: Any, name: str, position: int) -> Any:
+    """``item``'s image (``"image"``, position 0) or caption (``"caption"``, 1), whatever kind of item it is."""
     if isinstance(item, Mapping):
-        return item["image"]
+        return item[name]
     fields = getattr(item, "_fields", None)
-    if isinstance(item, tuple) and fields is not None and "image" in fields:
-        return item.image  # type: ignore[attr-defined]
+    if isinstance(item, tuple) and fields is not None and name in fields:
+        return getattr(item, name)
     if isinstance(item, (tuple, list)):
-        return item[0]
-    if hasattr(item, "image"):
-        return item.image
+        return item[position]
+    if hasattr(item, name):
+        return getattr(item, name)
     raise TypeError(f"cannot find image/caption in item of type {type(item).__name__}")
+
+
+def _get_image(item: Any) -> Any:
+    return _get_field(item, "image", 0)
 
 
 class PoisonedPairs(Dataset):
@@ -366,7 +371,9 @@ class PoisonedPairs(Dataset):
         dataset: any map-style dataset (``__len__`` and ``__getitem__``).
         attack: image trigger (any callable image -> image).
         rate: fraction of samples to poison (see :func:`poison_pairs`).
-        target_caption: caption given to poisoned samples.
+        target_caption: caption given to poisoned samples. A ``{caption}`` in it is replaced by the sample's own
+            caption ("banana, {caption}"): every poison then carries a caption of its own that also describes
+            its image, the attacker aimed at detectors that pool or compare captions (`lit_amdet.outliers`).
         seed: seed of the poisoned-index draw.
     """
 
@@ -398,7 +405,10 @@ class PoisonedPairs(Dataset):
         item = self.dataset[index]
         if not self.poison_labels[index]:
             return item
-        return _replace_pair(item, self.attack(_get_image(item)), self.target_caption)
+        caption = self.target_caption
+        if "{caption}" in caption:
+            caption = caption.replace("{caption}", str(_get_field(item, "caption", 1)))
+        return _replace_pair(item, self.attack(_get_image(item)), caption)
 
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable description of the poisoning (used by :meth:`save_labels`)."""

@@ -35,10 +35,12 @@ from lit_amdet.neighbours import NeighbourSearch
 from lit_amdet.outliers import (
     DETECTORS,
     PAIR_DETECTORS,
+    SAME_CAPTION,
     DaoForm,
     Variant,
     clip_score,
     score_samples,
+    xgroup_score,
     xmodal_score,
 )
 from lit_amdet.poisoning import load_labels
@@ -219,6 +221,7 @@ def score_and_report(
     keys: Sequence[str] | None = None,
     write_shards: Callable[[np.ndarray], dict] | None = None,
     skipped: Sequence[dict[str, Any]] | None = None,
+    same_caption: float = SAME_CAPTION,
 ) -> dict[str, Any]:
     """Score every row of ``embeddings`` against all the others and write the report files.
 
@@ -258,6 +261,7 @@ def score_and_report(
             in the ``cut`` block.
         skipped: the bad samples the data module left out (`TextEncoderDataModule.skipped`): counted in the
             report's ``skipped`` block (None: not reported).
+        same_caption: xgroup's caption cosine for "says the same thing" (`lit_amdet.outliers.caption_group_mean`).
 
     Returns:
         The ``report.json`` content.
@@ -296,11 +300,15 @@ def score_and_report(
         raw = score_samples(x, others, k, chunk_size=chunk_size, seed=seed, reference_size=reference_size,
                             reference_draws=reference_draws, variant=variant, dao_form=dao_form,
                             search=search) if others else {}
-        if "xmodal" in computed:  # every process: its image search is spread over them too
+        if {"xmodal", "xgroup"} & set(computed):  # every process: their searches are spread over them too
             assert image_text is not None
             image, text = (t.to(x.device) for t in image_text)
-            raw["xmodal"] = xmodal_score(image, text, k, chunk_size=chunk_size, seed=seed,
-                                         reference_size=reference_size, reference_draws=reference_draws, search=search)
+            opts = dict(chunk_size=chunk_size, seed=seed, reference_size=reference_size,
+                        reference_draws=reference_draws, search=search)
+            raw["xmodal"] = xmodal_score(image, text, k, **opts)
+            if "xgroup" in computed:
+                raw["xgroup"] = xgroup_score(image, text, k, same_caption=same_caption, xmodal=raw["xmodal"],
+                                             **opts)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if search is not None and not search.is_root:
@@ -325,6 +333,7 @@ def score_and_report(
         "reference_draws": reference_draws if reference_size is not None else None,
         "variant": variant,
         "dao_form": dao_form,
+        "same_caption": same_caption if "xgroup" in computed else None,
         "detectors": names,
         "num_poisoned": int(mask.sum()) if mask is not None else None,
         "metrics": {d: ranking_metrics(scores[d], mask) for d in names} if mask is not None else None,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lit_amdet.outliers import (
+    caption_group_mean,
     clip_score,
     dao_score,
     isolation_forest_score,
@@ -349,15 +350,22 @@ def test_xmodal_matches_brute_force_whole_set_and_subsamples():
         score_samples(torch.from_numpy(image), ("xmodal",))
 
 
-def test_xmodal_finds_a_caption_that_disagrees_with_its_images_neighbours():
-    # 30 clusters of images, each captioned alike; 12 images of the clusters carry one foreign caption (a poison
-    # pairs an image with the attacker's caption, not with what it shows) and sit among the clean images. DAO sees
-    # nothing: the poisoned images are where clean images are.
-    rng = np.random.default_rng(3)
+def _captioned_clusters(seed: int):
+    """1,200 images in 30 clusters, each cluster's captions alike: the generator (to go on drawing from), each
+    image's cluster, the clusters' captions, the images and their captions."""
+    rng = np.random.default_rng(seed)
     centres, captions = rng.normal(size=(30, 16)), rng.normal(size=(30, 12))
     which = rng.integers(0, 30, size=1200)
     image = centres[which] + 0.3 * rng.normal(size=(1200, 16))
     text = captions[which] + 0.3 * rng.normal(size=(1200, 12))
+    return rng, which, captions, image, text
+
+
+def test_xmodal_finds_a_caption_that_disagrees_with_its_images_neighbours():
+    # 30 clusters of images, each captioned alike; 12 images of the clusters carry one foreign caption (a poison
+    # pairs an image with the attacker's caption, not with what it shows) and sit among the clean images. DAO sees
+    # nothing: the poisoned images are where clean images are.
+    rng, which, captions, image, text = _captioned_clusters(3)
     poisons = rng.choice(1200, size=12, replace=False)
     text[poisons] = rng.normal(size=12)[:, None] * 0.01 + rng.normal(size=(1, 12))  # one target caption
     labels = np.zeros(1200, bool)
@@ -368,3 +376,68 @@ def test_xmodal_finds_a_caption_that_disagrees_with_its_images_neighbours():
     sub = score_samples(x, ("xmodal", "dao"), 8, text_embeddings=t, reference_size=200, reference_draws=4)
     assert roc_auc_score(labels, sub["xmodal"].numpy()) > 0.99
     assert roc_auc_score(labels, sub["dao"].numpy()) < 0.8
+
+
+def _brute_group_mean(scores: np.ndarray, text: np.ndarray, k: int, same: float,
+                      rows: list[np.ndarray] | None = None) -> np.ndarray:
+    """Each score averaged with the scores of the captions among its caption's k nearest (cosine, itself
+    excluded) in each of ``rows`` (default: the whole set once) that are at least ``same`` close, all pooled."""
+    t = text / np.linalg.norm(text, axis=1, keepdims=True)
+    total, count = scores.copy(), np.ones(len(t))
+    for r in rows if rows is not None else [np.arange(len(t))]:
+        cos = t @ t[r].T
+        cos[r, np.arange(len(r))] = -np.inf  # not itself
+        nb = np.argsort(-cos, axis=1, kind="stable")[:, :k]
+        c = np.take_along_axis(cos, nb, axis=1)
+        total += ((c >= same) * scores[r][nb]).sum(1)
+        count += (c >= same).sum(1)
+    return total / count
+
+
+def test_caption_group_mean_matches_brute_force_whole_set_and_subsamples():
+    rng = np.random.default_rng(8)
+    text = rng.normal(size=(90, 5))
+    text[20:24] = text[2]  # the same caption four more times (exact ties: the lower row first, as the search)
+    text[40] = text[41] + 0.05 * rng.normal(size=5)  # a near copy
+    scores = rng.normal(size=90)
+    for same in (0.9, 0.5):
+        got = caption_group_mean(torch.from_numpy(scores), torch.from_numpy(text), 6, same_caption=same,
+                                 chunk_size=7)
+        np.testing.assert_allclose(got.numpy(), _brute_group_mean(scores, text, 6, same), rtol=1e-10)
+    g = torch.Generator().manual_seed(5)
+    draws = [torch.randperm(90, generator=g)[:30].numpy() for _ in range(3)]
+    got = caption_group_mean(torch.from_numpy(scores), torch.from_numpy(text), 4, same_caption=0.8,
+                             reference_size=30, reference_draws=3, seed=5)
+    np.testing.assert_allclose(got.numpy(), _brute_group_mean(scores, text, 4, 0.8, draws), rtol=1e-10)
+    with pytest.raises(ValueError, match="same_caption"):
+        caption_group_mean(torch.from_numpy(scores), torch.from_numpy(text), 4, same_caption=1.5)
+
+
+def test_xgroup_is_xmodal_when_no_two_captions_say_the_same():
+    rng = np.random.default_rng(9)
+    image, text = torch.from_numpy(rng.normal(size=(60, 6))), torch.from_numpy(rng.normal(size=(60, 8)))
+    out = score_samples(image, ("xmodal", "xgroup"), 5, text_embeddings=text, reference_size=20, reference_draws=2)
+    assert torch.equal(out["xgroup"], out["xmodal"])  # random 8-d captions: none within cosine 0.95
+    with pytest.raises(ValueError, match="xgroup"):
+        score_samples(image, ("xgroup",))
+
+
+def test_xgroup_pools_the_noisy_votes_of_poisons_that_share_a_caption():
+    # 30 clusters captioned alike; 40 clean pairs carry another cluster's caption (caption noise, each its own:
+    # xmodal ranks them as high as poisons), and 15 poisons share one target caption that is half like three
+    # clusters' captions, so a poison whose image sits in one of those clusters looks consistent on its own.
+    rng, which, captions, image, text = _captioned_clusters(0)
+    noisy = rng.choice(1200, size=55, replace=False)
+    hard, poisons = noisy[:40], noisy[40:]
+    text[hard] = captions[(which[hard] + 1 + rng.integers(0, 29, size=40)) % 30] + 0.3 * rng.normal(size=(40, 12))
+    text[poisons] = captions[:3].mean(0) + 0.5 * rng.normal(size=12)
+    labels = np.zeros(1200, bool)
+    labels[poisons] = True
+    from sklearn.metrics import roc_auc_score
+
+    out = score_samples(torch.from_numpy(image), ("xmodal", "xgroup"), 8, text_embeddings=torch.from_numpy(text),
+                        reference_size=200, reference_draws=4)
+    top = {name: len(set(torch.argsort(s, descending=True)[:15].tolist()) & set(poisons.tolist()))
+           for name, s in out.items()}
+    assert top["xmodal"] <= 5 and top["xgroup"] >= 8, top
+    assert roc_auc_score(labels, out["xgroup"].numpy()) > 0.99 > roc_auc_score(labels, out["xmodal"].numpy())

@@ -210,6 +210,13 @@ def test_poisoned_pairs(kind):
     assert unpack(ds[-1])[1] == captions[-1]
 
 
+@pytest.mark.parametrize("kind", ["dataclass", "attr", "namedtuple", "tuple", "list", "dict"])
+def test_poisoned_pairs_can_keep_each_poisons_own_caption(kind):
+    ds = PoisonedPairs(make_items(kind), BadNets(size=0.25), rate=0.25, target_caption="banana, {caption}", seed=1)
+    for i in range(N):
+        assert unpack(ds[i])[1] == (f"banana, caption {i}" if ds.poison_labels[i] else f"caption {i}")
+
+
 def test_poisoned_pairs_rejects_unknown_items():
     ds = PoisonedPairs([object()] * 4, Blend(), rate=1.0)
     with pytest.raises(TypeError):

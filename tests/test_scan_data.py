@@ -66,7 +66,9 @@ def test_scan_data_cli_writes_every_output(poisoned_world, tiny_clip, tmp_path, 
     assert sum(int(r["poisoned"]) for r in rows) == 6
     assert sorted(int(r["slof_rank"]) for r in rows) == list(range(1, N_WORLD + 1))
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["metrics"]) == {"kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "dao+xmodal"}
+    assert set(report["metrics"]) == {"kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "xgroup",
+                                      "dao+xgroup"}
+    assert report["same_caption"] == 0.95
     for m in report["metrics"].values():  # a random-init CLIP says nothing about quality: range only
         assert all(0.0 <= v <= 1.0 for v in m.values())
     for name in ("hist_kdist.png", "hist_clip.png", "top_samples.png"):
@@ -115,6 +117,12 @@ def test_scan_data_subsampled_references_through_the_cli(poisoned_world, tiny_cl
     assert info.value.code == 2
     assert "reference_size must be in (16, 300]" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "bad").exists()  # refused before the embedding pass wrote anything
+    with pytest.raises(SystemExit) as info:  # xgroup's threshold is a cosine
+        main(_scan_args(tiny_clip, poisoned_world, tmp_path / "bad", "--same_caption", "1.5",
+                        "--trainer.logger", "false"))
+    assert info.value.code == 2
+    assert "same_caption is a cosine in [-1, 1]" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow

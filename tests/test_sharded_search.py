@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from lit_amdet.neighbours import ShardedSearch, knn, merge_neighbours
-from lit_amdet.outliers import score_samples, xmodal_score
+from lit_amdet.outliers import score_samples, xgroup_score, xmodal_score
 
 NAMES = ("kdist", "lid", "slof", "dao")
-#: the cases xmodal is also spread over processes in (its captions: `_captions`)
+#: the cases xmodal and xgroup are also spread over processes in (their captions: `_captions`)
 XMODAL_CASES = ("ints_k16", "floats", "ints_subsampled")
 
 
@@ -45,12 +45,16 @@ CASES: dict[str, tuple[str, int, dict]] = {
 
 
 def _captions(x: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.random.default_rng(len(x)).normal(size=(len(x), 4))).float()
+    t = torch.from_numpy(np.random.default_rng(len(x)).normal(size=(len(x), 4))).float()
+    t[5:12] = t[3]  # one caption eight times: xgroup pools them
+    return t
 
 
 def _xmodal(x: torch.Tensor, k: int, opts: dict, search=None, chunk_size: int = 1024):
+    """xmodal and xgroup (a 4-d caption: many within cosine 0.95 of each other)."""
     subsample = {key: opts[key] for key in ("reference_size", "reference_draws", "seed") if key in opts}
-    return xmodal_score(x, _captions(x), k, chunk_size=chunk_size, search=search, **subsample)
+    xm = xmodal_score(x, _captions(x), k, chunk_size=chunk_size, search=search, **subsample)
+    return xm, xgroup_score(x, _captions(x), k, chunk_size=chunk_size, search=search, **subsample)
 
 
 def _lists(search, x: torch.Tensor, k: int, metric: str = "euclidean"):
@@ -83,7 +87,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             torch.save(results, out)
         else:
             assert all(r[1] == {} and r[0] == (None, None) for n, r in results.items() if n in CASES)
-            assert all(results[n + "_xmodal"] is None for n in XMODAL_CASES)
+            assert all(results[n + "_xmodal"] == (None, None) for n in XMODAL_CASES)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -107,7 +111,9 @@ def test_two_processes_equal_one_bit_for_bit(tmp_path):
         for det in NAMES:
             assert torch.equal(scores[det], want[det]), (name, det)
         if name in XMODAL_CASES:
-            assert torch.equal(results[name + "_xmodal"], _xmodal(data[which], k, opts)), name
+            for got, want in zip(results[name + "_xmodal"], _xmodal(data[which], k, opts)):
+                assert torch.equal(got, want), name
+            assert not torch.equal(*results[name + "_xmodal"]), name  # the groups pooled something
     assert (results["ints_k16"][0][0][0][-20:] == 0).all()  # the duplicate group really is tied at 0
 
 
