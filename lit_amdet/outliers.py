@@ -348,7 +348,8 @@ def xgroup_score(image: Tensor, text: Tensor, k: int = 16, *, same_caption: floa
                  search: NeighbourSearch | None = None) -> Tensor | None:
     """Caption-group disagreement (module doc): `xmodal_score` (or the one given as ``xmodal``, computed with
     the same settings) averaged over each caption's group (`caption_group_mean`). None on a process of
-    ``search`` that only lent its share."""
+    ``search`` that only lent its share. Under a ``search`` every process must pass ``xmodal`` or none must (a
+    helper's xmodal is None): a caller that already ran xmodal calls `caption_group_mean` instead."""
     opts = dict(chunk_size=chunk_size, seed=seed, reference_size=reference_size, reference_draws=reference_draws,
                 search=search)
     if xmodal is None:  # None again on a helper process, which lends its share of both searches

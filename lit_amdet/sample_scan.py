@@ -38,9 +38,9 @@ from lit_amdet.outliers import (
     SAME_CAPTION,
     DaoForm,
     Variant,
+    caption_group_mean,
     clip_score,
     score_samples,
-    xgroup_score,
     xmodal_score,
 )
 from lit_amdet.poisoning import load_labels
@@ -306,9 +306,8 @@ def score_and_report(
             opts = dict(chunk_size=chunk_size, seed=seed, reference_size=reference_size,
                         reference_draws=reference_draws, search=search)
             raw["xmodal"] = xmodal_score(image, text, k, **opts)
-            if "xgroup" in computed:
-                raw["xgroup"] = xgroup_score(image, text, k, same_caption=same_caption, xmodal=raw["xmodal"],
-                                             **opts)
+            if "xgroup" in computed:  # xmodal is None on a helper process, which then only lends its searches
+                raw["xgroup"] = caption_group_mean(raw["xmodal"], text, k, same_caption=same_caption, **opts)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if search is not None and not search.is_root:

@@ -175,7 +175,8 @@ def test_scan_data_on_two_processes_writes_the_one_process_scores(world_and_mode
     args = ["--model", "lit_amdet.modules.data_scan.SampleEmbedding", "--model.encoder", str(clip),
             "--data", "lit_amdet.datamodules.TextEncoderDataModule", "--data.source", str(world),
             "--data.image_column", "image", "--data.val_fraction", "0", "--data.batch_size", "64",
-            "--detectors", "[kdist,lid,slof,dao]", "--k", "8", "--chunk_size", "50", "--output_dir", str(out),
+            "--detectors", "[kdist,lid,slof,dao,xmodal,xgroup]", "--k", "8", "--chunk_size", "50",
+            "--output_dir", str(out),
             "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(tmp_path)]
@@ -186,8 +187,8 @@ def test_scan_data_on_two_processes_writes_the_one_process_scores(world_and_mode
     cache = load_file(out / "embeddings.safetensors")
     features = sample_scan.sample_features(cache["image"], cache["text"], "both")
     captions = [r["caption"] for r in _rows(out / "scores.csv")]
-    sample_scan.score_and_report(features, captions, None, list(NAMES), 8, tmp_path / "one", chunk_size=50,
-                                 quiet=True)
+    sample_scan.score_and_report(features, captions, None, [*NAMES, "xmodal", "xgroup"], 8, tmp_path / "one",
+                                 chunk_size=50, quiet=True, image_text=(cache["image"], cache["text"]))
     got, want = _rows(out / "scores.csv"), _rows(tmp_path / "one" / "scores.csv")
     assert len(got) == 300 and got == want
 
