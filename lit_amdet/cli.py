@@ -95,8 +95,9 @@ class AmdetTrainer(Trainer):
         Args:
             detectors: kdist, lid, slof, dao (global exact kNN), iforest, lof, clip (negated pair cosine), xmodal
                 (a caption against the captions of its image's k nearest images), xgroup (xmodal averaged over the
-                pairs whose captions say the same thing); several joined by + (dao+xgroup) rank as their union:
-                each pair by its best rank under them.
+                pairs whose captions say the same thing); several joined by + rank as their union (each pair by
+                its best rank under them), by * as their rank product (the geometric mean of its ranks), * before
+                +, parentheses group: (dao+xgroup)+dao*xgroup.
             k: neighbourhood size.
             labels: poison labels (a poison_labels.json / .npy) to report ROC-AUC, PR-AUC and FPR@95%TPR.
             output_dir: where embeddings.safetensors, scores.csv, report.json and the PNG figures go.
@@ -109,11 +110,12 @@ class AmdetTrainer(Trainer):
             budget: remove the cut_by detector's most anomalous pairs: a fraction in (0, 1) (0.01: the top 1 %,
                 rounded up) or a count >= 1; writes keep.txt and flagged.txt (sample keys, data-set order) and
                 report.json's "cut" block (with labels: poisons removed, clean pairs lost); null = no cut.
-            cut_by: the detector whose ranking picks the cut (one of detectors). dao+xgroup by default: DAO finds
-                poisons isolated from clean pairs (Blend, SIG: all 25 at 0.05 %), xgroup those whose images stay
+            cut_by: the detector whose ranking picks the cut (one of detectors). (dao+xgroup)+dao*xgroup by
+                default: DAO finds poisons isolated from clean pairs (Blend, SIG), xgroup those whose images stay
                 near clean ones but whose captions disagree with theirs, pooled over the poisons that share a
-                caption (BadNets 8 x 8 at 0.05 %: DAO 7 of 25 in the top 1 %, the union 25); BENCHMARKS.md
-                "Captions that disagree with their images' neighbours".
+                caption (BadNets 8 x 8 at 0.05 %: DAO 7 of 25 in the top 1 %, xgroup 25); half the budget goes
+                to what either alone ranks near the top, half to what both rank fairly high (Blend at 0.1 %: the
+                union alone 47 of 50, this 50); BENCHMARKS.md "Poisons that two detectors both rank fairly high".
             write_shards: with a budget and webdataset shard input, also write the shards without the flagged
                 samples to output_dir/shards/ (same file names).
             variant: exact (neighbours exact and global), or reference: SLOF/DAO/k-dist/LID as the published

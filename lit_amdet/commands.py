@@ -22,9 +22,11 @@ if TYPE_CHECKING:
     from lit_amdet.outliers import DaoForm, Variant
 
 #: the sample detectors scan-data runs by default
-DETECTORS = ("kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "xgroup", "dao+xgroup")
-#: the detector (here a rank union) whose ranking scan-data's budget cuts by default
-CUT_BY = "dao+xgroup"
+#: the ranking scan-data's budget cuts by default (`lit_amdet.metrics.combine`): half the budget to what DAO or
+#: xgroup alone ranks near the top (their rank union), half to what both rank fairly high (their rank product)
+CUT_BY = "(dao+xgroup)+dao*xgroup"
+#: the sample detectors scan-data runs by default
+DETECTORS = ("kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "xgroup", CUT_BY)
 
 
 def detect(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule | None = None,

@@ -3,14 +3,17 @@
 - detection of backdoored *models* (the benchmark): `classification_metrics` of hard verdicts,
   `probability_metrics` of calibrated probabilities (AUROC, binary cross-entropy, Brier), `value_summary`;
 - detection of poisoned *samples* (``scan-data``): `ranking_metrics` (ROC-AUC, PR-AUC, FPR at 95 % TPR),
-  `ranks`, and `budget_metrics` (poisons removed and clean pairs lost by a cut);
+  `ranks`, `budget_metrics` (poisons removed and clean pairs lost by a cut), and the rankings that combine
+  detectors (`rank_union`, `rank_product`, and `combine` of an expression of them such as
+  ``(dao+xgroup)+dao*xgroup``);
 - retrieval (training and attack success): `recall_at_k`.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -123,6 +126,80 @@ def rank_union(*scores: np.ndarray) -> np.ndarray:
     each = np.sort(np.stack([ranks(s) for s in scores]), axis=0)  # [detectors, n], best rank first
     second = each[1] if len(scores) > 1 else np.ones_like(each[0])
     return -(each[0] + (second - 1) / len(scores[0])).astype(np.float64)
+
+
+def rank_product(*scores: np.ndarray) -> np.ndarray:
+    """Several detectors' scores as one ranking that flags what all of them rank fairly high: the geometric mean of
+    the ranks (the rank product, Breitling et al., FEBS Letters 2004; Fisher's combination of the rank p-values
+    r / n), returned as a score (higher = more anomalous): ``-mean(log rank)``. Where `rank_union` needs one
+    detector to put a sample near the very top, this finds the sample two detectors both put moderately high (a
+    clean outlier is high under one only), and loses the one only a single detector sees."""
+    if not scores or any(s.shape != scores[0].shape for s in scores):
+        raise ValueError("rank_product needs one or more score arrays of the same shape")
+    return -np.log(np.stack([ranks(s) for s in scores]).astype(np.float64)).mean(axis=0)
+
+
+_TOKEN = re.compile(r"\s*(?:([A-Za-z_][A-Za-z0-9_]*)|([+*()]))")
+
+
+def _parse(expr: str) -> tuple:
+    """``expr`` as a tree: ``("name", n)``, ``("+", [...])`` or ``("*", [...])``; ``*`` binds tighter than ``+``
+    and parentheses group (ValueError on anything else)."""
+    tokens, pos = [], 0
+    while pos < len(expr.rstrip()):
+        m = _TOKEN.match(expr, pos)
+        if not m:
+            raise ValueError(f"cannot read {expr!r} at {expr[pos:]!r}: detector names joined by + and *, "
+                             "grouped by parentheses")
+        tokens.append(m.group(1) or m.group(2))
+        pos = m.end()
+    at = 0
+
+    def operands(op: str, inner) -> tuple:
+        nonlocal at
+        parts = [inner()]
+        while at < len(tokens) and tokens[at] == op:
+            at += 1
+            parts.append(inner())
+        return parts[0] if len(parts) == 1 else (op, parts)
+
+    def atom() -> tuple:
+        nonlocal at
+        token = tokens[at] if at < len(tokens) else None
+        at += 1
+        if token == "(":
+            tree = operands("+", lambda: operands("*", atom))
+            if at >= len(tokens) or tokens[at] != ")":
+                raise ValueError(f"unbalanced parentheses in {expr!r}")
+            at += 1
+            return tree
+        if token is None or token in "+*)":
+            raise ValueError(f"a detector name is missing in {expr!r}")
+        return ("name", token)
+
+    tree = operands("+", lambda: operands("*", atom))
+    if at != len(tokens):
+        raise ValueError(f"cannot read {expr!r} after {' '.join(tokens[:at])!r}")
+    return tree
+
+
+def combined_names(expr: str) -> list[str]:
+    """The detector names an expression of `combine` reads, in order, without repeats (ValueError if unreadable)."""
+    def leaves(tree: tuple) -> list[str]:
+        return [tree[1]] if tree[0] == "name" else [n for part in tree[1] for n in leaves(part)]
+    return list(dict.fromkeys(leaves(_parse(expr))))
+
+
+def combine(expr: str, scores: Mapping[str, np.ndarray]) -> np.ndarray:
+    """One ranking from an expression of detectors: ``a+b`` is their `rank_union` (any of them ranks it high; the
+    budget is shared equally between the operands), ``a*b`` their `rank_product` (they all rank it fairly high),
+    ``*`` before ``+``, parentheses group (a group is one operand of its union). ``(dao+xgroup)+dao*xgroup``: half
+    the budget to what DAO or xgroup alone ranks near the top, half to what both rank fairly high."""
+    def value(tree: tuple) -> np.ndarray:
+        if tree[0] == "name":
+            return scores[tree[1]]
+        return (rank_union if tree[0] == "+" else rank_product)(*(value(part) for part in tree[1]))
+    return value(_parse(expr))
 
 
 def recall_at_k(queries: Tensor, keys: Tensor, ks: tuple[int, ...] = (1, 5), block: int = 100) -> dict[int, float]:

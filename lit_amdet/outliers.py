@@ -390,6 +390,7 @@ def score_samples(
     dao_form: DaoForm = "log",
     search: NeighbourSearch | None = None,
     same_caption: float = SAME_CAPTION,
+    image_embeddings: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Score every row of ``embeddings`` with several detectors (higher = more anomalous).
 
@@ -414,8 +415,9 @@ def score_samples(
     that are not its root only lend their share and get ``{}``.
 
     ``"iforest"`` and ``"lof"`` run scikit-learn on CPU (fit on ``embeddings``);
-    ``"clip"``, ``"xmodal"`` and ``"xgroup"`` read ``embeddings`` as the image embeddings and need
-    ``text_embeddings``; ``same_caption`` is xgroup's (`caption_group_mean`).
+    ``"clip"``, ``"xmodal"`` and ``"xgroup"`` need ``text_embeddings`` and read ``image_embeddings`` (default:
+    ``embeddings``, e.g. when the kNN detectors see image and text together); ``same_caption`` is xgroup's
+    (`caption_group_mean`). Under a ``search`` xmodal's and xgroup's searches are spread over the processes too.
     Results are on ``embeddings.device``.
     """
     unknown = [d for d in detectors if d not in DETECTORS]
@@ -424,6 +426,10 @@ def score_samples(
     if variant not in VARIANTS or dao_form not in DAO_FORMS:
         raise ValueError(f"variant must be one of {VARIANTS} and dao_form one of {DAO_FORMS} "
                          f"(got {variant!r}, {dao_form!r})")
+    paired = [d for d in detectors if d in PAIR_DETECTORS]
+    if paired and text_embeddings is None:
+        raise ValueError(f"the {paired[0]!r} detector needs text_embeddings")
+    image = embeddings if image_embeddings is None else image_embeddings
     out: dict[str, Tensor] = {}
     knn_names = [d for d in detectors if d in _KNN_DETECTORS]
     n = embeddings.shape[0]
@@ -444,6 +450,12 @@ def score_samples(
                 draw = _knn_scores(embeddings, embeddings[rows], own, **how)
                 for name, score in draw.items():
                     out[name] = out[name] + score / reference_draws if name in out else score / reference_draws
+    if {"xmodal", "xgroup"} & set(detectors):  # on every process: their searches are spread over the processes too
+        opts = dict(chunk_size=chunk_size, seed=seed, reference_size=reference_size,
+                    reference_draws=reference_draws, search=search)
+        out["xmodal"] = xmodal_score(image, text_embeddings, k, **opts)
+        if "xgroup" in detectors:  # xmodal is None on a helper process, which then only lends its searches
+            out["xgroup"] = caption_group_mean(out["xmodal"], text_embeddings, k, same_caption=same_caption, **opts)
     if search is not None and not search.is_root:
         return {}
     device = embeddings.device
@@ -452,18 +464,7 @@ def score_samples(
     if "lof" in detectors:
         out["lof"] = lof_score(embeddings, k=k, metric=metric).to(device)
     if "clip" in detectors:
-        if text_embeddings is None:
-            raise ValueError("the 'clip' detector needs text_embeddings")
-        out["clip"] = clip_score(embeddings, text_embeddings)
-    pair = [d for d in ("xmodal", "xgroup") if d in detectors]
-    if pair and text_embeddings is None:
-        raise ValueError(f"the {pair[0]!r} detector needs text_embeddings")
-    opts = dict(chunk_size=chunk_size, seed=seed, reference_size=reference_size, reference_draws=reference_draws)
-    if pair:
-        out["xmodal"] = xmodal_score(embeddings, text_embeddings, k, **opts)
-    if "xgroup" in detectors:
-        out["xgroup"] = xgroup_score(embeddings, text_embeddings, k, same_caption=same_caption,
-                                     xmodal=out["xmodal"], **opts)
+        out["clip"] = clip_score(image, text_embeddings)
     return {name: out[name] for name in detectors}
 
 

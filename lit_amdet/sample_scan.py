@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +30,7 @@ from lit_amdet import cleaning
 from lit_amdet.datamodules.shards import skipped_summary
 from lit_amdet.errors import ConfigError, LitAmdetError, missing_hint
 from lit_amdet.io import write_json, write_with
-from lit_amdet.metrics import rank_union, ranking_metrics
+from lit_amdet.metrics import combine, combined_names, ranking_metrics
 from lit_amdet.metrics import ranks as rank_scores
 from lit_amdet.neighbours import NeighbourSearch
 from lit_amdet.outliers import (
@@ -38,10 +39,7 @@ from lit_amdet.outliers import (
     SAME_CAPTION,
     DaoForm,
     Variant,
-    caption_group_mean,
-    clip_score,
     score_samples,
-    xmodal_score,
 )
 from lit_amdet.poisoning import load_labels
 
@@ -61,13 +59,22 @@ def sample_features(image: Tensor | None, text: Tensor, modality: Modality) -> T
 
 def check_detectors(detectors: Sequence[str]) -> list[str]:
     """The detector names without repeats; an unknown name (or none) is a `ConfigError`. A name joining several
-    detectors with ``+`` (``dao+xmodal``) is their `rank_union`."""
+    detectors with ``+``, ``*`` and parentheses (``dao+xgroup``, ``(dao+xgroup)+dao*xgroup``) is their
+    `lit_amdet.metrics.combine`."""
     names = list(dict.fromkeys(detectors))  # a repeated name would repeat a CSV column
-    unknown = [d for d in names if not all(part in DETECTORS for part in d.split("+"))]
+    unknown = [d for d in names if not _readable(d)]
     if unknown or not names:
         raise ConfigError(f"unknown detector(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                          f"choose from {', '.join(DETECTORS)}, or several joined by + (dao+xmodal)")
+                          f"choose from {', '.join(DETECTORS)}, or several joined by + (their rank union), "
+                          "* (their rank product) and parentheses: (dao+xgroup)+dao*xgroup")
     return names
+
+
+def _readable(name: str) -> bool:
+    try:
+        return all(part in DETECTORS for part in combined_names(name))
+    except ValueError:
+        return False
 
 
 def detectors_run(detectors: Sequence[str], budget: float | int | None, cut_by: str) -> list[str]:
@@ -77,8 +84,8 @@ def detectors_run(detectors: Sequence[str], budget: float | int | None, cut_by: 
 
 
 def base_detectors(names: Sequence[str]) -> list[str]:
-    """The detectors ``names`` need computed: each one, the parts of each union (`check_detectors`)."""
-    return list(dict.fromkeys(part for d in names for part in d.split("+")))
+    """The detectors ``names`` need computed: each one, the parts of each combination (`check_detectors`)."""
+    return list(dict.fromkeys(part for d in names for part in combined_names(d)))
 
 
 def read_labels(path: str | Path, num_samples: int) -> np.ndarray:
@@ -162,7 +169,7 @@ def _figures(out: Path, scores: dict[str, np.ndarray], ranks: dict[str, np.ndarr
         else:
             ax.hist(s, bins=bins, histtype="stepfilled")
         ax.set(yscale="log", xlabel=f"{d} score (higher = more anomalous)", ylabel="samples", title=d)
-        emit(fig, f"hist_{d}")
+        emit(fig, "hist_" + re.sub(r"[^A-Za-z0-9_+-]", "", d.replace("*", "_times_")))  # a portable file name
 
     # Thumbnails of the samples the first detector ranks highest: what a person checks by eye.
     first = next(iter(scores))
@@ -229,8 +236,9 @@ def score_and_report(
         embeddings: ``[N, D]`` sample features (see `sample_features`).
         captions: the ``N`` captions, in row order.
         labels: poison labels: a `PoisonedPairs.save_labels` file or a bool mask; None if unknown.
-        detectors: names from `lit_amdet.outliers.DETECTORS`, or several joined by ``+`` (their `rank_union`;
-            its parts are scored and reported too).
+        detectors: names from `lit_amdet.outliers.DETECTORS`, or several joined by ``+`` and ``*`` (with
+            parentheses; `lit_amdet.metrics.combine`: rank union and rank product; its parts are scored and
+            reported too).
         k: neighbourhood size of the kNN detectors and LOF.
         out_dir: where ``scores.csv``, ``report.json`` and the PNG figures go.
         image_text: ``(image, text)`` embeddings for the ``clip`` baseline (negated pair cosine) and ``xmodal``
@@ -295,28 +303,17 @@ def score_and_report(
             raise ConfigError(f"labels for {mask.size} samples, but there are {n}")
 
     x = embeddings.to(device) if device is not None else embeddings
-    others = [d for d in computed if d not in PAIR_DETECTORS]
+    image, text = (None, None) if image_text is None else (t.to(x.device) for t in image_text)
     try:  # the library's own checks (e.g. reference_size) become the one-line config error
-        raw = score_samples(x, others, k, chunk_size=chunk_size, seed=seed, reference_size=reference_size,
-                            reference_draws=reference_draws, variant=variant, dao_form=dao_form,
-                            search=search) if others else {}
-        if {"xmodal", "xgroup"} & set(computed):  # every process: their searches are spread over them too
-            assert image_text is not None
-            image, text = (t.to(x.device) for t in image_text)
-            opts = dict(chunk_size=chunk_size, seed=seed, reference_size=reference_size,
-                        reference_draws=reference_draws, search=search)
-            raw["xmodal"] = xmodal_score(image, text, k, **opts)
-            if "xgroup" in computed:  # xmodal is None on a helper process, which then only lends its searches
-                raw["xgroup"] = caption_group_mean(raw["xmodal"], text, k, same_caption=same_caption, **opts)
+        raw = score_samples(x, computed, k, chunk_size=chunk_size, seed=seed, reference_size=reference_size,
+                            reference_draws=reference_draws, variant=variant, dao_form=dao_form, search=search,
+                            text_embeddings=text, image_embeddings=image, same_caption=same_caption)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if search is not None and not search.is_root:
         return {}  # this process lent its share of the neighbour search; process 0 writes the report
-    if "clip" in computed:
-        assert image_text is not None
-        raw["clip"] = clip_score(*image_text)
     scores = {d: raw[d].detach().double().cpu().numpy() for d in computed}
-    scores = {d: scores[d] if d in scores else rank_union(*(scores[part] for part in d.split("+"))) for d in names}
+    scores = {d: scores[d] if d in scores else combine(d, scores) for d in names}
     ranks = {d: rank_scores(s) for d, s in scores.items()}
 
     out = Path(out_dir)

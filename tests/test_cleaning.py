@@ -325,8 +325,8 @@ def test_scan_data_budget_writes_the_cut(world, tmp_path, capsys):
 def test_scan_data_scores_the_default_cut_even_when_not_listed(world, tmp_path):
     scan(world, tmp_path, "--detectors", "[kdist]", "--labels", str(world[1]), "--budget", "0.05")
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["cut"]["detector"] == "dao+xgroup" and report["cut"]["flagged"] == 10
-    assert report["detectors"] == ["kdist", "dao+xgroup", "dao", "xgroup"]
+    assert report["cut"]["detector"] == "(dao+xgroup)+dao*xgroup" and report["cut"]["flagged"] == 10
+    assert report["detectors"] == ["kdist", "(dao+xgroup)+dao*xgroup", "dao", "xgroup"]
 
 
 def test_scan_data_budget_count_without_labels(world, tmp_path):

@@ -12,7 +12,10 @@ import torch
 from lit_amdet.metrics import (
     auroc,
     classification_metrics,
+    combine,
+    combined_names,
     probability_metrics,
+    rank_product,
     rank_union,
     ranking_metrics,
     ranks,
@@ -110,6 +113,51 @@ def test_rank_union_orders_by_best_then_second_rank():
         assert (ranks(rank_union(*parts)) <= len(parts) * best).all()
     with pytest.raises(ValueError):
         rank_union(a, b[:3])
+
+
+def test_rank_product_is_the_geometric_mean_of_ranks():
+    from scipy.stats import gmean, rankdata
+
+    rng = np.random.default_rng(6)
+    a, b, c = rng.normal(size=50), rng.normal(size=50), rng.normal(size=50)
+    for parts in ((a, b), (a, b, c)):
+        want = gmean(np.stack([rankdata(-s, method="ordinal") for s in parts]), axis=0)  # scipy's ranks and mean
+        np.testing.assert_allclose(np.exp(-rank_product(*parts)), want, rtol=1e-12)
+    np.testing.assert_array_equal(ranks(rank_product(a)), ranks(a))
+    with pytest.raises(ValueError):
+        rank_product(a, b[:3])
+
+
+def test_combine_reads_sums_products_and_parentheses():
+    rng = np.random.default_rng(7)
+    s = {n: rng.normal(size=30) for n in ("dao", "xgroup", "kdist")}
+    np.testing.assert_array_equal(combine("dao", s), s["dao"])
+    np.testing.assert_array_equal(combine("dao+xgroup", s), rank_union(s["dao"], s["xgroup"]))
+    np.testing.assert_array_equal(combine("(dao+xgroup)+dao*xgroup", s),  # a group is one operand of its union
+                                  rank_union(rank_union(s["dao"], s["xgroup"]), rank_product(s["dao"], s["xgroup"])))
+    np.testing.assert_array_equal(combine("kdist+dao*xgroup", s),  # * binds tighter
+                                  rank_union(s["kdist"], rank_product(s["dao"], s["xgroup"])))
+    np.testing.assert_array_equal(combine(" kdist * ( dao + xgroup ) ", s),
+                                  rank_product(s["kdist"], rank_union(s["dao"], s["xgroup"])))
+    assert combined_names("(dao+xgroup)+dao*xgroup") == ["dao", "xgroup"]
+    for bad in ("", "dao+", "(dao+xgroup", "dao)", "dao xgroup", "dao-xgroup", "()", "+dao", "dao**xgroup"):
+        with pytest.raises(ValueError):
+            combined_names(bad)
+
+
+def test_the_product_half_finds_what_two_detectors_both_rank_fairly_high():
+    """Five poisons ranked 11th-15th by both detectors; ten clean outliers at the top of one detector each. A
+    budget of 10 cut by the union holds none of the poisons, cut by (a+b)+a*b all of them."""
+    rng = np.random.default_rng(8)
+    n = 1000
+    a, b = rng.uniform(0, 1, n), rng.uniform(0, 1, n)
+    a[:10], b[10:20] = 10 + np.arange(10), 10 + np.arange(10)  # clean: the top 10 of a, the top 10 of b
+    poisons = np.arange(20, 25)
+    a[poisons] = b[poisons] = 5 + np.arange(5) / 10  # 11th-15th in each
+    s = {"a": a, "b": b}
+    top = {e: set(np.argsort(-combine(e, s), kind="stable")[:10]) for e in ("a+b", "(a+b)+a*b")}
+    assert not top["a+b"] & set(poisons)
+    assert set(poisons) <= top["(a+b)+a*b"]
 
 
 def test_recall_at_k_against_a_loop():

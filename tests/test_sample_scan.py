@@ -76,9 +76,10 @@ def test_bad_inputs_raise_config_error(tmp_path):
     with pytest.raises(ConfigError, match="needs image embeddings"):
         sample_features(None, text, "both")
     assert check_detectors(["kdist", "lid", "kdist"]) == ["kdist", "lid"]
-    assert check_detectors(["dao+xmodal"]) == ["dao+xmodal"]
-    with pytest.raises(ConfigError, match="unknown detector"):
-        check_detectors(["dao+mahalanobis"])
+    assert check_detectors(["dao+xmodal", "(dao+xgroup)+dao*xgroup"]) == ["dao+xmodal", "(dao+xgroup)+dao*xgroup"]
+    for bad in ("dao+mahalanobis", "dao*(xgroup", "dao-xgroup"):
+        with pytest.raises(ConfigError, match="unknown detector"):
+            check_detectors([bad])
     with pytest.raises(ConfigError, match="xmodal detector"):  # a union's parts need what the parts need
         score_and_report(x, captions, None, ["dao+xmodal"], 4, tmp_path, quiet=True)
 

@@ -67,11 +67,11 @@ def test_scan_data_cli_writes_every_output(poisoned_world, tiny_clip, tmp_path, 
     assert sorted(int(r["slof_rank"]) for r in rows) == list(range(1, N_WORLD + 1))
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["metrics"]) == {"kdist", "lid", "slof", "dao", "iforest", "lof", "clip", "xmodal", "xgroup",
-                                      "dao+xgroup"}
+                                      "(dao+xgroup)+dao*xgroup"}
     assert report["same_caption"] == 0.95
     for m in report["metrics"].values():  # a random-init CLIP says nothing about quality: range only
         assert all(0.0 <= v <= 1.0 for v in m.values())
-    for name in ("hist_kdist.png", "hist_clip.png", "top_samples.png"):
+    for name in ("hist_kdist.png", "hist_clip.png", "hist_dao+xgroup+dao_times_xgroup.png", "top_samples.png"):
         assert (tmp_path / name).stat().st_size > 0
     cache = load_file(tmp_path / "embeddings.safetensors")
     assert cache["image"].shape == cache["text"].shape == (N_WORLD, 24)

@@ -57,6 +57,14 @@ def _xmodal(x: torch.Tensor, k: int, opts: dict, search=None, chunk_size: int = 
     return xm, xgroup_score(x, _captions(x), k, chunk_size=chunk_size, search=search, **subsample)
 
 
+def _pair_scores(x: torch.Tensor, k: int, opts: dict, search=None) -> dict:
+    """Every detector through `score_samples`, as scan-data calls it: the kNN ones on image and caption side by
+    side, xmodal and xgroup on the image alone."""
+    both = torch.cat([x, _captions(x)], 1)
+    return score_samples(both, [*NAMES, "xmodal", "xgroup"], k, chunk_size=29, search=search,
+                         text_embeddings=_captions(x), image_embeddings=x, **opts)
+
+
 def _lists(search, x: torch.Tensor, k: int, metric: str = "euclidean"):
     """The whole set against itself, and the set against every third row of it (the query-share mode)."""
     sub = torch.arange(0, len(x), 3 if len(x) >= 3 * (k + 2) else 1)
@@ -79,6 +87,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
                              score_samples(data[which], NAMES, k, chunk_size=29, search=search, **opts))
             if name in XMODAL_CASES:
                 results[name + "_xmodal"] = _xmodal(data[which], k, opts, search, chunk_size=29)
+                results[name + "_pair"] = _pair_scores(data[which], k, opts, search)
         try:  # a bad argument fails on every process before any exchange: none waits for the others
             search(data["ints"], k=len(data["ints"]))
         except ValueError:
@@ -88,6 +97,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         else:
             assert all(r[1] == {} and r[0] == (None, None) for n, r in results.items() if n in CASES)
             assert all(results[n + "_xmodal"] == (None, None) for n in XMODAL_CASES)
+            assert all(results[n + "_pair"] == {} for n in XMODAL_CASES)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -114,6 +124,10 @@ def test_two_processes_equal_one_bit_for_bit(tmp_path):
             for got, want in zip(results[name + "_xmodal"], _xmodal(data[which], k, opts)):
                 assert torch.equal(got, want), name
             assert not torch.equal(*results[name + "_xmodal"]), name  # the groups pooled something
+            one = _pair_scores(data[which], k, opts)
+            assert all(torch.equal(results[name + "_pair"][d], one[d]) for d in one), name
+            pair = zip(("xmodal", "xgroup"), _xmodal(data[which], k, opts))  # the kNN ones ran on image + caption
+            assert all(torch.equal(one[d], want) for d, want in pair), name
     assert (results["ints_k16"][0][0][0][-20:] == 0).all()  # the duplicate group really is tied at 0
 
 
