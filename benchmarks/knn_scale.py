@@ -20,7 +20,7 @@ that unmasks clumped poisons (BENCHMARKS.md, "Poisoned pairs").
 Peak memory is the process's maximum resident set size.
 
 ``--pair`` (with ``--processes``) also times the two pair detectors scan-data cuts by
-(``xmodal`` and ``xgroup``, the default ``dao+xgroup`` cut's second part) on a
+(``xmodal`` and ``xgroup``, what the default cut adds to DAO) on a
 second N x dim matrix for the captions, after the kNN detectors, as scan-data
 runs them: the row gets ``pair_seconds`` beside the kNN detectors' ``seconds``
 (``--only_pair``: the pair detectors alone, ``seconds`` left empty).

@@ -79,7 +79,7 @@ def _readable(name: str) -> bool:
 
 def detectors_run(detectors: Sequence[str], budget: float | int | None, cut_by: str) -> list[str]:
     """`check_detectors` of ``detectors`` plus, with a ``budget``, the cut's ``cut_by``: the cut's ranking is
-    always scored (the default, a union, need not be listed)."""
+    always scored (the default, a combination, need not be listed)."""
     return check_detectors([*detectors, cut_by] if budget is not None else detectors)
 
 
