@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from lit_amdet.neighbours import ShardedSearch
-from lit_amdet.outliers import dao_score, kdist_score, knn, lid_score, score_samples, slof_score, xgroup_score
+from lit_amdet.outliers import dao_score, kdist_score, knn, lid_score, score_samples, slof_score
 
 DETECTORS = ("kdist", "lid", "slof", "dao")
 
@@ -147,7 +147,8 @@ def _spread_process(rank: int, world: int, n: int, args: argparse.Namespace, sub
             text = embeddings(n, args.dim, seed=1)
             dist.barrier()
             t1 = time.perf_counter()
-            xgroup_score(x, text, args.k, chunk_size=args.chunk_size, search=search, **sub)
+            score_samples(x, ("xgroup",), args.k, chunk_size=args.chunk_size, search=search, text_embeddings=text,
+                          **sub)  # xmodal, then its caption groups
             dist.barrier()
             pair = {"pair_detectors": ["xmodal", "xgroup"], "pair_seconds": time.perf_counter() - t1}
         peaks: list = [None] * world

@@ -21,7 +21,6 @@ from lit_amdet.outliers import SAME_CAPTION
 if TYPE_CHECKING:
     from lit_amdet.outliers import DaoForm, Variant
 
-#: the sample detectors scan-data runs by default
 #: the ranking scan-data's budget cuts by default (`lit_amdet.metrics.combine`): half the budget to what DAO or
 #: xgroup alone ranks near the top (their rank union), half to what both rank fairly high (their rank product)
 CUT_BY = "(dao+xgroup)+dao*xgroup"

@@ -78,7 +78,6 @@ __all__ = [
     "reference_code_scores",
     "score_samples",
     "slof_score",
-    "xgroup_score",
     "xmodal_score",
 ]
 
@@ -340,21 +339,6 @@ def check_same_caption(same_caption: float) -> None:
     """xgroup's threshold is a cosine (ValueError otherwise): checked before an embedding pass, not after."""
     if not -1.0 <= same_caption <= 1.0:
         raise ValueError(f"same_caption is a cosine in [-1, 1] (got {same_caption})")
-
-
-def xgroup_score(image: Tensor, text: Tensor, k: int = 16, *, same_caption: float = SAME_CAPTION,
-                 xmodal: Tensor | None = None, chunk_size: int = 1024, seed: int = 0,
-                 reference_size: int | None = None, reference_draws: int = 1,
-                 search: NeighbourSearch | None = None) -> Tensor | None:
-    """Caption-group disagreement (module doc): `xmodal_score` (or the one given as ``xmodal``, computed with
-    the same settings) averaged over each caption's group (`caption_group_mean`). None on a process of
-    ``search`` that only lent its share. Under a ``search`` every process must pass ``xmodal`` or none must (a
-    helper's xmodal is None): a caller that already ran xmodal calls `caption_group_mean` instead."""
-    opts = dict(chunk_size=chunk_size, seed=seed, reference_size=reference_size, reference_draws=reference_draws,
-                search=search)
-    if xmodal is None:  # None again on a helper process, which lends its share of both searches
-        xmodal = xmodal_score(image, text, k, **opts)
-    return caption_group_mean(xmodal, text, k, same_caption=same_caption, **opts)
 
 
 def _reference_draws(n: int, reference_size: int, reference_draws: int, seed: int, device: torch.device):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lit_amdet.neighbours import ShardedSearch, knn, merge_neighbours
-from lit_amdet.outliers import score_samples, xgroup_score, xmodal_score
+from lit_amdet.outliers import score_samples, xmodal_score
 
 NAMES = ("kdist", "lid", "slof", "dao")
 #: the cases xmodal and xgroup are also spread over processes in (their captions: `_captions`)
@@ -54,7 +54,9 @@ def _xmodal(x: torch.Tensor, k: int, opts: dict, search=None, chunk_size: int = 
     """xmodal and xgroup (a 4-d caption: many within cosine 0.95 of each other)."""
     subsample = {key: opts[key] for key in ("reference_size", "reference_draws", "seed") if key in opts}
     xm = xmodal_score(x, _captions(x), k, chunk_size=chunk_size, search=search, **subsample)
-    return xm, xgroup_score(x, _captions(x), k, chunk_size=chunk_size, search=search, **subsample)
+    xg = score_samples(x, ("xgroup",), k, chunk_size=chunk_size, search=search, text_embeddings=_captions(x),
+                       **subsample)
+    return xm, xg.get("xgroup")  # {} on a helper process
 
 
 def _pair_scores(x: torch.Tensor, k: int, opts: dict, search=None) -> dict:
