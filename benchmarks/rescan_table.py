@@ -35,6 +35,7 @@ from lit_amdet.metrics import auroc
 SCORES = ("clean_anchor_pooled_cos", "unshared_collapse", "token_null", "collapse_lift", "pooled_unshared_collapse",
           "pooled_collapse_lift", "divergence_ratio", "pooled_divergence_ratio")
 SAME_PLAN = ("base", "attack", "adaptive", "trigger", "target_caption")  # a member of both runs is the same plan
+ADAPTIVE_COUNTS = ("members", "working", "flagged", "inconclusive", "clean")  # an adaptive attack's row
 
 
 def family_rows(report: dict, only: set[str] | None = None) -> dict:
@@ -75,8 +76,7 @@ def adaptive_rows(report: dict, only: set[str] | None = None) -> dict:
     for m in report["members"]:
         if not m.get("adaptive") or (only and m["base"] not in only):
             continue
-        r = rows.setdefault(f"{m['base']}/{m['adaptive']}", {"members": 0, "working": 0, "flagged": 0,
-                                                               "inconclusive": 0, "clean": 0})
+        r = rows.setdefault(f"{m['base']}/{m['adaptive']}", dict.fromkeys(ADAPTIVE_COUNTS, 0))
         r["members"] += 1
         if m.get("working"):
             r["working"] += 1
@@ -158,10 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|")
     for r in result:
         for key in sorted(set(r["old_adaptive"]) | set(r["new_adaptive"])):
-            o, n = (r[side].get(key, dict.fromkeys(("members", "working", "flagged", "inconclusive", "clean"), 0))
-                    for side in ("old_adaptive", "new_adaptive"))
-            print(f"| {Path(r['new']).name} | {key} | " + " | ".join(
-                f"{o[k]} → {n[k]}" for k in ("members", "working", "flagged", "inconclusive", "clean")) + " |")
+            o, n = (r[side].get(key, dict.fromkeys(ADAPTIVE_COUNTS, 0)) for side in ("old_adaptive", "new_adaptive"))
+            counts = " | ".join(f"{o[k]} → {n[k]}" for k in ADAPTIVE_COUNTS)
+            print(f"| {Path(r['new']).name} | {key} | {counts} |")
 
 
 if __name__ == "__main__":
