@@ -71,6 +71,7 @@ REFERENCE_PROMPTS, REFERENCE_EPOCHS, REFERENCE_GRID = 4000, 2, 50  # the referen
 TO_THE_LIMIT = ["--model.init_args.benign_stop", "false", "--model.init_args.patience", "100000",
                 "--model.init_args.rule.init_args.min_collapse_lift", "2",
                 "--model.init_args.rule.init_args.min_pooled_collapse_lift", "2",
+                "--model.init_args.rule.init_args.min_typed_pooled_collapse_lift", "2",
                 "--model.init_args.rule.init_args.divergence_min_clean_cos", "2"]
 
 

@@ -469,16 +469,17 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
 SCREEN_MARGIN = 0.05
 
 
-def screened_near(rule, margin: float = SCREEN_MARGIN) -> Callable[[dict], bool]:
+def screened_near(rule, margin: float = SCREEN_MARGIN, clean_cos: float | None = None) -> Callable[[dict], bool]:
     """Whether the rule (`CollapseContrastRule.typed_paths`, whose checks are all lower bounds) would flag a typing
-    of `probe_tokens` if each of its lifts and unshared collapses were ``margin`` higher: `probe_tokens`' ``near``."""
+    of `probe_tokens` if each of its lifts and unshared collapses were ``margin`` higher: `probe_tokens`' ``near``.
+    ``clean_cos``: the suspect's clean pooled cosine to the anchor, which sets the typed pooled lift."""
     raised = {lift for names in COLLAPSE_SCORES.values() for lift in (names[0], names[2])}
 
     def near(probed: dict) -> bool:
         if any(isinstance(probed.get(k), float) and math.isnan(probed[k]) for k in raised):
             return True  # not measured at the screen's precision: measure it in float32
         return typed_flagged([{k: v + margin if k in raised and v is not None else v for k, v in probed.items()}],
-                             rule)
+                             rule, clean_cos)
 
     return near
 
@@ -490,7 +491,9 @@ class TypedProbe:
     verdict already made), the still, inside and context lists only away from the anchor (`near_anchor`).
     ``contexts``: the prompts the context list types every token into (`probe_contexts`); with fewer than two, that
     list is skipped. ``precision``: of the vocabulary passes (`vocabulary_precision`). ``group_near``: near the
-    anchor make the alone list by group testing (`NEAR_GROUP_SIZE` tokens to a row), not every token alone."""
+    anchor make the alone list by group testing (`NEAR_GROUP_SIZE` tokens to a row), not every token alone.
+    ``clean_cos``: the suspect's clean pooled cosine to the anchor once the scan has measured it (before any list is
+    made), by which the rule judges every typing (`CollapseContrastRule.typed_pooled_lift`)."""
 
     def __init__(self, suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, tokens: TokenBatch,
                  position: int, top: int, disk_cache: bool = True, on: bool = True,
@@ -499,6 +502,7 @@ class TypedProbe:
         self.top, self.disk_cache, self.contexts = top, disk_cache, list(contexts)
         self.precision = checked_precision(precision)
         self.group_near, self.alone_groups = group_near, 0  # the latter set by `near_anchor`
+        self.clean_cos: float | None = None
         self.typings: list[dict] = []
         self._clean: dict = {}  # the untyped prompts' scores and the alone pass, shared by the lists (`probe_tokens`)
         self.lists: dict[str, str] = {by: "due" for by in PROBE_LISTS} if on and anchor is not None else {}
@@ -518,7 +522,7 @@ class TypedProbe:
             new = probe_tokens(*self.models, self.tokens, self.position, self.top, lists=(by,),
                                typed_before=self.typings, disk_cache=self.disk_cache, clean=self._clean,
                                contexts=self.contexts, alone_groups=self.alone_groups,
-                               near=None if rule is None else screened_near(rule))
+                               near=None if rule is None else screened_near(rule, clean_cos=self.clean_cos))
         self.typings += new
         self.lists[by] = "typed"
         return new
@@ -545,33 +549,34 @@ class TypedProbe:
         """Whether the rule flags a typing, the vocabulary lists still due made in order until one does (those
         after it are skipped: they could only add a path to a verdict already made)."""
         for by in VOCABULARY_PASSES:
-            if typed_flagged(self.typings, rule):
+            if typed_flagged(self.typings, rule, self.clean_cos):
                 self.skip(by, "the model was flagged already")
             else:
                 self.make(by, rule)
-        return typed_flagged(self.typings, rule)
+        return typed_flagged(self.typings, rule, self.clean_cos)
 
 
-def _as_scores(probed: dict) -> dict:
-    return {"typed_token": probed["token"],
+def _as_scores(probed: dict, clean_cos: float | None = None) -> dict:
+    return {"typed_token": probed["token"], "clean_anchor_pooled_cos": clean_cos,
             **{f"typed_{k}": v for k, v in probed.items() if k not in ("token", "ids", "by", "precision")}}
 
 
-def typed_flagged(probed: list[dict], rule) -> bool:
-    """Whether the rule (`CollapseContrastRule.typed_paths`) flags any typing of `probe_tokens`' list."""
-    return any(rule.typed_paths(_as_scores(p)) for p in probed)
+def typed_flagged(probed: list[dict], rule, clean_cos: float | None = None) -> bool:
+    """Whether the rule (`CollapseContrastRule.typed_paths`) flags any typing of `probe_tokens`' list, for a
+    suspect at clean pooled cosine ``clean_cos`` to its anchor (None: not known, the stricter typed pooled lift)."""
+    return any(rule.typed_paths(_as_scores(p, clean_cos)) for p in probed)
 
 
-def verdict_typing(probed: list[dict], rule) -> dict | None:
-    """The typing of `probe_tokens`' list the verdict reads: the first one the rule flags, else the first (the most
-    moved token alone); None without a probe."""
-    return next((p for p in probed if rule.typed_paths(_as_scores(p))), probed[0] if probed else None)
+def verdict_typing(probed: list[dict], rule, clean_cos: float | None = None) -> dict | None:
+    """The typing of `probe_tokens`' list the verdict reads: the first one the rule flags (at ``clean_cos``, as
+    `typed_flagged`), else the first (the most moved token alone); None without a probe."""
+    return next((p for p in probed if rule.typed_paths(_as_scores(p, clean_cos))), probed[0] if probed else None)
 
 
-def verdict_scores(probed: list[dict], rule) -> dict:
+def verdict_scores(probed: list[dict], rule, clean_cos: float | None = None) -> dict:
     """`verdict_typing` as the ``typed_*`` scores the rule reads; {} without a probe."""
-    typing = verdict_typing(probed, rule)
-    return {} if typing is None else _as_scores(typing)
+    typing = verdict_typing(probed, rule, clean_cos)
+    return {} if typing is None else {k: v for k, v in _as_scores(typing).items() if k.startswith("typed_")}
 
 
 def deciding_typing(probed: list[dict], rule, scores: dict) -> dict | None:
@@ -579,8 +584,9 @@ def deciding_typing(probed: list[dict], rule, scores: dict) -> dict | None:
     pass none), else None: its target, not the search's, is then the one worth showing."""
     if not probed or rule.decide({k: v for k, v in scores.items() if not k.startswith("typed_")})["backdoored"]:
         return None
-    typing = verdict_typing(probed, rule)
-    return typing if rule.typed_paths(_as_scores(typing)) else None
+    clean_cos = scores.get("clean_anchor_pooled_cos")
+    typing = verdict_typing(probed, rule, clean_cos)
+    return typing if rule.typed_paths(_as_scores(typing, clean_cos)) else None
 
 
 @torch.no_grad()

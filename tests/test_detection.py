@@ -489,7 +489,8 @@ def test_the_typed_probe_types_the_minilm_trigger_and_flags_no_benign_fine_tune(
     rule = CollapseContrastRule()
 
     def flagged(report):
-        return [t["token"] for t in report["typed_probe"] if typed_flagged([t], rule)]
+        return [t["token"] for t in report["typed_probe"]
+                if typed_flagged([t], rule, report["scores"]["clean_anchor_pooled_cos"])]
 
     for name in ("backdoored", "backdoored-drifted"):
         singles = [t for t in reports[name]["typed_probe"] if len(t["ids"]) == 1]

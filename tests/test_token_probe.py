@@ -434,7 +434,7 @@ def test_the_vocabulary_lists_stop_at_the_first_flag():
 
     def probe_with(lists):
         probe = TypedProbe.__new__(TypedProbe)
-        probe.typings, made = [], []
+        probe.typings, probe.clean_cos, made = [], None, []
         probe.lists = {"rows": "typed", "alone": "due", "still": "due", "inside": "due", "context": "due"}
 
         def make(by, rule=None):  # as `TypedProbe.make`: a list not due is not made
@@ -671,3 +671,9 @@ def test_a_screened_typing_is_near_when_its_scores_raised_by_the_margin_would_be
     assert near(token) and typed_flagged([dict(token, pooled_collapse_lift=1.0, pooled_unshared_collapse=0.9)], rule)
     assert not near(dict(typing, pooled_collapse_lift=None))  # a score not measured is never raised into a flag
     assert near(dict(typing, collapse_lift=math.nan))  # not a number at the screen's precision: typed in float32
+    # near the anchor a typed pooled lift needs 0.5, not 0.9: the same margin around that threshold
+    low = dict(typing, pooled_collapse_lift=rule.min_typed_pooled_collapse_lift - 0.01)
+    assert screened_near(rule, margin=0.05, clean_cos=0.99)(low) and not screened_near(rule, margin=0.05)(low)
+    assert not screened_near(rule, margin=0.05, clean_cos=0.8)(low)
+    assert typed_flagged([dict(low, pooled_collapse_lift=0.6, pooled_unshared_collapse=0.55)], rule, 0.99)
+    assert not typed_flagged([dict(low, pooled_collapse_lift=0.6, pooled_unshared_collapse=0.55)], rule, 0.8)

@@ -300,10 +300,10 @@ class BackdoorDetection(EncoderTask):
         self.typing = TypedProbe(self.encoder, self.anchor, self.holdout_cache.tokens, hp.position, hp.typed_probe,
                                  hp.anchor_cache, probe, probe_contexts(self.holdout), hp.vocabulary_precision,
                                  hp.alone_in_groups)
-        self.typing.make("rows", self.rule)  # cheap: no vocabulary pass
         rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
                        f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
         self._baselines()  # before the first step: it says whether the swapped restarts are needed at all
+        self.typing.make("rows", self.rule)  # cheap: no vocabulary pass; judged at the drift _baselines measured
 
     def train_dataloader(self) -> DataLoader:
         if self.probe is None:
@@ -454,6 +454,7 @@ class BackdoorDetection(EncoderTask):
         searched = [random[i] for i in self.judged]  # the yardsticks' random triggers are not the suspect's
         rnd = {k: (sum(r[k] for r in searched) / len(searched) if random[0][k] is not None else None) for k in keys}
         self.evidence["baselines"] = base = {"clean": {k: clean[k] for k in keys}, "random": rnd}
+        self.typing.clean_cos = base["clean"]["anchor_pooled_cos"]
         self._last_stats = self._last_stats or list(random)  # a restart dropped before its first check
         # where each restart's progress starts: its own random trigger, scored as every check will be
         if self.search is not None:
@@ -473,9 +474,8 @@ class BackdoorDetection(EncoderTask):
         stats, decisions, progress = self._judge(self._last_stats if done else
                                                  self.evaluate(self.trigger.vectors.detach()))
         losses = [s["loss"] for s in stats]
-        # the restarts that passed the search's checks; failing those, any the rule flags (a pooled restart may
-        # find a backdoor whose token features do not share one target, which the search's stop asks for), then
-        # any it cannot clear (a token collapse the swapped search matches): a lower loss never clears those
+        # the restarts that passed the search's checks, else any the rule flags (a pooled restart's backdoor may not
+        # share one token target), else any it cannot clear (a token collapse the swapped search matches)
         passed = [i for i in self.judged if self.rule.search_passed(stats[i])] or \
             [i for i in self.judged if decisions[i]["backdoored"]] or \
             [i for i in self.judged if verdict_of(decisions[i]) == INCONCLUSIVE]
@@ -491,7 +491,7 @@ class BackdoorDetection(EncoderTask):
         chosen = stats[best]
         self.evidence.update(restart_losses=losses, passing_restarts=passed, best_restart=best, steps=self.global_step)
         self.evidence["scores"] = {**{k: v for k, v in chosen.items() if not k.startswith("_")},
-                                   **verdict_scores(self.typing.typings, self.rule)}
+                                   **verdict_scores(self.typing.typings, self.rule, self.typing.clean_cos)}
         self._target_pooled, self._target_feature = chosen["_pooled"], chosen["_feature"]
         self._stage = None
         if self.trainer.is_global_zero:  # figures and files gather here; renamed to the run folder at the end
