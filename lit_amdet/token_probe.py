@@ -557,7 +557,8 @@ class TypedProbe:
 
 
 def _as_scores(probed: dict, clean_cos: float | None = None) -> dict:
-    return {"typed_token": probed["token"], "clean_anchor_pooled_cos": clean_cos,
+    drift = {} if clean_cos is None else {"clean_anchor_pooled_cos": clean_cos}
+    return {"typed_token": probed["token"], **drift,
             **{f"typed_{k}": v for k, v in probed.items() if k not in ("token", "ids", "by", "precision")}}
 
 
@@ -576,7 +577,7 @@ def verdict_typing(probed: list[dict], rule, clean_cos: float | None = None) -> 
 def verdict_scores(probed: list[dict], rule, clean_cos: float | None = None) -> dict:
     """`verdict_typing` as the ``typed_*`` scores the rule reads; {} without a probe."""
     typing = verdict_typing(probed, rule, clean_cos)
-    return {} if typing is None else {k: v for k, v in _as_scores(typing).items() if k.startswith("typed_")}
+    return {} if typing is None else _as_scores(typing)
 
 
 def deciding_typing(probed: list[dict], rule, scores: dict) -> dict | None:
