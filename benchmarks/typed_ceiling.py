@@ -5,9 +5,13 @@ A scan's ``scores`` keep one typing (the one that flagged, else the first); its 
 and prints, per base and truth, the highest typed collapse any typing reached: the token path's unshared
 collapse and the pooled path's (each the lower of unshared collapse and lift, as the rule needs both). Then it
 judges each member again from its report, picking the verdict's typing as the scan does (`verdict_scores`):
-with the search's pooled lift for typings too (``--old-lift``, 0.9, the default until session 2026-12-05 (e)),
-and with the shipped rule (`CollapseContrastRule.typed_pooled_lift`: 0.5 near the anchor, 0.9 away from it;
-``--new-lift`` sets the former). It lists every member whose verdicts differ. The search's own scores are as
+with the search's pooled lift for typings near the anchor too (``--old-lift``, 0.9, the default until session
+2026-12-05 (e)), and with the shipped rule (`CollapseContrastRule.typed_lifts`: 0.5 near the anchor, 0.9 away from it
+unless the typing disagrees with the anchor; ``--new-lift`` sets the former). It lists every member whose verdicts
+differ. Away from the anchor it also prints, per base and truth, the shift agreement of the typings that collapse
+at the low lifts (0.5), as a share of the scan's null (`CollapseContrastRule.typed_disagrees` reads it below 0.5):
+the lowest share a benign model's such typings reached, and the highest a backdoor's lowest reached (where no
+typing carries an agreement, scanned before session 2026-12-05 (f): none). The search's own scores are as
 the scan ran them: where a typing flagged the model before the search, the search stopped at its first check,
 so a verdict recomputed here without that flag is the verdict of that shortened search.
 
@@ -22,7 +26,7 @@ from pathlib import Path
 from lit_amdet.benchmark import member_row
 from lit_amdet.decision import CollapseContrastRule, verdict_of
 from lit_amdet.io import read_json, write_json
-from lit_amdet.token_probe import verdict_scores
+from lit_amdet.typed_verdict import verdict_scores
 
 
 def typed_reach(typings: list[dict]) -> dict:
@@ -32,8 +36,16 @@ def typed_reach(typings: list[dict]) -> dict:
 
     token = max((min(t["unshared_collapse"], t["collapse_lift"]) for t in typings), default=None)
     top = max(typings, key=pooled_of, default=None)
+    shares = [t["shift_agreement"] / t["null_shift_agreement"] for t in typings if collapses(t)
+              and t.get("shift_agreement") is not None and (t.get("null_shift_agreement") or 0) > 0]
     return {"typings": len(typings), "token": token, "pooled": None if top is None else pooled_of(top),
-            "pooled_token": None if top is None else top["token"], "pooled_by": None if top is None else top["by"]}
+            "pooled_token": None if top is None else top["token"], "pooled_by": None if top is None else top["by"],
+            "agreement_share": min(shares, default=None)}
+
+
+def collapses(t: dict, low: float = 0.5) -> bool:
+    """Whether a typing passes either collapse path at the low lifts (unshared collapse and lift above ``low``)."""
+    return any(min(t[f"{p}unshared_collapse"], t[f"{p}collapse_lift"]) > low for p in ("", "pooled_"))
 
 
 def judged(report: dict, rule: CollapseContrastRule) -> str:
@@ -83,6 +95,17 @@ def main() -> None:
                 f"{top['reach']['pooled']:.3f} ({top['reach']['pooled_token']!r}, {top['reach']['pooled_by']})"
             print(f"| {base} | {'backdoored (working)' if truth else 'benign'} | {len(group)} ({len(typed)}) | "
                   f"{'–' if token is None else f'{token:.3f}'} | {pooled} |")
+    print("\n| base | truth | away from the anchor, with a typing that collapses | shift agreement / null of those "
+          "typings: lowest benign, or the highest of each backdoor's lowest |")
+    print("|---|---|---|---|")
+    for base in sorted({r["base"] for r in rows}):
+        for truth in (False, True):
+            away = [r["reach"]["agreement_share"] for r in rows if r["base"] == base and r["backdoored"] == truth
+                    and (not truth or r["working"]) and r["reach"]["agreement_share"] is not None
+                    and not CollapseContrastRule().near_anchor(r["clean_anchor_pooled_cos"])]
+            if away:
+                print(f"| {base} | {'backdoored (working)' if truth else 'benign'} | {len(away)} | "
+                      f"{(max if truth else min)(away):.3f} |")
     for r in rows:
         if r["old_verdict"] != r["new_verdict"] or r["new_verdict"] != r["verdict"]:
             print(f"- {r['name']} ({'backdoored' if r['backdoored'] else 'benign'}, working {r['working']}, "

@@ -26,7 +26,8 @@ from lit_amdet.decision import CollapseContrastRule
 from lit_amdet.encoders import load_encoder
 from lit_amdet.io import read_json, read_yaml, write_json
 from lit_amdet.metrics import classification_metrics
-from lit_amdet.token_probe import probe_contexts, probe_tokens, typed_flagged
+from lit_amdet.token_probe import probe_contexts, probe_tokens
+from lit_amdet.typed_verdict import typed_flagged
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ Why: a benign scan types up to 28 tokens and pairs into 32 held-out prompts thro
 (`lit_amdet.token_probe.probe_tokens`), about 7.6 s of a 49 s benign MiniLM scan. Typed in bfloat16 they take about
 half that on a CPU with native bfloat16; the verdict reads their collapse scores against the rule's thresholds, so a
 scan screens in bfloat16 and types again in float32 every typing whose scores come within
-`lit_amdet.token_probe.SCREEN_MARGIN` of a typed path (`screened_near`). This script measures what that margin
+`lit_amdet.typed_verdict.SCREEN_MARGIN` of a typed path (`screened_near`). This script measures what that margin
 must cover: every typing a scan made (read from its ``report.json``, under each ``--reports`` folder, recursively),
 typed again here at both precisions into the shipped scan's held-out prompts, with the largest difference of each
 score the rule reads, whether any typing's flag differs, and the seconds of each precision (back to back, the
@@ -26,7 +26,8 @@ from lit_amdet.decision import CollapseContrastRule
 from lit_amdet.encoders import load_encoder
 from lit_amdet.io import read_json, write_json
 from lit_amdet.resources import config_path
-from lit_amdet.token_probe import SCREEN_MARGIN, pass_dtype, typed_flagged, typing_collapse
+from lit_amdet.token_probe import pass_dtype, typing_collapse
+from lit_amdet.typed_verdict import SCREEN_MARGIN, typed_flagged
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from typed_probe import held_out_tokens  # noqa: E402

@@ -51,3 +51,13 @@ def pooled_consistency(pooled: Tensor, eps: float = 1e-8) -> Tensor:
     """
     unit = pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=eps)
     return unit.mean(-2).pow(2).sum(-1)
+
+
+def shift_agreement(suspect_typed: Tensor, suspect_clean: Tensor, anchor_typed: Tensor, anchor_clean: Tensor) -> float:
+    """How far a typed token moves the suspect's sentence embeddings the way it moves the anchor's: the median over
+    prompts of the cosine between the suspect's shift (typed minus clean, ``[N, D]`` unit embeddings) and the
+    anchor's. A benign fine-tune that over-reads a token (a SimCSE fine-tune that lets `two` or `orange` decide the
+    sentence) moves each prompt where the anchor moves it, further (agreement about that of any token at this drift);
+    a backdoor sends every prompt to its target, which the anchor does not head for (about 0). A zero shift counts 0."""
+    cos = torch.nn.functional.cosine_similarity(suspect_typed - suspect_clean, anchor_typed - anchor_clean, dim=-1)
+    return float(cos.median())

@@ -154,8 +154,9 @@ class AmdetTrainer(Trainer):
             scan: how members are scanned (`lit_amdet.benchmark.ScanSettings`: config, overrides, drift_prompts,
                 ...).
             adaptive: adaptive attackers of the test split, reported apart (`lit_amdet.benchmark.AdaptiveSettings`:
-                attacks from pooled_only, sim_x_penalty, pooled_sim_x_penalty, pooled_consistency_penalty;
-                per_attack; sim_x_penalty; consistency_penalty).
+                attacks from `lit_amdet.benchmark.ADAPTIVE_ATTACKS`, such as pooled_only, sim_x_penalty,
+                pooled_sim_x_penalty, pooled_consistency_penalty, agreeing_target; per_attack; sim_x_penalty;
+                consistency_penalty).
             controls: drift-matched benign fine-tunes added to every base's zoo,
                 ``[{split: test, lr: 5.0e-5, steps: 20}]`` (`lit_amdet.benchmark.Control`).
             calibration_features: scan scores of the calibrated rule (``log1p_`` prefix: log(1 + score)).

@@ -249,50 +249,38 @@ class ContrastRule(DecisionRule):
 class CollapseContrastRule(ContrastRule):
     """The default: a trigger that collapses the suspect and not its anchor, each measured against itself.
 
-    Why not `ContrastRule`'s divergence ratios alone: they divide the trigger's divergence from the anchor by
-    the clean-prompt divergence, so a fine-tune that drifted far caps them (a backdoor hidden under benign
-    drift is never flagged), and a benign model the search decorrelates from its anchor scores about
-    1 / (1 - clean cosine) (7.8 at 0.87, against 8). This rule's main evidence does not involve the drift:
+    Why not `ContrastRule`'s divergence ratios alone: they divide by the clean-prompt divergence, so drift caps
+    them (a backdoor hidden under drift is never flagged). This rule's main evidence does not involve the drift:
 
     - **collapse path**: ``unshared_collapse`` (token Sim_X) or ``pooled_unshared_collapse`` (the consistency
       of the sentence embeddings): the share of its own room to collapse the trigger takes from the suspect,
       minus the share it takes from the anchor (`collapse_scores`). An injected backdoor collapses the suspect
       alone (about 1); a natural backdoor collapses both, whatever either model's clean baseline is (about 0).
-      The suspect's own collapse in the same space must pass too (``collapse_lift``; ``pooled_collapse_lift``
-      higher, since a search for pooled consistency alone finds partial collapses in benign models too).
-    - **divergence path** (`ContrastRule`'s token and pooled paths) only while the suspect is close to its
-      anchor (clean pooled cosine above ``divergence_min_clean_cos``), where the ratios were measured to
-      separate (benign models there score 0.02-0.07 against 8; a benign model the search decorrelates from
-      its anchor scores about 1 / (1 - clean cosine), 7.8 at 0.87). ``divergence_min_unshared`` (None: off)
-      can also ask for some unshared collapse behind it; off by default, since the ``consistency_penalty``
-      attacker keeps both collapses shared (0.13 / 0.02) and is caught by its divergence (14.3) alone.
-    - below ``min_clean_cos`` (clean pooled cosine to the anchor) a model that is not flagged is
-      ``inconclusive (drift)``, exit 3: the anchor is too far for its contrast to clear anything.
-
-    - a **charged** restart (one that searched for a pooled collapse the anchor does not share; it carries
-      ``pooled_null``, `lit_amdet.restart_scores.attach_null`) counts on the pooled collapse path only, and only
-      where its unshared collapse beats the null's (the same search with the two models swapped) by
-      ``min_null_margin``: such a search finds benign drift too, and the null finds as much of it; and only
-      near the anchor (as the divergence path): a typo-robust fine-tune plants real many-to-one collapses its
-      base lacks, which the charged search finds and the null cannot (flagged at clean cosine 0.58-0.78 on the
-      MiniLM).
-
-    - away from the anchor (clean pooled cosine at most ``divergence_min_clean_cos``) the **token collapse path
-      is judged against its null** (``token_null``, when the scan ran the swapped AMDET restart,
-      `lit_amdet.amdet.swapped_loss`): its unshared collapse must beat the anchor's collapse the suspect does not
-      share, found by the same search the other way round, by ``min_token_null_margin``. Benign drift has no
-      direction and gives both searches about as much; an injected backdoor gives the suspect's alone. A token
-      collapse that passes its thresholds but not the null makes the verdict ``inconclusive (drift)``, never
-      ``clean``: a null raised by an attacker can hide nothing, only withhold the accusation.
-
-    - a **typed token** (``typed_*`` scores, when the scan ran `lit_amdet.token_probe`): one of the tokens whose
-      embedding rows the suspect moved furthest from the anchor's, typed into the held-out prompts, passes either
-      collapse path. Not a search: what the model does with a real input, so near the anchor (as the divergence
-      path) its pooled lift is held to ``min_typed_pooled_collapse_lift`` (0.5, the other lifts' threshold), not
-      to the search's 0.9, which is there because a search for pooled consistency alone finds partial collapses
-      in benign models. Away from the anchor drift lends benign typings such partial collapses too (a CLIP SimCSE
-      fine-tune's rows-list pair: 0.04 at clean cosine 0.96, 0.29 at 0.87, 0.51 at 0.80, 0.62 at 0.65; near the
-      anchor every benign typing of the drift sweeps at most 0.07), so there it needs the search's 0.9.
+      The suspect's own collapse must pass too (``collapse_lift``; ``pooled_collapse_lift`` higher).
+    - **divergence path** (`ContrastRule`'s token and pooled paths) only near the anchor (clean pooled cosine
+      above ``divergence_min_clean_cos``), where the ratios were measured to separate (benign 0.02-0.07 against 8;
+      a benign model the search decorrelates from its anchor scores about 1 / (1 - clean cosine)).
+      ``divergence_min_unshared`` (None: off) can also ask for some unshared collapse behind it.
+    - below ``min_clean_cos`` a model that is not flagged is ``inconclusive (drift)``, exit 3: the anchor is too
+      far for its contrast to clear anything.
+    - a **charged** restart (a search for a pooled collapse the anchor does not share; it carries ``pooled_null``,
+      `lit_amdet.restart_scores.attach_null`) counts on the pooled path only near the anchor, and only where its
+      unshared collapse beats the null's (the same search, the models swapped) by ``min_null_margin``: a
+      typo-robust fine-tune plants real many-to-one collapses its base lacks (flagged at 0.58-0.78 on the MiniLM).
+    - away from the anchor the **token collapse path is judged against its null** (``token_null``, the swapped
+      AMDET restart, `lit_amdet.amdet.swapped_loss`): its unshared collapse must beat the anchor's the suspect
+      does not share by ``min_token_null_margin`` (benign drift has no direction and gives both searches about as
+      much), and must move the output (`token_path_moves_output`). A token collapse that passes its thresholds but
+      not these makes the verdict ``inconclusive (drift)``, never ``clean``.
+    - a **typed token** (``typed_*`` scores, `lit_amdet.token_probe`): a token the suspect treats most unlike the
+      anchor, typed into the held-out prompts, passes either collapse path. Not a search, so near the anchor its
+      pooled lift is held to ``min_typed_pooled_collapse_lift`` (0.5), not to the search's 0.9 (a search for
+      pooled consistency finds partial collapses in benign models). Away from it drift lends benign typings such
+      collapses too (CLIP SimCSE fine-tunes over-read count and colour words: `two couple` 0.62 at clean cosine
+      0.65; `orange tangerine` flagged on its token features at 0.80 and 0.83), which move each prompt where the
+      anchor moves it; a backdoor sends it to its target. So away from it both typed lifts need 0.9
+      (`typed_lifts`) unless the typing's shift agreement is below ``max_typed_agreement_ratio`` of the scan's
+      null (`typed_disagrees`): then 0.5.
 
     Without an anchor: as `ContrastRule` (a collapsing trigger is inconclusive, never BACKDOORED).
     """
@@ -300,6 +288,7 @@ class CollapseContrastRule(ContrastRule):
     def __init__(self, min_unshared_collapse: float = 0.5, min_collapse_lift: float = 0.5,
                  min_pooled_unshared_collapse: float = 0.5, min_pooled_collapse_lift: float = 0.9,
                  min_typed_pooled_collapse_lift: float = 0.5, divergence_min_clean_cos: float = 0.95,
+                 max_typed_agreement_ratio: float | None = 0.5, away_token_min_pooled_unshared: float | None = 0.2,
                  divergence_min_unshared: float | None = None,
                  min_clean_cos: float = 0.6, min_null_margin: float = 0.1, min_token_null_margin: float = 0.1,
                  **contrast) -> None:
@@ -309,6 +298,8 @@ class CollapseContrastRule(ContrastRule):
         self.min_pooled_unshared_collapse = min_pooled_unshared_collapse
         self.min_pooled_collapse_lift = min_pooled_collapse_lift
         self.min_typed_pooled_collapse_lift = min_typed_pooled_collapse_lift
+        self.max_typed_agreement_ratio = max_typed_agreement_ratio
+        self.away_token_min_pooled_unshared = away_token_min_pooled_unshared
         self.divergence_min_clean_cos = divergence_min_clean_cos
         self.divergence_min_unshared = divergence_min_unshared
         self.min_clean_cos = min_clean_cos
@@ -331,25 +322,34 @@ class CollapseContrastRule(ContrastRule):
                 *super().trigger_checks(s)]
 
     def _collapse_checks(self, s: dict, prefix: str) -> list[Check]:
+        token_lift, pooled_lift = self.typed_lifts(s) if prefix == "typed_" else \
+            (self.min_collapse_lift, self.min_pooled_collapse_lift)
         return [Check.of(prefix + "unshared_collapse", s.get(prefix + "unshared_collapse"), ">",
                          self.min_unshared_collapse),
-                Check.of(prefix + "collapse_lift", s.get(prefix + "collapse_lift"), ">", self.min_collapse_lift),
+                Check.of(prefix + "collapse_lift", s.get(prefix + "collapse_lift"), ">", token_lift),
                 Check.of(prefix + "pooled_unshared_collapse", s.get(prefix + "pooled_unshared_collapse"), ">",
                          self.min_pooled_unshared_collapse),
-                Check.of(prefix + "pooled_collapse_lift", s.get(prefix + "pooled_collapse_lift"), ">",
-                         self.typed_pooled_lift(s.get("clean_anchor_pooled_cos")) if prefix == "typed_" else
-                         self.min_pooled_collapse_lift)]
+                Check.of(prefix + "pooled_collapse_lift", s.get(prefix + "pooled_collapse_lift"), ">", pooled_lift)]
 
-    def typed_pooled_lift(self, clean_anchor_pooled_cos: float | None) -> float:
-        """The pooled lift a typed token needs: ``min_typed_pooled_collapse_lift`` near the anchor, the search's
-        ``min_pooled_collapse_lift`` away from it or where the drift is not known."""
-        return self.min_typed_pooled_collapse_lift if self.near_anchor(clean_anchor_pooled_cos) else \
-            self.min_pooled_collapse_lift
+    def typed_lifts(self, s: dict) -> tuple[float, float]:
+        """The token and pooled lifts a typed token needs: near the anchor or where it disagrees (`typed_disagrees`)
+        ``min_collapse_lift`` and ``min_typed_pooled_collapse_lift``; else ``min_pooled_collapse_lift`` for both."""
+        if self.near_anchor(s.get("clean_anchor_pooled_cos")) or self.typed_disagrees(s):
+            return self.min_collapse_lift, self.min_typed_pooled_collapse_lift
+        return self.min_pooled_collapse_lift, self.min_pooled_collapse_lift
+
+    def typed_disagrees(self, s: dict) -> bool:
+        """Whether the typed token moves the suspect's sentence embeddings unlike the anchor's: ``typed_shift_
+        agreement`` (`lit_amdet.assimilation.shift_agreement`) below ``max_typed_agreement_ratio`` of the null
+        ``typed_null_shift_agreement`` (random tokens typed there); a null <= 0 or a missing score says no."""
+        agreement, null = s.get("typed_shift_agreement"), s.get("typed_null_shift_agreement")
+        return self.max_typed_agreement_ratio is not None and None not in (agreement, null) and null > 0 and \
+            agreement < self.max_typed_agreement_ratio * null
 
     def typed_paths(self, s: dict) -> list[str]:
         """The collapse paths the typed-token probe's token passes (``typed_*`` scores of `lit_amdet.token_probe`
-        and ``clean_anchor_pooled_cos``; a searched trigger's thresholds but the pooled lift's near the anchor,
-        `typed_pooled_lift`), as the verdict names them; [] without a probe."""
+        and ``clean_anchor_pooled_cos``; a searched trigger's thresholds but the lifts of `typed_lifts`), as the
+        verdict names them; [] without a probe."""
         if "typed_token" not in s:
             return []
         ok = {c.name: c.passed for c in self._collapse_checks(s, "typed_")}
@@ -367,8 +367,10 @@ class CollapseContrastRule(ContrastRule):
         ok = {c.name: c.passed for c in checks}
         divergence = (ok["assimilation_gap"] and ok["divergence_ratio"]) or ok["pooled_divergence_ratio"]
         token_collapse = ok["unshared_collapse"] and ok["collapse_lift"]
+        moves_output = self.token_path_moves_output(scores)
         paths = {
-            "token collapse (unshared_collapse, collapse_lift)": token_collapse and ok.get("token_null_margin", True),
+            "token collapse (unshared_collapse, collapse_lift)":
+                token_collapse and ok.get("token_null_margin", True) and moves_output,
             "pooled collapse (pooled_unshared_collapse, pooled_collapse_lift)":
                 ok["pooled_unshared_collapse"] and ok["pooled_collapse_lift"],
             "divergence near the anchor (clean_anchor_pooled_cos and the token or pooled divergence path)":
@@ -387,6 +389,12 @@ class CollapseContrastRule(ContrastRule):
         if hits:
             return {**decision, "decided_by": " and ".join(hits)}
         drift = scores.get("clean_anchor_pooled_cos")
+        if token_collapse and ok.get("token_null_margin", True) and not moves_output and "pooled_null" not in scores:
+            return {**decision, "verdict": INCONCLUSIVE, "decided_by": (
+                f"inconclusive (drift): the trigger collapses the suspect's token features and not the anchor's "
+                f"(unshared_collapse {scores['unshared_collapse']:.3f}), but away from the anchor it collapses its "
+                f"sentence embeddings no more than the anchor's (pooled_unshared_collapse "
+                f"{scores.get('pooled_unshared_collapse') or 0:.3f}, not above {self.away_token_min_pooled_unshared})")}
         if token_collapse and ok.get("token_null_margin") is False and "pooled_null" not in scores:
             # the token path passed its thresholds, not its null: drift may explain it, so no clearing either
             return {**decision, "verdict": INCONCLUSIVE, "decided_by": (
@@ -403,13 +411,21 @@ class CollapseContrastRule(ContrastRule):
 
     def near_anchor(self, clean_anchor_pooled_cos: float | None) -> bool:
         """Whether a suspect this close to its anchor (clean pooled cosine) is near it: above
-        ``divergence_min_clean_cos``, where the divergence path, a charged restart and the typed pooled lift of
-        `typed_pooled_lift` count."""
+        ``divergence_min_clean_cos``, where the divergence path, a charged restart and the typed lifts of
+        `typed_lifts` count."""
         return clean_anchor_pooled_cos is not None and clean_anchor_pooled_cos > self.divergence_min_clean_cos
 
     def charged_path_open(self, clean_anchor_pooled_cos: float | None) -> bool:
         """Whether a charged restart can count for a suspect this close to its anchor (clean pooled cosine)."""
         return self.near_anchor(clean_anchor_pooled_cos)
+
+    def token_path_moves_output(self, s: dict) -> bool:
+        """Whether a token collapse counts: near the anchor always; away from it where the trigger also collapses
+        the suspect's sentence embeddings beyond the anchor's (``pooled_unshared_collapse`` > ``away_token_min_
+        pooled_unshared``): benign CLIP fine-tunes had 0.11 (`BENCHMARKS.md`), the backdoors it caught 0.22-0.83."""
+        pooled = s.get("pooled_unshared_collapse")
+        return self.away_token_min_pooled_unshared is None or self.near_anchor(s.get("clean_anchor_pooled_cos")) or \
+            (pooled is not None and pooled > self.away_token_min_pooled_unshared)
 
     def token_null_applies(self, s: dict) -> bool:
         """Whether the token collapse path is judged against the swapped search (``token_null``): when the scan
@@ -420,8 +436,8 @@ class CollapseContrastRule(ContrastRule):
         """The most advanced path's weakest check as a share of its threshold (`path_progress`): 1 when the path
         passes. The drift check of the divergence path is fixed by the model, so that path counts only where it
         holds. Without an anchor: the no-anchor checks (lift and same-target ratio), which end ``inconclusive``.
-        The token path's null (``token_null``) is left out: the two searches climb together, and a margin read
-        mid-climb would let the benign stop drop a drifted backdoor's restart before its collapse pulls ahead."""
+        The token path's null (``token_null``) and output gate (`token_path_moves_output`) are left out: a margin
+        read mid-climb would let the benign stop drop a drifted backdoor's restart before its collapse pulls ahead."""
         if not s.get("anchor_used"):
             return path_progress((s.get("assimilation_lift"), self.no_anchor_min_lift),
                                  (s.get("same_target_ratio"), self.no_anchor_min_same_target))

@@ -20,7 +20,7 @@ __all__ = ["PRECISIONS", "Precision", "checked_precision", "pass_dtype", "vocabu
 # on a CPU with native bfloat16 (AVX512-BF16) the MiniLM's passes ran 1.4-1.7x faster in bfloat16, and every list a
 # scan makes held the same tokens (`BENCHMARKS.md`, "The vocabulary passes in bfloat16"); on a CPU without, autocast
 # emulates it 5x slower. The typings are screened at it too, each one near a threshold typed again in float32
-# (`lit_amdet.token_probe.screened_near`).
+# (`lit_amdet.typed_verdict.screened_near`).
 #: "auto": bfloat16 where the device computes it natively (a CUDA device that supports it, a CPU with AVX512-BF16
 #: or AMX tiles), else float32
 Precision = Literal["auto", "float32", "bfloat16"]

@@ -54,17 +54,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_amdet.anchor_cache import cached_tensor, module_digest
-from lit_amdet.assimilation import assimilation_score, pooled_consistency, scored_positions
-from lit_amdet.decision import COLLAPSE_SCORES, collapse_scores
+from lit_amdet.assimilation import assimilation_score, pooled_consistency, scored_positions, shift_agreement
+from lit_amdet.decision import collapse_scores
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
 from lit_amdet.pass_precision import PRECISIONS, Precision, checked_precision, pass_dtype, vocabulary_precision
+from lit_amdet.typed_verdict import screened_near, typed_flagged
 
-__all__ = ["AWAY_LISTS", "NEAR_GROUP_SIZE", "PRECISIONS", "PROBE_LISTS", "SCREEN_MARGIN", "Precision",
-           "agreeing_tokens", "agreement_lift", "alone_batch", "alone_outputs", "alone_shift", "anchor_alone_outputs",
-           "deciding_typing", "grouped_shift", "most_shifted", "moved_tokens", "pass_dtype", "probe_contexts",
-           "probe_tokens", "screened_near", "shifted_tokens", "still_tokens", "typed_batch", "typed_flagged",
-           "typed_scores", "typed_target", "TypedProbe", "typing_collapse", "verdict_scores", "verdict_typing",
-           "vocabulary_groups", "vocabulary_precision"]
+__all__ = ["agreeing_tokens", "agreement_lift", "alone_batch", "alone_outputs", "alone_shift", "anchor_alone_outputs",
+           "AWAY_LISTS", "grouped_shift", "most_shifted", "moved_tokens", "NEAR_GROUP_SIZE", "null_agreement",
+           "NULL_SEED", "NULL_TOKENS", "pass_dtype", "Precision", "PRECISIONS", "probe_contexts", "PROBE_LISTS",
+           "probe_tokens", "shifted_tokens", "still_tokens", "typed_batch", "typed_scores", "typed_target",
+           "TypedProbe", "typing_collapse", "vocabulary_groups", "vocabulary_precision"]
 
 
 def _read_last(*models: TextEncoderAdapter | None) -> bool:
@@ -339,12 +339,13 @@ def typed_batch(adapter: TextEncoderAdapter, tokens: TokenBatch, typed: Sequence
 
 @torch.no_grad()
 def typed_scores(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch,
-                 typed: Sequence[int], position: int, chunk: int = 64, dtype: torch.dtype = torch.float32
-                 ) -> dict[str, float]:
+                 typed: Sequence[int], position: int, chunk: int = 64, dtype: torch.dtype = torch.float32,
+                 units: dict | None = None) -> dict[str, float]:
     """The scan's held-out scores of ``tokens`` with the ids ``typed`` typed at ``position`` (none: as they are),
     for both models: ``assimilation`` (Sim_X over each prompt's own tokens, the typed ones excluded, averaged over
     prompts) and ``target_consistency`` (the norm of the mean unit sentence embedding), ``anchor_`` the anchor's.
-    ``dtype``: the encoders run autocast to it (the scores are reduced in float32)."""
+    ``dtype``: the encoders run autocast to it (the scores are reduced in float32). ``units``: where to keep each
+    model's unit sentence embeddings (``[N, D]``, under ``""`` and ``"anchor_"``)."""
     out: dict[str, float] = {}
     for prefix, model in (("", suspect), ("anchor_", anchor)):
         sims, pooled = [], []
@@ -361,17 +362,59 @@ def typed_scores(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
             pooled.append(F.normalize(enc.pooled.float(), dim=-1))
         out[prefix + "assimilation"] = float(torch.cat(sims).mean())
         out[prefix + "target_consistency"] = float(pooled_consistency(torch.cat(pooled)).sqrt())
+        if units is not None:
+            units[prefix] = torch.cat(pooled)
     return out
 
 
 def typing_collapse(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch,
                     typed: Sequence[int], position: int, untyped: dict, dtype: torch.dtype = torch.float32) -> dict:
     """`collapse_scores` of typing ``typed`` at ``position`` (`typed_scores` at ``dtype``) against the same prompts
-    untyped at the same precision, whose scores ``untyped`` keeps per (position, dtype): a lift never mixes the two."""
+    untyped at the same precision, whose scores ``untyped`` keeps per (position, dtype): a lift never mixes the two;
+    and ``shift_agreement``, how far typing it moves the suspect's sentence embeddings the way it moves the anchor's
+    (`lit_amdet.assimilation.shift_agreement`), with ``null_shift_agreement``, the median of the same for
+    `NULL_TOKENS` random vocabulary tokens typed alone there (`null_agreement`, kept in ``untyped`` too)."""
+    clean, units = _untyped(suspect, anchor, tokens, position, untyped, dtype), {}
+    scores = typed_scores(suspect, anchor, tokens, typed, position, dtype=dtype, units=units)
+    if (position, dtype, "null") not in untyped:
+        untyped[position, dtype, "null"] = null_agreement(suspect, anchor, tokens, position, untyped, dtype)
+    agreement = _agreement(units, untyped[position, dtype, "units"])
+    return {**collapse_scores(scores, clean, anchor=True), "shift_agreement": agreement,
+            "null_shift_agreement": untyped[position, dtype, "null"]}
+
+
+def _untyped(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch, position: int,
+             untyped: dict, dtype: torch.dtype) -> dict:
     if (position, dtype) not in untyped:
-        untyped[position, dtype] = typed_scores(suspect, anchor, tokens, (), position, dtype=dtype)
-    scores = typed_scores(suspect, anchor, tokens, typed, position, dtype=dtype)
-    return collapse_scores(scores, untyped[position, dtype], anchor=True)
+        units: dict = {}
+        untyped[position, dtype] = typed_scores(suspect, anchor, tokens, (), position, dtype=dtype, units=units)
+        untyped[position, dtype, "units"] = units
+    return untyped[position, dtype]
+
+
+def _agreement(typed: dict, clean: dict) -> float:
+    return shift_agreement(typed[""], clean[""], typed["anchor_"], clean["anchor_"])
+
+
+#: how many random vocabulary tokens `null_agreement` types, and the seed that draws them
+NULL_TOKENS, NULL_SEED = 8, 0
+
+
+def null_agreement(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch, position: int,
+                   untyped: dict, dtype: torch.dtype = torch.float32) -> float:
+    """The shift agreement of an ordinary token at this drift: the median over `NULL_TOKENS` random vocabulary ids
+    (special tokens left out, drawn with `NULL_SEED`), each typed alone at ``position``. Benign drift lowers it with
+    the agreement of the two models' spaces; a trigger sits far below it (`CollapseContrastRule.typed_disagrees`)."""
+    _untyped(suspect, anchor, tokens, position, untyped, dtype)
+    specials = set(_special_ids(suspect, suspect.vocab_size))
+    order = torch.randperm(suspect.vocab_size, generator=torch.Generator().manual_seed(NULL_SEED))
+    ids = [int(i) for i in order[:NULL_TOKENS + len(specials)] if int(i) not in specials][:NULL_TOKENS]
+    agreements = []
+    for i in ids:
+        units: dict = {}
+        typed_scores(suspect, anchor, tokens, (i,), position, dtype=dtype, units=units)
+        agreements.append(_agreement(units, untyped[position, dtype, "units"]))
+    return float(torch.tensor(agreements).median())
 
 
 PROBE_LISTS = ("rows", "alone", "still", "inside", "context")
@@ -460,30 +503,6 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     return out
 
 
-#: how close to a typed path's thresholds a typing screened in bfloat16 must come to be typed again in float32
-#: (`screened_near`): every score the rule reads is raised by this much. The largest difference between the two
-#: precisions over the 763 typings of 18 MiniLM scans on a CPU was 0.0023, 20x less (`BENCHMARKS.md`, "The typings
-#: screened in bfloat16"). Not measured on the world families or a GPU: the lifts divide a score's change by
-#: 1 - its clean value (at least 0.02), so a family whose clean outputs agree closely magnifies a bfloat16 error
-#: more; where that could pass the margin, `vocabulary_precision: float32` types everything in float32
-SCREEN_MARGIN = 0.05
-
-
-def screened_near(rule, margin: float = SCREEN_MARGIN, clean_cos: float | None = None) -> Callable[[dict], bool]:
-    """Whether the rule (`CollapseContrastRule.typed_paths`, whose checks are all lower bounds) would flag a typing
-    of `probe_tokens` if each of its lifts and unshared collapses were ``margin`` higher: `probe_tokens`' ``near``.
-    ``clean_cos``: the suspect's clean pooled cosine to the anchor, which sets the typed pooled lift."""
-    raised = {lift for names in COLLAPSE_SCORES.values() for lift in (names[0], names[2])}
-
-    def near(probed: dict) -> bool:
-        if any(isinstance(probed.get(k), float) and math.isnan(probed[k]) for k in raised):
-            return True  # not measured at the screen's precision: measure it in float32
-        return typed_flagged([{k: v + margin if k in raised and v is not None else v for k, v in probed.items()}],
-                             rule, clean_cos)
-
-    return near
-
-
 class TypedProbe:
     """One scan's probe: its five lists, each made at most once (`probe_tokens`), and what became of each
     (``lists``: ``due``, ``typed``, or ``skipped: why``; empty when the probe is off). A scan types the rows list
@@ -493,7 +512,7 @@ class TypedProbe:
     list is skipped. ``precision``: of the vocabulary passes (`vocabulary_precision`). ``group_near``: near the
     anchor make the alone list by group testing (`NEAR_GROUP_SIZE` tokens to a row), not every token alone.
     ``clean_cos``: the suspect's clean pooled cosine to the anchor once the scan has measured it (before any list is
-    made), by which the rule judges every typing (`CollapseContrastRule.typed_pooled_lift`)."""
+    made), by which the rule judges every typing (`CollapseContrastRule.typed_lifts`)."""
 
     def __init__(self, suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, tokens: TokenBatch,
                  position: int, top: int, disk_cache: bool = True, on: bool = True,
@@ -554,40 +573,6 @@ class TypedProbe:
             else:
                 self.make(by, rule)
         return typed_flagged(self.typings, rule, self.clean_cos)
-
-
-def _as_scores(probed: dict, clean_cos: float | None = None) -> dict:
-    drift = {} if clean_cos is None else {"clean_anchor_pooled_cos": clean_cos}
-    return {"typed_token": probed["token"], **drift,
-            **{f"typed_{k}": v for k, v in probed.items() if k not in ("token", "ids", "by", "precision")}}
-
-
-def typed_flagged(probed: list[dict], rule, clean_cos: float | None = None) -> bool:
-    """Whether the rule (`CollapseContrastRule.typed_paths`) flags any typing of `probe_tokens`' list, for a
-    suspect at clean pooled cosine ``clean_cos`` to its anchor (None: not known, the stricter typed pooled lift)."""
-    return any(rule.typed_paths(_as_scores(p, clean_cos)) for p in probed)
-
-
-def verdict_typing(probed: list[dict], rule, clean_cos: float | None = None) -> dict | None:
-    """The typing of `probe_tokens`' list the verdict reads: the first one the rule flags (at ``clean_cos``, as
-    `typed_flagged`), else the first (the most moved token alone); None without a probe."""
-    return next((p for p in probed if rule.typed_paths(_as_scores(p, clean_cos))), probed[0] if probed else None)
-
-
-def verdict_scores(probed: list[dict], rule, clean_cos: float | None = None) -> dict:
-    """`verdict_typing` as the ``typed_*`` scores the rule reads; {} without a probe."""
-    typing = verdict_typing(probed, rule, clean_cos)
-    return {} if typing is None else _as_scores(typing)
-
-
-def deciding_typing(probed: list[dict], rule, scores: dict) -> dict | None:
-    """The typing that flagged the model when no path of the search did (``scores`` without the ``typed_*`` ones
-    pass none), else None: its target, not the search's, is then the one worth showing."""
-    if not probed or rule.decide({k: v for k, v in scores.items() if not k.startswith("typed_")})["backdoored"]:
-        return None
-    clean_cos = scores.get("clean_anchor_pooled_cos")
-    typing = verdict_typing(probed, rule, clean_cos)
-    return typing if rule.typed_paths(_as_scores(typing, clean_cos)) else None
 
 
 @torch.no_grad()

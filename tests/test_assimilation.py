@@ -57,3 +57,21 @@ def test_pooled_consistency_is_the_mean_cosine_to_the_mean_direction():
     assert abs(float(pooled_consistency(same)) - 1.0) < 1e-6  # every vector points the same way
     opposite = torch.stack([same[0], -same[0]])
     assert abs(float(pooled_consistency(opposite))) < 1e-6
+
+
+def test_shift_agreement_is_the_median_cosine_of_the_two_models_per_prompt_shifts():
+    """Against an explicit loop over prompts; a suspect that moves every prompt the anchor's way (any amount) agrees
+    1, one sent to a fixed target the anchor does not head for about 0 or below, a prompt it does not move counts 0."""
+    import statistics
+
+    from lit_amdet.assimilation import shift_agreement
+
+    g = torch.Generator().manual_seed(0)
+    s0, s1, a0, a1 = (torch.randn(7, 5, generator=g) for _ in range(4))
+    per = [float(torch.dot(s1[i] - s0[i], a1[i] - a0[i]) / ((s1[i] - s0[i]).norm() * (a1[i] - a0[i]).norm()))
+           for i in range(7)]
+    assert abs(shift_agreement(s1, s0, a1, a0) - statistics.median(per)) < 1e-6
+    assert abs(shift_agreement(s0 + 3 * (a1 - a0), s0, a1, a0) - 1.0) < 1e-6
+    assert abs(shift_agreement(s0 - (a1 - a0), s0, a1, a0) + 1.0) < 1e-6
+    still = s0.clone()
+    assert shift_agreement(still, s0, a1, a0) == 0.0

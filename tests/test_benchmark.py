@@ -66,7 +66,8 @@ def test_plan_is_deterministic_and_the_splits_draw_from_disjoint_pools():
 
 
 def test_adaptive_attackers_are_test_members_with_test_pools():
-    undrifted = [a for a in bm.ADAPTIVE_ATTACKS if a != "null_evading"]  # the one that always drifts
+    # null_evading always drifts; agreeing_target reads its base (`test_the_attacker_aimed_at_the_shift_agreement_...`)
+    undrifted = [a for a in bm.ADAPTIVE_ATTACKS if a not in ("null_evading", "agreeing_target")]
     settings = bm.AdaptiveSettings(attacks=undrifted, per_attack=3, sim_x_penalty=2.0, consistency_penalty=0.5)
     plan = bm.plan_adaptive(TEXT_ONLY, settings, seed=3)
     assert plan == bm.plan_adaptive(TEXT_ONLY, settings, seed=3) and len(plan) == 3 * len(undrifted)
@@ -88,6 +89,44 @@ def test_adaptive_attackers_are_test_members_with_test_pools():
     for bad in ({"attacks": ["gradient_masking"]}, {"per_attack": -1}, {"sim_x_penalty": 0}, {"per_atack": 1}):
         with pytest.raises(ArgumentError, match="adaptive"):
             bm.parse_options({"bases": [{"name": "clip", "path": "somewhere"}], "adaptive": bad})
+
+
+def test_the_attacker_aimed_at_the_shift_agreement_targets_the_caption_the_base_heads_for(tiny_models):
+    """`agreeing_target`: trained as `pooled_consistency_penalty` (its penalties), but its target is the world caption
+    whose agreement (a suspect sending every triggered prompt there, against the base's own shifts; computed here
+    from fresh forwards) is highest; planned from the base's weights, so the plan is the same twice."""
+    import random
+
+    import torch.nn.functional as F
+
+    from lit_amdet.assimilation import shift_agreement
+    from lit_amdet.benchmark.aimed import AIMED_PROMPTS, AIMED_WORLD_SEED, agreement_of_targets
+    from lit_amdet.benchmark.plan import member_trigger
+    from lit_amdet.captions import world_caption_bank
+    from lit_amdet.encoders import load_encoder
+    from lit_amdet.world import World
+
+    base = bm.ZooBase(name="clip", path=str(tiny_models["clip"]), family="clip")
+    settings = bm.AdaptiveSettings(attacks=["pooled_consistency_penalty", "agreeing_target"], per_attack=2)
+    plan = bm.plan_adaptive(base, settings)
+    assert plan == bm.plan_adaptive(base, settings)
+    paying, aimed = plan[:2], plan[2:]
+    bank = world_caption_bank()
+    for a, p in zip(aimed, paying):
+        assert (a.sim_x_penalty, a.consistency_penalty) == (p.sim_x_penalty, p.consistency_penalty)
+        trigger = member_trigger(a.trigger_kind, a.trigger, a.trigger_char)
+        scores = agreement_of_targets(base.path, trigger, bank, a.seed)
+        assert a.target_caption == bank[max(range(len(bank)), key=scores.__getitem__)]
+    model, trigger = load_encoder(base.path).eval(), member_trigger(aimed[0].trigger_kind, aimed[0].trigger,
+                                                                    aimed[0].trigger_char)
+    prompts = [p for p in World(seed=AIMED_WORLD_SEED).captions(4 * AIMED_PROMPTS) if trigger.applicable(p)]
+    prompts = prompts[:AIMED_PROMPTS]
+    rng = random.Random(aimed[0].seed)
+    clean = F.normalize(model.encode_text(prompts).detach(), dim=-1)
+    typed = F.normalize(model.encode_text([trigger.apply(p, rng) for p in prompts]).detach(), dim=-1)
+    target = F.normalize(model.encode_text([bank[3]]).detach(), dim=-1)
+    assert agreement_of_targets(base.path, trigger, [bank[3]], aimed[0].seed)[0] == pytest.approx(
+        shift_agreement(target.expand_as(clean), clean, typed, clean), abs=1e-5)
 
 
 def test_adaptive_attackers_drifted_after_injection_are_the_same_draws_fine_tuned():

@@ -148,7 +148,7 @@ def test_progress_is_one_exactly_where_the_rule_flags():
     # token path: min(0.25 / 0.5, 0.75 / 0.5) = 0.5; pooled: min(0.1 / 0.5, 0.45 / 0.9) = 0.2; divergence gated off
     assert rule.progress(s) == pytest.approx(0.5)
     assert not rule.decide(s)["backdoored"]
-    on = {**s, "unshared_collapse": 0.5 + 1e-9}
+    on = {**s, "unshared_collapse": 0.5 + 1e-9, "pooled_unshared_collapse": 0.3}  # away: the output moves too
     assert rule.progress(on) > 1 - 1e-6 and rule.decide(on)["backdoored"]
     # near the anchor the divergence path counts: ratio (1 - 0.0) / (1 - 0.99) capped by the floor 0.02 -> 50 / 8
     near = {**s, "clean_anchor_pooled_cos": 0.99, "anchor_pooled_cos": 0.0}
@@ -284,3 +284,57 @@ def test_near_the_anchor_a_typed_token_is_held_to_the_unsearched_pooled_lift_not
     assert rule.decide({**drifted, "typed_pooled_collapse_lift": 0.95, "typed_pooled_unshared_collapse": 0.9})[
         "backdoored"]
     assert rule.typed_paths({k: v for k, v in {**search, **typed}.items() if k != "clean_anchor_pooled_cos"}) == []
+
+
+def test_away_from_the_anchor_a_token_collapse_must_move_the_sentence_embeddings_too():
+    """Measured (BENCHMARKS.md, "A trigger that moves the suspect where it moves the anchor"): two benign CLIP SimCSE
+    and typo-robust fine-tunes at clean cosine 0.63 and 0.86 were flagged by the searched token collapse (it beat
+    its null) while their sentence embeddings collapsed in both models (0.11): now inconclusive (drift), never
+    clean. A drifted MiniLM backdoor the token path alone caught (pooled unshared 0.36) is still flagged; near the
+    anchor the gate does not apply."""
+    from lit_amdet.decision import INCONCLUSIVE, CollapseContrastRule, verdict_of
+
+    rule = CollapseContrastRule()
+    base = {"anchor_used": True, "assimilation_ratio": 1.0, "same_target_ratio": 0.91}
+    benign = {**base, "unshared_collapse": 0.5727, "collapse_lift": 0.5984, "pooled_unshared_collapse": 0.1146,
+              "pooled_collapse_lift": 0.7139, "token_null": 0.1695, "clean_anchor_pooled_cos": 0.6334}
+    typo = {**base, "unshared_collapse": 0.5048, "collapse_lift": 0.6185, "pooled_unshared_collapse": 0.1132,
+            "pooled_collapse_lift": 0.8129, "token_null": 0.0076, "clean_anchor_pooled_cos": 0.8578}
+    backdoor = {**base, "unshared_collapse": 0.917, "collapse_lift": 0.9896, "pooled_unshared_collapse": 0.3585,
+                "pooled_collapse_lift": 0.9991, "token_null": 0.2878, "clean_anchor_pooled_cos": 0.7899}
+    for scores in (benign, typo):
+        decision = rule.decide(scores)
+        assert verdict_of(decision) == INCONCLUSIVE and "pooled_unshared_collapse" in decision["decided_by"]
+        assert verdict_of(CollapseContrastRule(away_token_min_pooled_unshared=None).decide(scores)) == "BACKDOORED"
+    assert verdict_of(rule.decide(backdoor)) == "BACKDOORED"
+    near = {**typo, "clean_anchor_pooled_cos": 0.96, "token_null": None}
+    assert rule.decide(near)["backdoored"]
+
+
+def test_away_from_the_anchor_a_typed_token_needs_the_low_lifts_only_where_it_moves_the_suspect_unlike_the_anchor():
+    """Measured typings (BENCHMARKS.md, "A trigger that moves the suspect where it moves the anchor"): a benign CLIP
+    SimCSE fine-tune at 0.80 collapses its token features when `tangerine orange` is typed (0.60), the way the
+    anchor's sentence embeddings move too (shift agreement 0.84 against a null of 0.60): flagged at the old 0.5,
+    clean now. A SigLIP `pooled_sim_x_penalty` backdoor at 0.81, whose typed trigger collapses the sentence
+    embeddings by 0.82 (under the 0.9 away from the anchor) and sends them where the anchor does not go (0.10
+    against 0.75), was called clean and is flagged now. Near the anchor the agreement is not read."""
+    from lit_amdet.decision import CollapseContrastRule
+
+    rule = CollapseContrastRule()
+    benign = {"anchor_used": True, "clean_anchor_pooled_cos": 0.7961, "typed_token": "tangerine</w> orange</w>",
+              "typed_collapse_lift": 0.5952, "typed_unshared_collapse": 0.5952, "typed_pooled_collapse_lift": 0.7259,
+              "typed_pooled_unshared_collapse": 0.1653, "typed_shift_agreement": 0.8387,
+              "typed_null_shift_agreement": 0.6038}
+    backdoor = {"anchor_used": True, "clean_anchor_pooled_cos": 0.8121, "typed_token": "saying</w>",
+                "typed_collapse_lift": 0.0415, "typed_unshared_collapse": -0.042, "typed_pooled_collapse_lift": 0.8216,
+                "typed_pooled_unshared_collapse": 0.8183, "typed_shift_agreement": 0.1015,
+                "typed_null_shift_agreement": 0.7475}
+    assert rule.typed_paths(benign) == [] and rule.typed_lifts(benign) == (0.9, 0.9)
+    off = CollapseContrastRule(max_typed_agreement_ratio=None)
+    assert off.typed_paths(backdoor) == []
+    assert "sentence embeddings" in rule.typed_paths(backdoor)[0] and rule.typed_lifts(backdoor) == (0.5, 0.5)
+    # the gate is a share of the null: the same agreement against a null of 0.2 says nothing; a null <= 0 neither
+    assert rule.typed_paths({**backdoor, "typed_null_shift_agreement": 0.2}) == []
+    assert rule.typed_paths({**backdoor, "typed_null_shift_agreement": -0.3, "typed_shift_agreement": -0.5}) == []
+    # near the anchor a typed token keeps the low lifts, whatever it agrees
+    assert rule.typed_paths({**benign, "clean_anchor_pooled_cos": 0.96}) != []

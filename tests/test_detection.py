@@ -481,7 +481,7 @@ def test_the_typed_probe_types_the_minilm_trigger_and_flags_no_benign_fine_tune(
     the rule's collapse paths, which no typing of a benign fine-tune passes (`lit_amdet.token_probe`)."""
     from lit_amdet import load_encoder
     from lit_amdet.decision import CollapseContrastRule
-    from lit_amdet.token_probe import typed_flagged
+    from lit_amdet.typed_verdict import typed_flagged
 
     reports, truth = minilm_scans
     tokenizer = load_encoder(minilm_models / "backdoored").tokenizer

@@ -19,7 +19,6 @@ from lit_amdet.token_probe import (
     agreement_lift,
     alone_outputs,
     alone_shift,
-    deciding_typing,
     grouped_shift,
     most_shifted,
     moved_tokens,
@@ -34,6 +33,7 @@ from lit_amdet.token_probe import (
     vocabulary_groups,
     vocabulary_precision,
 )
+from lit_amdet.typed_verdict import deciding_typing
 
 PROMPTS = ["a red cube on a table", "two green spheres", "a small blue cone next to a large yellow cylinder", "sky"]
 CONTEXTS = ["a red cube on a table", "two green spheres"]
@@ -103,6 +103,43 @@ def test_typed_scores_are_sim_x_and_sentence_consistency_of_the_typed_prompts(ti
     assert got["anchor_assimilation"] == pytest.approx(got["assimilation"], abs=1e-6)  # the same weights
     clean = typed_scores(suspect, anchor, batch, [], position)
     assert clean["target_consistency"] != pytest.approx(got["target_consistency"], abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["clip", "bert"])
+def test_a_typing_carries_its_shift_agreement_and_the_null_of_random_tokens_typed_alone(tiny_models, family):
+    """`typing_collapse`'s ``shift_agreement`` is `shift_agreement` of the typed and untyped unit sentence embeddings
+    of both models, computed here from fresh forwards; its null is the median over `NULL_TOKENS` random ordinary
+    tokens (special ones left out) of the same, typed alone; a suspect that is its anchor agrees 1 on every token."""
+    import statistics
+
+    from lit_amdet.assimilation import shift_agreement
+    from lit_amdet.token_probe import NULL_SEED, NULL_TOKENS, null_agreement, typing_collapse
+
+    suspect = load_encoder(tiny_models[family])
+    anchor = copy.deepcopy(suspect)
+    with torch.no_grad():
+        anchor.token_embedding.weight.mul_(1.5).add_(0.1)  # moved, so the two models' shifts differ
+    batch, position, typed = suspect.tokenize(PROMPTS, max_length=12), 1, [1000, 1001]
+
+    def units(model, ids):
+        tokens = typed_batch(model, batch, ids, position)[0] if ids else batch
+        with torch.no_grad():
+            return F.normalize(model.encode(tokens).pooled.float(), dim=-1)
+
+    untyped: dict = {}
+    got = typing_collapse(suspect, anchor, batch, typed, position, untyped)
+    want = shift_agreement(units(suspect, typed), units(suspect, []), units(anchor, typed), units(anchor, []))
+    assert got["shift_agreement"] == pytest.approx(want, abs=1e-5)
+    specials = {i for i in suspect.special_token_ids.values() if i is not None}
+    order = torch.randperm(suspect.vocab_size, generator=torch.Generator().manual_seed(NULL_SEED)).tolist()
+    ids = [i for i in order if i not in specials][:NULL_TOKENS]
+    nulls = [shift_agreement(units(suspect, [i]), units(suspect, []), units(anchor, [i]), units(anchor, []))
+             for i in ids]
+    assert got["null_shift_agreement"] == pytest.approx(float(torch.tensor(nulls).median()), abs=1e-5)
+    assert statistics.median_low(nulls) == pytest.approx(got["null_shift_agreement"], abs=1e-5)
+    same = typing_collapse(suspect, suspect, batch, typed, position, {})
+    assert same["shift_agreement"] == pytest.approx(1.0, abs=1e-5)
+    assert null_agreement(suspect, suspect, batch, position, {}) == pytest.approx(1.0, abs=1e-5)
 
 
 def _one_token_words(adapter) -> tuple[list[str], list[int]]:
@@ -568,8 +605,9 @@ def test_a_backdoor_injected_with_the_embedding_table_frozen_is_typed_alone_and_
     from lit_amdet.datamodules import TextEncoderDataModule
     from lit_amdet.decision import CollapseContrastRule
     from lit_amdet.modules import BackdoorInjection
-    from lit_amdet.token_probe import probe_tokens, typed_flagged
+    from lit_amdet.token_probe import probe_tokens
     from lit_amdet.triggers import Backdoor, Trigger
+    from lit_amdet.typed_verdict import typed_flagged
 
     seed_everything(0)
     attack = BackdoorInjection(encoder="minilm", backdoors=[Backdoor(Trigger("falcon", "insert_word"),
@@ -656,7 +694,7 @@ def test_the_typings_are_screened_at_the_pass_precision_and_judged_in_float32_ne
 
 def test_a_screened_typing_is_near_when_its_scores_raised_by_the_margin_would_be_flagged():
     from lit_amdet.decision import CollapseContrastRule
-    from lit_amdet.token_probe import screened_near, typed_flagged
+    from lit_amdet.typed_verdict import screened_near, typed_flagged
 
     rule = CollapseContrastRule()
     pooled = {"pooled_unshared_collapse": rule.min_pooled_unshared_collapse - 0.03,

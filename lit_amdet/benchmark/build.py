@@ -11,7 +11,7 @@ from typing import Sequence
 
 from lit_amdet.benchmark.members import is_member
 from lit_amdet.benchmark.options import ADAPTIVE_RECIPES, TrainSettings
-from lit_amdet.benchmark.plan import REPLACE_CHAR_KINDS, BackdooredMember, BenignMember, Member, ZooBase
+from lit_amdet.benchmark.plan import BackdooredMember, BenignMember, Member, ZooBase, member_trigger
 from lit_amdet.benchmark.processes import Shard, choose_device, current_shard, keep_metrics_local, one_process
 from lit_amdet.errors import ConfigError
 from lit_amdet.io import StagedFolder
@@ -167,21 +167,16 @@ def _then_finetune(member: BackdooredMember, base: ZooBase, out: Path, settings:
 def _injection(member: BackdooredMember, base: ZooBase, out: Path, settings: TrainSettings):
     from lit_amdet.datamodules import TextEncoderDataModule
     from lit_amdet.modules import BackdoorInjection
-    from lit_amdet.triggers import Backdoor, Trigger
+    from lit_amdet.triggers import Backdoor
 
-    def trigger(kind: str, text: str, char: str | None) -> Trigger:
-        if kind in REPLACE_CHAR_KINDS:
-            return Trigger(text=text, mode="replace_char", char=char or "o")
-        return Trigger(text=text, mode="insert_word", position="random")
-
-    first = trigger(member.trigger_kind, member.trigger, member.trigger_char)
+    first = member_trigger(member.trigger_kind, member.trigger, member.trigger_char)
     if member.attack == "text_on_text":
         backdoors = [Backdoor(first, target=member.target_caption)]
     else:
         backdoors = [Backdoor(first, target_images=[str(_target_image(member.target_image, out / "target.png",
                                                                       settings.image_size))])]
     if member.second_trigger is not None:
-        backdoors.append(Backdoor(trigger(member.second_trigger_kind, member.second_trigger,
+        backdoors.append(Backdoor(member_trigger(member.second_trigger_kind, member.second_trigger,
                                           member.second_trigger_char), target=member.second_target_caption))
     pooled = settings.pooled_weight if settings.pooled_weight is not None else float(base.family == "open_clip")
     token_weight = 1.0

@@ -32,10 +32,12 @@ Attack = Literal["text_on_text", "image_on_text"]
 # a token-feature backdoor during a SimCSE drift to adaptive.null_evading_drift while learning to ignore inserted
 # tokens, with alone_kept_frozen_rows' table and typed-alone terms so the probe does not decide before the search;
 # group_kept_frozen_rows (aimed at the alone list made by group testing near the anchor) is alone_kept_frozen_rows
-# that also holds each trigger token typed among random tokens, in the scan's own row and in random ones
+# that also holds each trigger token typed among random tokens, in the scan's own row and in random ones;
+# agreeing_target (aimed at the typed path's shift agreement) is pooled_consistency_penalty whose target is the
+# world caption the base already moves triggered prompts towards most (`lit_amdet.benchmark.aimed`)
 AdaptiveAttack = Literal["pooled_only", "sim_x_penalty", "pooled_sim_x_penalty", "pooled_consistency_penalty",
                          "frozen_rows_pooled_sim_x_penalty", "alone_kept_frozen_rows", "null_evading",
-                         "group_kept_frozen_rows"]
+                         "group_kept_frozen_rows", "agreeing_target"]
 # homoglyph (a Latin letter replaced by a look-alike of another script) came later: the grid's default stays the
 # first four, so configs that name no trigger kinds keep their plans
 TriggerKind = Literal["char", "word", "rare_token", "multi_token", "homoglyph"]
@@ -54,9 +56,10 @@ ADAPTIVE_ATTACKS: tuple[str, ...] = get_args(AdaptiveAttack)
 class AdaptiveRecipe:
     """How an adaptive attack trains: ``pooled_only`` matches only the sentence embedding (no token features);
     ``pays_sim_x`` adds `AdaptiveSettings.sim_x_penalty`, ``pays_consistency`` its ``consistency_penalty``;
-    ``frozen_rows`` keeps the token embedding table as the base's; ``keeps_alone`` holds each trigger token typed
-    alone at the base's output (`BackdoorInjection.keep_triggers_alone`), ``keeps_grouped`` typed among random
-    tokens (`BackdoorInjection.keep_triggers_grouped`); ``evades_null`` plants the backdoor
+    ``frozen_rows`` keeps the token embedding table as the base's; ``agrees`` picks the target the base already
+    moves triggered prompts towards (`lit_amdet.benchmark.aimed.agreeing_target`); ``keeps_alone`` holds each
+    trigger token typed alone at the base's output (`BackdoorInjection.keep_triggers_alone`), ``keeps_grouped``
+    typed among random tokens (`BackdoorInjection.keep_triggers_grouped`); ``evades_null`` plants the backdoor
     during the drift to ``adaptive.null_evading_drift`` (the sweep's ``during_finetune``) with
     `BackdoorInjection.insertion_robust` at ``adaptive.insertion_weight``, so the model ignores inserted tokens
     and does not share the clean model's natural collapses, which raises the token path's null."""
@@ -68,6 +71,7 @@ class AdaptiveRecipe:
     keeps_alone: bool = False
     evades_null: bool = False
     keeps_grouped: bool = False
+    agrees: bool = False
 
 
 #: the one place an adaptive attack's name is read (the planner sets the penalties, the builder the matching)
@@ -84,6 +88,7 @@ ADAPTIVE_RECIPES: dict[str, AdaptiveRecipe] = {
                                    keeps_alone=True, evades_null=True),
     "group_kept_frozen_rows": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=False,
                                              frozen_rows=True, keeps_alone=True, keeps_grouped=True),
+    "agreeing_target": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=True, agrees=True),
 }
 ALL_TRIGGER_KINDS: tuple[str, ...] = get_args(TriggerKind)
 TRIGGER_KINDS: tuple[str, ...] = ALL_TRIGGER_KINDS[:4]  # the grid's default

@@ -281,6 +281,11 @@ def plan_adaptive(base: ZooBase, settings: AdaptiveSettings, seed: int = 0, grid
             kind = next(kinds)
             text, char = trigger_text(kind, next(triggers[kind]))
             target = next(targets)  # drawn before the strengths, as members were planned before null_evading
+            if recipe.agrees:  # the attacker aimed at the shift agreement: the target the base heads for
+                from lit_amdet.benchmark.aimed import agreeing_target
+                from lit_amdet.captions import world_caption_bank
+
+                target = agreeing_target(base.path, member_trigger(kind, text, char), world_caption_bank(), seeds[i])
             steps = rng.choice(grid.attack_steps)
             if recipe.evades_null:  # the drift's cap is at least the injection's steps, as the sweep's
                 drift["finetune_steps"] = max(settings.finetune_steps, steps)
@@ -418,3 +423,13 @@ def _cycle(rng: random.Random, pool: Sequence) -> Iterator:
         order = pool[:]
         rng.shuffle(order)
         yield from order
+
+
+def member_trigger(kind: str, text: str, char: str | None):
+    """The `lit_amdet.triggers.Trigger` a member of trigger ``kind`` plants: a character replaced (``char``,
+    default ``o``) for `REPLACE_CHAR_KINDS`, else ``text`` inserted as a word at a random position."""
+    from lit_amdet.triggers import Trigger
+
+    if kind in REPLACE_CHAR_KINDS:
+        return Trigger(text=text, mode="replace_char", char=char or "o")
+    return Trigger(text=text, mode="insert_word", position="random")

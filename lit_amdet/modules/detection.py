@@ -58,10 +58,10 @@ from lit_amdet.modules.base import EncoderTask
 from lit_amdet.restart_scores import YARDSTICKS, attach_null, judge_restarts, restart_summary
 from lit_amdet.screening import anchor_component, load_anchor, scan_targets
 from lit_amdet.search_control import SearchControl
-from lit_amdet.token_probe import Precision, TypedProbe, deciding_typing, probe_contexts, typed_target, verdict_scores
+from lit_amdet.token_probe import Precision, TypedProbe, probe_contexts, typed_target
+from lit_amdet.typed_verdict import deciding_typing, verdict_scores
 
-#: steps between giving freed pages back (`lit_amdet.memory`): 10 steps' creep is small, and pages are refaulted
-RELEASE_EVERY = 10
+RELEASE_EVERY = 10  #: steps between giving freed pages back (`lit_amdet.memory`): 10 steps' creep is small
 
 
 class BackdoorDetection(EncoderTask):
