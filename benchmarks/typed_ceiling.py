@@ -26,26 +26,27 @@ from pathlib import Path
 from lit_amdet.benchmark import member_row
 from lit_amdet.decision import CollapseContrastRule, verdict_of
 from lit_amdet.io import read_json, write_json
-from lit_amdet.typed_verdict import verdict_scores
+from lit_amdet.typed_verdict import as_scores, verdict_scores
 
 
-def typed_reach(typings: list[dict]) -> dict:
-    """The highest token and pooled typed collapse over a report's typings (each path: min of its two checks)."""
+def typed_reach(typings: list[dict], rule: CollapseContrastRule) -> dict:
+    """The highest token and pooled typed collapse over a report's typings (each path: min of its two checks), and
+    the lowest shift agreement, as a share of its null, of the typings ``rule`` would flag at its low lifts (those
+    near the anchor, whatever they agree)."""
     def pooled_of(t: dict) -> float:
         return min(t["pooled_unshared_collapse"], t["pooled_collapse_lift"])
 
     token = max((min(t["unshared_collapse"], t["collapse_lift"]) for t in typings), default=None)
     top = max(typings, key=pooled_of, default=None)
-    shares = [t["shift_agreement"] / t["null_shift_agreement"] for t in typings if collapses(t)
-              and t.get("shift_agreement") is not None and (t.get("null_shift_agreement") or 0) > 0]
+    shares = [t["shift_agreement"] / t["null_shift_agreement"] for t in typings
+              if rule.typed_paths(as_scores(t, NEAR)) and t.get("shift_agreement") is not None
+              and (t.get("null_shift_agreement") or 0) > 0]
     return {"typings": len(typings), "token": token, "pooled": None if top is None else pooled_of(top),
             "pooled_token": None if top is None else top["token"], "pooled_by": None if top is None else top["by"],
             "agreement_share": min(shares, default=None)}
 
 
-def collapses(t: dict, low: float = 0.5) -> bool:
-    """Whether a typing passes either collapse path at the low lifts (unshared collapse and lift above ``low``)."""
-    return any(min(t[f"{p}unshared_collapse"], t[f"{p}collapse_lift"]) > low for p in ("", "pooled_"))
+NEAR = 1.0  # a clean pooled cosine at which the rule judges a typing at its low lifts
 
 
 def judged(report: dict, rule: CollapseContrastRule) -> str:
@@ -63,7 +64,7 @@ def rows_of(scans: Path, old: CollapseContrastRule, new: CollapseContrastRule) -
         rows.append({k: row.get(k) for k in ("name", "base", "split", "backdoored", "adaptive", "working",
                                               "clean_cosine_to_base", "verdict")}
                     | {"clean_anchor_pooled_cos": report["scores"].get("clean_anchor_pooled_cos"),
-                       "reach": typed_reach(report.get("typed_probe") or []),
+                       "reach": typed_reach(report.get("typed_probe") or [], new),
                        "old_verdict": judged(report, old), "new_verdict": judged(report, new)})
     return rows
 
@@ -102,7 +103,7 @@ def main() -> None:
         for truth in (False, True):
             away = [r["reach"]["agreement_share"] for r in rows if r["base"] == base and r["backdoored"] == truth
                     and (not truth or r["working"]) and r["reach"]["agreement_share"] is not None
-                    and not CollapseContrastRule().near_anchor(r["clean_anchor_pooled_cos"])]
+                    and not new.near_anchor(r["clean_anchor_pooled_cos"])]
             if away:
                 print(f"| {base} | {'backdoored (working)' if truth else 'benign'} | {len(away)} | "
                       f"{(max if truth else min)(away):.3f} |")
