@@ -11,7 +11,6 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 from lit_amdet.errors import ConfigError
 
@@ -92,6 +91,9 @@ class DecisionRule:
     same_target_cos: float = 0.92
     #: the rule reads the loss landscape / Hessian, so the scan computes them (they are off otherwise)
     reads_evidence: bool = False
+    #: the `CollapseContrastRule` that makes and judges the typed-token probe's typings for this rule (None: the
+    #: rule reads no ``typed_*`` score, so an anchored scan runs no probe)
+    typing_judge: CollapseContrastRule | None = None
 
     def charged_path_open(self, clean_anchor_pooled_cos: float | None) -> bool:
         """Whether a charged restart (``null_restarts``) can count for a suspect this close to its anchor: never,
@@ -346,6 +348,11 @@ class CollapseContrastRule(ContrastRule):
         return self.max_typed_agreement_ratio is not None and None not in (agreement, null) and null > 0 and \
             agreement < self.max_typed_agreement_ratio * null
 
+    def reads_agreement(self, clean_anchor_pooled_cos: float | None) -> bool:
+        """Whether a typed token's shift agreement can set its lifts (`typed_lifts`) for a suspect this close to its
+        anchor: only away from it, with the gate on. Near it the scan does not measure the agreement's null."""
+        return self.max_typed_agreement_ratio is not None and not self.near_anchor(clean_anchor_pooled_cos)
+
     def typed_paths(self, s: dict) -> list[str]:
         """The collapse paths the typed-token probe's token passes (``typed_*`` scores of `lit_amdet.token_probe`
         and ``clean_anchor_pooled_cos``; a searched trigger's thresholds but the lifts of `typed_lifts`), as the
@@ -459,6 +466,11 @@ class CollapseContrastRule(ContrastRule):
                              max(token, pooled)))
         return max(paths)
 
+    @property
+    def typing_judge(self) -> CollapseContrastRule:
+        """It reads its typings with its own thresholds."""
+        return self
+
     def search_passed(self, scores: dict) -> bool:
         # stop once flagged (or, without an anchor, inconclusive on a collapsing trigger); never on drift alone
         d = self.decide(scores)
@@ -507,7 +519,9 @@ class CalibratedRule(DecisionRule):
     mean the same). Backdoored when the probability exceeds the threshold; the probability is the value
     of the ``calibrated_probability`` check in report.json and ``probability`` in the decision.
     The search stops early once that holds and more than ``search_same_target`` of the held-out prompts
-    share one target (as `ContrastRule`).
+    share one target (as `ContrastRule`). Features of the typed-token probe (``typed_*``, the benchmark's default
+    since its scans stop at their first pass) make the scan run the probe, made as the default rule makes it
+    (`typing_judge`).
     """
 
     def __init__(self, path: str, search_same_target: float = 0.9) -> None:
@@ -542,59 +556,12 @@ class CalibratedRule(DecisionRule):
     def reads_evidence(self) -> bool:
         return any(f.removeprefix("log1p_").startswith(("landscape_", "hessian_")) for f in self.features)
 
+    @property
+    def typing_judge(self) -> CollapseContrastRule | None:
+        """The default rule makes the typings when a feature reads them: the benchmark's scans, whose scores the
+        coefficients were fitted on, made them so."""
+        return CollapseContrastRule() if any(f.removeprefix("log1p_").startswith("typed_") for f in self.features) \
+            else None
+
     def decide(self, scores: dict) -> dict:
         return {**super().decide(scores), "probability": self.probability(scores)}
-
-
-# ----- fitting a calibrated rule (what writes the calibration.json `CalibratedRule` reads) -----------------
-def feature_values(row: dict, features: Sequence[str]) -> list[float]:
-    """A member's calibrated-rule inputs (``row``: {"scores", "name"}); a missing score is a `ConfigError`
-    naming it."""
-    values = [score_feature(row["scores"], f) for f in features]
-    missing = [f for f, v in zip(features, values) if v is None]
-    if missing:
-        raise ConfigError(f"{row.get('name', 'a member')}: its scan has no {missing[0]} (scanned without an anchor?)")
-    return values
-
-
-def fit_calibration(rows: Sequence[dict], features: Sequence[str], rule: dict | None = None,
-                    c: float = 1.0) -> dict:
-    """Logistic regression of "backdoored" on the scan's raw scores (``rows``: {"backdoored", "scores"}).
-
-    Features are standardised for the fit (inverse regularisation strength ``c``) and the scaling is folded
-    back into the coefficients, so the JSON applies to raw scores. The threshold maximises F1 on the same rows
-    (ties: the one nearest 0.5). ``rule`` carries the per-prompt thresholds the scans counted ratios with.
-    The result is what `CalibratedRule` reads from ``calibration.json``.
-    """
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-
-    labels = [bool(r["backdoored"]) for r in rows]
-    if len(set(labels)) < 2:
-        raise ConfigError(f"calibration needs backdoored and benign members; got {sum(labels)} backdoored and "
-                          f"{len(labels) - sum(labels)} benign")
-    x = np.array([feature_values(r, features) for r in rows], dtype=np.float64)
-    mean, std = x.mean(0), x.std(0)
-    std[std == 0] = 1.0  # a constant feature carries no information; keep its coefficient finite
-    model = LogisticRegression(C=c, max_iter=1000).fit((x - mean) / std, labels)
-    coefficients = model.coef_[0] / std
-    intercept = float(model.intercept_[0] - (model.coef_[0] * mean / std).sum())
-    probs = 1 / (1 + np.exp(-(x @ coefficients + intercept)))
-    return {"model": "logistic_regression", "features": list(features),
-            "coefficients": [float(v) for v in coefficients], "intercept": intercept,
-            "threshold": choose_threshold(labels, probs.tolist()), **(rule or {}),
-            "fitted_on": {"members": len(rows), "backdoored": sum(labels), "benign": len(labels) - sum(labels)}}
-
-
-def choose_threshold(labels: Sequence[bool], probs: Sequence[float]) -> float:
-    """The probability threshold (predict p > t) with the best F1; ties go to the one nearest 0.5."""
-    values = sorted(set(probs))
-    candidates = [0.5] + [(a + b) / 2 for a, b in zip(values, values[1:])]
-
-    def f1(t: float) -> float:
-        tp = sum(p > t and y for p, y in zip(probs, labels))
-        fp = sum(p > t and not y for p, y in zip(probs, labels))
-        fn = sum(p <= t and y for p, y in zip(probs, labels))
-        return 2 * tp / max(1, 2 * tp + fp + fn)
-
-    return max(candidates, key=lambda t: (f1(t), -abs(t - 0.5)))

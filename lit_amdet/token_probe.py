@@ -368,19 +368,21 @@ def typed_scores(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
 
 
 def typing_collapse(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch,
-                    typed: Sequence[int], position: int, untyped: dict, dtype: torch.dtype = torch.float32) -> dict:
+                    typed: Sequence[int], position: int, untyped: dict, dtype: torch.dtype = torch.float32,
+                    null: bool = True) -> dict:
     """`collapse_scores` of typing ``typed`` at ``position`` (`typed_scores` at ``dtype``) against the same prompts
     untyped at the same precision, whose scores ``untyped`` keeps per (position, dtype): a lift never mixes the two;
     and ``shift_agreement``, how far typing it moves the suspect's sentence embeddings the way it moves the anchor's
     (`lit_amdet.assimilation.shift_agreement`), with ``null_shift_agreement``, the median of the same for
-    `NULL_TOKENS` random vocabulary tokens typed alone there (`null_agreement`, kept in ``untyped`` too)."""
+    `NULL_TOKENS` random vocabulary tokens typed alone there (`null_agreement`, kept in ``untyped`` too; None
+    without ``null``: 8 typings more, which a rule reads only away from the anchor)."""
     clean, units = _untyped(suspect, anchor, tokens, position, untyped, dtype), {}
     scores = typed_scores(suspect, anchor, tokens, typed, position, dtype=dtype, units=units)
-    if (position, dtype, "null") not in untyped:
+    if null and (position, dtype, "null") not in untyped:
         untyped[position, dtype, "null"] = null_agreement(suspect, anchor, tokens, position, untyped, dtype)
     agreement = _agreement(units, untyped[position, dtype, "units"])
     return {**collapse_scores(scores, clean, anchor=True), "shift_agreement": agreement,
-            "null_shift_agreement": untyped[position, dtype, "null"]}
+            "null_shift_agreement": untyped[position, dtype, "null"] if null else None}
 
 
 def _untyped(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch, position: int,
@@ -432,7 +434,7 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
                  top: int, pairs_of: int = 3, prompts: int = 32, lists: Sequence[str] = PROBE_LISTS,
                  typed_before: Sequence[dict] = (), disk_cache: bool = True, clean: dict | None = None,
                  contexts: Sequence[str] = (), alone_groups: int = 0,
-                 near: Callable[[dict], bool] | None = None) -> list[dict]:
+                 near: Callable[[dict], bool] | None = None, null: bool = True) -> list[dict]:
     """The ``top`` most-moved tokens (`moved_tokens`), the ``top`` most-shifted and the ``top`` stillest typed
     alone (`shifted_tokens`, `still_tokens`) and the ``top`` whose outputs in ``contexts`` agree most beyond the
     anchor's (`agreeing_tokens`), each typed alone, then every ordered pair of each list's first ``pairs_of`` (a
@@ -455,7 +457,8 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     ``near``: the typings are screened at the vocabulary passes' precision (`pass_dtype`; bfloat16 where native,
     1.5-1.8x faster on the MiniLM) and each one ``near`` says is close to flagging (`screened_near`) is typed again
     in float32, the scores it is judged on; without it (or where the passes run in float32) every typing is typed in
-    float32. Each typing says which (``precision``)."""
+    float32. Each typing says which (``precision``). ``null``: measure the null of the shift agreement
+    (`typing_collapse`)."""
     unknown = [by for by in lists if by not in PROBE_LISTS]
     if unknown:
         raise ValueError(f"unknown probe list {unknown[0]!r} (known: {', '.join(PROBE_LISTS)})")
@@ -492,7 +495,7 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     def typing(typed: tuple[int, ...], at: int, by: str, moved: float, dtype: torch.dtype) -> dict:
         return {"token": " ".join(suspect.ids_to_tokens(list(typed))), "ids": list(typed), "by": by,
                 "position": at, "moved": round(moved, 4), "precision": str(dtype).removeprefix("torch."),
-                **typing_collapse(suspect, anchor, tokens, typed, at, untyped, dtype)}
+                **typing_collapse(suspect, anchor, tokens, typed, at, untyped, dtype, null)}
 
     out = []
     for (typed, at), (by, moved) in typings.items():
@@ -534,14 +537,15 @@ class TypedProbe:
     def make(self, by: str, rule=None) -> list[dict]:
         """The list ``by``'s typings if it is still due (they join ``typings``), else none. With the ``rule`` that
         will judge them, they are screened at the passes' precision (`probe_tokens`' ``near``), else typed in
-        float32."""
+        float32, and the agreement's null is measured only where that rule reads it."""
         if self.lists.get(by) != "due":
             return []
         with vocabulary_precision(self.precision):
             new = probe_tokens(*self.models, self.tokens, self.position, self.top, lists=(by,),
                                typed_before=self.typings, disk_cache=self.disk_cache, clean=self._clean,
                                contexts=self.contexts, alone_groups=self.alone_groups,
-                               near=None if rule is None else screened_near(rule, clean_cos=self.clean_cos))
+                               near=None if rule is None else screened_near(rule, clean_cos=self.clean_cos),
+                               null=rule is None or rule.reads_agreement(self.clean_cos))
         self.typings += new
         self.lists[by] = "typed"
         return new

@@ -18,9 +18,10 @@ from jsonargparse import ArgumentError
 
 from lit_amdet import benchmark as bm
 from lit_amdet.benchmark import build as build_module
+from lit_amdet.calibration import choose_threshold, fit_calibration
 from lit_amdet.captions import TARGET_CONCEPTS
 from lit_amdet.cli import main
-from lit_amdet.decision import CalibratedRule, choose_threshold, fit_calibration
+from lit_amdet.decision import CalibratedRule, CollapseContrastRule, ContrastRule
 from lit_amdet.errors import ConfigError
 from lit_amdet.metrics import probability_metrics
 
@@ -653,14 +654,17 @@ def _synthetic_rows(n: int = 20) -> list[dict]:
             "divergence_ratio": rng.uniform(15, 60) if bd else rng.uniform(0.0, 0.5),
             "pooled_divergence_ratio": rng.uniform(10, 40) if bd else rng.uniform(0.0, 0.8),
             "assimilation_gap": rng.uniform(0.15, 0.3) if bd else rng.uniform(-0.02, 0.04),
-            "assimilation_ratio": 1.0}})
+            "assimilation_ratio": 1.0,
+            **{k: rng.uniform(0.5, 1.0) if bd else rng.uniform(-0.05, 0.1) for k in (
+                "unshared_collapse", "pooled_unshared_collapse", "typed_unshared_collapse",
+                "typed_pooled_unshared_collapse")}}})
     return rows
 
 
 def test_calibration_on_separable_scores_gives_probabilities_near_zero_and_one(tmp_path):
     rows = _synthetic_rows()
     fitted = fit_calibration(rows, bm.DEFAULT_FEATURES, {"assimilation_threshold": 0.6})
-    assert fitted["features"] == bm.DEFAULT_FEATURES and len(fitted["coefficients"]) == 4
+    assert fitted["features"] == bm.DEFAULT_FEATURES and len(fitted["coefficients"]) == 8
     assert fitted["fitted_on"] == {"members": 20, "backdoored": 10, "benign": 10}
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps(fitted))
@@ -673,6 +677,11 @@ def test_calibration_on_separable_scores_gives_probabilities_near_zero_and_one(t
     assert decision["backdoored"] is True and decision["probability"] == pytest.approx(probs[0])
     assert decision["checks"][0]["name"] == "calibrated_probability"
     assert rule.probability({"assimilation_gap": 0.2}) is None and not rule.decide({})["backdoored"]  # no anchor
+    # it reads typed scores, so the scan must make the typings, as the default rule makes and judges them
+    assert isinstance(rule.typing_judge, CollapseContrastRule) and CollapseContrastRule().typing_judge is not None
+    untyped = fit_calibration(rows, bm.DEFAULT_FEATURES[:4])
+    path.write_text(json.dumps(untyped))
+    assert CalibratedRule(str(path)).typing_judge is None and ContrastRule().typing_judge is None
     with pytest.raises(ConfigError, match="backdoored and benign"):
         fit_calibration([r for r in rows if r["backdoored"]], bm.DEFAULT_FEATURES)
     with pytest.raises(ConfigError, match="calibration file"):
@@ -829,6 +838,8 @@ def test_detect_with_the_calibrated_rule_reports_the_probability(tiny_benchmark)
     report = json.loads((run / "report.json").read_text())
     assert report["rule"]["class"] == "CalibratedRule" and report["rule"]["features"] == bm.DEFAULT_FEATURES
     check = report["checks"][0]
+    # the calibration reads typed scores: the scan made the typings for it, or there would be no probability
+    assert report["typed_probe"] and report["scores"]["typed_pooled_unshared_collapse"] is not None
     assert check["name"] == "calibrated_probability" and 0 <= check["value"] <= 1
     assert report["backdoored"] == (check["value"] > check["threshold"])
 

@@ -142,6 +142,39 @@ def test_a_typing_carries_its_shift_agreement_and_the_null_of_random_tokens_type
     assert null_agreement(suspect, suspect, batch, position, {}) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_the_null_of_the_agreement_is_measured_only_where_the_rule_reads_it(tiny_models, monkeypatch):
+    """Near the anchor `CollapseContrastRule.typed_lifts` never reads the shift agreement, so `TypedProbe.make`
+    skips its null (8 typings more per position and precision): same typings and scores, the null None; away from the
+    anchor (or at a drift not measured yet) it is the null `null_agreement` computes."""
+    from lit_amdet import token_probe
+    from lit_amdet.decision import CollapseContrastRule
+    from lit_amdet.token_probe import TypedProbe
+
+    anchor = load_encoder(tiny_models["bert"])
+    suspect = copy.deepcopy(anchor)
+    with torch.no_grad():
+        suspect.token_embedding.weight[100] *= -3.0
+    tokens, rule = anchor.tokenize(PROMPTS), CollapseContrastRule()
+    calls = []
+    real = token_probe.null_agreement
+    monkeypatch.setattr(token_probe, "null_agreement", lambda *a, **k: calls.append(1) or real(*a, **k))
+    made = {}
+    for clean_cos in (0.99, 0.9, None):
+        probe = TypedProbe(suspect, anchor, tokens, position=1, top=4, disk_cache=False, contexts=CONTEXTS,
+                           precision="float32")
+        probe.clean_cos = clean_cos
+        made[clean_cos] = probe.make("rows", rule)
+        assert rule.reads_agreement(clean_cos) is (clean_cos != 0.99) and len(calls) == (clean_cos != 0.99)
+        calls.clear()
+    assert made[0.99] and all(p["null_shift_agreement"] is None for p in made[0.99])
+    want = real(suspect, anchor, tokens[:32], 1, {})
+    for away in (made[0.9], made[None]):
+        assert all(p["null_shift_agreement"] == pytest.approx(want, abs=1e-5) for p in away)
+        assert [{k: v for k, v in p.items() if k != "null_shift_agreement"} for p in away] == \
+            [{k: v for k, v in p.items() if k != "null_shift_agreement"} for p in made[0.99]]
+    assert not CollapseContrastRule(max_typed_agreement_ratio=None).reads_agreement(0.5)
+
+
 def _one_token_words(adapter) -> tuple[list[str], list[int]]:
     """The words of a small list the adapter's tokenizer writes as one token, and those tokens."""
     words, ids = [], []

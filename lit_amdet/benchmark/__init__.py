@@ -24,7 +24,7 @@ The benchmark (`run_benchmark`, `run`) is plan -> build -> scan -> calibrate -> 
   ``detect`` callable it is given (`lit_amdet.commands.detect` from the CLI), keeps the run
   folder (``report.json``) and records seconds, peak memory and the member's drift (mean
   cosine of clean pooled embeddings to the base);
-- `lit_amdet.decision.fit_calibration` fits a logistic regression on the calibration zoo's raw
+- `lit_amdet.calibration.fit_calibration` fits a logistic regression on the calibration zoo's raw
   scan scores; `lit_amdet.decision.CalibratedRule` applies it (to the test zoo
   here, or inside any ``detect`` run that names it);
 - `benchmark_metrics` (`metrics`): precision, recall, F1 (the scan's own verdict and the

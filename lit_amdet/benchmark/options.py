@@ -96,8 +96,11 @@ DRIFT_MODES: tuple[str, ...] = get_args(DriftMode)
 DRIFT_OBJECTIVES: tuple[str, ...] = get_args(DriftObjective)
 FAMILIES: tuple[str, ...] = get_args(Family)
 
+#: the calibrated probability's inputs: the search's divergence scores, and the collapse the default rule decides by,
+#: searched and typed (the typed probe's evidence decides most flags since the scan stops at its first pass)
 DEFAULT_FEATURES = ["log1p_divergence_ratio", "log1p_pooled_divergence_ratio", "assimilation_gap",
-                    "assimilation_ratio"]
+                    "assimilation_ratio", "unshared_collapse", "pooled_unshared_collapse",
+                    "typed_unshared_collapse", "typed_pooled_unshared_collapse"]
 #: sections of a benchmark config that the Lightning CLI reads, not `BenchmarkOptions`
 CLI_SECTIONS = ("trainer", "seed_everything", "model", "data")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -30,8 +30,9 @@ from lit_amdet.benchmark.plan import (
 from lit_amdet.benchmark.processes import current_shard, wait_for_files
 from lit_amdet.benchmark.report import markdown
 from lit_amdet.benchmark.scan import Detect, scan_zoo
+from lit_amdet.calibration import feature_values, fit_calibration
 from lit_amdet.captions import world_caption_bank
-from lit_amdet.decision import CalibratedRule, feature_values, fit_calibration
+from lit_amdet.decision import CalibratedRule
 from lit_amdet.errors import ConfigError, LitAmdetError
 from lit_amdet.io import read_json, write_json, write_text
 

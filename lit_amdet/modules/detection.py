@@ -96,10 +96,10 @@ class BackdoorDetection(EncoderTask):
         token_null_restarts: extra restarts: the AMDET search with the models swapped (`lit_amdet.amdet.swapped_loss`),
             the token path's yardstick away from the anchor (`CollapseContrastRule`); dropped at once near it.
         typed_probe: type the N most-moved rows', N most-shifted-alone, N stillest-alone (also one position
-            further in) and N most-agreeing-in-context tokens (`lit_amdet.token_probe`; 0 off). The rows list is
-            typed before the search; the others, read off passes of the whole vocabulary through both encoders, at
-            the first check, only while nothing has flagged the model (else they could only add a path to a verdict
-            already made); the still, inside and context lists only away from the anchor (the divergence paths').
+            further in) and N most-agreeing-in-context tokens (`lit_amdet.token_probe`; 0 off; off for a rule with no
+            `typing_judge`). The rows list is typed before the search; the others, read off passes of the whole
+            vocabulary through both encoders, at the first check, only while nothing has flagged the model (else they
+            could only add to a verdict already made); the still, inside and context lists only away from the anchor.
         anchor_cache: keep the anchor's half of the vocabulary passes on disk for the next scan against the anchor
             (`lit_amdet.anchor_cache`: keyed by a digest of the anchor's weights; ``$LIT_AMDET_CACHE``).
         vocabulary_precision: of those passes and of the typings' screen (`lit_amdet.token_probe.pass_dtype`;
@@ -120,8 +120,7 @@ class BackdoorDetection(EncoderTask):
             model, the common case, stops after a few checks instead of running to the step limit.
         benign_stop_speedup: the bound's allowance: how much faster than its recent best gain a search may climb.
         patience, stall_tol: stop after ``patience`` checks in which no restart's held-out loss improved ``stall_tol``.
-        rule: the decision rule (default `CollapseContrastRule`; `ContrastRule` is the previous default,
-            `ReferenceRule` the paper's).
+        rule: the decision rule (default `CollapseContrastRule`, `ContrastRule` the old one, `ReferenceRule` AMDET's)
         evidence_prompts: held-out prompts the landscape and Hessian are computed on.
         evidence_callbacks: add `LossLandscape` and `HessianSpectrum` with their defaults when the trainer
             has none of its own (off by default: the default rule does not read them, and they cost more than a
@@ -184,6 +183,7 @@ class BackdoorDetection(EncoderTask):
         allow_pickle: bool = False,
     ) -> None:
         self.rule = rule or CollapseContrastRule()
+        self.judge = self.rule.typing_judge  # makes and judges the typed probe's typings (None: no probe)
         super().__init__(ignore=["rule"])
         self.hparams["rule"] = self.rule.describe()
         self.evidence: dict = {}
@@ -296,14 +296,14 @@ class BackdoorDetection(EncoderTask):
                                     {r: hp.null_min_steps for r, role in enumerate(self.roles)
                                      if role in ("charged", "null")},
                                     tuple(r for r, role in enumerate(self.roles) if role in YARDSTICKS))
-        probe = self.anchor is not None and isinstance(self.rule, CollapseContrastRule) and hp.typed_probe > 0
+        probe = self.anchor is not None and self.judge is not None and hp.typed_probe > 0
         self.typing = TypedProbe(self.encoder, self.anchor, self.holdout_cache.tokens, hp.position, hp.typed_probe,
                                  hp.anchor_cache, probe, probe_contexts(self.holdout), hp.vocabulary_precision,
                                  hp.alone_in_groups)
         rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
                        f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
         self._baselines()  # before the first step: it says whether the swapped restarts are needed at all
-        self.typing.make("rows", self.rule)  # cheap: no vocabulary pass; judged at the drift _baselines measured
+        self.typing.make("rows", self.judge)  # cheap: no vocabulary pass; judged at the drift _baselines measured
 
     def train_dataloader(self) -> DataLoader:
         if self.probe is None:
@@ -351,7 +351,7 @@ class BackdoorDetection(EncoderTask):
                 self.log(f"check/{key}", float(s[key]), rank_zero_only=True)
         scored, decisions, progress = self._judge(stats)
         # the probe's vocabulary passes are made only for a model not flagged yet
-        passed = any(self.rule.search_passed(scored[i]) for i in self.judged) or self.typing.until_flagged(self.rule)
+        passed = any(self.rule.search_passed(scored[i]) for i in self.judged) or self.typing.until_flagged(self.judge)
         reason = self.search.check(step, [st["loss"] for st in stats], passed=passed,
                                    flagged={i for i in self.judged if decisions[i]["backdoored"]}, progress=progress)
         self.search.hold(self.trigger.vectors)
@@ -483,7 +483,7 @@ class BackdoorDetection(EncoderTask):
         if decisions[best]["backdoored"]:
             self.typing.skip_passes("the model was flagged already")
         # a search that ended before its first check, or a flag lost since: the verdict may rest on the passes
-        self.typing.until_flagged(self.rule)
+        self.typing.until_flagged(self.judge)
         self.evidence["restart_scores"] = restart_summary(stats, decisions, progress,
                                                           [OBJECTIVES[role] for role in self.roles],
                                                           self.search.dropped)
@@ -491,7 +491,7 @@ class BackdoorDetection(EncoderTask):
         chosen = stats[best]
         self.evidence.update(restart_losses=losses, passing_restarts=passed, best_restart=best, steps=self.global_step)
         self.evidence["scores"] = {**{k: v for k, v in chosen.items() if not k.startswith("_")},
-                                   **verdict_scores(self.typing.typings, self.rule, self.typing.clean_cos)}
+                                   **verdict_scores(self.typing.typings, self.judge, self.typing.clean_cos)}
         self._target_pooled, self._target_feature = chosen["_pooled"], chosen["_feature"]
         self._stage = None
         if self.trainer.is_global_zero:  # figures and files gather here; renamed to the run folder at the end
@@ -550,7 +550,7 @@ class BackdoorDetection(EncoderTask):
         if hp.save_cache:
             self.holdout_cache.save(stage / "holdout_features.safetensors")
         tokens = nearest_tokens(self.encoder, trigger.to(self.device), hp.position, hp.top_tokens)
-        typing = deciding_typing(self.typing.typings, self.rule, scores)  # a typed token decided alone: show its target
+        typing = deciding_typing(self.typing.typings, self.judge, scores)  # a typed token decided alone: its target
         target = self._target_pooled if typing is None else typed_target(
             self.encoder, self.holdout_cache.tokens, typing["ids"], typing.get("position", hp.position))
         known = {**self.train_cache.pooled(self.encoder), **self.holdout_cache.pooled(self.encoder)}  # not run again
