@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lit_amdet.benchmark import DEFAULT_FEATURES
 from lit_amdet.benchmark.metrics import benchmark_metrics
-from lit_amdet.calibration import fit_calibration
+from lit_amdet.calibration import feature_values, fit_calibration
 from lit_amdet.decision import CalibratedRule
 from lit_amdet.io import read_json, write_json
 from lit_amdet.metrics import probability_metrics
@@ -35,6 +35,7 @@ def calibrated(members: list[dict], features: list[str], folder: Path) -> dict:
     write_json(path, fit)
     rule = CalibratedRule(str(path))
     for m in members:
+        feature_values(m, features)  # a member without a feature is an error naming it, as in the benchmark
         m["probability"] = rule.probability(m["scores"])
         m["calibrated_backdoored"] = m["probability"] > rule.threshold
     return fit
@@ -75,7 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name, members in groups.items():
             fits[name] = calibrated(members, args.features, Path(tmp))
-            table.update(family_table(members, fits[name]["threshold"], args.features))
+            rows = family_table(members, fits[name]["threshold"], args.features)
+            if set(rows) & set(table):
+                parser.error(f"--per-run: family {sorted(set(rows) & set(table))[0]} is in two runs; compare such runs "
+                             "in separate invocations")
+            table.update(rows)
     print(f"features: {' '.join(args.features)}; fitted {'per run' if args.per_run else 'once, pooled'} on "
           + ", ".join(f"{f['fitted_on']['backdoored']} + {f['fitted_on']['benign']}" for f in fits.values()))
     print("| family | rule F1 | calibrated F1 | AUROC | cross-entropy | Brier | working: AUROC | cross-entropy "

@@ -558,8 +558,9 @@ class CalibratedRule(DecisionRule):
 
     @property
     def typing_judge(self) -> CollapseContrastRule | None:
-        """The default rule makes the typings when a feature reads them: the benchmark's scans, whose scores the
-        coefficients were fitted on, made them so."""
+        """The default rule makes the typings when a feature reads them, as it made them in the benchmark's default
+        scans (a calibration fitted on scans with another rule, or on ``typed_*shift_agreement``, which the default
+        rule leaves unmeasured near the anchor, does not read the same scores here)."""
         return CollapseContrastRule() if any(f.removeprefix("log1p_").startswith("typed_") for f in self.features) \
             else None
 

@@ -77,3 +77,16 @@ def test_per_run_fits_each_run_on_its_own_calibration_members(tmp_path):
         assert fit["fitted_on"]["members"] == 8
         test = [m for m in json.loads((run / "benchmark.json").read_text())["members"] if m["split"] == "test"]
         assert out["test"][run.name]["calibrated"]["bce"] == pytest.approx(sigmoid_bce(fit, test), rel=1e-5)
+
+
+def test_a_member_without_a_feature_and_one_family_in_two_runs_are_errors(tmp_path):
+    from lit_amdet.errors import ConfigError
+
+    runs = [write_run(tmp_path / "a", "a", 0), write_run(tmp_path / "b", "a", 1)]
+    with pytest.raises(SystemExit):  # per run, the second run's family would replace the first's rows
+        recalibrate.main(["--runs", *map(str, runs), "--features", *FEATURES, "--per-run"])
+    report = json.loads((runs[0] / "benchmark.json").read_text())
+    del report["members"][-1]["scores"]["typed_unshared_collapse"]  # a test member scanned without the probe
+    (runs[0] / "benchmark.json").write_text(json.dumps(report))
+    with pytest.raises(ConfigError, match="a-test-7: its scan has no typed_unshared_collapse"):
+        recalibrate.main(["--runs", str(runs[0]), "--features", *FEATURES])
