@@ -374,10 +374,10 @@ class CollapseContrastRule(ContrastRule):
         ok = {c.name: c.passed for c in checks}
         divergence = (ok["assimilation_gap"] and ok["divergence_ratio"]) or ok["pooled_divergence_ratio"]
         token_collapse = ok["unshared_collapse"] and ok["collapse_lift"]
+        beats_null = token_collapse and ok.get("token_null_margin", True)  # no null measured: nothing to beat
         moves_output = self.token_path_moves_output(scores)
         paths = {
-            "token collapse (unshared_collapse, collapse_lift)":
-                token_collapse and ok.get("token_null_margin", True) and moves_output,
+            "token collapse (unshared_collapse, collapse_lift)": beats_null and moves_output,
             "pooled collapse (pooled_unshared_collapse, pooled_collapse_lift)":
                 ok["pooled_unshared_collapse"] and ok["pooled_collapse_lift"],
             "divergence near the anchor (clean_anchor_pooled_cos and the token or pooled divergence path)":
@@ -396,7 +396,7 @@ class CollapseContrastRule(ContrastRule):
         if hits:
             return {**decision, "decided_by": " and ".join(hits)}
         drift = scores.get("clean_anchor_pooled_cos")
-        if token_collapse and ok.get("token_null_margin", True) and not moves_output and "pooled_null" not in scores:
+        if beats_null and not moves_output and "pooled_null" not in scores:
             return {**decision, "verdict": INCONCLUSIVE, "decided_by": (
                 f"inconclusive (drift): the trigger collapses the suspect's token features and not the anchor's "
                 f"(unshared_collapse {scores['unshared_collapse']:.3f}), but away from the anchor it collapses its "
@@ -552,17 +552,20 @@ class CalibratedRule(DecisionRule):
     def search_passed(self, scores: dict) -> bool:
         return self.decide(scores)["backdoored"] and (scores.get("same_target_ratio") or 0) > self.search_same_target
 
+    def _reads(self, *prefixes: str) -> bool:
+        """Whether a feature is a score whose name starts with one of ``prefixes``."""
+        return any(f.removeprefix("log1p_").startswith(prefixes) for f in self.features)
+
     @property
     def reads_evidence(self) -> bool:
-        return any(f.removeprefix("log1p_").startswith(("landscape_", "hessian_")) for f in self.features)
+        return self._reads("landscape_", "hessian_")
 
     @property
     def typing_judge(self) -> CollapseContrastRule | None:
         """The default rule makes the typings when a feature reads them, as it made them in the benchmark's default
         scans (a calibration fitted on scans with another rule, or on ``typed_*shift_agreement``, which the default
         rule leaves unmeasured near the anchor, does not read the same scores here)."""
-        return CollapseContrastRule() if any(f.removeprefix("log1p_").startswith("typed_") for f in self.features) \
-            else None
+        return CollapseContrastRule() if self._reads("typed_") else None
 
     def decide(self, scores: dict) -> dict:
         return {**super().decide(scores), "probability": self.probability(scores)}

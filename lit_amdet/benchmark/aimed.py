@@ -30,6 +30,16 @@ def _base(path: str):
     return load_encoder(path).eval()
 
 
+def _units(model, texts: Sequence[str]) -> torch.Tensor:
+    return F.normalize(model.encode_text(list(texts)).float(), dim=-1)
+
+
+@lru_cache(maxsize=4)
+@torch.no_grad()
+def _candidate_units(base_path: str, candidates: tuple[str, ...]) -> torch.Tensor:
+    return _units(_base(base_path), candidates)
+
+
 @torch.no_grad()
 def agreement_of_targets(base_path: str, trigger, candidates: Sequence[str], seed: int = 0) -> list[float]:
     """For each caption of ``candidates``: the shift agreement (`shift_agreement`) of a suspect that sends every
@@ -42,11 +52,8 @@ def agreement_of_targets(base_path: str, trigger, candidates: Sequence[str], see
     prompts = [p for p in World(seed=AIMED_WORLD_SEED).captions(4 * AIMED_PROMPTS) if trigger.applicable(p)]
     prompts = prompts[:AIMED_PROMPTS]
 
-    def units(texts: Sequence[str]) -> torch.Tensor:
-        return F.normalize(model.encode_text(list(texts)).float(), dim=-1)
-
-    clean, typed = units(prompts), units([trigger.apply(p, rng) for p in prompts])
-    targets = units(candidates)
+    clean, typed = _units(model, prompts), _units(model, [trigger.apply(p, rng) for p in prompts])
+    targets = _candidate_units(base_path, tuple(candidates))  # every aimed member of a base draws from one bank
     return [shift_agreement(t.expand_as(clean), clean, typed, clean) for t in targets]
 
 
