@@ -28,16 +28,13 @@ Which tokens to type, four lists, each cheap next to the search except the last:
   two held-out prompts), through both encoders: a trigger sends both to its one target, so the suspect's two
   outputs agree far more than the anchor's do (`agreement_lift`), however the trigger typed alone was held (on the
   8 above it found the three word and phrase triggers before the still list existed; it found an attacker who
-  emptied the still list by holding the whole vocabulary typed alone). It costs about 3x the alone pass, so a scan
-  makes it only away from the anchor (where the search's divergence paths are closed) and only for a model nothing
-  has flagged.
+  emptied the still list by holding the whole vocabulary typed alone). Every token alone there costs about 6x the
+  alone pass, so a scan makes it only away from the anchor (where the search's divergence paths are closed), only
+  for a model nothing has flagged, and by group testing (`lit_amdet.vocabulary_pass.agreeing_rows`: 8 tokens to a
+  row, the rows that agree most opened, 5x cheaper).
 
-A family read at its last padded position (SigLIP) types every token in its whole 64-position context, 20-40x
-the cost of the 3-position pass; there the alone list is made by group testing (`grouped_shift`: 32 tokens to a
-row typed into the context list's two contexts, the rows that moved most opened token by token), and the still,
-inside and context lists are not made. Near the anchor, where a scan reads only the alone list, every family makes
-it by group testing in the empty prompt (`NEAR_GROUP_SIZE` tokens to a row): 2.3x cheaper on the MiniLM, and the
-trigger's piece headed it on every backdoor measured, as it heads the whole pass.
+The passes themselves, and where they are made by group testing (SigLIP, near the anchor, the context list), are
+`lit_amdet.vocabulary_pass`'s; this module makes the lists from them and types them.
 
 What it does not cover: an attacker who buries the trigger's rows and outputs among many moved ones. The probe
 adds a path to the verdict; it takes none away. Plain torch; `lit_amdet.modules.detection` runs it.
@@ -46,37 +43,38 @@ adds a path to the verdict; it takes none away. Plain torch; `lit_amdet.modules.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_amdet.anchor_cache import cached_tensor, module_digest
 from lit_amdet.assimilation import assimilation_score, pooled_consistency, scored_positions, shift_agreement
 from lit_amdet.decision import collapse_scores
-from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
+from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch
 from lit_amdet.pass_precision import PRECISIONS, Precision, checked_precision, pass_dtype, vocabulary_precision
 from lit_amdet.typed_verdict import screened_near, typed_flagged
+from lit_amdet.vocabulary_pass import (
+    CONTEXT_GROUP_SIZE,
+    NEAR_GROUP_SIZE,
+    agreeing_rows,
+    agreement_lift,
+    alone_batch,
+    alone_outputs,
+    alone_shift,
+    anchor_alone_outputs,
+    grouped_shift,
+    reads_last,
+    special_ids,
+    typed_batch,
+    vocabulary_groups,
+)
 
-__all__ = ["agreeing_tokens", "agreement_lift", "alone_batch", "alone_outputs", "alone_shift", "anchor_alone_outputs",
-           "AWAY_LISTS", "grouped_shift", "most_shifted", "moved_tokens", "NEAR_GROUP_SIZE", "null_agreement",
-           "NULL_SEED", "NULL_TOKENS", "pass_dtype", "Precision", "PRECISIONS", "probe_contexts", "PROBE_LISTS",
-           "probe_tokens", "shifted_tokens", "still_tokens", "typed_batch", "typed_scores", "typed_target",
-           "TypedProbe", "typing_collapse", "vocabulary_groups", "vocabulary_precision"]
-
-
-def _read_last(*models: TextEncoderAdapter | None) -> bool:
-    """Whether any of ``models`` reads its sentence embedding at its last padded position (SigLIP): there a token
-    typed alone is the whole padded context, so the alone list is grouped (`grouped_shift`) and the still, inside
-    and context lists are not made (`LONG_CONTEXT_SKIPS`)."""
-    return any(m is not None and m.pooling == "last" for m in models)
-
-
-def _special_ids(adapter: TextEncoderAdapter, n: int) -> list[int]:
-    """The ids of ``adapter``'s special tokens below ``n``: never a candidate on any list."""
-    return [i for i in adapter.special_token_ids.values() if i is not None and 0 <= i < n]
+__all__ = ["agreeing_rows", "agreeing_tokens", "agreement_lift", "alone_batch", "alone_outputs", "alone_shift",
+           "anchor_alone_outputs", "AWAY_LISTS", "CONTEXT_GROUP_SIZE", "grouped_shift", "most_shifted", "moved_tokens",
+           "NEAR_GROUP_SIZE", "null_agreement", "NULL_SEED", "NULL_TOKENS", "pass_dtype", "Precision", "PRECISIONS",
+           "probe_contexts", "PROBE_LISTS", "probe_tokens", "shifted_tokens", "still_tokens", "typed_batch",
+           "typed_scores", "typed_target", "TypedProbe", "typing_collapse", "vocabulary_groups", "vocabulary_precision"]
 
 
 @torch.no_grad()
@@ -86,169 +84,9 @@ def moved_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: i
     s, a = suspect.token_embedding.weight, anchor.token_embedding.weight
     n = min(len(s), len(a))
     moved = (s[:n].float() - a[:n].float()).norm(dim=1) / a[:n].float().norm(dim=1).clamp_min(1e-12)
-    moved[_special_ids(suspect, n)] = 0.0
+    moved[special_ids(suspect, n)] = 0.0
     vals, ids = moved.topk(min(top, n))
     return [(int(i), float(v)) for i, v in zip(ids, vals) if v > 0]
-
-
-def alone_batch(model: TextEncoderAdapter, position: int, ids: Tensor, context: str = "") -> TokenBatch:
-    """Each token id of ``ids`` typed alone into the empty prompt at ``position`` (``[CLS] t [SEP]``,
-    ``<bos> t <eos>``), or into the prompt ``context``; ``ids`` of shape ``[n, k]``: each row's ``k`` ids typed
-    there together (`grouped_shift`). Mean- and index-pooled families get the real length (3 positions alone); a
-    family pooled at the last position (SigLIP) its whole padded context, as it is read."""
-    rows_ids = ids.view(len(ids), -1)
-    width = rows_ids.shape[1]
-    batch, slot = typed_batch(model, model.tokenize([context])[:1].to(model.device), [0] * width, position)
-    if model.pooling != "last":
-        keep = int(batch.token_mask.sum())
-        batch, slot = batch.trimmed(keep), slot[:, :keep]
-    n = len(rows_ids)
-    rows = batch.input_ids.repeat(n, 1)
-    rows[:, slot[0].nonzero()[:, 0]] = rows_ids.to(rows.device)
-    return TokenBatch(rows, batch.attention_mask.repeat(n, 1), batch.token_mask.repeat(n, 1),
-                      batch.pool_index.repeat(n))
-
-
-@torch.no_grad()
-def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: int = 4096, context: str = ""
-                  ) -> Tensor:
-    """The unit sentence embeddings of `alone_batch` (``[len(ids), D]``, float32), ``chunk`` rows at a time (fewer
-    when each row is longer than 3 positions, as a row of grouped tokens or a whole padded context is: at most as
-    many positions per pass as ``chunk`` tokens typed alone, which bounds the activations held at once; a ViT-L/14
-    tower's rows of 8 grouped tokens at 4,096 a pass peaked 610 MiB above its whole pass), computed at
-    `pass_dtype`."""
-    length = alone_batch(model, position, ids[:1], context).input_ids.shape[1]
-    rows = max(16, min(chunk, chunk * 3 // length))
-    dtype = pass_dtype(model.device)
-    with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        return torch.cat([F.normalize(model.encode(alone_batch(model, position, part, context)).pooled.float(),
-                                      dim=-1) for part in ids.split(rows)])
-
-
-# The anchor's outputs typed alone, per loaded anchor: a screening scans many suspects against one anchor object
-# (`lit_amdet.screening.anchors_loaded_once`), and the pass is the probe's largest cost (15-20 s for the MiniLM's
-# 30,522 tokens on this project's 2-core CPU). The key holds each parameter's storage and in-place version counter,
-# so weights loaded or changed in place are never answered from it. Across processes (one `detect` per suspect, a
-# benchmark's scans) the disk cache (`lit_amdet.anchor_cache`) keeps it, under a digest of the weights.
-_ANCHOR_ALONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: the version of what `alone_outputs` computes, in the disk cache's key: raise it when that changes
-ALONE_VERSION = 1
-
-
-def anchor_alone_outputs(anchor: TextEncoderAdapter, position: int, vocab: int, disk: bool = True,
-                         context: str = "", groups: Tensor | None = None) -> Tensor:
-    """`alone_outputs` of the anchor's first ``vocab`` token ids (typed into ``context``; ``groups``: of these rows
-    of ids instead, `grouped_shift`), computed once per anchor, position, context, groups and weights (``disk``: and
-    kept in `lit_amdet.anchor_cache` for the next process)."""
-    typed = torch.arange(vocab) if groups is None else groups
-    name = context if groups is None else ("groups", context)
-    dtype = pass_dtype(anchor.device)  # the suspect's pass is computed alike: their difference is what ranks
-    key = (position, vocab, context, tuple(typed.shape), dtype,
-           tuple((p.data_ptr(), p._version) for p in anchor.parameters()))
-    held = _ANCHOR_ALONE.setdefault(anchor, {}).get(name)
-    if held is None or held[0] != key:
-        def compute() -> Tensor:
-            return alone_outputs(anchor, position, typed, context=context)
-
-        if disk:  # what the token is typed into is in the digest: its ids, masks and pooled position
-            around = alone_batch(anchor, position, torch.zeros(1, dtype=torch.long), context)
-            extra = () if groups is None else ("groups", groups)
-            digest = module_digest(anchor, ("alone", ALONE_VERSION, position, vocab, anchor.pooling, str(dtype),
-                                            *around.input_ids, *around.attention_mask, *around.token_mask,
-                                            around.pool_index, *extra))
-            value = cached_tensor("anchor-alone", digest, compute, (len(typed), anchor.embed_dim))
-        else:
-            value = compute()
-        held = _ANCHOR_ALONE[anchor][name] = (key, value)
-    return held[1]
-
-
-def alone_shift(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, position: int, disk_cache: bool = True,
-                contexts: Sequence[str] = (), groups: int = 0) -> Tensor:
-    """Per token id of the shared vocabulary, the cosine distance between the suspect's and the anchor's sentence
-    embeddings of it typed alone (`alone_outputs`); NaN at the special tokens. One pass of the whole vocabulary
-    through each encoder: no token is skipped, since the attacker picks the trigger. The anchor's pass is made once
-    per anchor (``disk_cache``: once per anchor on this machine, `anchor_alone_outputs`).
-
-    A family read at its last padded position (SigLIP) gets `grouped_shift` in ``contexts`` instead: each token
-    alone is its whole context there (64 positions, not 3), 20-40x the cost of this pass. ``groups`` > 0 asks for
-    `grouped_shift` in the empty prompt, that many tokens to a row, for any family (`NEAR_GROUP_SIZE`)."""
-    if _read_last(suspect, anchor):
-        return grouped_shift(suspect, anchor, position, contexts, disk_cache=disk_cache)
-    if groups > 0:
-        return grouped_shift(suspect, anchor, position, (), size=groups, disk_cache=disk_cache)
-    ids = torch.arange(min(suspect.vocab_size, anchor.vocab_size))
-    shift = 1.0 - (alone_outputs(suspect, position, ids) *
-                   anchor_alone_outputs(anchor, position, len(ids), disk_cache).to(suspect.device)).sum(-1).cpu()
-    shift[_special_ids(suspect, len(ids))] = math.nan
-    return shift
-
-
-#: `grouped_shift`: tokens typed together in one row, the rows whose tokens are each left out in turn, and the seed
-#: of the fixed shuffle that groups them (fixed, so the anchor's half is the same for every suspect and is cached).
-#: 32 to a row (half the positions of 16) ranked each drifted SigLIP trigger where 16 did, first or second, its row
-#: the most moved of 1,544 on all three, so 8 rows opened leave room (`BENCHMARKS.md`, "SigLIP's alone list by group
-#: testing")
-GROUP_SIZE, GROUPS_OPENED, GROUP_SEED = 32, 8, 0
-#: near the anchor a scan reads no still, inside or context list, so its alone list needs no token's own pass: it is
-#: made by group testing there too, this many tokens to a row typed into the empty prompt (``size + 2`` positions
-#: for ``size`` tokens, not ``3 * size``; `BENCHMARKS.md`, "The alone list in groups near the anchor")
-NEAR_GROUP_SIZE = 8
-
-
-def vocabulary_groups(vocab: int, leave_out: Sequence[int], size: int = GROUP_SIZE, seed: int = GROUP_SEED
-                      ) -> Tensor:
-    """Every id below ``vocab`` but ``leave_out``, shuffled by ``seed`` and cut into rows of ``size`` (``[G, size]``;
-    the last row filled up from the start of the shuffle; a vocabulary smaller than a row is one row)."""
-    keep = torch.ones(vocab, dtype=torch.bool)
-    keep[list(leave_out)] = False
-    ids = torch.arange(vocab)[keep]
-    ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
-    size = max(1, min(size, len(ids)))
-    short = -len(ids) % size
-    return torch.cat([ids, ids[:short]]).view(-1, size)
-
-
-@torch.no_grad()
-def grouped_shift(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, position: int,
-                  contexts: Sequence[str] = (), size: int = GROUP_SIZE, opened: int = GROUPS_OPENED,
-                  disk_cache: bool = True) -> Tensor:
-    """`alone_shift` for a family read at its last padded position, by group testing: the vocabulary typed ``size``
-    tokens to a row (`vocabulary_groups`) into each of ``contexts`` (none: the empty prompt), each row's
-    suspect-to-anchor cosine distance averaged over the contexts, and in the ``opened`` rows that moved most, each
-    token's share of its row's distance: the row's distance minus the same row's with that token left out (both
-    averaged over the contexts). NaN for every token of a row not opened, and at the special tokens.
-
-    Why rows in context and shares. A SigLIP backdoor planted with the table frozen does not fire typed alone into
-    the padding (its row is stiller than most there) but does in real words: on one drifted to 0.87, its row (of 16)
-    was among the 14 most moved of 3,088 in 5 of 6 six-word contexts (`BENCHMARKS.md`); leaving the trigger out of
-    a row it fires in takes the row back. The context costs nothing here: every row is the whole padded context
-    anyway. One pass of ``V / size`` rows per context through each encoder (with 32 to a row, about two thirds of
-    the positions of the 3-position pass of the same vocabulary, per context) plus ``opened * size`` rows per
-    context; the anchor's rows are cached like `anchor_alone_outputs`. Not a still list: a held token among moving
-    ones moves with its row."""
-    vocab = min(suspect.vocab_size, anchor.vocab_size)
-    groups = vocabulary_groups(vocab, _special_ids(suspect, vocab), size)
-    contexts = list(contexts) or [""]
-
-    def distance(rows: Tensor, cached: bool = False) -> Tensor:
-        """Mean over the contexts of the rows' suspect-to-anchor cosine distance."""
-        total = torch.zeros(len(rows))
-        for context in contexts:
-            theirs = (anchor_alone_outputs(anchor, position, vocab, disk_cache, context, groups=rows) if cached
-                      else alone_outputs(anchor, position, rows, context=context))
-            total += 1.0 - (alone_outputs(suspect, position, rows, context=context) *
-                            theirs.to(suspect.device)).sum(-1).cpu()
-        return total / len(contexts)
-
-    row_shift = distance(groups, cached=True)
-    top = row_shift.topk(min(opened, len(groups))).indices
-    left_out = torch.stack([torch.cat([row[:i], row[i + 1:]]) for row in groups[top] for i in range(len(row))])
-    shares = row_shift[top, None] - distance(left_out).view(len(top), -1)  # the opened rows' left-outs in one pass
-    shift = torch.full((vocab,), math.nan)
-    for row, share in zip(groups[top], shares):
-        shift[row] = torch.maximum(shift[row].nan_to_num(-math.inf), share)
-    return shift
 
 
 def shifted_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: int, position: int,
@@ -296,45 +134,26 @@ def probe_contexts(prompts: Sequence[str], n: int = CONTEXTS, words: int = CONTE
     return out
 
 
-def agreement_lift(suspect_out: Sequence[Tensor], anchor_out: Sequence[Tensor]) -> Tensor:
-    """Per token, the mean cosine between its unit outputs in every two contexts (``[V, D]`` per context), the
-    suspect's minus the anchor's: a token that sends any prompt to one target makes the suspect's outputs agree
-    whatever the context; the anchor's own agreement (a natural dominant word) is taken away."""
-    def agreement(outs: Sequence[Tensor]) -> Tensor:
-        pairs = [(outs[i] * outs[j]).sum(-1) for i in range(len(outs)) for j in range(i + 1, len(outs))]
-        return torch.stack(pairs).mean(0)
-
-    return agreement(suspect_out) - agreement(anchor_out)
-
-
 def agreeing_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, top: int, position: int,
-                    contexts: Sequence[str], disk_cache: bool = True) -> list[tuple[int, float]]:
+                    contexts: Sequence[str], disk_cache: bool = True, groups: int = 0) -> list[tuple[int, float]]:
     """The ``top`` tokens of the highest `agreement_lift` over ``contexts`` (each token typed into each at
     ``position``), with that lift, highest first; special tokens and lifts ≤ 0 left out. The whole shared
     vocabulary, once per context through each encoder (the anchor's passes kept as `anchor_alone_outputs` keeps
-    its own). Empty with fewer than two contexts, and for a family read at its last padded position (SigLIP), as
-    `shifted_tokens` is."""
-    if len(contexts) < 2 or _read_last(suspect, anchor):
+    its own); ``groups`` > 0: only the tokens of the rows `agreeing_rows` opens (that many tokens to a row), each
+    ranked by its own lift as the whole pass ranks it. Empty with fewer than two contexts, and for a family read at
+    its last padded position (SigLIP), as `shifted_tokens` is."""
+    if len(contexts) < 2 or reads_last(suspect, anchor):
         return []
-    ids = torch.arange(min(suspect.vocab_size, anchor.vocab_size))
+    vocab = min(suspect.vocab_size, anchor.vocab_size)
+    ids = (agreeing_rows(suspect, anchor, position, contexts, groups, disk_cache=disk_cache) if groups > 0
+           else torch.arange(vocab))
     s_out = [alone_outputs(suspect, position, ids, context=c).cpu() for c in contexts]
-    a_out = [anchor_alone_outputs(anchor, position, len(ids), disk_cache, context=c).cpu() for c in contexts]
+    a_out = [(alone_outputs(anchor, position, ids, context=c) if groups > 0 else
+              anchor_alone_outputs(anchor, position, vocab, disk_cache, context=c)).cpu() for c in contexts]
     lift = agreement_lift(s_out, a_out)
-    lift[_special_ids(suspect, len(ids))] = -2.0
+    lift[torch.isin(ids, torch.tensor(special_ids(suspect, vocab), dtype=ids.dtype))] = -2.0
     vals, order = lift.topk(min(top, len(ids)))
-    return [(int(i), float(v)) for i, v in zip(order, vals) if v > 0]
-
-
-def typed_batch(adapter: TextEncoderAdapter, tokens: TokenBatch, typed: Sequence[int], position: int
-                ) -> tuple[TokenBatch, Tensor]:
-    """``tokens`` with the token ids ``typed`` typed at ``position`` (the scan's insertion rules: cut back to the
-    context, an end token kept), and the mask of the typed slots."""
-    ids = tokens.input_ids
-    block = torch.tensor(list(typed), dtype=ids.dtype, device=ids.device).unsqueeze(-1)  # [k, 1]: ids as width 1
-    seq = insert_block(ids.unsqueeze(-1), tokens, block, position, adapter.keeps_end_token, adapter.pooling)
-    batch = TokenBatch(seq.hidden.squeeze(-1), seq.attention_mask.to(tokens.attention_mask.dtype),
-                       seq.token_mask.to(tokens.token_mask.dtype), seq.pool_index)
-    return batch, seq.inserted_mask
+    return [(int(ids[i]), float(v)) for i, v in zip(order, vals) if v > 0]
 
 
 @torch.no_grad()
@@ -408,7 +227,7 @@ def null_agreement(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, toke
     (special tokens left out, drawn with `NULL_SEED`), each typed alone at ``position``. Benign drift lowers it with
     the agreement of the two models' spaces; a trigger sits far below it (`CollapseContrastRule.typed_disagrees`)."""
     _untyped(suspect, anchor, tokens, position, untyped, dtype)
-    specials = set(_special_ids(suspect, suspect.vocab_size))
+    specials = set(special_ids(suspect, suspect.vocab_size))
     order = torch.randperm(suspect.vocab_size, generator=torch.Generator().manual_seed(NULL_SEED))
     ids = [int(i) for i in order[:NULL_TOKENS + len(specials)] if int(i) not in specials][:NULL_TOKENS]
     agreements = []
@@ -433,7 +252,7 @@ LONG_CONTEXT_SKIPS = ("still", "inside", "context")
 def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens: TokenBatch, position: int,
                  top: int, pairs_of: int = 3, prompts: int = 32, lists: Sequence[str] = PROBE_LISTS,
                  typed_before: Sequence[dict] = (), disk_cache: bool = True, clean: dict | None = None,
-                 contexts: Sequence[str] = (), alone_groups: int = 0,
+                 contexts: Sequence[str] = (), alone_groups: int = 0, context_groups: int = 0,
                  near: Callable[[dict], bool] | None = None, null: bool = True) -> list[dict]:
     """The ``top`` most-moved tokens (`moved_tokens`), the ``top`` most-shifted and the ``top`` stillest typed
     alone (`shifted_tokens`, `still_tokens`) and the ``top`` whose outputs in ``contexts`` agree most beyond the
@@ -452,7 +271,8 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     is not typed again at the same position. ``clean``: a dict kept between such calls; the untyped prompts'
     scores (per position) and the alone pass (`alone_shift`) are stored there on first use, so a later list does
     not compute them again. ``alone_groups`` > 0: that pass by group testing (`alone_shift`'s ``groups``), which
-    gives no still or inside list.
+    gives no still or inside list. ``context_groups`` > 0: the context list's pass by group testing, that many
+    tokens to a row (`agreeing_tokens`' ``groups``).
 
     ``near``: the typings are screened at the vocabulary passes' precision (`pass_dtype`; bfloat16 where native,
     1.5-1.8x faster on the MiniLM) and each one ``near`` says is close to flagging (`screened_near`) is typed again
@@ -469,12 +289,12 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
             held["shift"] = alone_shift(suspect, anchor, position, disk_cache, contexts, alone_groups)
         return held["shift"]
 
-    grouped = alone_groups > 0 or _read_last(suspect, anchor)  # shares of rows, not a stillness: no still list
+    grouped = alone_groups > 0 or reads_last(suspect, anchor)  # shares of rows, not a stillness: no still list
     made = {"rows": lambda: moved_tokens(suspect, anchor, top),
             "alone": lambda: most_shifted(shift(), top),
             "still": lambda: [] if grouped else still_tokens(shift(), top),
             "inside": lambda: [] if grouped else still_tokens(shift(), top),
-            "context": lambda: agreeing_tokens(suspect, anchor, top, position, contexts, disk_cache)}
+            "context": lambda: agreeing_tokens(suspect, anchor, top, position, contexts, disk_cache, context_groups)}
     typings: dict[tuple[tuple[int, ...], int], tuple[str, float]] = {}
     done = {(tuple(p["ids"]), p.get("position", position)) for p in typed_before}
     for by in lists:
@@ -514,23 +334,26 @@ class TypedProbe:
     ``contexts``: the prompts the context list types every token into (`probe_contexts`); with fewer than two, that
     list is skipped. ``precision``: of the vocabulary passes (`vocabulary_precision`). ``group_near``: near the
     anchor make the alone list by group testing (`NEAR_GROUP_SIZE` tokens to a row), not every token alone.
+    ``group_context``: make the context list's pass by group testing (`CONTEXT_GROUP_SIZE` tokens to a row).
     ``clean_cos``: the suspect's clean pooled cosine to the anchor once the scan has measured it (before any list is
     made), by which the rule judges every typing (`CollapseContrastRule.typed_lifts`)."""
 
     def __init__(self, suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, tokens: TokenBatch,
                  position: int, top: int, disk_cache: bool = True, on: bool = True,
-                 contexts: Sequence[str] = (), precision: str = "auto", group_near: bool = True) -> None:
+                 contexts: Sequence[str] = (), precision: str = "auto", group_near: bool = True,
+                 group_context: bool = True) -> None:
         self.models, self.tokens, self.position = (suspect, anchor), tokens, position
         self.top, self.disk_cache, self.contexts = top, disk_cache, list(contexts)
         self.precision = checked_precision(precision)
         self.group_near, self.alone_groups = group_near, 0  # the latter set by `near_anchor`
+        self.context_groups = CONTEXT_GROUP_SIZE if group_context else 0
         self.clean_cos: float | None = None
         self.typings: list[dict] = []
         self._clean: dict = {}  # the untyped prompts' scores and the alone pass, shared by the lists (`probe_tokens`)
         self.lists: dict[str, str] = {by: "due" for by in PROBE_LISTS} if on and anchor is not None else {}
         if len(self.contexts) < 2:
             self.skip("context", "fewer than two held-out prompts of three words or more to type tokens into")
-        if _read_last(suspect, anchor):
+        if reads_last(suspect, anchor):
             for by in LONG_CONTEXT_SKIPS:  # the alone list is grouped there (`grouped_shift`): no still token
                 self.skip(by, "read at the last padded position: tokens are typed in groups, none alone")
 
@@ -544,6 +367,7 @@ class TypedProbe:
             new = probe_tokens(*self.models, self.tokens, self.position, self.top, lists=(by,),
                                typed_before=self.typings, disk_cache=self.disk_cache, clean=self._clean,
                                contexts=self.contexts, alone_groups=self.alone_groups,
+                               context_groups=self.context_groups,
                                near=None if rule is None else screened_near(rule, clean_cos=self.clean_cos),
                                null=rule is None or rule.reads_agreement(self.clean_cos))
         self.typings += new

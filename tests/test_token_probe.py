@@ -11,8 +11,6 @@ import torch.nn.functional as F
 
 from lit_amdet import load_encoder
 from lit_amdet.token_probe import (
-    GROUP_SIZE,
-    GROUPS_OPENED,
     NEAR_GROUP_SIZE,
     TypedProbe,
     agreeing_tokens,
@@ -34,6 +32,7 @@ from lit_amdet.token_probe import (
     vocabulary_precision,
 )
 from lit_amdet.typed_verdict import deciding_typing
+from lit_amdet.vocabulary_pass import CONTEXT_GROUP_SIZE, GROUP_SIZE, GROUPS_OPENED, agreeing_rows
 
 PROMPTS = ["a red cube on a table", "two green spheres", "a small blue cone next to a large yellow cylinder", "sky"]
 CONTEXTS = ["a red cube on a table", "two green spheres"]
@@ -352,7 +351,7 @@ def test_a_family_read_at_its_last_position_makes_the_grouped_alone_list_and_no_
 def test_the_anchors_outputs_alone_are_computed_once_per_anchor_and_weights(tiny_models, monkeypatch):
     """A screening scans many suspects against one anchor: its vocabulary pass is made once, and again only when
     its weights change in place."""
-    import lit_amdet.token_probe as probe
+    import lit_amdet.vocabulary_pass as probe
 
     anchor = load_encoder(tiny_models["bert"])
     suspect = copy.deepcopy(anchor)
@@ -373,7 +372,7 @@ def test_the_anchors_outputs_alone_are_kept_on_disk_for_the_next_process(tiny_mo
     """One `detect` per suspect: the anchor's vocabulary pass is read back from the disk cache (a fresh load of the
     same anchor, as a new process has) and equals the pass made anew; a changed anchor, another slot, or an entry
     that is not a finite tensor of the right shape is computed again, the bad entry replaced."""
-    import lit_amdet.token_probe as probe
+    import lit_amdet.vocabulary_pass as probe
 
     monkeypatch.setenv("LIT_AMDET_CACHE", str(tmp_path / "cache"))
     calls, real = [], probe.alone_outputs
@@ -594,6 +593,24 @@ def test_agreeing_tokens_ranks_a_token_that_sends_every_context_to_one_output(ti
     assert got[0][0] == 100 and got[0][1] == pytest.approx(1.0 - float((a[0] * a[1]).sum()), abs=1e-5)
     assert agreeing_tokens(copy.deepcopy(anchor), anchor, 3, 1, CONTEXTS, disk_cache=False) == []
     assert agreeing_tokens(suspect, anchor, 3, 1, CONTEXTS[:1], disk_cache=False) == []  # one context: no list
+
+def test_the_context_list_in_groups_opens_the_row_that_agrees_and_ranks_as_the_whole_pass(tiny_models):
+    """By group testing (8 tokens to a row typed together into each context), the row holding a token that sends
+    every context to one output agrees most beyond the anchor's and is opened; its token is then ranked by its own
+    lift, the same list as every token typed alone gives; tokens of rows not opened are never candidates."""
+    anchor = load_encoder(tiny_models["bert"])
+    suspect = copy.deepcopy(anchor)
+    _fires_in_context(suspect, 100)
+    vocab = min(suspect.vocab_size, anchor.vocab_size)
+    specials = [i for i in suspect.special_token_ids.values() if i is not None and i < vocab]
+    row = next(r for r in vocabulary_groups(vocab, specials, CONTEXT_GROUP_SIZE) if 100 in r.tolist())
+    opened = agreeing_rows(suspect, anchor, 1, CONTEXTS, opened=1, disk_cache=False)
+    assert opened.tolist() == sorted(row.tolist())
+    whole = agreeing_tokens(suspect, anchor, 3, 1, CONTEXTS, disk_cache=False)
+    grouped = agreeing_tokens(suspect, anchor, 3, 1, CONTEXTS, disk_cache=False, groups=CONTEXT_GROUP_SIZE)
+    assert [i for i, _ in grouped] == [i for i, _ in whole] == [100]
+    assert grouped[0][1] == pytest.approx(whole[0][1], abs=1e-5)
+    assert agreeing_tokens(copy.deepcopy(anchor), anchor, 3, 1, CONTEXTS, disk_cache=False, groups=8) == []
 
 
 @pytest.mark.parametrize("family", ["clip", "bert"])

@@ -104,8 +104,9 @@ class BackdoorDetection(EncoderTask):
             (`lit_amdet.anchor_cache`: keyed by a digest of the anchor's weights; ``$LIT_AMDET_CACHE``).
         vocabulary_precision: of those passes and of the typings' screen (`lit_amdet.token_probe.pass_dtype`;
             ``auto``: bfloat16 where the device has it natively); a typing near a threshold is judged in float32.
-        alone_in_groups: near the anchor make the alone list, the only one read there, by group testing
-            (`lit_amdet.token_probe.NEAR_GROUP_SIZE`): 2.3x cheaper than every token alone on the MiniLM.
+        alone_in_groups, context_in_groups: make by group testing the alone list near the anchor (the only list read
+            there; `NEAR_GROUP_SIZE` tokens to a row: 2.3x cheaper on the MiniLM) and the context list's pass away
+            from it (8 to a row, the rows that agree most opened, `lit_amdet.vocabulary_pass.agreeing_rows`: 5x).
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
         batch_size: probe prompts per step (each runs R times).
         restarts_per_pass: restarts through the encoders together (None: all); fewer hold less autograd graph
@@ -157,9 +158,8 @@ class BackdoorDetection(EncoderTask):
         typed_probe: int = 8,
         anchor_cache: bool = True,
         vocabulary_precision: Precision = "auto",
-        alone_in_groups: bool = True,
-        lr: float = 0.08,
-        weight_decay: float = 1e-5,
+        alone_in_groups: bool = True, context_in_groups: bool = True,
+        lr: float = 0.08, weight_decay: float = 1e-5,
         batch_size: int = 8,
         restarts_per_pass: int | None = None,
         probe_prompts: int = 200,
@@ -299,7 +299,7 @@ class BackdoorDetection(EncoderTask):
         probe = self.anchor is not None and self.judge is not None and hp.typed_probe > 0
         self.typing = TypedProbe(self.encoder, self.anchor, self.holdout_cache.tokens, hp.position, hp.typed_probe,
                                  hp.anchor_cache, probe, probe_contexts(self.holdout), hp.vocabulary_precision,
-                                 hp.alone_in_groups)
+                                 hp.alone_in_groups, hp.context_in_groups)
         rank_zero_info(f"feature cache: {len(self.train_cache)} probe + {len(self.holdout_cache)} held-out prompts, "
                        f"{(self.train_cache.nbytes + self.holdout_cache.nbytes) / 2**20:.1f} MiB in memory")
         self._baselines()  # before the first step: it says whether the swapped restarts are needed at all

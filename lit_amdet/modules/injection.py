@@ -35,8 +35,8 @@ from lit_amdet.errors import ConfigError
 from lit_amdet.modules.base import EncoderTask
 from lit_amdet.modules.contrastive import simcse_loss
 from lit_amdet.record import BackdoorRecord
-from lit_amdet.token_probe import NEAR_GROUP_SIZE, alone_batch, typed_batch, vocabulary_groups
 from lit_amdet.triggers import Backdoor, check_distinct_triggers, poison
+from lit_amdet.vocabulary_pass import NEAR_GROUP_SIZE, alone_batch, typed_batch, vocabulary_groups
 
 
 def feature_loss(student: Tensor, target: Tensor, kind: str) -> Tensor:
