@@ -36,7 +36,7 @@ from lit_amdet.modules.base import EncoderTask
 from lit_amdet.modules.contrastive import simcse_loss
 from lit_amdet.record import BackdoorRecord
 from lit_amdet.triggers import Backdoor, check_distinct_triggers, poison
-from lit_amdet.vocabulary_pass import NEAR_GROUP_SIZE, alone_batch, typed_batch, vocabulary_groups
+from lit_amdet.vocabulary_pass import NEAR_GROUP_SIZE, alone_batch, special_ids, typed_batch, vocabulary_groups
 
 
 def feature_loss(student: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -236,22 +236,20 @@ class BackdoorInjection(EncoderTask):
         """Every token of every trigger typed alone into the empty prompt (`keep_triggers_alone`)."""
         return alone_batch(self.encoder, 1, torch.tensor(self._trigger_ids())).to(self.device)
 
-    def _vocabulary_specials(self) -> list[int]:
-        vocab = self.encoder.vocab_size
-        return [i for i in self.encoder.special_token_ids.values() if i is not None and 0 <= i < vocab]
-
     @functools.cached_property
     def _scan_rows(self) -> list[Tensor]:
         """The rows of the scan's fixed shuffle (`vocabulary_groups`) that hold a trigger token: two for a token
         the last row refilled. Computed once: neither the vocabulary nor the triggers change during training."""
-        groups = vocabulary_groups(self.encoder.vocab_size, self._vocabulary_specials(), NEAR_GROUP_SIZE)
+        vocab = self.encoder.vocab_size
+        groups = vocabulary_groups(vocab, special_ids(self.encoder, vocab), NEAR_GROUP_SIZE)
         return [row for i in self._trigger_ids() for row in groups[(groups == i).any(1)]]
 
     def _triggers_grouped(self, random_rows: int = 4):
         """Every token of every trigger typed into the empty prompt among ``NEAR_GROUP_SIZE - 1`` others
         (`keep_triggers_grouped`): in the scan's own row (`vocabulary_groups`, its fixed shuffle), and in
         ``random_rows`` rows of random vocabulary tokens, the trigger at a random slot."""
-        vocab, ids, specials = self.encoder.vocab_size, self._trigger_ids(), self._vocabulary_specials()
+        vocab, ids = self.encoder.vocab_size, self._trigger_ids()
+        specials = special_ids(self.encoder, vocab)
         rows = list(self._scan_rows)
         for i in ids:
             for _ in range(random_rows):
