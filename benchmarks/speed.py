@@ -33,7 +33,15 @@ compared with the truth in the model's backdoor.json.
 also times that tree's ``detect``, with its own ``configs/scan.yaml``, on every
 pair, alternating with ours ``--repeats`` times (the median run counts): the
 gain of a change to the scan, measured side by side in one invocation;
-``--no-reference`` leaves the reference out of such a run.
+``--no-reference`` leaves the reference out of such a run (without a baseline
+tree: ours alone, its seconds and peak memory).
+
+``--near-sizes vit-l14`` and ``--drifted-sizes vit-l14`` time pairs of a
+random-weight tower and a copy of it near the anchor (every weight scaled by
+1 + 0.01 N(0, 1): a benign model's near-anchor path) or away from it (0.15:
+clean pooled cosine about 0.85, where a benign scan makes the whole alone pass,
+the still, inside and context lists and the swapped search): timing and memory
+of the paths a real fine-tune takes, not detection.
 
 ``--sizes vit-b32 vit-l14`` also times ours alone on the random-weight
 HF CLIP text towers of `scan_scaling` (suspect and anchor two random models;
@@ -171,7 +179,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         truth = "backdoored" if r["truth_backdoored"] else "benign"
         ours = r["ours"]
-        line = f"| {Path(r['model']).name} ({truth}) | "
+        line = f"| {r['name']} ({truth}) | "
         line += "".join(f"{r[s]['wall_s']:.1f} | {r[s]['verdict']} | " for s in sides)
         line += f"{ours['wall_s']:.1f} | {ours['verdict']} | {ours['steps']} | "
         line += "".join(f"{r['speedup' if s == 'reference' else 'gain']:.2f} | " for s in sides)
@@ -203,16 +211,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline-tree", help="another checkout of lit-amdet: its detect is timed on every pair too")
     p.add_argument("--repeats", type=int, default=1, help="runs of ours (and of the baseline) per pair, alternating; "
                                                           "the median run counts")
-    p.add_argument("--no-reference", action="store_true", help="leave the reference out (ours against the baseline)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="leave the reference out (ours against the baseline; without one, ours alone)")
     p.add_argument("--warm", action="store_true", help="also time ours again with the disk cache its cold run left")
     p.add_argument("--sizes", nargs="*", default=[], help=f"random-weight sizes to time ours on: "
                                                           f"{', '.join(scan_scaling.SIZES)}")
     p.add_argument("--near-sizes", nargs="*", default=[], help="random-weight sizes timed as pairs, like --pair: "
                                                                "a suspect near the anchor (scan_scaling.build_near)")
+    p.add_argument("--drifted-sizes", nargs="*", default=[], help="the same, a suspect away from the anchor "
+                                                                  "(scan_scaling.build_drifted)")
     args = p.parse_args(argv)
-    if not args.pair and not args.sizes and not args.near_sizes:
-        p.error("give --pair MODEL=ANCHOR (repeated), --sizes and/or --near-sizes")
-    unknown = [s for s in args.sizes + args.near_sizes if s not in scan_scaling.SIZES]
+    if not (args.pair or args.sizes or args.near_sizes or args.drifted_sizes):
+        p.error("give --pair MODEL=ANCHOR (repeated), --sizes, --near-sizes and/or --drifted-sizes")
+    unknown = [s for s in args.sizes + args.near_sizes + args.drifted_sizes if s not in scan_scaling.SIZES]
     if unknown:
         p.error(f"unknown size {unknown[0]!r} (known: {', '.join(scan_scaling.SIZES)})")
     pairs = []
@@ -220,17 +231,17 @@ def main(argv: list[str] | None = None) -> None:
         model, sep, anchor = item.partition("=")
         if not sep or not Path(model).exists():
             p.error(f"--pair {item!r}: give MODEL=ANCHOR with an existing model folder")
-        pairs.append((absolute(model), absolute(anchor)))
+        pairs.append((absolute(model), absolute(anchor), Path(model).name))
     baseline = Path(args.baseline_tree).resolve() if args.baseline_tree else None
     if baseline is not None and not (baseline / "lit_amdet" / "cli.py").is_file():
         p.error(f"--baseline-tree {args.baseline_tree}: not a lit-amdet checkout (no lit_amdet/cli.py)")
-    if args.no_reference and baseline is None:
-        p.error("--no-reference needs --baseline-tree (there would be nothing to compare)")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     reference_scan.accelerator_of(args.device)  # a bad device fails before any run
     # built (once) only after every argument is checked: an L/14-sized pair takes a minute
-    pairs += [tuple(map(str, scan_scaling.build_near(n, Path(args.models_dir).resolve()))) for n in args.near_sizes]
+    models_dir = Path(args.models_dir).resolve()
+    pairs += [(*map(str, scan_scaling.build_near(n, models_dir)), f"{n}-near") for n in args.near_sizes]
+    pairs += [(*map(str, scan_scaling.build_drifted(n, models_dir)), f"{n}-drifted") for n in args.drifted_sizes]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work_root = Path(args.work_root).resolve()  # absolute: the baseline runs in its own tree
     shutil.rmtree(work_root, ignore_errors=True)
@@ -239,9 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     if pairs and not args.no_reference:
         prompts_file.write_text("\n".join(reference_scan.world_prompts(args.reference_prompts)) + "\n")
     rows = []
-    for model, anchor in pairs:
-        name = Path(model).name
-        row = {"model": model, "anchor": anchor, "truth_backdoored": reference_scan.truth_of(model)}
+    for model, anchor, name in pairs:  # name: the pair's work folder and its name in the table
+        row = {"model": model, "anchor": anchor, "name": name, "truth_backdoored": reference_scan.truth_of(model)}
         if not args.no_reference:
             print(f"[{name}] reference ...", flush=True)
             row["reference"] = run_reference(model, anchor, work_root / name / "reference", prompts_file,

@@ -82,11 +82,13 @@ def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: 
                                       dim=-1) for part in ids.split(rows)])
 
 
-# The anchor's outputs typed alone, per loaded anchor: a screening scans many suspects against one anchor object
-# (`lit_amdet.screening.anchors_loaded_once`), and the pass is the probe's largest cost (15-20 s for the MiniLM's
-# 30,522 tokens on this project's 2-core CPU). The key holds each parameter's storage and in-place version counter,
-# so weights loaded or changed in place are never answered from it. Across processes (one `detect` per suspect, a
-# benchmark's scans) the disk cache (`lit_amdet.anchor_cache`) keeps it, under a digest of the weights.
+# The anchor's outputs typed alone, per loaded anchor, when there is no disk cache: a screening scans many suspects
+# against one anchor object (`lit_amdet.screening.anchors_loaded_once`), and the pass is the probe's largest cost
+# (15-20 s for the MiniLM's 30,522 tokens on this project's 2-core CPU). The key holds each parameter's storage and
+# in-place version counter, so weights loaded or changed in place are never answered from it. With the disk cache
+# (`lit_amdet.anchor_cache`) nothing is held here: the next suspect, in this process or another, reads the entry
+# back (a fraction of a second), and a ViT-L/14-sized anchor's alone and context outputs (190 MB in float32) are not
+# held through the search that follows the probe, whose peak memory is issue 18's 3 GB limit.
 _ANCHOR_ALONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: the version of what `alone_outputs` computes, in the disk cache's key: raise it when that changes
 ALONE_VERSION = 1
@@ -95,28 +97,27 @@ ALONE_VERSION = 1
 def anchor_alone_outputs(anchor: TextEncoderAdapter, position: int, vocab: int, disk: bool = True,
                          context: str = "", groups: Tensor | None = None) -> Tensor:
     """`alone_outputs` of the anchor's first ``vocab`` token ids (typed into ``context``; ``groups``: of these rows
-    of ids instead, `grouped_shift`), computed once per anchor, position, context, groups and weights (``disk``: and
-    kept in `lit_amdet.anchor_cache` for the next process)."""
+    of ids instead, `grouped_shift`), computed once per anchor, position, context, groups and weights: kept in
+    `lit_amdet.anchor_cache` (``disk``), else in memory for the next suspect of this process."""
     typed = torch.arange(vocab) if groups is None else groups
-    name = context if groups is None else ("groups", context)
     dtype = pass_dtype(anchor.device)  # the suspect's pass is computed alike: their difference is what ranks
+
+    def compute() -> Tensor:
+        return alone_outputs(anchor, position, typed, context=context)
+
+    if disk:  # what the token is typed into is in the digest: its ids, masks and pooled position
+        around = alone_batch(anchor, position, torch.zeros(1, dtype=torch.long), context)
+        extra = () if groups is None else ("groups", groups)
+        digest = module_digest(anchor, ("alone", ALONE_VERSION, position, vocab, anchor.pooling, str(dtype),
+                                        *around.input_ids, *around.attention_mask, *around.token_mask,
+                                        around.pool_index, *extra))
+        return cached_tensor("anchor-alone", digest, compute, (len(typed), anchor.embed_dim))
+    name = context if groups is None else ("groups", context)
     key = (position, vocab, context, tuple(typed.shape), dtype,
            tuple((p.data_ptr(), p._version) for p in anchor.parameters()))
     held = _ANCHOR_ALONE.setdefault(anchor, {}).get(name)
     if held is None or held[0] != key:
-        def compute() -> Tensor:
-            return alone_outputs(anchor, position, typed, context=context)
-
-        if disk:  # what the token is typed into is in the digest: its ids, masks and pooled position
-            around = alone_batch(anchor, position, torch.zeros(1, dtype=torch.long), context)
-            extra = () if groups is None else ("groups", groups)
-            digest = module_digest(anchor, ("alone", ALONE_VERSION, position, vocab, anchor.pooling, str(dtype),
-                                            *around.input_ids, *around.attention_mask, *around.token_mask,
-                                            around.pool_index, *extra))
-            value = cached_tensor("anchor-alone", digest, compute, (len(typed), anchor.embed_dim))
-        else:
-            value = compute()
-        held = _ANCHOR_ALONE[anchor][name] = (key, value)
+        held = _ANCHOR_ALONE[anchor][name] = (key, compute())
     return held[1]
 
 

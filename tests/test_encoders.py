@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -53,6 +55,18 @@ def test_split_path_matches_native(tiny_models, name):
     torch.testing.assert_close(out.pooled, pooled, atol=1e-5, rtol=1e-5)
     assert out.token_features.shape == (len(PROMPTS), batch.input_ids.shape[1], adapter.width)
     assert out.pooled.shape == (len(PROMPTS), adapter.embed_dim)
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_the_split_path_passes_transformers_no_deprecated_argument(tiny_models, name):
+    """transformers removes what it deprecates (`create_causal_mask`'s ``past_key_values`` in 5.40), and a scan
+    encodes thousands of batches: the split path must not warn, or it will break on the next release."""
+    adapter = load_encoder(tiny_models[name])
+    batch = adapter.tokenize(PROMPTS)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        adapter.encode(batch)
 
 
 @pytest.mark.parametrize("pad_mask", [False, True])

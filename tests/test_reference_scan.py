@@ -86,7 +86,7 @@ def test_speed_compares_a_baseline_checkout_by_its_median_run():
             {"wall_s": 30.0, "verdict": "clean"}]
     assert speed.median_run(runs)["wall_s"] == 12.0 and speed.median_run(runs)["wall_runs_s"] == [12.0, 10.0, 30.0]
     assert speed.median_run(runs[:2])["wall_s"] == 10.0  # the lower middle of an even count
-    rows = [{"model": f"zoo/m{i}", "truth_backdoored": b,
+    rows = [{"model": f"zoo/m{i}", "name": f"m{i}", "truth_backdoored": b,
              "ours": {"backdoored": b, "verdict": v, "wall_s": o, "steps": 10, "peak_rss_mib": 1.0},
              "baseline": {"verdict": v, "wall_s": w}, "gain": w / o}
             for i, (b, v, o, w) in enumerate(((True, "BACKDOORED", 10.0, 12.0), (False, "clean", 10.0, 10.0),
@@ -101,8 +101,8 @@ def test_speed_reports_the_warm_cache_beside_the_cold_runs():
     """`benchmarks/speed.py --warm`: the goal is judged on the cold runs; the warm ones get ratios of their own."""
     import speed
 
-    rows = [{"model": f"zoo/m{i}", "truth_backdoored": b, "reference": {"backdoored": False, "verdict": "clean",
-                                                                         "wall_s": ref},
+    rows = [{"model": f"zoo/m{i}", "name": f"m{i}", "truth_backdoored": b,
+             "reference": {"backdoored": False, "verdict": "clean", "wall_s": ref},
              "ours": {"backdoored": b, "verdict": v, "wall_s": cold, "steps": 10, "peak_rss_mib": 1.0},
              "ours_warm": {"backdoored": b, "verdict": v, "wall_s": warm}, "speedup": ref / cold,
              "speedup_warm": ref / warm}

@@ -404,6 +404,25 @@ def test_the_anchors_outputs_alone_are_kept_on_disk_for_the_next_process(tiny_mo
         assert len(calls) == n  # the bad entry was replaced by a good one
 
 
+def test_with_the_disk_cache_the_anchors_outputs_are_not_held_through_the_scan(tiny_models, monkeypatch, tmp_path):
+    """A ViT-L/14-sized anchor's alone and context outputs (190 MB) would sit in memory through the search that
+    follows the probe; with the disk cache the next suspect reads them back, so nothing keeps them once the probe
+    is done with them. Without it they are kept for the next suspect."""
+    import gc
+    import weakref
+
+    import lit_amdet.vocabulary_pass as probe
+
+    monkeypatch.setenv("LIT_AMDET_CACHE", str(tmp_path / "cache"))
+    anchor = load_encoder(tiny_models["clip"])
+    cached = weakref.ref(probe.anchor_alone_outputs(anchor, 1, 500))
+    gc.collect()
+    assert cached() is None and len(list((tmp_path / "cache" / "anchor-alone").glob("*.safetensors"))) == 1
+    kept = weakref.ref(probe.anchor_alone_outputs(anchor, 1, 500, disk=False))
+    gc.collect()
+    assert kept() is not None and probe.anchor_alone_outputs(anchor, 1, 500, disk=False) is kept()
+
+
 def test_an_unwritable_anchor_cache_costs_a_warning_not_the_scan(tiny_models, monkeypatch, tmp_path):
     import lit_amdet.token_probe as probe
 

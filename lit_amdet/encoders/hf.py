@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,10 @@ from transformers.utils.output_capturing import OutputRecorder
 
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch
 from lit_amdet.errors import LitAmdetError
+
+#: what transformers calls `create_causal_mask`'s cache argument: ``cache`` in recent 5.x releases, where the older
+#: ``past_key_values`` warns on every call and is to be removed (5.40); ``past_key_values`` before that
+_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -69,9 +74,8 @@ class HFAdapter(TextEncoderAdapter):
 
     def _mask(self, hidden: Tensor, attention_mask: Tensor):
         if self.causal:
-            return create_causal_mask(
-                config=self.text_config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None
-            )
+            return create_causal_mask(config=self.text_config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                      **{_CACHE_ARGUMENT: None})
         return create_bidirectional_mask(config=self.text_config, inputs_embeds=hidden, attention_mask=attention_mask)
 
     def run_layers(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
