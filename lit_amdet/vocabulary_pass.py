@@ -73,13 +73,19 @@ def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: 
     when each row is longer than 3 positions, as a row of grouped tokens or a whole padded context is: at most as
     many positions per pass as ``chunk`` tokens typed alone, which bounds the activations held at once; a ViT-L/14
     tower's rows of 8 grouped tokens at 4,096 a pass peaked 610 MiB above its whole pass), computed at
-    `pass_dtype`."""
+    `pass_dtype`. The chunks are written into one tensor made up front: gathered and concatenated, the whole
+    result was held twice at the end of the pass (152 MB more for a ViT-L/14-sized vocabulary typed alone), and
+    the drifted L/14-sized scan's memory peaked inside its alone pass."""
     length = alone_batch(model, position, ids[:1], context).input_ids.shape[1]
     rows = max(16, min(chunk, chunk * 3 // length))
     dtype = pass_dtype(model.device)
+    out = torch.empty(len(ids), model.embed_dim, device=model.device)
     with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        return torch.cat([F.normalize(model.encode(alone_batch(model, position, part, context)).pooled.float(),
-                                      dim=-1) for part in ids.split(rows)])
+        for start in range(0, len(ids), rows):
+            part = ids[start:start + rows]
+            out[start:start + len(part)] = F.normalize(
+                model.encode(alone_batch(model, position, part, context)).pooled.float(), dim=-1)
+    return out
 
 
 # The anchor's outputs typed alone, per loaded anchor, when there is no disk cache: a screening scans many suspects
