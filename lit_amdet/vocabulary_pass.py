@@ -94,7 +94,7 @@ def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: 
 # in-place version counter, so weights loaded or changed in place are never answered from it. With the disk cache
 # (`lit_amdet.anchor_cache`) nothing is held here: the next suspect, in this process or another, reads the entry
 # back (a fraction of a second), and a ViT-L/14-sized anchor's alone and context outputs (190 MB in float32) are not
-# held through the search that follows the probe, whose peak memory is issue 18's 3 GB limit.
+# held through the rest of the scan for nothing.
 _ANCHOR_ALONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: the version of what `alone_outputs` computes, in the disk cache's key: raise it when that changes
 ALONE_VERSION = 1
