@@ -29,11 +29,13 @@ from torch import Tensor
 
 from lit_amdet.anchor_cache import cached_tensor, module_digest
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
+from lit_amdet.memory import release_free_memory
 from lit_amdet.pass_precision import pass_dtype
 
-__all__ = ["agreeing_rows", "agreement_lift", "alone_batch", "alone_outputs", "alone_shift", "anchor_alone_outputs",
-           "ALONE_VERSION", "CONTEXT_GROUP_SIZE", "CONTEXT_ROWS_OPENED", "GROUP_SIZE", "GROUPS_OPENED", "GROUP_SEED",
-           "grouped_shift", "NEAR_GROUP_SIZE", "reads_last", "special_ids", "typed_batch", "vocabulary_groups"]
+__all__ = ["agreeing_rows", "agreement_lift", "alone_batch", "alone_cosines", "alone_outputs", "alone_shift",
+           "anchor_alone_outputs", "ALONE_VERSION", "CONTEXT_GROUP_SIZE", "CONTEXT_ROWS_OPENED", "GROUP_SIZE",
+           "GROUPS_OPENED", "GROUP_SEED", "grouped_shift", "NEAR_GROUP_SIZE", "reads_last", "special_ids",
+           "typed_batch", "vocabulary_groups"]
 
 
 def reads_last(*models: TextEncoderAdapter | None) -> bool:
@@ -66,26 +68,55 @@ def alone_batch(model: TextEncoderAdapter, position: int, ids: Tensor, context: 
                       batch.pool_index.repeat(n))
 
 
+def _pass_rows(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: int, context: str) -> int:
+    """Rows of ``ids`` per chunk of a pass: ``chunk`` rows typed alone (3 positions), fewer when each row is longer
+    (a row of grouped tokens, a whole padded context), so no chunk runs more positions than ``chunk`` tokens typed
+    alone: that bounds the activations held at once (a ViT-L/14 tower's rows of 8 grouped tokens at 4,096 a pass
+    peaked 610 MiB above its whole pass)."""
+    length = alone_batch(model, position, ids[:1], context).input_ids.shape[1]
+    return max(16, min(chunk, chunk * 3 // length))
+
+
+def _unit_outputs(model: TextEncoderAdapter, position: int, part: Tensor, context: str) -> Tensor:
+    """The unit sentence embeddings of `alone_batch` of ``part`` (float32), computed at `pass_dtype`."""
+    dtype = pass_dtype(model.device)
+    with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return F.normalize(model.encode(alone_batch(model, position, part, context)).pooled.float(), dim=-1)
+
+
 @torch.no_grad()
 def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: int = 4096, context: str = ""
                   ) -> Tensor:
-    """The unit sentence embeddings of `alone_batch` (``[len(ids), D]``, float32), ``chunk`` rows at a time (fewer
-    when each row is longer than 3 positions, as a row of grouped tokens or a whole padded context is: at most as
-    many positions per pass as ``chunk`` tokens typed alone, which bounds the activations held at once; a ViT-L/14
-    tower's rows of 8 grouped tokens at 4,096 a pass peaked 610 MiB above its whole pass), computed at
-    `pass_dtype`. The chunks are written into one tensor made up front: gathered and concatenated, the whole
-    result was held twice at the end of the pass (152 MB more for a ViT-L/14-sized vocabulary typed alone), and
-    the drifted L/14-sized scan's memory peaked inside its alone pass."""
-    length = alone_batch(model, position, ids[:1], context).input_ids.shape[1]
-    rows = max(16, min(chunk, chunk * 3 // length))
-    dtype = pass_dtype(model.device)
+    """The unit sentence embeddings of `alone_batch` (``[len(ids), D]``, float32), a chunk of rows at a time
+    (`_pass_rows`), computed at `pass_dtype`. The chunks are written into one tensor made up front: gathered and
+    concatenated, the whole result was held twice at the end of the pass (152 MB more for a ViT-L/14-sized
+    vocabulary typed alone)."""
+    rows = _pass_rows(model, position, ids, chunk, context)
+    release_free_memory()  # the heap pages the phase before kept are not this pass's: its peak is its own
     out = torch.empty(len(ids), model.embed_dim, device=model.device)
-    with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for start in range(0, len(ids), rows):
-            part = ids[start:start + rows]
-            out[start:start + len(part)] = F.normalize(
-                model.encode(alone_batch(model, position, part, context)).pooled.float(), dim=-1)
+    for start in range(0, len(ids), rows):
+        part = ids[start:start + rows]
+        out[start:start + len(part)] = _unit_outputs(model, position, part, context)
     return out
+
+
+@torch.no_grad()
+def alone_cosines(model: TextEncoderAdapter, position: int, ids: Tensor, against: Tensor, chunk: int = 4096,
+                  context: str = "") -> Tensor:
+    """Per row of ``ids``, the cosine between ``model``'s `alone_outputs` of it and the same row of ``against``
+    (unit rows, the other encoder's), on the CPU; the outputs are never held whole, only a chunk at a time.
+
+    Why: a scan compares the suspect's pass with the anchor's; holding both ``[V, D]`` results (152 MB each for a
+    ViT-L/14-sized vocabulary) while the second pass ran put the drifted L/14-sized scan's memory peak inside its
+    alone pass (`BENCHMARKS.md`, "Large towers away from the anchor")."""
+    rows = _pass_rows(model, position, ids, chunk, context)
+    release_free_memory()
+    cos = torch.empty(len(ids))
+    for start in range(0, len(ids), rows):
+        part = ids[start:start + rows]
+        theirs = against[start:start + len(part)].to(model.device)
+        cos[start:start + len(part)] = (_unit_outputs(model, position, part, context) * theirs).sum(-1).cpu()
+    return cos
 
 
 # The anchor's outputs typed alone, per loaded anchor, when there is no disk cache: a screening scans many suspects
@@ -142,8 +173,7 @@ def alone_shift(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, positio
     if groups > 0:
         return grouped_shift(suspect, anchor, position, (), size=groups, disk_cache=disk_cache)
     ids = torch.arange(min(suspect.vocab_size, anchor.vocab_size))
-    shift = 1.0 - (alone_outputs(suspect, position, ids) *
-                   anchor_alone_outputs(anchor, position, len(ids), disk_cache).to(suspect.device)).sum(-1).cpu()
+    shift = 1.0 - alone_cosines(suspect, position, ids, anchor_alone_outputs(anchor, position, len(ids), disk_cache))
     shift[special_ids(suspect, len(ids))] = math.nan
     return shift
 
@@ -201,8 +231,7 @@ def grouped_shift(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, posit
         for context in contexts:
             theirs = (anchor_alone_outputs(anchor, position, vocab, disk_cache, context, groups=rows) if cached
                       else alone_outputs(anchor, position, rows, context=context))
-            total += 1.0 - (alone_outputs(suspect, position, rows, context=context) *
-                            theirs.to(suspect.device)).sum(-1).cpu()
+            total += 1.0 - alone_cosines(suspect, position, rows, theirs, context=context)
         return total / len(contexts)
 
     row_shift = distance(groups, cached=True)

@@ -82,9 +82,10 @@ def test_speed_compares_a_baseline_checkout_by_its_median_run():
     """`benchmarks/speed.py --baseline-tree`: each side counts its median run, the gain is baseline / ours."""
     import speed
 
-    runs = [{"wall_s": 12.0, "verdict": "clean"}, {"wall_s": 10.0, "verdict": "clean"},
-            {"wall_s": 30.0, "verdict": "clean"}]
+    runs = [{"wall_s": 12.0, "verdict": "clean", "peak_rss_mib": 5.0}, {"wall_s": 10.0, "verdict": "clean",
+            "peak_rss_mib": 7.0}, {"wall_s": 30.0, "verdict": "clean", "peak_rss_mib": 6.0}]
     assert speed.median_run(runs)["wall_s"] == 12.0 and speed.median_run(runs)["wall_runs_s"] == [12.0, 10.0, 30.0]
+    assert speed.median_run(runs)["peak_rss_runs_mib"] == [5.0, 7.0, 6.0]  # the highest is not the median run's
     assert speed.median_run(runs[:2])["wall_s"] == 10.0  # the lower middle of an even count
     rows = [{"model": f"zoo/m{i}", "name": f"m{i}", "truth_backdoored": b,
              "ours": {"backdoored": b, "verdict": v, "wall_s": o, "steps": 10, "peak_rss_mib": 1.0},

@@ -222,6 +222,27 @@ def test_the_vocabulary_passes_hold_no_more_positions_at_once_than_tokens_typed_
     assert torch.allclose(grouped, one_pass, atol=1e-5)
 
 
+def test_alone_cosines_streams_the_pass_against_the_other_encoders_rows(tiny_models, monkeypatch):
+    """`alone_cosines` is each row's cosine between one encoder's outputs typed alone and the other's given rows (the
+    dot product of the two whole passes), computed a chunk at a time: no encode call runs more rows than a chunk."""
+    from lit_amdet.vocabulary_pass import alone_cosines
+
+    anchor = load_encoder(tiny_models["clip"])
+    suspect = copy.deepcopy(anchor)
+    with torch.no_grad():
+        suspect.token_embedding.weight[10:60] *= -2.0
+    ids = torch.arange(5, 305)
+    with vocabulary_precision("float32"):
+        theirs = alone_outputs(anchor, 1, ids)
+        want = (alone_outputs(suspect, 1, ids) * theirs).sum(-1)
+        seen, encode = [], suspect.encode
+        monkeypatch.setattr(suspect, "encode", lambda batch: seen.append(len(batch.input_ids)) or encode(batch))
+        got = alone_cosines(suspect, 1, ids, theirs, chunk=64)
+    assert got.shape == (300,) and torch.allclose(got, want, atol=1e-5)
+    moved = (ids >= 10) & (ids < 60)
+    assert seen == [64] * 4 + [44] and float(got[moved].max()) < float(got[~moved].min())  # the moved rows moved
+
+
 def test_shifted_tokens_ranks_the_tokens_whose_output_alone_moved_and_skips_special_tokens(tiny_models):
     """A suspect that reads one token differently (its row moved: the plainest way to change its output alone)
     ranks it first, with the cosine distance of its outputs alone; a special token is never listed."""
@@ -357,15 +378,17 @@ def test_the_anchors_outputs_alone_are_computed_once_per_anchor_and_weights(tiny
     suspect = copy.deepcopy(anchor)
     with torch.no_grad():
         suspect.token_embedding.weight[100] *= -3.0
-    calls, real = [], probe.alone_outputs
+    calls, real, real_cosines = [], probe.alone_outputs, probe.alone_cosines
     monkeypatch.setattr(probe, "alone_outputs", lambda model, *a, **k: calls.append(model is anchor) or
                         real(model, *a, **k))
+    monkeypatch.setattr(probe, "alone_cosines", lambda model, *a, **k: calls.append(model is anchor) or
+                        real_cosines(model, *a, **k))
     first = shifted_tokens(suspect, anchor, top=3, position=1)
     assert first[0][0] == 100 and shifted_tokens(suspect, anchor, top=3, position=1) == first
-    assert calls == [False, True, False]  # suspect, anchor, then the suspect alone
+    assert calls == [True, False, False]  # anchor, suspect against it, then the suspect alone
     with torch.no_grad():
         anchor.token_embedding.weight[100] *= -3.0  # the anchor now reads token 100 as the suspect does
-    assert shifted_tokens(suspect, anchor, top=3, position=1) == [] and calls[-2:] == [False, True]
+    assert shifted_tokens(suspect, anchor, top=3, position=1) == [] and calls[-2:] == [True, False]
 
 
 def test_the_anchors_outputs_alone_are_kept_on_disk_for_the_next_process(tiny_models, monkeypatch, tmp_path):
