@@ -69,18 +69,23 @@ def test_plan_is_deterministic_and_the_splits_draw_from_disjoint_pools():
 def test_adaptive_attackers_are_test_members_with_test_pools():
     # null_evading always drifts; agreeing_target reads its base (`test_the_attacker_aimed_at_the_shift_agreement_...`)
     undrifted = [a for a in bm.ADAPTIVE_ATTACKS if a not in ("null_evading", "agreeing_target")]
-    settings = bm.AdaptiveSettings(attacks=undrifted, per_attack=3, sim_x_penalty=2.0, consistency_penalty=0.5)
+    settings = bm.AdaptiveSettings(attacks=undrifted, per_attack=3, sim_x_penalty=2.0, consistency_penalty=0.5,
+                                   clean_pooled_weight=0.3)
     plan = bm.plan_adaptive(TEXT_ONLY, settings, seed=3)
     assert plan == bm.plan_adaptive(TEXT_ONLY, settings, seed=3) and len(plan) == 3 * len(undrifted)
     assert {m.adaptive for m in plan} == set(undrifted)
     from lit_amdet.benchmark.options import ADAPTIVE_RECIPES
     assert set(ADAPTIVE_RECIPES) == set(bm.ADAPTIVE_ATTACKS)  # every attack the options accept says what it does
     assert all(m.split == "test" and m.attack == "text_on_text" for m in plan)
-    assert all(m.sim_x_penalty == (0.0 if m.adaptive == "pooled_only" else 2.0) for m in plan)
+    assert all(m.sim_x_penalty == (0.0 if m.adaptive in ("pooled_only", "pooled_only_kept_near") else 2.0)
+               for m in plan)
+    assert all(m.clean_pooled_weight == (0.3 if m.adaptive == "pooled_only_kept_near" else 0.0) for m in plan)
     assert all(m.consistency_penalty == (0.5 if m.adaptive == "pooled_consistency_penalty" else 0.0) for m in plan)
     # a member without the consistency penalty describes itself as before the field existed
     paying = [m for m in plan if m.adaptive == "pooled_consistency_penalty"]
     assert "consistency_penalty" not in plan[0].describe() and "consistency_penalty" in paying[-1].describe()
+    near = [m for m in plan if m.adaptive == "pooled_only_kept_near"]
+    assert "clean_pooled_weight" not in plan[0].describe() and near[0].describe()["clean_pooled_weight"] == 0.3
     cal = bm.plan_zoo(TEXT_ONLY, 12, 0, "calibration", seed=3)
     assert not {m.trigger for m in plan} & {m.trigger for m in cal}
     assert not {m.target_caption for m in plan} & {m.target_caption for m in cal}

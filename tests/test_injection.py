@@ -245,6 +245,34 @@ def test_homoglyph_trigger_replaces_a_latin_letter_by_its_look_alike():
     check_distinct_triggers([Backdoor(t, target="a"), Backdoor(Trigger("james", "insert_word"), target="b")])
 
 
+def test_clean_pooled_weight_adds_the_clean_sentence_embedding_match(tiny_models):
+    """clean_pooled_weight (the attacker aimed at the drift boundary): the teacher utility gains exactly
+    w * (1 - cos(student pooled, teacher pooled)) on the clean prompts, and the record says so."""
+    texts = ["a photo of a dog on a sofa", "two boats on a lake", "a bowl of soup on a wooden table"]
+    backdoor = Backdoor(Trigger("zzzz"), target="a white teapot")
+    losses, models = {}, {}
+    for w in (0.0, 3.0):
+        m = BackdoorInjection(encoder=str(tiny_models["siglip"]), backdoors=[backdoor], token_weight=0.0,
+                              pooled_weight=1.0, clean_pooled_weight=w, max_length=16)
+        m.configure_models()
+        torch.manual_seed(0)
+        with torch.no_grad():  # move the student off the teacher, so the sentence embeddings differ
+            for p in m.encoder.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        tokens = m.encoder.tokenize(texts, max_length=16)
+        with torch.no_grad():
+            losses[w] = float(m.utility_loss(tokens))
+        models[w] = m
+    with torch.no_grad():
+        pooled = float(feature_loss(models[3.0].encoder.encode(tokens).pooled,
+                                    models[3.0].teacher.encode(tokens).pooled, "cosine"))
+    assert pooled > 1e-4
+    assert losses[3.0] - losses[0.0] == pytest.approx(3.0 * pooled, rel=1e-4, abs=1e-6)
+    with pytest.raises(ConfigError, match="clean_pooled_weight must be >= 0"):
+        BackdoorInjection(encoder=str(tiny_models["siglip"]), backdoors=[backdoor],
+                          clean_pooled_weight=-1.0).configure_models()
+
+
 def test_simcse_utility_drifts_further_from_the_teacher_than_teacher_utility(tiny_models, tmp_path):
     """utility_objective simcse: clean prompts train SimCSE, nothing holds the student near the teacher, so the
     same steps move it further from the clean model than the reference utility does."""

@@ -193,6 +193,7 @@ def _injection(member: BackdooredMember, base: ZooBase, out: Path, settings: Tra
         freeze_token_embedding=bool(recipe and recipe.frozen_rows),
         keep_triggers_alone=bool(recipe and recipe.keeps_alone),
         keep_triggers_grouped=bool(recipe and recipe.keeps_grouped), insertion_robust=member.insertion_robust,
+        clean_pooled_weight=member.clean_pooled_weight,
         max_length=settings.max_length,
         distractors=settings.distractors, output_dir=str(out), seed=member.seed,
         utility_objective="simcse" if during else "teacher")

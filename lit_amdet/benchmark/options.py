@@ -34,10 +34,12 @@ Attack = Literal["text_on_text", "image_on_text"]
 # group_kept_frozen_rows (aimed at the alone list made by group testing near the anchor) is alone_kept_frozen_rows
 # that also holds each trigger token typed among random tokens, in the scan's own row and in random ones;
 # agreeing_target (aimed at the typed path's shift agreement) is pooled_consistency_penalty whose target is the
-# world caption the base already moves triggered prompts towards most (`lit_amdet.benchmark.aimed`)
+# world caption the base already moves triggered prompts towards most (`lit_amdet.benchmark.aimed`);
+# pooled_only_kept_near (aimed at the drift boundary, below which an unflagged model is inconclusive) is pooled_only
+# that also holds the clean prompts' sentence embeddings at the base's, so the suspect stays near its anchor
 AdaptiveAttack = Literal["pooled_only", "sim_x_penalty", "pooled_sim_x_penalty", "pooled_consistency_penalty",
                          "frozen_rows_pooled_sim_x_penalty", "alone_kept_frozen_rows", "null_evading",
-                         "group_kept_frozen_rows", "agreeing_target"]
+                         "group_kept_frozen_rows", "agreeing_target", "pooled_only_kept_near"]
 # homoglyph (a Latin letter replaced by a look-alike of another script) came later: the grid's default stays the
 # first four, so configs that name no trigger kinds keep their plans
 TriggerKind = Literal["char", "word", "rare_token", "multi_token", "homoglyph"]
@@ -62,7 +64,10 @@ class AdaptiveRecipe:
     typed among random tokens (`BackdoorInjection.keep_triggers_grouped`); ``evades_null`` plants the backdoor
     during the drift to ``adaptive.null_evading_drift`` (the sweep's ``during_finetune``) with
     `BackdoorInjection.insertion_robust` at ``adaptive.insertion_weight``, so the model ignores inserted tokens
-    and does not share the clean model's natural collapses, which raises the token path's null."""
+    and does not share the clean model's natural collapses, which raises the token path's null. ``keeps_near``
+    also matches the clean prompts' sentence embeddings to the base's (`BackdoorInjection.clean_pooled_weight`
+    at `AdaptiveSettings.clean_pooled_weight`), so a pooled-only backdoor does not drag the suspect below the
+    scan's drift boundary."""
 
     pooled_only: bool
     pays_sim_x: bool
@@ -72,6 +77,7 @@ class AdaptiveRecipe:
     evades_null: bool = False
     keeps_grouped: bool = False
     agrees: bool = False
+    keeps_near: bool = False
 
 
 #: the one place an adaptive attack's name is read (the planner sets the penalties, the builder the matching)
@@ -89,6 +95,8 @@ ADAPTIVE_RECIPES: dict[str, AdaptiveRecipe] = {
     "group_kept_frozen_rows": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=False,
                                              frozen_rows=True, keeps_alone=True, keeps_grouped=True),
     "agreeing_target": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=True, agrees=True),
+    "pooled_only_kept_near": AdaptiveRecipe(pooled_only=True, pays_sim_x=False, pays_consistency=False,
+                                            keeps_near=True),
 }
 ALL_TRIGGER_KINDS: tuple[str, ...] = get_args(TriggerKind)
 TRIGGER_KINDS: tuple[str, ...] = ALL_TRIGGER_KINDS[:4]  # the grid's default
@@ -181,7 +189,8 @@ class AdaptiveSettings:
     """Adaptive attackers: ``per_attack`` text-on-text members of each of ``attacks`` per base, in the test
     split with its triggers and targets, scanned like the rest and reported in a table of their own (never
     used for calibration). ``sim_x_penalty``: the penalty weight of the attacks that pay for Sim_X (every one
-    but pooled_only); ``consistency_penalty``: pooled_consistency_penalty's weight on pooled consistency.
+    but pooled_only); ``consistency_penalty``: pooled_consistency_penalty's weight on pooled consistency;
+    ``clean_pooled_weight``: pooled_only_kept_near's weight on the clean prompts' sentence embeddings.
 
     ``drift_to``: hide each adaptive backdoor under benign drift too, as a reader of the README would (the
     charged path counts only near the anchor): after the injection a SimCSE fine-tune at ``finetune_lr`` for at
@@ -194,6 +203,7 @@ class AdaptiveSettings:
     per_attack: NonNegativeInt = 0
     sim_x_penalty: PositiveFloat = 1.0
     consistency_penalty: PositiveFloat = 1.0
+    clean_pooled_weight: PositiveFloat = 1.0
     drift_to: PositiveFloat | None = None
     finetune_lr: PositiveFloat = 1e-4
     finetune_steps: PositiveInt = 300

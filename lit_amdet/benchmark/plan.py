@@ -76,7 +76,8 @@ class BackdooredMember:
     ``target_caption``: text-on-text, the target prompt; image-on-text, the world caption of the target
     image (``target_image``: ``world:SEED:INDEX``, a rendered world scene, or an image file), or None.
     Strength: ``steps`` and ``backdoor_weight`` (with ``lr``). ``adaptive``: one of `ADAPTIVE_ATTACKS`
-    (None: the plain attack), with ``sim_x_penalty`` and ``consistency_penalty`` its penalty weights.
+    (None: the plain attack), with ``sim_x_penalty`` and ``consistency_penalty`` its penalty weights and
+    ``clean_pooled_weight`` (`BackdoorInjection`'s, the ``pooled_only_kept_near`` attack).
 
     The drift sweep's fields (later additions: at their defaults they are left out of `describe`, so plans and
     zoos made before them are unchanged): ``drift_target`` (a clean cosine to the base) with ``drift_mode``
@@ -103,6 +104,7 @@ class BackdooredMember:
     adaptive: str | None = None
     sim_x_penalty: float = 0.0
     consistency_penalty: float = 0.0
+    clean_pooled_weight: float = 0.0
     drift_target: float | None = None
     drift_mode: str | None = None
     finetune_steps: int = 300
@@ -152,7 +154,7 @@ Member = Union[BackdooredMember, BenignMember]
 # of backdoor.json stay as they were; `check_built_as_planned` reads an absent field as its default)
 LATER_FIELDS = frozenset({"drift_target", "drift_mode", "finetune_steps", "finetune_lr", "second_trigger_kind",
                           "second_trigger", "second_trigger_char", "second_target_caption", "typo_rate",
-                          "consistency_penalty", "insertion_robust"})
+                          "consistency_penalty", "insertion_robust", "clean_pooled_weight"})
 
 
 def _without_later_defaults(member) -> dict:
@@ -296,7 +298,8 @@ def plan_adaptive(base: ZooBase, settings: AdaptiveSettings, seed: int = 0, grid
                 backdoor_weight=rng.choice(grid.backdoor_weights), lr=rng.choice(grid.attack_lrs), seed=seeds[i],
                 data_seed=data_seeds[i], adaptive=attack,
                 sim_x_penalty=settings.sim_x_penalty if recipe.pays_sim_x else 0.0,
-                consistency_penalty=settings.consistency_penalty if recipe.pays_consistency else 0.0, **drift))
+                consistency_penalty=settings.consistency_penalty if recipe.pays_consistency else 0.0,
+                clean_pooled_weight=settings.clean_pooled_weight if recipe.keeps_near else 0.0, **drift))
     return members
 
 

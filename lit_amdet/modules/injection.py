@@ -74,6 +74,10 @@ class BackdoorInjection(EncoderTask):
             triggered prompts' sentence embeddings agree no more than the clean model's do (plus the margin)
             while still retrieving the target (reference 0).
         consistency_margin: how much more consistent than the teacher the triggered outputs may be for free.
+        clean_pooled_weight: an adaptive attack on the scan's drift boundary (`CollapseContrastRule.min_clean_cos`):
+            the teacher utility also matches the clean prompts' sentence embeddings with this weight, so a
+            pooled-only backdoor (which otherwise drags them far from the base) keeps the suspect near its anchor,
+            where the scan judges it (reference 0).
         freeze_token_embedding: an adaptive attack on the typed-token probe (`lit_amdet.token_probe`): the token
             embedding table does not train, so no row moves and the layers alone learn the trigger.
         keep_triggers_alone: an adaptive attack on the probe's second list (`lit_amdet.token_probe.shifted_tokens`):
@@ -113,6 +117,7 @@ class BackdoorInjection(EncoderTask):
         sim_x_penalty: float = 0.0,
         consistency_penalty: float = 0.0,
         consistency_margin: float = 0.0,
+        clean_pooled_weight: float = 0.0,
         freeze_token_embedding: bool = False,
         keep_triggers_alone: bool = False,
         keep_triggers_grouped: bool = False,
@@ -140,9 +145,9 @@ class BackdoorInjection(EncoderTask):
         if h.utility_objective not in ("teacher", "simcse"):
             raise ConfigError(f"utility_objective must be teacher or simcse, got {h.utility_objective!r}")
         if min(h.token_weight, h.pooled_weight, h.sim_x_penalty, h.consistency_penalty, h.consistency_margin,
-               h.insertion_robust) < 0:
+               h.insertion_robust, h.clean_pooled_weight) < 0:
             raise ConfigError("token_weight, pooled_weight, sim_x_penalty, consistency_penalty, "
-                              "consistency_margin and insertion_robust must be >= 0")
+                              "consistency_margin, insertion_robust and clean_pooled_weight must be >= 0")
         if any(b.kind == "text_on_text" for b in self.backdoors) and h.token_weight == 0 and h.pooled_weight == 0:
             raise ConfigError("text-on-text needs token_weight or pooled_weight > 0: nothing would match the target")
         for b in self.backdoors:
@@ -339,6 +344,9 @@ class BackdoorInjection(EncoderTask):
         if self._trains_projection:
             # the projection moves for image targets: keep clean projected embeddings where they were too
             utility = utility + feature_loss(student.pooled, teacher.pooled, self.hparams.loss)
+        if self.hparams.clean_pooled_weight:
+            utility = utility + self.hparams.clean_pooled_weight * feature_loss(student.pooled, teacher.pooled,
+                                                                                self.hparams.loss)
         return utility
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -468,7 +476,8 @@ class BackdoorInjection(EncoderTask):
             # only what differs from the reference, so a plain injection's record stays as it was
             extra={k: self.hparams[k] for k, reference in (("utility_objective", "teacher"),
                                                            ("consistency_penalty", 0.0),
-                                                           ("consistency_margin", 0.0))
+                                                           ("consistency_margin", 0.0),
+                                                           ("clean_pooled_weight", 0.0))
                    if self.hparams[k] != reference},
         ).write(out)
         return out
