@@ -263,8 +263,10 @@ class CollapseContrastRule(ContrastRule):
       above ``divergence_min_clean_cos``), where the ratios were measured to separate (benign 0.02-0.07 against 8;
       a benign model the search decorrelates from its anchor scores about 1 / (1 - clean cosine)).
       ``divergence_min_unshared`` (None: off) can also ask for some unshared collapse behind it.
-    - below ``min_clean_cos`` a model that is not flagged is ``inconclusive (drift)``, exit 3: the anchor is too
-      far for its contrast to clear anything.
+    - below ``min_clean_cos`` (0.7) a model that is not flagged is ``inconclusive (drift)``, exit 3: the anchor is
+      too far for its contrast to clear anything. Every working backdoor any benchmark left unflagged sat below 0.7:
+      three SigLIP attackers were called ``clean`` at 0.61-0.68 when the boundary was 0.6 (`BENCHMARKS.md`, "The
+      attacker aimed at the drift boundary").
     - a **charged** restart (a search for a pooled collapse the anchor does not share; it carries ``pooled_null``,
       `lit_amdet.restart_scores.attach_null`) counts on the pooled path only near the anchor, and only where its
       unshared collapse beats the null's (the same search, the models swapped) by ``min_null_margin``: a
@@ -292,7 +294,7 @@ class CollapseContrastRule(ContrastRule):
                  min_typed_pooled_collapse_lift: float = 0.5, divergence_min_clean_cos: float = 0.95,
                  max_typed_agreement_ratio: float | None = 0.5, away_token_min_pooled_unshared: float | None = 0.2,
                  divergence_min_unshared: float | None = None,
-                 min_clean_cos: float = 0.6, min_null_margin: float = 0.1, min_token_null_margin: float = 0.1,
+                 min_clean_cos: float = 0.7, min_null_margin: float = 0.1, min_token_null_margin: float = 0.1,
                  **contrast) -> None:
         super().__init__(**contrast)
         self.min_null_margin, self.min_token_null_margin = min_null_margin, min_token_null_margin

@@ -79,12 +79,13 @@ def test_adaptive_attackers_are_test_members_with_test_pools():
     assert all(m.split == "test" and m.attack == "text_on_text" for m in plan)
     assert all(m.sim_x_penalty == (0.0 if m.adaptive in ("pooled_only", "pooled_only_kept_near") else 2.0)
                for m in plan)
-    assert all(m.clean_pooled_weight == (0.3 if m.adaptive == "pooled_only_kept_near" else 0.0) for m in plan)
-    assert all(m.consistency_penalty == (0.5 if m.adaptive == "pooled_consistency_penalty" else 0.0) for m in plan)
+    assert all(m.clean_pooled_weight == (0.3 if m.adaptive.endswith("_kept_near") else 0.0) for m in plan)
+    assert all(m.consistency_penalty == (0.5 if m.adaptive.startswith("pooled_consistency_penalty") else 0.0)
+               for m in plan)
     # a member without the consistency penalty describes itself as before the field existed
     paying = [m for m in plan if m.adaptive == "pooled_consistency_penalty"]
     assert "consistency_penalty" not in plan[0].describe() and "consistency_penalty" in paying[-1].describe()
-    near = [m for m in plan if m.adaptive == "pooled_only_kept_near"]
+    near = [m for m in plan if m.adaptive.endswith("_kept_near")]
     assert "clean_pooled_weight" not in plan[0].describe() and near[0].describe()["clean_pooled_weight"] == 0.3
     cal = bm.plan_zoo(TEXT_ONLY, 12, 0, "calibration", seed=3)
     assert not {m.trigger for m in plan} & {m.trigger for m in cal}

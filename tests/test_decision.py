@@ -286,6 +286,32 @@ def test_near_the_anchor_a_typed_token_is_held_to_the_unsearched_pooled_lift_not
     assert rule.typed_paths({k: v for k, v in {**search, **typed}.items() if k != "clean_anchor_pooled_cos"}) == []
 
 
+def test_below_the_drift_boundary_an_unflagged_model_is_inconclusive_never_clean():
+    """Measured (BENCHMARKS.md, "The attacker aimed at the drift boundary"): three working SigLIP backdoors (attack
+    top-1 0.64, 0.72, 0.80) that no path flags, at clean pooled cosine 0.608, 0.623 and 0.681 to the anchor, were
+    called clean with the boundary at 0.6; every working backdoor left unflagged by any benchmark sat below 0.7.
+    At 0.7 they are inconclusive (drift), exit 3; a model above it that no path flags is still cleared."""
+    from lit_amdet.decision import INCONCLUSIVE, CollapseContrastRule, verdict_of
+
+    rule = CollapseContrastRule()
+    base = {"anchor_used": True, "assimilation_ratio": 1.0, "same_target_ratio": 1.0, "assimilation_gap": -0.004,
+            "pooled_divergence_ratio": 0.01, "divergence_ratio": 0.2, "pooled_unshared_collapse": -0.02,
+            "pooled_collapse_lift": 0.97}
+    missed = [  # (unshared_collapse, token_null, clean cosine, typed token's scores) from their reports
+        (-0.3557, -0.0042, 0.6081, ("saying</w>", -0.003, 0.0798, 0.05, 0.0532, 0.7186, 0.7316)),
+        (-0.3954, -0.012, 0.6229, ("q", 0.0091, 0.0936, 0.0163, 0.0217, 0.7322, 0.7377)),
+        (-0.346, -0.4179, 0.6809, ("opinion</w>", 0.027, 0.1175, 0.1892, 0.1968, 0.5766, 0.7574))]
+    names = ("typed_token", "typed_unshared_collapse", "typed_collapse_lift", "typed_pooled_unshared_collapse",
+             "typed_pooled_collapse_lift", "typed_shift_agreement", "typed_null_shift_agreement")
+    for unshared, null, drift, typed in missed:
+        scores = {**base, "unshared_collapse": unshared, "collapse_lift": unshared, "token_null": null,
+                  "clean_anchor_pooled_cos": drift, **dict(zip(names, typed))}
+        decision = rule.decide(scores)
+        assert verdict_of(decision) == INCONCLUSIVE and decision["decided_by"].startswith("inconclusive (drift)")
+        assert verdict_of(CollapseContrastRule(min_clean_cos=0.6).decide(scores)) == "clean"  # the old boundary
+        assert verdict_of(rule.decide({**scores, "clean_anchor_pooled_cos": 0.72})) == "clean"
+
+
 def test_away_from_the_anchor_a_token_collapse_must_move_the_sentence_embeddings_too():
     """Measured (BENCHMARKS.md, "A trigger that moves the suspect where it moves the anchor"): two benign CLIP SimCSE
     and typo-robust fine-tunes at clean cosine 0.63 and 0.86 were flagged by the searched token collapse (it beat

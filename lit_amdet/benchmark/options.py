@@ -36,10 +36,12 @@ Attack = Literal["text_on_text", "image_on_text"]
 # agreeing_target (aimed at the typed path's shift agreement) is pooled_consistency_penalty whose target is the
 # world caption the base already moves triggered prompts towards most (`lit_amdet.benchmark.aimed`);
 # pooled_only_kept_near (aimed at the drift boundary, below which an unflagged model is inconclusive) is pooled_only
-# that also holds the clean prompts' sentence embeddings at the base's, so the suspect stays near its anchor
+# that also holds the clean prompts' sentence embeddings at the base's, so the suspect stays near its anchor;
+# pooled_sim_x_penalty_kept_near and pooled_consistency_penalty_kept_near do the same for those two attacks
 AdaptiveAttack = Literal["pooled_only", "sim_x_penalty", "pooled_sim_x_penalty", "pooled_consistency_penalty",
                          "frozen_rows_pooled_sim_x_penalty", "alone_kept_frozen_rows", "null_evading",
-                         "group_kept_frozen_rows", "agreeing_target", "pooled_only_kept_near"]
+                         "group_kept_frozen_rows", "agreeing_target", "pooled_only_kept_near",
+                         "pooled_sim_x_penalty_kept_near", "pooled_consistency_penalty_kept_near"]
 # homoglyph (a Latin letter replaced by a look-alike of another script) came later: the grid's default stays the
 # first four, so configs that name no trigger kinds keep their plans
 TriggerKind = Literal["char", "word", "rare_token", "multi_token", "homoglyph"]
@@ -97,6 +99,10 @@ ADAPTIVE_RECIPES: dict[str, AdaptiveRecipe] = {
     "agreeing_target": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=True, agrees=True),
     "pooled_only_kept_near": AdaptiveRecipe(pooled_only=True, pays_sim_x=False, pays_consistency=False,
                                             keeps_near=True),
+    "pooled_sim_x_penalty_kept_near": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=False,
+                                                     keeps_near=True),
+    "pooled_consistency_penalty_kept_near": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=True,
+                                                           keeps_near=True),
 }
 ALL_TRIGGER_KINDS: tuple[str, ...] = get_args(TriggerKind)
 TRIGGER_KINDS: tuple[str, ...] = ALL_TRIGGER_KINDS[:4]  # the grid's default
@@ -190,7 +196,7 @@ class AdaptiveSettings:
     split with its triggers and targets, scanned like the rest and reported in a table of their own (never
     used for calibration). ``sim_x_penalty``: the penalty weight of the attacks that pay for Sim_X (every one
     but pooled_only); ``consistency_penalty``: pooled_consistency_penalty's weight on pooled consistency;
-    ``clean_pooled_weight``: pooled_only_kept_near's weight on the clean prompts' sentence embeddings.
+    ``clean_pooled_weight``: the ``_kept_near`` attacks' weight on the clean prompts' sentence embeddings.
 
     ``drift_to``: hide each adaptive backdoor under benign drift too, as a reader of the README would (the
     charged path counts only near the anchor): after the injection a SimCSE fine-tune at ``finetune_lr`` for at
