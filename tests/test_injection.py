@@ -247,7 +247,7 @@ def test_homoglyph_trigger_replaces_a_latin_letter_by_its_look_alike():
 
 def test_clean_pooled_weight_adds_the_clean_sentence_embedding_match(tiny_models):
     """clean_pooled_weight (the attacker aimed at the drift boundary): the teacher utility gains exactly
-    w * (1 - cos(student pooled, teacher pooled)) on the clean prompts, and the record says so."""
+    w * (1 - cos(student pooled, teacher pooled)) on the clean prompts; a negative weight is refused."""
     texts = ["a photo of a dog on a sofa", "two boats on a lake", "a bowl of soup on a wooden table"]
     backdoor = Backdoor(Trigger("zzzz"), target="a white teapot")
     losses, models = {}, {}

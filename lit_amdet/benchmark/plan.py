@@ -77,7 +77,7 @@ class BackdooredMember:
     image (``target_image``: ``world:SEED:INDEX``, a rendered world scene, or an image file), or None.
     Strength: ``steps`` and ``backdoor_weight`` (with ``lr``). ``adaptive``: one of `ADAPTIVE_ATTACKS`
     (None: the plain attack), with ``sim_x_penalty`` and ``consistency_penalty`` its penalty weights and
-    ``clean_pooled_weight`` (`BackdoorInjection`'s, the ``pooled_only_kept_near`` attack).
+    ``clean_pooled_weight`` (`BackdoorInjection`'s, the ``_kept_near`` attacks).
 
     The drift sweep's fields (later additions: at their defaults they are left out of `describe`, so plans and
     zoos made before them are unchanged): ``drift_target`` (a clean cosine to the base) with ``drift_mode``
