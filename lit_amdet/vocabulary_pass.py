@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,17 @@ def _unit_outputs(model: TextEncoderAdapter, position: int, part: Tensor, contex
         return F.normalize(model.encode(alone_batch(model, position, part, context)).pooled.float(), dim=-1)
 
 
+def _pass_chunks(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: int, context: str
+                 ) -> Iterator[tuple[slice, Tensor]]:
+    """One pass of ``ids`` a chunk at a time (`_pass_rows`): each chunk's rows and their `_unit_outputs`. The
+    pass starts by handing back the heap pages the phase before kept, so its peak is its own."""
+    rows = _pass_rows(model, position, ids, chunk, context)
+    release_free_memory()
+    for start in range(0, len(ids), rows):
+        part = ids[start:start + rows]
+        yield slice(start, start + len(part)), _unit_outputs(model, position, part, context)
+
+
 @torch.no_grad()
 def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: int = 4096, context: str = ""
                   ) -> Tensor:
@@ -91,12 +102,9 @@ def alone_outputs(model: TextEncoderAdapter, position: int, ids: Tensor, chunk: 
     (`_pass_rows`), computed at `pass_dtype`. The chunks are written into one tensor made up front: gathered and
     concatenated, the whole result was held twice at the end of the pass (152 MB more for a ViT-L/14-sized
     vocabulary typed alone)."""
-    rows = _pass_rows(model, position, ids, chunk, context)
-    release_free_memory()  # the heap pages the phase before kept are not this pass's: its peak is its own
     out = torch.empty(len(ids), model.embed_dim, device=model.device)
-    for start in range(0, len(ids), rows):
-        part = ids[start:start + rows]
-        out[start:start + len(part)] = _unit_outputs(model, position, part, context)
+    for rows, units in _pass_chunks(model, position, ids, chunk, context):
+        out[rows] = units
     return out
 
 
@@ -109,13 +117,9 @@ def alone_cosines(model: TextEncoderAdapter, position: int, ids: Tensor, against
     Why: a scan compares the suspect's pass with the anchor's; holding both ``[V, D]`` results (152 MB each for a
     ViT-L/14-sized vocabulary) while the second pass ran put the drifted L/14-sized scan's memory peak inside its
     alone pass (`BENCHMARKS.md`, "Large towers away from the anchor")."""
-    rows = _pass_rows(model, position, ids, chunk, context)
-    release_free_memory()
     cos = torch.empty(len(ids))
-    for start in range(0, len(ids), rows):
-        part = ids[start:start + rows]
-        theirs = against[start:start + len(part)].to(model.device)
-        cos[start:start + len(part)] = (_unit_outputs(model, position, part, context) * theirs).sum(-1).cpu()
+    for rows, units in _pass_chunks(model, position, ids, chunk, context):
+        cos[rows] = (units * against[rows].to(model.device)).sum(-1).cpu()
     return cos
 
 

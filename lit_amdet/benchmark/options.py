@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional, get_args
 
@@ -97,13 +97,10 @@ ADAPTIVE_RECIPES: dict[str, AdaptiveRecipe] = {
     "group_kept_frozen_rows": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=False,
                                              frozen_rows=True, keeps_alone=True, keeps_grouped=True),
     "agreeing_target": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=True, agrees=True),
-    "pooled_only_kept_near": AdaptiveRecipe(pooled_only=True, pays_sim_x=False, pays_consistency=False,
-                                            keeps_near=True),
-    "pooled_sim_x_penalty_kept_near": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=False,
-                                                     keeps_near=True),
-    "pooled_consistency_penalty_kept_near": AdaptiveRecipe(pooled_only=True, pays_sim_x=True, pays_consistency=True,
-                                                           keeps_near=True),
 }
+# the attackers aimed at the drift boundary: each of these three with the clean sentence embeddings held
+ADAPTIVE_RECIPES.update({f"{name}_kept_near": replace(ADAPTIVE_RECIPES[name], keeps_near=True)
+                         for name in ("pooled_only", "pooled_sim_x_penalty", "pooled_consistency_penalty")})
 ALL_TRIGGER_KINDS: tuple[str, ...] = get_args(TriggerKind)
 TRIGGER_KINDS: tuple[str, ...] = ALL_TRIGGER_KINDS[:4]  # the grid's default
 DRIFT_MODES: tuple[str, ...] = get_args(DriftMode)

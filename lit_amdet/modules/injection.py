@@ -341,12 +341,11 @@ class BackdoorInjection(EncoderTask):
         with torch.no_grad():
             teacher = self.teacher.encode(tokens)
         utility = feature_loss(student.token_features, teacher.token_features, self.hparams.loss)
-        if self._trains_projection:
-            # the projection moves for image targets: keep clean projected embeddings where they were too
-            utility = utility + feature_loss(student.pooled, teacher.pooled, self.hparams.loss)
-        if self.hparams.clean_pooled_weight:
-            utility = utility + self.hparams.clean_pooled_weight * feature_loss(student.pooled, teacher.pooled,
-                                                                                self.hparams.loss)
+        # the projection moves for image targets: keep clean projected embeddings where they were too; the
+        # attacker aimed at the drift boundary holds them as well (``clean_pooled_weight``)
+        pooled_weight = float(self._trains_projection) + self.hparams.clean_pooled_weight
+        if pooled_weight:
+            utility = utility + pooled_weight * feature_loss(student.pooled, teacher.pooled, self.hparams.loss)
         return utility
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
