@@ -264,9 +264,10 @@ class CollapseContrastRule(ContrastRule):
       a benign model the search decorrelates from its anchor scores about 1 / (1 - clean cosine)).
       ``divergence_min_unshared`` (None: off) can also ask for some unshared collapse behind it.
     - below ``min_clean_cos`` (0.7) a model that is not flagged is ``inconclusive (drift)``, exit 3: the anchor is
-      too far for its contrast to clear anything. Every working backdoor any benchmark left unflagged sat below 0.7:
-      three SigLIP attackers were called ``clean`` at 0.61-0.68 when the boundary was 0.6 (`BENCHMARKS.md`, "The
-      attacker aimed at the drift boundary").
+      too far for its contrast to clear anything. Three SigLIP attackers were called ``clean`` at 0.61-0.68 when the
+      boundary was 0.6 (`BENCHMARKS.md`, "The attacker aimed at the drift boundary"); above 0.7 one working backdoor
+      is known unflagged, a weak one at 0.737 (`BENCHMARKS.md`, "The SigLIP adaptive members the scan does not
+      flag have lost much of their retrieval").
     - a **charged** restart (a search for a pooled collapse the anchor does not share; it carries ``pooled_null``,
       `lit_amdet.restart_scores.attach_null`) counts on the pooled path only near the anchor, and only where its
       unshared collapse beats the null's (the same search, the models swapped) by ``min_null_margin``: a

@@ -289,8 +289,8 @@ def test_near_the_anchor_a_typed_token_is_held_to_the_unsearched_pooled_lift_not
 def test_below_the_drift_boundary_an_unflagged_model_is_inconclusive_never_clean():
     """Measured (BENCHMARKS.md, "The attacker aimed at the drift boundary"): three working SigLIP backdoors (attack
     top-1 0.64, 0.72, 0.80) that no path flags, at clean pooled cosine 0.608, 0.623 and 0.681 to the anchor, were
-    called clean with the boundary at 0.6; every working backdoor left unflagged by any benchmark sat below 0.7.
-    At 0.7 they are inconclusive (drift), exit 3; a model above it that no path flags is still cleared."""
+    called clean with the boundary at 0.6. At 0.7 they are inconclusive (drift), exit 3; a model above it that no
+    path flags is still cleared."""
     from lit_amdet.decision import INCONCLUSIVE, CollapseContrastRule, verdict_of
 
     rule = CollapseContrastRule()
