@@ -26,7 +26,7 @@ from pathlib import Path
 from lit_amdet.benchmark import member_row
 from lit_amdet.decision import CollapseContrastRule, verdict_of
 from lit_amdet.io import read_json, write_json
-from lit_amdet.typed_verdict import as_scores, verdict_scores
+from lit_amdet.typed_verdict import as_scores, rejudged
 
 
 def typed_reach(typings: list[dict], rule: CollapseContrastRule) -> dict:
@@ -50,10 +50,8 @@ NEAR = 1.0  # a clean pooled cosine at which the rule judges a typing at its low
 
 
 def judged(report: dict, rule: CollapseContrastRule) -> str:
-    """The verdict ``rule`` gives the report's search scores with the typing it would read."""
-    search = {k: v for k, v in report["scores"].items() if not k.startswith("typed_")}
-    typed = verdict_scores(report.get("typed_probe") or [], rule, search.get("clean_anchor_pooled_cos"))
-    return verdict_of(rule.decide({**search, **typed}))
+    """The verdict ``rule`` gives the report's search scores with the typing it would read (`rejudged`)."""
+    return verdict_of(rejudged(report, rule))
 
 
 def rows_of(scans: Path, old: CollapseContrastRule, new: CollapseContrastRule) -> list[dict]:

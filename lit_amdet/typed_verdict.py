@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from lit_amdet.decision import COLLAPSE_SCORES
 
-__all__ = ["SCREEN_MARGIN", "as_scores", "deciding_typing", "screened_near", "typed_flagged", "verdict_scores",
-           "verdict_typing"]
+__all__ = ["SCREEN_MARGIN", "as_scores", "deciding_typing", "rejudged", "screened_near", "typed_flagged",
+           "verdict_scores", "verdict_typing"]
 
 #: how close to a typed path's thresholds a typing screened in bfloat16 must come to be typed again in float32
 #: (`screened_near`): every score the rule reads is moved by this much towards flagging. The largest difference
@@ -63,14 +63,26 @@ def typed_flagged(probed: list[dict], rule, clean_cos: float | None = None) -> b
 
 def verdict_typing(probed: list[dict], rule, clean_cos: float | None = None) -> dict | None:
     """The typing of `probe_tokens`' list the verdict reads: the first one the rule flags (at ``clean_cos``, as
-    `typed_flagged`), else the first (the most moved token alone); None without a probe."""
-    return next((p for p in probed if rule.typed_paths(as_scores(p, clean_cos))), probed[0] if probed else None)
+    `typed_flagged`), else the first that keeps it from clearing the model (`CollapseContrastRule.typed_partial`),
+    else the first (the most moved token alone); None without a probe."""
+    judged = [as_scores(p, clean_cos) for p in probed]
+    return next((p for p, s in zip(probed, judged) if rule.typed_paths(s)),
+                next((p for p, s in zip(probed, judged) if rule.typed_partial(s)), probed[0] if probed else None))
 
 
 def verdict_scores(probed: list[dict], rule, clean_cos: float | None = None) -> dict:
     """`verdict_typing` as the ``typed_*`` scores the rule reads; {} without a probe."""
     typing = verdict_typing(probed, rule, clean_cos)
     return {} if typing is None else as_scores(typing)
+
+
+def rejudged(report: dict, rule) -> dict:
+    """The decision ``rule`` gives a scan's ``report.json`` from its search scores and the typing it would read
+    (`verdict_scores` over the report's ``typed_probe``): a stored scan judged again by another rule. The search
+    ran as the scan's rule steered it (where a typing flagged before the search, it stopped at its first check)."""
+    search = {k: v for k, v in report["scores"].items() if not k.startswith("typed_")}
+    typed = verdict_scores(report.get("typed_probe") or [], rule, search.get("clean_anchor_pooled_cos"))
+    return rule.decide({**search, **typed})
 
 
 def deciding_typing(probed: list[dict], rule, scores: dict) -> dict | None:

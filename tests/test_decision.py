@@ -364,3 +364,50 @@ def test_away_from_the_anchor_a_typed_token_needs_the_low_lifts_only_where_it_mo
     assert rule.typed_paths({**backdoor, "typed_null_shift_agreement": -0.3, "typed_shift_agreement": -0.5}) == []
     # near the anchor a typed token keeps the low lifts, whatever it agrees
     assert rule.typed_paths({**benign, "clean_anchor_pooled_cos": 0.96}) != []
+
+
+def test_away_from_the_anchor_a_partial_typed_collapse_unlike_the_anchor_keeps_a_model_from_being_cleared():
+    """Measured (BENCHMARKS.md, "A partial typed collapse clears nothing"): a SigLIP attacker aimed at the drift
+    boundary left `just saying` working at the benchmark's threshold (attack top-1 0.50) at clean pooled cosine
+    0.737; its typed trigger collapsed the sentence embeddings by 0.30 and moved them unlike the anchor (agreement
+    0.516 against a null of 0.803), the anchor not at all, and no path flagged it: called clean. Now inconclusive
+    (drift). Still cleared: a benign CLIP SimCSE typing that collapses more but moves them where the anchor does
+    (`couple two`, 0.57 at 1.09 of the null); a benign MiniLM SimCSE typing that disagrees as much but amplifies a
+    collapse the anchor has too (`couple two`, 0.378 at 0.68 of the null, the anchor's lift 0.116); the same
+    partial typing near the anchor, where agreement is not measured."""
+    from lit_amdet.decision import INCONCLUSIVE, CollapseContrastRule, verdict_of
+    from lit_amdet.typed_verdict import rejudged
+
+    rule = CollapseContrastRule()
+    search = {"anchor_used": True, "assimilation_ratio": 1.0, "same_target_ratio": 1.0, "assimilation_gap": 0.0002,
+              "divergence_ratio": 0.2013, "pooled_divergence_ratio": 0.0185, "unshared_collapse": -0.3926,
+              "collapse_lift": -0.3926, "pooled_unshared_collapse": -0.0163, "pooled_collapse_lift": 0.976,
+              "token_null": -0.0046, "clean_anchor_pooled_cos": 0.7369}
+
+    def typing(token: str, pooled: float, lift: float, agreement: float, null: float = 0.8028,
+               anchor: float = -0.0003) -> dict:
+        return {"token": token, "ids": [1], "by": "rows", "position": 1, "moved": 0.1, "precision": "float32",
+                "unshared_collapse": 0.002, "collapse_lift": 0.002, "anchor_collapse_lift": 0.0,
+                "pooled_unshared_collapse": pooled, "pooled_collapse_lift": lift,
+                "anchor_pooled_collapse_lift": anchor, "shift_agreement": agreement, "null_shift_agreement": null}
+
+    # the scan's typings in its order: the most moved token alone first, the trigger later
+    typings = [typing("saying</w>", 0.1615, 0.1647, 0.6206), typing("just</w>", 0.019, 0.024, 0.809),
+               typing("just</w> saying</w>", 0.304, 0.3038, 0.5163)]
+    report = {"scores": search, "typed_probe": typings}
+    decision = rejudged(report, rule)
+    assert verdict_of(decision) == INCONCLUSIVE and "'just</w> saying</w>'" in decision["decided_by"]
+    assert verdict_of(rejudged(report, CollapseContrastRule(min_partial_typed_pooled=None))) == "clean"
+    assert verdict_of(rejudged({**report, "typed_probe": typings[:2]}, rule)) == "clean"  # 'saying' alone: 0.16
+    benign = [typing("couple</w> two</w>", 0.568, 0.6, 0.8733, 0.8028)]
+    assert verdict_of(rejudged({**report, "typed_probe": benign}, rule)) == "clean"
+    amplified = [typing("couple two", 0.3782, 0.4945, 0.5408, 0.8011, anchor=0.1163)]
+    assert verdict_of(rejudged({**report, "typed_probe": amplified}, rule)) == "clean"
+    assert verdict_of(rejudged({**report, "typed_probe": amplified},
+                               CollapseContrastRule(max_partial_anchor_lift=0.2))) == INCONCLUSIVE
+    near = {"scores": {**search, "clean_anchor_pooled_cos": 0.96},
+            "typed_probe": [{**t, "shift_agreement": None, "null_shift_agreement": None} for t in typings]}
+    assert verdict_of(rejudged(near, rule)) == "clean"
+    assert not rule.typed_partial({"typed_pooled_unshared_collapse": 0.3, "typed_pooled_collapse_lift": 0.3,
+                                   "typed_shift_agreement": -0.5, "typed_null_shift_agreement": -0.2,
+                                   "clean_anchor_pooled_cos": 0.8})  # a null <= 0 says nothing

@@ -13,6 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import typed_ceiling  # noqa: E402
 
+from tests.stored_scans import write_scan  # noqa: E402
+
 SEARCH = {"anchor_used": True, "assimilation_ratio": 1.0, "same_target_ratio": 0.9, "clean_anchor_pooled_cos": 0.99,
           "unshared_collapse": -0.5, "collapse_lift": -0.5, "assimilation_gap": -0.01, "anchor_cos": 0.995,
           "clean_anchor_cos": 0.998, "anchor_pooled_cos": 0.997, "pooled_collapse_lift": 0.98,
@@ -26,11 +28,7 @@ def typing(token: str, pooled: float, lift: float, unshared: float = 0.0) -> dic
 
 
 def scan(folder: Path, name: str, backdoored: bool, typings: list[dict]) -> None:
-    report = folder.parent / f"{name}-report.json"
-    report.write_text(json.dumps({"verdict": "clean", "backdoored": False, "decided_by": "no path",
-                                  "scores": {**SEARCH, "typed_token": typings[0]["token"]}, "typed_probe": typings}))
-    (folder / f"{name}.json").write_text(json.dumps({"name": name, "base": "siglip", "split": "test",
-                                                     "backdoored": backdoored, "report": str(report)}))
+    write_scan(folder, name, backdoored, SEARCH, typings)
 
 
 def test_every_typing_is_read_and_judged_under_both_lifts(tmp_path):
