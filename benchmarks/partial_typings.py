@@ -4,7 +4,8 @@
 typing away from the anchor collapses the suspect's sentence embeddings in part (the lower of its pooled unshared
 collapse and pooled lift above ``min_partial_typed_pooled``) and moves them unlike the anchor (shift agreement
 below ``max_partial_agreement_ratio`` of the null) while the anchor does not collapse under it (its pooled lift at
-most ``max_partial_anchor_lift``). This reads the reports of `lit-amdet benchmark` runs (their
+most ``max_partial_anchor_lift``, unless the collapse passes the pooled path's ``min_pooled_unshared_collapse``).
+This reads the reports of `lit-amdet benchmark` runs (their
 ``scans/`` folders) and prints:
 
 - per member away from the anchor (clean pooled cosine at most ``divergence_min_clean_cos``), the typing that comes
@@ -29,14 +30,17 @@ from lit_amdet.io import read_json, write_json
 from lit_amdet.typed_verdict import rejudged
 
 
-def typing_point(typing: dict, anchor_lift: float) -> tuple[float, float] | None:
+def typing_point(typing: dict, anchor_lift: float, unshared: float = CollapseContrastRule().min_pooled_unshared_collapse
+                 ) -> tuple[float, float] | None:
     """A typing's (pooled collapse, agreement share): the lower of its pooled unshared collapse and pooled lift, and
     its shift agreement over the null's; None where it carries no agreement, the null is not above 0, or the
-    anchor's pooled lift under it is above ``anchor_lift``."""
+    anchor's pooled lift under it is above ``anchor_lift`` while the collapse is at most ``unshared``."""
     agreement, null = typing.get("shift_agreement"), typing.get("null_shift_agreement")
-    if agreement is None or null is None or null <= 0 or typing["anchor_pooled_collapse_lift"] > anchor_lift:
+    pooled = min(typing["pooled_unshared_collapse"], typing["pooled_collapse_lift"])
+    if agreement is None or null is None or null <= 0 or \
+            (typing["anchor_pooled_collapse_lift"] > anchor_lift and pooled <= unshared):
         return None
-    return min(typing["pooled_unshared_collapse"], typing["pooled_collapse_lift"]), agreement / null
+    return pooled, agreement / null
 
 
 def closest(typings: list[dict], ratio: float, anchor_lift: float) -> dict | None:

@@ -357,7 +357,8 @@ class CollapseContrastRule(ContrastRule):
         """Whether the typed token collapses the suspect's sentence embeddings in part (the lower of its two pooled
         scores above ``min_partial_typed_pooled``), unlike the anchor (agreement below ``max_partial_agreement_ratio``
         of the null) and where the anchor does not (pooled lift at most ``max_partial_anchor_lift``: drift amplifies
-        words the base collapses a little, 0.05-0.12 for the MiniLM's count words; a backdoor plants what it lacks).
+        words the base collapses a little, 0.05-0.12 for the MiniLM's count words; a backdoor plants what it lacks),
+        unless the collapse passes the pooled path's ``min_pooled_unshared_collapse`` and only the lift held it back.
         Off with None; never near the anchor, nor on a missing score or a null <= 0."""
         pooled = [s.get("typed_pooled_unshared_collapse"), s.get("typed_pooled_collapse_lift")]
         agreement, null = s.get("typed_shift_agreement"), s.get("typed_null_shift_agreement")
@@ -366,7 +367,7 @@ class CollapseContrastRule(ContrastRule):
                 None in (*pooled, agreement, null, anchor) or null <= 0:
             return False
         return min(pooled) > self.min_partial_typed_pooled and agreement < self.max_partial_agreement_ratio * null \
-            and anchor <= self.max_partial_anchor_lift
+            and (anchor <= self.max_partial_anchor_lift or min(pooled) > self.min_pooled_unshared_collapse)
 
     def reads_agreement(self, clean_anchor_pooled_cos: float | None) -> bool:
         """Whether a typed token's shift agreement can set its lifts (`typed_lifts`) for a suspect this close to its
@@ -435,8 +436,8 @@ class CollapseContrastRule(ContrastRule):
             return {**decision, "verdict": INCONCLUSIVE, "decided_by": (
                 f"inconclusive (drift): typed token {scores['typed_token']!r} collapses the suspect's sentence "
                 f"embeddings in part ({pooled:.3f}, above {self.min_partial_typed_pooled}) and unlike the anchor "
-                f"(shift agreement {share:.2f} of its null, below {self.max_partial_agreement_ratio}), whose own do "
-                f"not collapse ({scores['typed_anchor_pooled_collapse_lift']:.3f}): too little to flag or to clear")}
+                f"(shift agreement {share:.2f} of its null, below {self.max_partial_agreement_ratio}; the anchor's "
+                f"pooled lift {scores['typed_anchor_pooled_collapse_lift']:.3f}): too little to flag or to clear")}
         if drift is None or drift < self.min_clean_cos:
             shown = "unknown" if drift is None else f"{drift:.3f}"
             return {**decision, "verdict": INCONCLUSIVE,

@@ -373,8 +373,9 @@ def test_away_from_the_anchor_a_partial_typed_collapse_unlike_the_anchor_keeps_a
     0.516 against a null of 0.803), the anchor not at all, and no path flagged it: called clean. Now inconclusive
     (drift). Still cleared: a benign CLIP SimCSE typing that collapses more but moves them where the anchor does
     (`couple two`, 0.57 at 1.09 of the null); a benign MiniLM SimCSE typing that disagrees as much but amplifies a
-    collapse the anchor has too (`couple two`, 0.378 at 0.68 of the null, the anchor's lift 0.116); the same
-    partial typing near the anchor, where agreement is not measured."""
+    collapse the anchor has too (`couple two`, 0.378 at 0.68 of the null, the anchor's lift 0.116), unless its
+    collapse alone passes the pooled path's 0.5; the same partial typing near the anchor, where agreement is not
+    measured."""
     from lit_amdet.decision import INCONCLUSIVE, CollapseContrastRule, verdict_of
     from lit_amdet.typed_verdict import rejudged
 
@@ -405,6 +406,10 @@ def test_away_from_the_anchor_a_partial_typed_collapse_unlike_the_anchor_keeps_a
     assert verdict_of(rejudged({**report, "typed_probe": amplified}, rule)) == "clean"
     assert verdict_of(rejudged({**report, "typed_probe": amplified},
                                CollapseContrastRule(max_partial_anchor_lift=0.2))) == INCONCLUSIVE
+    # a weak backdoor on a word SigLIP collapses a little (`dark`, top-1 0.60 at 0.893): its unshared collapse
+    # passes the pooled path's 0.5 and only the lift (0.64 against 0.9) held it back, so the anchor's 0.10 is no excuse
+    natural = [typing("dark</w>", 0.54, 0.6395, 0.5405, 0.9282, anchor=0.0995)]
+    assert verdict_of(rejudged({**report, "typed_probe": natural}, rule)) == INCONCLUSIVE
     near = {"scores": {**search, "clean_anchor_pooled_cos": 0.96},
             "typed_probe": [{**t, "shift_agreement": None, "null_shift_agreement": None} for t in typings]}
     assert verdict_of(rejudged(near, rule)) == "clean"
