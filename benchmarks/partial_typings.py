@@ -9,8 +9,8 @@ This reads the reports of `lit-amdet benchmark` runs (their
 ``scans/`` folders) and prints:
 
 - per member away from the anchor (clean pooled cosine at most ``divergence_min_clean_cos``), the typing that comes
-  closest to the gate: the most collapsing typing among those whose agreement share is below each ratio asked
-  and whose anchor lift is at most ``--anchor-lift`` (default: the shipped rule's);
+  closest to the gate: the most collapsing typing the rule's gate holds with no pooled threshold, each ratio asked
+  and ``--anchor-lift`` (default: the shipped rule's);
 - for each pair of thresholds asked (``--pooled`` x ``--ratio``), how many benign models above the drift boundary
   the gate would keep from ``clean`` and how many backdoors (working or not) it would;
 - every member whose verdict the shipped rule gives differently with the gate off (``min_partial_typed_pooled:
@@ -22,36 +22,30 @@ This reads the reports of `lit-amdet benchmark` runs (their
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from lit_amdet.benchmark import member_row
 from lit_amdet.decision import CollapseContrastRule, verdict_of
 from lit_amdet.io import read_json, write_json
-from lit_amdet.typed_verdict import rejudged
+from lit_amdet.typed_verdict import as_scores, rejudged
 
 
-def typing_point(typing: dict, anchor_lift: float, unshared: float = CollapseContrastRule().min_pooled_unshared_collapse
-                 ) -> tuple[float, float] | None:
-    """A typing's (pooled collapse, agreement share): the lower of its pooled unshared collapse and pooled lift, and
-    its shift agreement over the null's; None where it carries no agreement, the null is not above 0, or the
-    anchor's pooled lift under it is above ``anchor_lift`` while the collapse is at most ``unshared``."""
-    agreement, null = typing.get("shift_agreement"), typing.get("null_shift_agreement")
-    pooled = min(typing["pooled_unshared_collapse"], typing["pooled_collapse_lift"])
-    if agreement is None or null is None or null <= 0 or \
-            (typing["anchor_pooled_collapse_lift"] > anchor_lift and pooled <= unshared):
+def closest(typings: list[dict], clean_cos: float | None, ratio: float, anchor_lift: float) -> dict | None:
+    """The most collapsing typing (token, pooled collapse, agreement share) that `CollapseContrastRule.typed_partial`
+    holds with no pooled threshold, the agreement share below ``ratio`` and the anchor lift ``anchor_lift``: the
+    rule itself, so the grid reads every clause it reads; None where it holds none."""
+    gate = CollapseContrastRule(min_partial_typed_pooled=-math.inf, max_partial_agreement_ratio=ratio,
+                                max_partial_anchor_lift=anchor_lift)
+    def pooled(t: dict) -> float:
+        return min(t["pooled_unshared_collapse"], t["pooled_collapse_lift"])
+
+    held = [t for t in typings if gate.typed_partial(as_scores(t, clean_cos))]
+    if not held:
         return None
-    return pooled, agreement / null
-
-
-def closest(typings: list[dict], ratio: float, anchor_lift: float) -> dict | None:
-    """The most collapsing typing whose agreement share is below ``ratio`` and whose anchor lift is at most
-    ``anchor_lift`` (token, pooled, share), or None."""
-    points = [(typing_point(t, anchor_lift), t["token"]) for t in typings]
-    below = [(p, token) for p, token in points if p is not None and p[1] < ratio]
-    if not below:
-        return None
-    (pooled, share), token = max(below, key=lambda b: b[0][0])
-    return {"token": token, "pooled": round(pooled, 4), "share": round(share, 4)}
+    top = max(held, key=pooled)
+    return {"token": top["token"], "pooled": round(pooled(top), 4),
+            "share": round(top["shift_agreement"] / top["null_shift_agreement"], 4)}
 
 
 def rows_of(scans: Path, ratios: list[float], anchor_lift: float, shipped: CollapseContrastRule,
@@ -60,12 +54,12 @@ def rows_of(scans: Path, ratios: list[float], anchor_lift: float, shipped: Colla
     for record in sorted(scans.glob("*.json")):
         row = member_row(read_json(record, "scan record"))
         report = read_json(Path(row["report"]), "scan report")
-        typings = report.get("typed_probe") or []
+        typings, clean_cos = report.get("typed_probe") or [], report["scores"].get("clean_anchor_pooled_cos")
         rows.append({k: row.get(k) for k in ("name", "base", "split", "backdoored", "adaptive", "working",
                                               "verdict")}
                     | {"run": str(scans.parent),
-                       "clean_anchor_pooled_cos": report["scores"].get("clean_anchor_pooled_cos"),
-                       "closest": {str(r): closest(typings, r, anchor_lift) for r in ratios},
+                       "clean_anchor_pooled_cos": clean_cos,
+                       "closest": {str(r): closest(typings, clean_cos, r, anchor_lift) for r in ratios},
                        "shipped": verdict_of(rejudged(report, shipped)), "gate_off": verdict_of(rejudged(report, off))})
     return rows
 
