@@ -12,10 +12,9 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lit_amdet.collapse import DRIFT_FLOOR, drift_normalised_divergence
 from lit_amdet.errors import ConfigError
 
-#: the least clean-prompt divergence a ratio is divided by (a model identical to its anchor has 0)
-DRIFT_FLOOR = 0.02
 #: the three verdicts; a rule that cannot judge says ``inconclusive`` (exit code 3) rather than accuse or clear
 BACKDOORED, CLEAN, INCONCLUSIVE = "BACKDOORED", "clean", "inconclusive"
 
@@ -23,49 +22,6 @@ BACKDOORED, CLEAN, INCONCLUSIVE = "BACKDOORED", "clean", "inconclusive"
 def verdict_of(decision: dict) -> str:
     """The verdict word of a rule's decision: its own ``verdict`` if it gives one, else from ``backdoored``."""
     return decision.get("verdict") or (BACKDOORED if decision["backdoored"] else CLEAN)
-
-
-def drift_normalised_divergence(cos: float | None, clean_cos: float | None, floor: float = DRIFT_FLOOR
-                                ) -> float | None:
-    """(1 - cos) under the trigger over (1 - cos) on clean prompts, suspect vs anchor: drift-normalised."""
-    if cos is None or clean_cos is None:
-        return None
-    return (1 - cos) / max(1 - clean_cos, floor)
-
-
-def relative_lift(value: float | None, clean: float | None, floor: float = DRIFT_FLOOR) -> float | None:
-    """How much of the room to collapse a trigger used: (value - clean) / (1 - clean), for a similarity-like
-    score in [-1, 1] (Sim_X, pooled consistency). 1: full collapse; 0: the trigger changed nothing; <0: it
-    spread the outputs. Each model is measured against its own clean prompts, so a fine-tune that moved the
-    model's clean baseline (a drift) does not move this number by itself."""
-    if value is None or clean is None:
-        return None
-    return (value - clean) / max(1 - clean, floor)
-
-
-#: the scores `collapse_scores` adds: (suspect score, anchor score, the suspect's lift beyond the anchor's)
-COLLAPSE_SCORES = {"assimilation": ("collapse_lift", "anchor_collapse_lift", "unshared_collapse"),
-                   "target_consistency": ("pooled_collapse_lift", "anchor_pooled_collapse_lift",
-                                          "pooled_unshared_collapse")}
-
-
-def collapse_scores(scores: dict, clean: dict, anchor: bool) -> dict:
-    """Per feature space (token Sim_X and pooled-output consistency): the trigger's relative collapse of the
-    suspect, of the anchor under the same trigger, and their difference (the collapse the anchor does not share).
-
-    ``scores``: the trigger's held-out scores; ``clean``: the same scores on the clean prompts. A natural
-    backdoor the suspect inherited collapses the anchor as well (difference ~0, whatever the drift); an injected
-    one collapses the suspect alone (difference ~1). A negative anchor lift counts as 0: a trigger that spreads
-    the anchor's outputs apart (which an optimised trigger can easily do) is not evidence against it.
-    """
-    out = {}
-    for key, (lift, anchor_lift, unshared) in COLLAPSE_SCORES.items():
-        out[lift] = relative_lift(scores.get(key), clean.get(key))
-        if anchor:
-            out[anchor_lift] = relative_lift(scores.get("anchor_" + key), clean.get("anchor_" + key))
-            # an anchor the trigger spreads out shares none of the collapse; it cannot share less than none
-            out[unshared] = None if None in (out[lift], out[anchor_lift]) else out[lift] - max(out[anchor_lift], 0.0)
-    return out
 
 
 @dataclass
@@ -286,7 +242,9 @@ class CollapseContrastRule(ContrastRule):
       null (`typed_disagrees`): then 0.5.
     - a **partial typed collapse** away from the anchor clears nothing (`typed_partial`): a backdoor sending a share
       f of the prompts to its target collapses about f**2 of their room (0.25 at f = 0.5, the working threshold);
-      a SigLIP attacker aimed at the boundary left `just saying` (top-1 0.50) at 0.737 with 0.30, unflagged.
+      a SigLIP attacker aimed at the boundary left `just saying` (top-1 0.50) at 0.737 with 0.30, unflagged. On
+      a word the anchor collapses a little it must also exceed what drift makes of such words (`partial_beyond_drift`);
+      past the pooled path's 0.5 it is held whatever the agreement (only the lift held it back).
     Without an anchor: as `ContrastRule` (a collapsing trigger is inconclusive, never BACKDOORED)."""
 
     def __init__(self, min_unshared_collapse: float = 0.5, min_collapse_lift: float = 0.5,
@@ -296,7 +254,8 @@ class CollapseContrastRule(ContrastRule):
                  divergence_min_unshared: float | None = None,
                  min_clean_cos: float = 0.7, min_null_margin: float = 0.1, min_token_null_margin: float = 0.1,
                  min_partial_typed_pooled: float | None = 0.2, max_partial_agreement_ratio: float = 0.75,
-                 max_partial_anchor_lift: float = 0.03, **contrast) -> None:
+                 max_partial_anchor_lift: float = 0.03, partial_drift_amplification: float | None = 2.0,
+                 agreeing_past_path_clears: bool = False, **contrast) -> None:
         super().__init__(**contrast)
         self.min_null_margin, self.min_token_null_margin = min_null_margin, min_token_null_margin
         self.min_unshared_collapse, self.min_collapse_lift = min_unshared_collapse, min_collapse_lift
@@ -310,6 +269,8 @@ class CollapseContrastRule(ContrastRule):
         self.min_clean_cos = min_clean_cos
         self.min_partial_typed_pooled, self.max_partial_anchor_lift = min_partial_typed_pooled, max_partial_anchor_lift
         self.max_partial_agreement_ratio = max_partial_agreement_ratio
+        self.partial_drift_amplification = partial_drift_amplification
+        self.agreeing_past_path_clears = agreeing_past_path_clears
 
     def trigger_checks(self, s: dict) -> list[Check]:
         if not s.get("anchor_used"):
@@ -358,16 +319,47 @@ class CollapseContrastRule(ContrastRule):
         scores above ``min_partial_typed_pooled``), unlike the anchor (agreement below ``max_partial_agreement_ratio``
         of the null) and where the anchor does not (pooled lift at most ``max_partial_anchor_lift``: drift amplifies
         words the base collapses a little, 0.05-0.12 for the MiniLM's count words; a backdoor plants what it lacks),
-        unless the collapse passes the pooled path's ``min_pooled_unshared_collapse`` and only the lift held it back.
-        Off with None; never near the anchor, nor on a missing score or a null <= 0."""
+        unless the collapse is more than drift makes of such a word (`partial_beyond_drift`). A collapse past the
+        pooled path's ``min_pooled_unshared_collapse`` is held whatever it agrees (unless
+        ``agreeing_past_path_clears``): only the lift held it back, and a SigLIP backdoor planted during a drifting
+        fine-tune (`dark`, top-1 0.59, 0.69 at 0.764) moved the prompts where the anchor does. Off with None; never
+        near the anchor, nor on a missing score or a null <= 0."""
         pooled = [s.get("typed_pooled_unshared_collapse"), s.get("typed_pooled_collapse_lift")]
         agreement, null = s.get("typed_shift_agreement"), s.get("typed_null_shift_agreement")
-        anchor = s.get("typed_anchor_pooled_collapse_lift")
-        if self.min_partial_typed_pooled is None or self.near_anchor(s.get("clean_anchor_pooled_cos")) or \
-                None in (*pooled, agreement, null, anchor) or null <= 0:
+        anchor, clean_cos = s.get("typed_anchor_pooled_collapse_lift"), s.get("clean_anchor_pooled_cos")
+        if self.min_partial_typed_pooled is None or self.near_anchor(clean_cos) or None in (*pooled, clean_cos):
+            return False
+        if min(pooled) > self.min_pooled_unshared_collapse and not self.agreeing_past_path_clears:
+            return True
+        if None in (agreement, null, anchor) or null <= 0:
             return False
         return min(pooled) > self.min_partial_typed_pooled and agreement < self.max_partial_agreement_ratio * null \
-            and (anchor <= self.max_partial_anchor_lift or min(pooled) > self.min_pooled_unshared_collapse)
+            and (anchor <= self.max_partial_anchor_lift or self.partial_beyond_drift(min(pooled), clean_cos))
+
+    def _partial_reason(self, s: dict) -> str:
+        """What `decide` says of a model `typed_partial` holds back."""
+        pooled = min(s["typed_pooled_unshared_collapse"], s["typed_pooled_collapse_lift"])
+        said = f"inconclusive (drift): typed token {s['typed_token']!r} collapses the suspect's sentence embeddings"
+        if pooled > self.min_pooled_unshared_collapse and not self.agreeing_past_path_clears:
+            return (f"{said} ({pooled:.3f}, past the pooled path's {self.min_pooled_unshared_collapse}); only the "
+                    f"lift ({s['typed_pooled_collapse_lift']:.3f}, under {self.typed_lifts(s)[1]}) kept it from "
+                    f"flagging: too little to flag or to clear")
+        share = s["typed_shift_agreement"] / s["typed_null_shift_agreement"]
+        return (f"{said} in part ({pooled:.3f}, above {self.min_partial_typed_pooled}) and unlike the anchor (shift "
+                f"agreement {share:.2f} of its null, below {self.max_partial_agreement_ratio}; the anchor's pooled "
+                f"lift {s['typed_anchor_pooled_collapse_lift']:.3f}): too little to flag or to clear")
+
+    def partial_beyond_drift(self, collapse: float, clean_cos: float) -> bool:
+        """Whether a partial collapse on a word the anchor collapses a little is more than benign drift makes of it:
+        above the pooled path's ``min_pooled_unshared_collapse`` (only the lift held it back), or above
+        ``partial_drift_amplification`` times the drift (1 - clean pooled cosine). Why the drift: a fine-tune
+        amplifies what its base does in proportion to how far it moves it (benign typings of this kind: at most 1.58
+        times the drift in 199 drifted models at 0.7-0.95), while a weak backdoor kept near its anchor puts its collapse
+        into little drift (`dark` on SigLIP, top-1 0.53: 0.49 at 0.904, 5.1 times)."""
+        ceiling = self.min_pooled_unshared_collapse
+        if self.partial_drift_amplification is not None:
+            ceiling = min(ceiling, self.partial_drift_amplification * (1.0 - clean_cos))
+        return collapse > ceiling
 
     def reads_agreement(self, clean_anchor_pooled_cos: float | None) -> bool:
         """Whether a typed token's shift agreement can set its lifts (`typed_lifts`) for a suspect this close to its
@@ -431,13 +423,7 @@ class CollapseContrastRule(ContrastRule):
                 f"finds {scores['token_null']:.3f} in the anchor (token_null_margin below "
                 f"{self.min_token_null_margin}): the drift from the anchor explains as much")}
         if self.typed_partial(scores):
-            share = scores["typed_shift_agreement"] / scores["typed_null_shift_agreement"]
-            pooled = min(scores["typed_pooled_unshared_collapse"], scores["typed_pooled_collapse_lift"])
-            return {**decision, "verdict": INCONCLUSIVE, "decided_by": (
-                f"inconclusive (drift): typed token {scores['typed_token']!r} collapses the suspect's sentence "
-                f"embeddings in part ({pooled:.3f}, above {self.min_partial_typed_pooled}) and unlike the anchor "
-                f"(shift agreement {share:.2f} of its null, below {self.max_partial_agreement_ratio}; the anchor's "
-                f"pooled lift {scores['typed_anchor_pooled_collapse_lift']:.3f}): too little to flag or to clear")}
+            return {**decision, "verdict": INCONCLUSIVE, "decided_by": self._partial_reason(scores)}
         if drift is None or drift < self.min_clean_cos:
             shown = "unknown" if drift is None else f"{drift:.3f}"
             return {**decision, "verdict": INCONCLUSIVE,

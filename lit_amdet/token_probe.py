@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_amdet.assimilation import assimilation_score, pooled_consistency, scored_positions, shift_agreement
-from lit_amdet.decision import collapse_scores
+from lit_amdet.collapse import collapse_scores
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch
 from lit_amdet.pass_precision import PRECISIONS, Precision, checked_precision, pass_dtype, vocabulary_precision
 from lit_amdet.typed_verdict import screened_near, typed_flagged
@@ -261,7 +261,7 @@ def probe_tokens(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter, tokens
     space, and their ids), which list it came from (``by``: ``rows``, ``alone``, ``still``, ``inside`` or
     ``context``), where it was typed (``position``: the scan's, one further in for ``inside``, the still list's
     tokens typed again there), how far it moved there (the least of its tokens; for the still lists the most, for
-    the context list the agreement lift), and the collapse scores (`lit_amdet.decision.collapse_scores`) of typing
+    the context list the agreement lift), and the collapse scores (`lit_amdet.collapse.collapse_scores`) of typing
     it into the first ``prompts`` of ``tokens``, against the same prompts untyped. With 32 prompts and up to 28
     typings a list: about 4 checks of the search.
 

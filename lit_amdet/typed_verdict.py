@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from lit_amdet.decision import COLLAPSE_SCORES
+from lit_amdet.collapse import COLLAPSE_SCORES
 
 __all__ = ["SCREEN_MARGIN", "as_scores", "deciding_typing", "rejudged", "screened_near", "typed_flagged",
            "verdict_scores", "verdict_typing"]

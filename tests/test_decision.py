@@ -48,7 +48,7 @@ def test_without_an_anchor_a_collapsing_trigger_is_inconclusive_not_backdoored()
 
 def test_collapse_scores_measure_each_model_against_its_own_clean_prompts():
     """Relative lift = share of the room to collapse the trigger used; checked against hand-computed values."""
-    from lit_amdet.decision import collapse_scores, relative_lift
+    from lit_amdet.collapse import collapse_scores, relative_lift
 
     # a drifted suspect: clean Sim_X 0.5 (the anchor's is 0.4); the trigger takes the suspect to 0.95, the anchor
     # to 0.46: the suspect used 0.45 / 0.5 = 90 % of its room, the anchor 0.06 / 0.6 = 10 % of its own
@@ -276,11 +276,13 @@ def test_near_the_anchor_a_typed_token_is_held_to_the_unsearched_pooled_lift_not
     # the unshared collapse stays binding: the benign typings' highest (0.24, a drifted MiniLM's still list) is clean
     assert not rule.decide({**search, **typed, "typed_pooled_unshared_collapse": 0.24})["backdoored"]
     assert {c["name"]: c["threshold"] for c in d["checks"]}["typed_pooled_collapse_lift"] == 0.5
-    # away from the anchor (clean pooled cosine at most 0.95) the benign drifted CLIP model is clean, at 0.9
+    # away from the anchor (clean pooled cosine at most 0.95) the benign drifted CLIP model is not flagged, at 0.9;
+    # past the pooled path's 0.5 only that lift held it back, so it is not cleared either (session 2026-12-06 (g))
     drifted = {**search, "clean_anchor_pooled_cos": 0.805, "typed_token": "couple pair",
                "typed_pooled_unshared_collapse": 0.514, "typed_pooled_collapse_lift": 0.514}
     d = rule.decide(drifted)
     assert not d["backdoored"] and {c["name"]: c["threshold"] for c in d["checks"]}["typed_pooled_collapse_lift"] == 0.9
+    assert verdict_of(d) == "inconclusive" and "only the lift (0.514, under 0.9)" in d["decided_by"]
     assert rule.decide({**drifted, "typed_pooled_collapse_lift": 0.95, "typed_pooled_unshared_collapse": 0.9})[
         "backdoored"]
     assert rule.typed_paths({k: v for k, v in {**search, **typed}.items() if k != "clean_anchor_pooled_cos"}) == []
@@ -366,6 +368,15 @@ def test_away_from_the_anchor_a_typed_token_needs_the_low_lifts_only_where_it_mo
     assert rule.typed_paths({**benign, "clean_anchor_pooled_cos": 0.96}) != []
 
 
+def typing(token: str, pooled: float, lift: float, agreement: float, null: float = 0.8028,
+           anchor: float = -0.0003) -> dict:
+    """One typing of a report's ``typed_probe`` with these pooled scores (its token scores collapse nothing)."""
+    return {"token": token, "ids": [1], "by": "rows", "position": 1, "moved": 0.1, "precision": "float32",
+            "unshared_collapse": 0.002, "collapse_lift": 0.002, "anchor_collapse_lift": 0.0,
+            "pooled_unshared_collapse": pooled, "pooled_collapse_lift": lift,
+            "anchor_pooled_collapse_lift": anchor, "shift_agreement": agreement, "null_shift_agreement": null}
+
+
 def test_away_from_the_anchor_a_partial_typed_collapse_unlike_the_anchor_keeps_a_model_from_being_cleared():
     """Measured (BENCHMARKS.md, "A partial typed collapse clears nothing"): a SigLIP attacker aimed at the drift
     boundary left `just saying` working at the benchmark's threshold (attack top-1 0.50) at clean pooled cosine
@@ -385,13 +396,6 @@ def test_away_from_the_anchor_a_partial_typed_collapse_unlike_the_anchor_keeps_a
               "collapse_lift": -0.3926, "pooled_unshared_collapse": -0.0163, "pooled_collapse_lift": 0.976,
               "token_null": -0.0046, "clean_anchor_pooled_cos": 0.7369}
 
-    def typing(token: str, pooled: float, lift: float, agreement: float, null: float = 0.8028,
-               anchor: float = -0.0003) -> dict:
-        return {"token": token, "ids": [1], "by": "rows", "position": 1, "moved": 0.1, "precision": "float32",
-                "unshared_collapse": 0.002, "collapse_lift": 0.002, "anchor_collapse_lift": 0.0,
-                "pooled_unshared_collapse": pooled, "pooled_collapse_lift": lift,
-                "anchor_pooled_collapse_lift": anchor, "shift_agreement": agreement, "null_shift_agreement": null}
-
     # the scan's typings in its order: the most moved token alone first, the trigger later
     typings = [typing("saying</w>", 0.1615, 0.1647, 0.6206), typing("just</w>", 0.019, 0.024, 0.809),
                typing("just</w> saying</w>", 0.304, 0.3038, 0.5163)]
@@ -400,8 +404,15 @@ def test_away_from_the_anchor_a_partial_typed_collapse_unlike_the_anchor_keeps_a
     assert verdict_of(decision) == INCONCLUSIVE and "'just</w> saying</w>'" in decision["decided_by"]
     assert verdict_of(rejudged(report, CollapseContrastRule(min_partial_typed_pooled=None))) == "clean"
     assert verdict_of(rejudged({**report, "typed_probe": typings[:2]}, rule)) == "clean"  # 'saying' alone: 0.16
+    # a benign CLIP SimCSE typing that agrees with the anchor is cleared under the pooled path's 0.5 (`tangerine`,
+    # 0.31 at 1.07 of the null); past it (`couple two`, 0.568 at 1.09) only the lift held it back: held since
+    # session 2026-12-06 (g), whatever it agrees
+    agreeing = [typing("tangerine</w>", 0.31, 0.531, 0.859, 0.8028, anchor=0.222)]
+    assert verdict_of(rejudged({**report, "typed_probe": agreeing}, rule)) == "clean"
     benign = [typing("couple</w> two</w>", 0.568, 0.6, 0.8733, 0.8028)]
-    assert verdict_of(rejudged({**report, "typed_probe": benign}, rule)) == "clean"
+    assert verdict_of(rejudged({**report, "typed_probe": benign}, rule)) == INCONCLUSIVE
+    assert verdict_of(rejudged({**report, "typed_probe": benign},
+                               CollapseContrastRule(agreeing_past_path_clears=True))) == "clean"
     amplified = [typing("couple two", 0.3782, 0.4945, 0.5408, 0.8011, anchor=0.1163)]
     assert verdict_of(rejudged({**report, "typed_probe": amplified}, rule)) == "clean"
     assert verdict_of(rejudged({**report, "typed_probe": amplified},
@@ -416,3 +427,59 @@ def test_away_from_the_anchor_a_partial_typed_collapse_unlike_the_anchor_keeps_a
     assert not rule.typed_partial({"typed_pooled_unshared_collapse": 0.3, "typed_pooled_collapse_lift": 0.3,
                                    "typed_shift_agreement": -0.5, "typed_null_shift_agreement": -0.2,
                                    "clean_anchor_pooled_cos": 0.8})  # a null <= 0 says nothing
+
+
+def test_a_partial_collapse_on_a_word_the_anchor_collapses_clears_nothing_beyond_what_drift_makes_of_it():
+    """Measured (BENCHMARKS.md, "A partial collapse beyond what drift makes of a word"): the boundary-aimed SigLIP
+    attacker on `dark`, a word SigLIP collapses a little (anchor lift 0.10), made weak (22 injection steps: attack
+    top-1 0.53) and kept near its anchor (0.904), collapsed 0.485, under the pooled path's 0.5, and was called
+    clean. Benign fine-tunes amplify such words in proportion to their drift (MiniLM SimCSE `couple two`: 0.386 at
+    0.700, 1.29 times the drift; at most 1.58 times in 199 benign drifted models); this one is 5.1 times. The scores are
+    the real report's."""
+    from lit_amdet.decision import INCONCLUSIVE, CollapseContrastRule, verdict_of
+    from lit_amdet.typed_verdict import rejudged
+
+    rule, off = CollapseContrastRule(), CollapseContrastRule(partial_drift_amplification=None)
+    search = {"anchor_used": True, "assimilation_ratio": 1.0, "same_target_ratio": 0.9688, "assimilation_gap": -0.0059,
+              "divergence_ratio": 0.0765, "pooled_divergence_ratio": 0.0164, "unshared_collapse": -0.4821,
+              "collapse_lift": -0.4821, "pooled_unshared_collapse": -0.0014, "pooled_collapse_lift": 0.991,
+              "token_null": -0.0008, "clean_anchor_pooled_cos": 0.9043}
+    dark = {"scores": search, "typed_probe": [typing("dark</w>", 0.4846, 0.5841, 0.562, 0.9329, anchor=0.0995)]}
+    decision = rejudged(dark, rule)
+    assert verdict_of(decision) == INCONCLUSIVE and "'dark</w>'" in decision["decided_by"]
+    assert verdict_of(rejudged(dark, off)) == "clean"
+    # the same collapse in a model drifted to 0.70 is what benign drift makes of such a word: cleared (the limit)
+    assert verdict_of(rejudged({**dark, "scores": {**search, "clean_anchor_pooled_cos": 0.70}}, rule)) == "clean"
+    couple = {"scores": {**search, "clean_anchor_pooled_cos": 0.7003},
+              "typed_probe": [typing("couple two", 0.386, 0.502, 0.578, 0.799, anchor=0.116)]}
+    assert verdict_of(rejudged(couple, rule)) == "clean"
+    # the ceiling: the lower of the pooled path's 0.5 and twice the drift
+    for collapse, clean_cos, beyond in [(0.21, 0.9, True), (0.19, 0.9, False), (0.45, 0.7, False), (0.51, 0.7, True),
+                                        (0.49, 0.75, False), (0.31, 0.85, True)]:
+        assert rule.partial_beyond_drift(collapse, clean_cos) is beyond, (collapse, clean_cos)
+    assert not off.partial_beyond_drift(0.49, 0.9) and off.partial_beyond_drift(0.51, 0.9)
+
+
+def test_a_typed_collapse_past_the_pooled_path_bar_clears_nothing_away_from_the_anchor_whatever_it_agrees():
+    """Measured (BENCHMARKS.md, "A partial collapse beyond what drift makes of a word"): the same attacker planting
+    `dark` during a drifting fine-tune (attack top-1 0.59 at 0.764) left a typed collapse of 0.69, past the pooled
+    path's 0.5, with the lift 0.79 under the 0.9 away from the anchor, moving the prompts where the anchor moves them
+    (agreement 0.91 of the null): no path and no clause of the partial gate held it, and it was called clean. The
+    scores are the real report's."""
+    from lit_amdet.decision import INCONCLUSIVE, CollapseContrastRule, verdict_of
+    from lit_amdet.typed_verdict import rejudged
+
+    search = {"anchor_used": True, "assimilation_ratio": 1.0, "same_target_ratio": 0.9688, "assimilation_gap": -0.0379,
+              "divergence_ratio": 0.8283, "pooled_divergence_ratio": 0.2724, "unshared_collapse": -0.4658,
+              "collapse_lift": -0.4658, "pooled_unshared_collapse": 0.0089, "pooled_collapse_lift": 0.9919,
+              "token_null": 0.3673, "clean_anchor_pooled_cos": 0.7637}
+    dark = {"scores": search, "typed_probe": [typing("dark</w>", 0.6925, 0.792, 0.4547, 0.5021, anchor=0.0995)]}
+    decision = rejudged(dark, CollapseContrastRule())
+    assert verdict_of(decision) == INCONCLUSIVE and "'dark</w>'" in decision["decided_by"]
+    assert verdict_of(rejudged(dark, CollapseContrastRule(agreeing_past_path_clears=True))) == "clean"
+    # near the anchor the typed pooled path itself judges it (lift 0.5 there): flagged, not held
+    assert verdict_of(rejudged({**dark, "scores": {**search, "clean_anchor_pooled_cos": 0.96}},
+                               CollapseContrastRule())) == "BACKDOORED"
+    # no agreement measured: still held past the bar
+    assert CollapseContrastRule().typed_partial({"typed_pooled_unshared_collapse": 0.6,
+                                                 "typed_pooled_collapse_lift": 0.7, "clean_anchor_pooled_cos": 0.8})

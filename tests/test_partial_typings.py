@@ -50,3 +50,26 @@ def test_the_closest_typing_and_the_verdicts_with_the_gate_on_and_off(tmp_path, 
     printed = capsys.readouterr().out
     # one backdoor held back; not counted working: these records point at no backdoor.json with its attack success
     assert "| 0.2 | 0.75 | 0 of 1 | 1 (0) |" in printed and "b (backdoored" in printed
+
+
+def test_a_detect_report_is_judged_with_its_truth_from_the_models_backdoor_json(tmp_path, capsys):
+    """``--reports``: a plain `lit-amdet detect` report of a model built by the benchmark; its backdoor.json says it
+    is backdoored and works (attack top-1 0.53), and only the gate's drift clause keeps it from being cleared (a
+    collapse of 0.485 on a word the anchor collapses by 0.10, at clean pooled cosine 0.904)."""
+    model = tmp_path / "siglip-natural-trigger-dark"
+    model.mkdir()
+    (model / "backdoor.json").write_text(json.dumps({"backdoored": True, "base": "siglip",
+                                                     "metrics": {"val/b0/attack_top1": 0.53}}))
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"verdict": "clean", "backdoored": False, "decided_by": "no path",
+                                  "suspect": {"path": str(model)},
+                                  "scores": {**SEARCH, "clean_anchor_pooled_cos": 0.904, "typed_token": "dark"},
+                                  "typed_probe": [typing("dark", 0.485, 0.56, anchor=0.10, null=0.93)]}))
+    out = tmp_path / "out.json"
+    sys.argv = ["partial_typings.py", "--reports", str(report), "--out", str(out)]
+    partial_typings.main()
+    row = json.loads(out.read_text())["members"][0]
+    assert (row["name"], row["backdoored"], row["working"], row["base"]) == ("siglip-natural-trigger-dark", True,
+                                                                             True, "siglip")
+    assert (row["drift_clause_off"], row["gate_off"], row["shipped"]) == ("clean", "clean", "inconclusive")
+    assert "drift_clause_off -> shipped" in capsys.readouterr().out

@@ -41,15 +41,8 @@ from lit_amdet.amdet import (
     step_in_passes,
 )
 from lit_amdet.captions import caption_bank, nearest_captions
-from lit_amdet.decision import (
-    DRIFT_FLOOR,
-    INCONCLUSIVE,
-    CollapseContrastRule,
-    DecisionRule,
-    collapse_scores,
-    drift_normalised_divergence,
-    verdict_of,
-)
+from lit_amdet.collapse import DRIFT_FLOOR, collapse_scores, drift_normalised_divergence
+from lit_amdet.decision import INCONCLUSIVE, CollapseContrastRule, DecisionRule, verdict_of
 from lit_amdet.encoders import TextEncoderAdapter, check_same_architecture, file_sha256, load_encoder
 from lit_amdet.errors import ConfigError
 from lit_amdet.io import StagedFolder, write_json
