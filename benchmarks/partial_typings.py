@@ -38,15 +38,17 @@ from lit_amdet.record import BackdoorRecord
 from lit_amdet.typed_verdict import as_scores, rejudged
 
 
+def pooled(t: dict) -> float:
+    """A typing's partial collapse as the gate reads it: the lower of its pooled unshared collapse and pooled lift."""
+    return min(t["pooled_unshared_collapse"], t["pooled_collapse_lift"])
+
+
 def closest(typings: list[dict], clean_cos: float | None, ratio: float, anchor_lift: float) -> dict | None:
     """The most collapsing typing (token, pooled collapse, agreement share) that `CollapseContrastRule.typed_partial`
     holds with no pooled threshold, the agreement share below ``ratio`` and the anchor lift ``anchor_lift``: the
     rule itself, so the grid reads every clause it reads; None where it holds none."""
     gate = CollapseContrastRule(min_partial_typed_pooled=-math.inf, max_partial_agreement_ratio=ratio,
                                 max_partial_anchor_lift=anchor_lift)
-    def pooled(t: dict) -> float:
-        return min(t["pooled_unshared_collapse"], t["pooled_collapse_lift"])
-
     held = [t for t in typings if gate.typed_partial(as_scores(t, clean_cos))]
     if not held:
         return None
@@ -67,11 +69,10 @@ def amplified(typings: list[dict], clean_cos: float | None, rule: CollapseContra
                 and t["anchor_pooled_collapse_lift"] > rule.max_partial_anchor_lift]
     if not kept_out:
         return None
-    collapse = {id(t): min(t["pooled_unshared_collapse"], t["pooled_collapse_lift"]) for t in kept_out}
-    top = max(kept_out, key=lambda t: collapse[id(t)])
-    return {"token": top["token"], "pooled": round(collapse[id(top)], 4),
+    top = max(kept_out, key=pooled)
+    return {"token": top["token"], "pooled": round(pooled(top), 4),
             "anchor": round(top["anchor_pooled_collapse_lift"], 4),
-            "times_drift": round(collapse[id(top)] / (1.0 - clean_cos), 3)}
+            "times_drift": round(pooled(top) / (1.0 - clean_cos), 3)}
 
 
 def detect_record(report: Path) -> dict:

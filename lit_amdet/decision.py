@@ -329,18 +329,22 @@ class CollapseContrastRule(ContrastRule):
         anchor, clean_cos = s.get("typed_anchor_pooled_collapse_lift"), s.get("clean_anchor_pooled_cos")
         if self.min_partial_typed_pooled is None or self.near_anchor(clean_cos) or None in (*pooled, clean_cos):
             return False
-        if min(pooled) > self.min_pooled_unshared_collapse and not self.agreeing_past_path_clears:
+        if self._past_path(min(pooled)):
             return True
         if None in (agreement, null, anchor) or null <= 0:
             return False
         return min(pooled) > self.min_partial_typed_pooled and agreement < self.max_partial_agreement_ratio * null \
             and (anchor <= self.max_partial_anchor_lift or self.partial_beyond_drift(min(pooled), clean_cos))
 
+    def _past_path(self, collapse: float) -> bool:
+        """Whether a typed collapse past the pooled path's bar is held whatever it agrees (`typed_partial`)."""
+        return collapse > self.min_pooled_unshared_collapse and not self.agreeing_past_path_clears
+
     def _partial_reason(self, s: dict) -> str:
         """What `decide` says of a model `typed_partial` holds back."""
         pooled = min(s["typed_pooled_unshared_collapse"], s["typed_pooled_collapse_lift"])
         said = f"inconclusive (drift): typed token {s['typed_token']!r} collapses the suspect's sentence embeddings"
-        if pooled > self.min_pooled_unshared_collapse and not self.agreeing_past_path_clears:
+        if self._past_path(pooled):
             return (f"{said} ({pooled:.3f}, past the pooled path's {self.min_pooled_unshared_collapse}); only the "
                     f"lift ({s['typed_pooled_collapse_lift']:.3f}, under {self.typed_lifts(s)[1]}) kept it from "
                     f"flagging: too little to flag or to clear")
