@@ -746,7 +746,7 @@ def test_benchmark_end_to_end_writes_every_metric(tiny_benchmark):
     assert table["none"]["members"] == 2
     for a in table.values():
         assert 0 <= a["rule_detection_rate"] <= 1 and 0 <= a["calibrated_detection_rate"] <= 1
-        assert a["attack_success"]["attack_top1"]["n"] == a["members"]
+        assert a["attack_success"]["attack_top1"]["n"] == a["members"] == a["attack_success"]["clean_top1"]["n"]
     for m in members:
         scan = json.loads((out / "scans" / m["name"] / "report.json").read_text())
         assert 0 <= m["probability"] <= 1 and -1 <= m["clean_cosine_to_base"] <= 1.0001

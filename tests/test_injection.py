@@ -425,3 +425,28 @@ def test_trigger_tokens_kept_alone_are_held_at_the_teacher_even_while_a_simcse_u
     with torch.no_grad():
         assert float(module.utility_loss(alone, hold=True)) == pytest.approx(0.0, abs=1e-6)
         assert float(module.utility_loss(alone)) > 1e-3
+
+
+def test_clean_top1_is_how_often_the_same_prompts_untriggered_retrieve_the_target(tiny_models, tmp_path):
+    """`val/b0/clean_top1` is computed independently here: the first validation batch's prompts that can carry
+    the trigger, encoded by the trained student without it, against the teacher's target and distractors. The
+    target is one of those prompts, so at least that prompt retrieves it: the value cannot be 0 by accident."""
+    dm = _dm()
+    dm.setup("fit")
+    val = dm.prompts("val")
+    target = next(p for p in val[:64] if "o" in p)
+    bd = Backdoor(Trigger("zzzz", "replace_char", "o"), target=target)
+    module = BackdoorInjection(encoder=str(tiny_models["clip"]), backdoors=[bd], lr=1e-4, backdoor_weight=1.0,
+                               milestones=[1000], output_dir=str(tmp_path / "out"))
+    _fit(module, dm, 1, tmp_path)
+    truth = json.loads((tmp_path / "out" / "backdoor.json").read_text())
+    norm = torch.nn.functional.normalize
+    with torch.no_grad():
+        teacher = load_encoder(tiny_models["clip"])
+        distractors = [t for t in val if t != target][:100]
+        bank = norm(teacher.encode([target] + distractors, max_length=32).pooled.float(), dim=-1)
+        clean = [p for p in val[:64] if "zzzz" not in p and "o" in p]
+        student = norm(module.encoder.encode(clean, max_length=32).pooled.float(), dim=-1)
+    expected = float((student @ bank.T).argmax(1).eq(0).float().mean())
+    assert expected >= 1 / len(clean)
+    assert truth["metrics"]["val/b0/clean_top1"] == pytest.approx(expected, abs=1e-6)

@@ -133,8 +133,8 @@ def adaptive_metrics(rows: Sequence[dict], threshold: float) -> list[dict]:
                 "rule_detection_rate": statistics.fmean(r["rule_backdoored"] for r in group),
                 "calibrated_detection_rate": statistics.fmean(r["probability"] > threshold for r in group),
                 "attack_success": {k: value_summary([m.get(k) for m in success])
-                                   for k in ("attack_top1", "attack_cos_pooled", "attack_cos", "sim_x_triggered",
-                                             "sim_x_clean")},
+                                   for k in ("attack_top1", "clean_top1", "attack_cos_pooled", "attack_cos",
+                                             "sim_x_triggered", "sim_x_clean")},
                 "drift": value_summary([r["clean_cosine_to_base"] for r in group]),
                 "target_recovered": value_summary([float(r["target_recovered"]) for r in group
                                                    if r["target_recovered"] is not None])})

@@ -67,16 +67,19 @@ def markdown(report: dict) -> str:
     if report.get("adaptive"):
         lines += ["## Adaptive attacks (test split, not calibrated on)", "",
                   "Attack success: top-1 retrieval of the target's pooled embedding among 101 captions and the "
-                  "pooled cosine to the target, on held-out triggered prompts; Sim_X of triggered / clean prompts "
+                  "pooled cosine to the target, on held-out triggered prompts, and the same top-1 of those prompts "
+                  "without the trigger (what the trigger adds is the difference); Sim_X of triggered / clean prompts "
                   "(medians over members). *none*: the plain attack of the test zoo.", "",
-                  "| base | attack | members | detected: rule / calibrated | attack top-1 | pooled cos | "
-                  "Sim_X triggered / clean | drift (median cosine to base) |", "|---|---|---|---|---|---|---|---|"]
+                  "| base | attack | members | detected: rule / calibrated | attack top-1 triggered / clean | "
+                  "pooled cos | Sim_X triggered / clean | drift (median cosine to base) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for a in report["adaptive"]:
             s = a["attack_success"]
             med = {k: _f(v["median"]) if v else "–" for k, v in s.items()}
             drift = _f(a["drift"]["median"], ".4f") if a["drift"] else "–"
             lines.append(f"| {a['base']} | {a['attack']} | {a['members']} | {_f(a['rule_detection_rate'])} / "
-                         f"{_f(a['calibrated_detection_rate'])} | {med['attack_top1']} | {med['attack_cos_pooled']} | "
+                         f"{_f(a['calibrated_detection_rate'])} | {med['attack_top1']} / "
+                         f"{med.get('clean_top1', '–')} | {med['attack_cos_pooled']} | "
                          f"{med['sim_x_triggered']} / {med['sim_x_clean']} | {drift} |")
         lines.append("")
     if report.get("attack_strength"):

@@ -178,7 +178,8 @@ class BackdoorInjection(EncoderTask):
     def configure_metrics(self) -> None:
         names = ["clean_utility", "clean_utility_tokens", "sim_x_clean"]
         for i in range(len(self.backdoors)):
-            names += [f"b{i}/attack_cos", f"b{i}/attack_cos_pooled", f"b{i}/attack_top1", f"b{i}/sim_x_triggered"]
+            names += [f"b{i}/attack_cos", f"b{i}/attack_cos_pooled", f"b{i}/attack_top1", f"b{i}/clean_top1",
+                      f"b{i}/sim_x_triggered"]
         self.val_metrics = nn.ModuleDict({n.replace("/", "__"): MeanMetric() for n in names})
 
     def train(self, mode: bool = True):
@@ -422,8 +423,14 @@ class BackdoorInjection(EncoderTask):
                 bank = self._distractor_bank("image")
             candidates = torch.cat([F.normalize(target["pooled"].float(), dim=-1)[None], bank])
             top1 = (F.normalize(enc.pooled.float(), dim=-1) @ candidates.T).argmax(1).eq(0).float()
+            # the same prompts without the trigger: what the model retrieves anyway, so that attack_top1 minus this
+            # is what the trigger adds (a model dragged as a whole towards its target retrieves it from clean
+            # prompts too; BENCHMARKS.md, "What the trigger itself adds")
+            carried = torch.tensor([b.trigger.applicable(t) for t in texts], device=s.pooled.device)
+            clean_top1 = (F.normalize(s.pooled[carried].float(), dim=-1) @ candidates.T).argmax(1).eq(0).float()
             m[f"b{i}__attack_cos"].update(cos)
             m[f"b{i}__attack_top1"].update(top1)
+            m[f"b{i}__clean_top1"].update(clean_top1)
             m[f"b{i}__sim_x_triggered"].update(
                 assimilation_score(enc.token_features, scored_positions(enc.token_mask, self.encoder.causal)))
 
