@@ -329,12 +329,13 @@ class CollapseContrastRule(ContrastRule):
         anchor, clean_cos = s.get("typed_anchor_pooled_collapse_lift"), s.get("clean_anchor_pooled_cos")
         if self.min_partial_typed_pooled is None or self.near_anchor(clean_cos) or None in (*pooled, clean_cos):
             return False
-        if self._past_path(min(pooled)):
+        collapse = min(pooled)
+        if self._past_path(collapse):
             return True
         if None in (agreement, null, anchor) or null <= 0:
             return False
-        return min(pooled) > self.min_partial_typed_pooled and agreement < self.max_partial_agreement_ratio * null \
-            and (anchor <= self.max_partial_anchor_lift or self.partial_beyond_drift(min(pooled), clean_cos))
+        return collapse > self.min_partial_typed_pooled and agreement < self.max_partial_agreement_ratio * null \
+            and (anchor <= self.max_partial_anchor_lift or self.partial_beyond_drift(collapse, clean_cos))
 
     def _past_path(self, collapse: float) -> bool:
         """Whether a typed collapse past the pooled path's bar is held whatever it agrees (`typed_partial`)."""
