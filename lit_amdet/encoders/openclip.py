@@ -60,6 +60,10 @@ class OpenCLIPAdapter(TextEncoderAdapter):
         return self.text.token_embedding.embedding_dim
 
     @property
+    def depth(self) -> int:
+        return self.text.transformer.layers
+
+    @property
     def embed_dim(self) -> int:
         proj = self.text.text_projection
         if proj is None:

@@ -17,6 +17,7 @@ import functools
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from lit_amdet.amdet import (
     nearest_tokens,
     per_restart,
     restart_roles,
+    restarts_per_pass_for,
     role_losses,
     run_triggered,
     save_trigger_files,
@@ -102,7 +104,8 @@ class BackdoorDetection(EncoderTask):
             from it (8 to a row, the rows that agree most opened, `lit_amdet.vocabulary_pass.agreeing_rows`: 5x).
         lr, weight_decay: Adam on the trigger (reference 0.08, 1e-5).
         batch_size: probe prompts per step (each runs R times).
-        restarts_per_pass: restarts through the encoders together (None: all); fewer hold less autograd graph
+        restarts_per_pass: restarts through the encoders together (None: all; ``auto``: as many as
+            `lit_amdet.amdet.restarts_per_pass_for` fits in a pass of this tower); fewer hold less autograd graph
             at once, for the same step (`lit_amdet.amdet.step_in_passes`).
         probe_prompts, holdout_prompts: prompts taken from the DataModule's train and val splits.
         max_length: token positions per prompt (families that pad to their context ignore it).
@@ -154,7 +157,7 @@ class BackdoorDetection(EncoderTask):
         alone_in_groups: bool = True, context_in_groups: bool = True,
         lr: float = 0.08, weight_decay: float = 1e-5,
         batch_size: int = 8,
-        restarts_per_pass: int | None = None,
+        restarts_per_pass: int | Literal["auto"] | None = "auto",
         probe_prompts: int = 200,
         holdout_prompts: int = 64,
         max_length: int | None = 32,
@@ -206,8 +209,8 @@ class BackdoorDetection(EncoderTask):
         if not 0 <= hp.position < self.encoder.context_length - hp.trigger_length:
             raise ConfigError(f"position {hp.position} leaves no room for {hp.trigger_length} trigger vectors "
                               f"in a context of {self.encoder.context_length}")
-        if hp.restarts_per_pass is not None and hp.restarts_per_pass < 1:
-            raise ConfigError(f"restarts_per_pass must be at least 1 (or null: all), not {hp.restarts_per_pass}")
+        if hp.restarts_per_pass not in (None, "auto") and hp.restarts_per_pass < 1:
+            raise ConfigError(f"restarts_per_pass must be at least 1 (null: all; auto), not {hp.restarts_per_pass}")
         if hp.pooled_restarts is None:
             hp.pooled_restarts = hp.restarts // 2
         if not 0 <= hp.pooled_restarts <= hp.restarts:
@@ -284,6 +287,9 @@ class BackdoorDetection(EncoderTask):
                                               room=hp.trigger_length)
         self.holdout_cache = FeatureCache.build(self.encoder, self.holdout, hp.max_length, dtype=dtype,
                                                 room=hp.trigger_length)
+        self.per_pass = hp.restarts_per_pass if hp.restarts_per_pass != "auto" else restarts_per_pass_for(
+            hp.batch_size, self.train_cache.tokens.input_ids.shape[1], self.encoder.width, self.encoder.depth,
+            towers=1 if self.anchor is None else 2)  # what the search runs: `auto` sized for this tower
         self.search = SearchControl(len(self.roles), hp.check_every, self.trainer.max_steps, hp.patience, hp.stall_tol,
                                     hp.benign_stop, hp.benign_stop_speedup,
                                     {r: hp.null_min_steps for r, role in enumerate(self.roles)
@@ -311,10 +317,9 @@ class BackdoorDetection(EncoderTask):
                              with_anchor)
 
     def training_step(self, rows: Tensor, batch_idx: int) -> Tensor:
-        hp = self.hparams
         if not self.search.active:  # every restart dropped, and the trainer refused to stop (min_steps)
             return None
-        per, assimilation, loss = step_in_passes(self.trigger.vectors, self.search.active, hp.restarts_per_pass,
+        per, assimilation, loss = step_in_passes(self.trigger.vectors, self.search.active, self.per_pass,
                                                  functools.partial(self._restart_losses, rows))
         self.log("train/loss_best_restart", per.min(), prog_bar=True)
         self.log("train/loss_mean", per.mean())
@@ -576,6 +581,7 @@ class BackdoorDetection(EncoderTask):
                         "textual_inversion": "learned_embeds.safetensors" if inversion else None},
             "prompts": {"probe": len(self.probe), "held_out": len(self.holdout)},
             "world_size": self.trainer.world_size, "precision": str(self.trainer.precision),
+            "restarts_per_pass": self.per_pass,
             "hyperparameters": {k: v for k, v in hp.items() if k != "rule"},
         }
         self.report = report
