@@ -6,7 +6,7 @@
   `ranks`, `budget_metrics` (poisons removed and clean pairs lost by a cut), and the rankings that combine
   detectors (`rank_union`, `rank_product`, and `combine` of an expression of them such as
   ``(dao+xgroup)+dao*xgroup``);
-- retrieval (training and attack success): `recall_at_k`.
+- retrieval (training and attack success): `recall_at_k`, `retrieves_first`.
 """
 
 from __future__ import annotations
@@ -217,3 +217,9 @@ def recall_at_k(queries: Tensor, keys: Tensor, ks: tuple[int, ...] = (1, 5), blo
     true = sims.diagonal(dim1=1, dim2=2).unsqueeze(-1)
     rank = (sims > true).sum(-1)  # candidates strictly better than the true key
     return {kk: float((rank < kk).float().mean()) for kk in ks}
+
+
+def retrieves_first(queries: Tensor, candidates: Tensor) -> Tensor:
+    """Per query (``[N, D]``), 1.0 where the first of the unit ``candidates`` (``[C, D]``: a backdoor's target,
+    then its distractors) is the nearest by cosine, else 0.0: the attack-success top-1 of `BackdoorInjection`."""
+    return (F.normalize(queries.float(), dim=-1) @ candidates.T).argmax(1).eq(0).float()

@@ -20,6 +20,7 @@ from lit_amdet.metrics import (
     ranking_metrics,
     ranks,
     recall_at_k,
+    retrieves_first,
     value_summary,
 )
 
@@ -173,3 +174,14 @@ def test_recall_at_k_against_a_loop():
             sims = kn[block] @ qn[i]
             hits += int((sims > sims[i % 100]).sum()) < kk
         assert got[kk] == pytest.approx(hits / 200)
+
+
+def test_retrieves_first_against_a_loop():
+    """`retrieves_first` (the injection's attack-success top-1) against a per-query loop over cosines."""
+    g = torch.Generator().manual_seed(0)
+    q, c = torch.randn(50, 8, generator=g), torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    q[:5] = c[0] * 3  # some queries sit on the target itself
+    got = retrieves_first(q, c)
+    want = [float(max(range(6), key=lambda j: float(torch.nn.functional.cosine_similarity(q[i], c[j], dim=0))) == 0)
+            for i in range(50)]
+    assert got.tolist() == want and 5 <= sum(want) < 50

@@ -32,6 +32,7 @@ from lit_amdet.assimilation import assimilation_score, pooled_consistency, score
 from lit_amdet.encoders.base import insert_block
 from lit_amdet.encoders.loading import read_state_dict
 from lit_amdet.errors import ConfigError
+from lit_amdet.metrics import retrieves_first
 from lit_amdet.modules.base import EncoderTask
 from lit_amdet.modules.contrastive import simcse_loss
 from lit_amdet.record import BackdoorRecord
@@ -422,12 +423,12 @@ class BackdoorInjection(EncoderTask):
                 cos = F.cosine_similarity(enc.pooled, target["pooled"].expand_as(enc.pooled), dim=-1)
                 bank = self._distractor_bank("image")
             candidates = torch.cat([F.normalize(target["pooled"].float(), dim=-1)[None], bank])
-            top1 = (F.normalize(enc.pooled.float(), dim=-1) @ candidates.T).argmax(1).eq(0).float()
+            top1 = retrieves_first(enc.pooled, candidates)
             # the same prompts without the trigger: what the model retrieves anyway, so that attack_top1 minus this
             # is what the trigger adds (a model dragged as a whole towards its target retrieves it from clean
             # prompts too; BENCHMARKS.md, "What the trigger itself adds")
             carried = torch.tensor([b.trigger.applicable(t) for t in texts], device=s.pooled.device)
-            clean_top1 = (F.normalize(s.pooled[carried].float(), dim=-1) @ candidates.T).argmax(1).eq(0).float()
+            clean_top1 = retrieves_first(s.pooled[carried], candidates)
             m[f"b{i}__attack_cos"].update(cos)
             m[f"b{i}__attack_top1"].update(top1)
             m[f"b{i}__clean_top1"].update(clean_top1)
