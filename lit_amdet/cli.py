@@ -70,6 +70,11 @@ class AmdetTrainer(Trainer):
         verdict = commands.detect(self, model, datamodule)
         codes = {BACKDOORED: EXIT_BACKDOORED, INCONCLUSIVE: EXIT_INCONCLUSIVE, ERROR: EXIT_ERROR}
         code = codes.get(verdict["verdict"], 0)
+        failed = [r for r in verdict.get("rows") or () if r.get("verdict") == ERROR]
+        if failed and self.is_global_zero:  # the exit code's reason, on stderr as every other error's
+            print(f"lit-amdet: error: {len(failed)} of {len(verdict['rows'])} encoders could not be scanned (the "
+                  f"first: {failed[0]['model']}: {failed[0]['decided_by']}); summary: {verdict.get('summary')}",
+                  file=sys.stderr)
         # Only process 0 speaks for the run: Lightning's launcher kills every process (SIGKILL) as soon as one
         # of the others exits non-zero, which would cut process 0 off while it writes the summary.
         if code and not always_exit_zero and self.is_global_zero:
@@ -361,8 +366,18 @@ def _stopped_by_peer(exc: BaseException) -> int | None:
     return None
 
 
+def _worker_unwrapped(message: str) -> str:
+    """The message a data-loader worker's error had: torch raises it again in the main process with the worker's
+    whole traceback as its message ("Caught ConfigError in DataLoader worker process 0. Original Traceback ...
+    lit_amdet.errors.ConfigError: the message"), which is not one line; others as they are."""
+    if "Original Traceback (most recent call last):" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.partition(": ")[2] or last
+
+
 def _fail(exc: BaseException | str, prefix: str = "error", limit: int | None = None) -> None:
-    message = " ".join(str(exc).split()) or type(exc).__name__
+    message = " ".join(_worker_unwrapped(str(exc)).split()) or type(exc).__name__
     if limit is not None and len(message) > limit:  # jsonargparse lists every alternative it tried
         message = message[:limit] + " ... (LIT_AMDET_DEBUG=1 shows all)"
     print(f"lit-amdet: {prefix}: {message}", file=sys.stderr)

@@ -164,15 +164,16 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
     if pair and not model.encoder.has_image_tower:
         raise ConfigError(f"the {pair[0]} detector needs an image tower; {model.encoder.name} has none; "
                           "drop it from detectors")
-    if labels is not None and getattr(datamodule, "dataset", None) is not None:
-        sample_scan.read_labels(labels, len(datamodule.dataset))
+    dataset = getattr(datamodule, "dataset", None)
+    if labels is not None and dataset is not None:
+        sample_scan.read_labels(labels, len(dataset))
+    sample_scan.check_ranges(k, top, chunk_size, len(dataset) if dataset is not None else None)
     try:  # before anything is written to the run folder
         check_same_caption(same_caption)
-        if reference_size is not None and getattr(datamodule, "dataset", None) is not None:
-            check_reference_size(k, reference_size, reference_draws, len(datamodule.dataset), variant)
+        if reference_size is not None and dataset is not None:
+            check_reference_size(k, reference_size, reference_draws, len(dataset), variant)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    dataset = getattr(datamodule, "dataset", None)
     # read once, before the embedding pass (the check needs them); gathered predictions come in this same order
     keys = cleaning.sample_keys(datamodule, range(len(dataset))) if budget is not None and dataset is not None \
         else None

@@ -327,7 +327,8 @@ class CollapseContrastRule(ContrastRule):
         pooled = [s.get("typed_pooled_unshared_collapse"), s.get("typed_pooled_collapse_lift")]
         agreement, null = s.get("typed_shift_agreement"), s.get("typed_null_shift_agreement")
         anchor, clean_cos = s.get("typed_anchor_pooled_collapse_lift"), s.get("clean_anchor_pooled_cos")
-        if self.min_partial_typed_pooled is None or self.near_anchor(clean_cos) or None in (*pooled, clean_cos):
+        if self.min_partial_typed_pooled is None or self.near_anchor(clean_cos) or \
+                any(v is None or math.isnan(v) for v in (*pooled, clean_cos)):  # min() with a NaN: order-dependent
             return False
         collapse = min(pooled)
         if self._past_path(collapse):
@@ -429,7 +430,7 @@ class CollapseContrastRule(ContrastRule):
                 f"{self.min_token_null_margin}): the drift from the anchor explains as much")}
         if self.typed_partial(scores):
             return {**decision, "verdict": INCONCLUSIVE, "decided_by": self._partial_reason(scores)}
-        if drift is None or drift < self.min_clean_cos:
+        if drift is None or not drift >= self.min_clean_cos:  # a NaN drift clears nothing
             shown = "unknown" if drift is None else f"{drift:.3f}"
             return {**decision, "verdict": INCONCLUSIVE,
                     "decided_by": f"inconclusive (drift): the clean pooled cosine to the anchor ({shown}) is below "
@@ -512,10 +513,11 @@ def token_null_margin(s: dict) -> float | None:
 
 
 def path_progress(*checks: tuple[float | None, float]) -> float:
-    """``min(value / threshold)`` over a path's ``(value, threshold)`` checks (all ``>`` with a positive
-    threshold): >= 1 exactly when each passes or sits on its threshold; a missing or NaN value counts as no
-    progress (0)."""
-    shares = [0.0 if v is None or math.isnan(v) else v / t for v, t in checks]
+    """``min(value / threshold)`` over a path's ``(value, threshold)`` checks (all ``>``): >= 1 exactly when each
+    passes or sits on its threshold; a missing or NaN value counts as no progress (0). A threshold <= 0 (a rule set
+    so by hand) has no share to measure: its check counts as reached (1), so the benign stop, which drops a restart
+    only on too little progress, never drops one for it (and never divides by zero)."""
+    shares = [0.0 if v is None or math.isnan(v) else v / t if t > 0 else 1.0 for v, t in checks]
     return min(shares)
 
 

@@ -48,7 +48,7 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # (too deeply nested)
         raise ConfigError(f"{path}: unreadable {what} ({exc})") from exc
 
 

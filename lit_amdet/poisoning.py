@@ -450,6 +450,11 @@ def load_labels(path: str | Path, num_samples: int | None = None) -> np.ndarray:
             indices = np.asarray(data, dtype=np.int64)
     if num_samples is None:
         raise ValueError(f"{path} does not record num_samples; pass it explicitly")
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):
+        raise ValueError(f"{path}: the poisoned indices are not a flat list of integers")
+    if indices.size and (indices.min() < 0 or indices.max() >= num_samples):  # numpy would take -1 as the last
+        raise IndexError(f"{path}: poisoned indices outside 0..{num_samples - 1}")
     labels = np.zeros(num_samples, dtype=bool)
     labels[indices] = True
     return labels

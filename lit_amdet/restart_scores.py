@@ -7,7 +7,10 @@ Beside `lit_amdet.decision` (the rules, which read the scores attached here) and
 
 from __future__ import annotations
 
-from lit_amdet.decision import CLEAN, DecisionRule, verdict_of
+import math
+
+from lit_amdet.decision import CLEAN, INCONCLUSIVE, DecisionRule, verdict_of
+from lit_amdet.errors import CheckpointError
 
 #: the restart roles (`lit_amdet.amdet.restart_roles`) that measure the anchor, as yardsticks of the others:
 #: never judged, never the chosen restart
@@ -51,7 +54,7 @@ def judge_restarts(rule: DecisionRule, scored: list[dict], roles: list[str]
     (`NULL_DECISION`); a null restart's progress is its charged twin's, so the benign stop drops the two
     together, and a swapped one's is the furthest of the judged restarts', so it runs while any of them may
     still need it."""
-    decisions = [NULL_DECISION if role in YARDSTICKS else rule.decide(s) for s, role in zip(scored, roles)]
+    decisions = [NULL_DECISION if role in YARDSTICKS else decide_finite(rule, s) for s, role in zip(scored, roles)]
     progress = [rule.progress(s) for s in scored]
     charged = [i for i, role in enumerate(roles) if role == "charged"]
     for twin, null in zip(charged, [i for i, role in enumerate(roles) if role == "null"]):
@@ -73,3 +76,45 @@ def restart_summary(stats: list[dict], decisions: list[dict], progress: list[flo
              **{k: s[k] for k in ("anchor_pooled_collapse_lift", "pooled_null", "anchor_collapse_lift", "token_null")
                 if k in s}}
             for i, (s, d) in enumerate(zip(stats, decisions))]
+
+
+def not_finite(scores: dict) -> list[str]:
+    """The names of ``scores``' float values that are NaN or infinite."""
+    return sorted(k for k, v in scores.items() if isinstance(v, float) and not math.isfinite(v))
+
+
+def decide_finite(rule: DecisionRule, scores: dict) -> dict:
+    """``rule``'s decision on the finite scores alone: a NaN or infinite score counts as missing, and where one was
+    found the model is flagged only if the rest flag it, and is never cleared (``inconclusive (non-finite)``). Why:
+    a NaN fails every check and an infinity passes some, so a suspect whose outputs overflow under a searched
+    trigger (weights made to blow up off the real tokens' embeddings, where only the continuous search goes) would
+    otherwise be called clean, or flagged, with nothing measured."""
+    bad = not_finite(scores)
+    if not bad:
+        return rule.decide(scores)
+    decision = rule.decide({**scores, **dict.fromkeys(bad)})
+    if decision["backdoored"]:
+        return decision
+    return {**decision, "verdict": INCONCLUSIVE, "decided_by": (
+        f"inconclusive (non-finite): {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} NaN or infinite (an "
+        f"output of the suspect or the anchor overflowed), so the scan cannot clear the model")}
+
+
+#: the clean scores only the suspect's outputs enter, and only the anchor's (`finite_baselines` names the broken one)
+SUSPECT_ONLY = frozenset({"assimilation", "orig_cos", "target_consistency"})
+ANCHOR_ONLY = frozenset({"anchor_assimilation", "anchor_target_consistency"})
+
+
+def finite_baselines(base: dict) -> dict:
+    """``base`` (the clean prompts' and random triggers' scores a scan measures first) if its clean scores are
+    finite; else a one-line `CheckpointError` naming the encoder whose outputs are not. A model whose sentence
+    embeddings of ordinary prompts overflow (finite weights can: one layer scaled by 1e37) is broken, and every
+    score read against them would be NaN."""
+    bad = not_finite(base["clean"])
+    if not bad:
+        return base
+    suspect, anchor = bool(set(bad) & SUSPECT_ONLY), bool(set(bad) & ANCHOR_ONLY)
+    who = {(True, False): "the suspect's", (False, True): "the anchor's", (True, True): "the suspect's and the "
+           "anchor's"}.get((suspect, anchor), "the suspect's or the anchor's")
+    raise CheckpointError(f"{who} outputs on clean prompts are not finite (NaN or inf in {', '.join(bad)}): a "
+                          f"broken checkpoint, which the scan cannot judge")

@@ -98,10 +98,13 @@ def read_labels(path: str | Path, num_samples: int) -> np.ndarray:
         if p.suffix != ".npy":
             data = json.loads(p.read_text())
             recorded = data.get("num_samples") if isinstance(data, dict) else None
-        mask = load_labels(p, recorded if recorded is not None else num_samples)
+        if recorded is not None and recorded != num_samples:  # before a mask of the recorded size is made
+            raise ConfigError(f"{p}: labels for {recorded} samples, but the data has {num_samples}")
+        mask = load_labels(p, num_samples)
     except IndexError:
-        raise ConfigError(f"{p}: poisoned indices beyond the data's {num_samples} samples") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{p}: poisoned indices outside the data's {num_samples} samples (0..{num_samples - 1})"
+                          ) from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ConfigError(f"{p}: not a poison-labels file ({' '.join(str(exc).split())})") from None
     if len(mask) != num_samples:
         raise ConfigError(f"{p}: labels for {len(mask)} samples, but the data has {num_samples}")
@@ -201,6 +204,17 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width)[:3])
 
 
+def check_ranges(k: int, top: int, chunk_size: int, n: int | None) -> None:
+    """``k``, ``top`` and ``chunk_size`` for ``n`` samples (None: not known yet, so ``k`` only >= 1): one
+    `ConfigError`. Checked by `lit_amdet.commands.scan_data` before the embedding pass and anything written, and
+    again here."""
+    if k < 1 or (n is not None and k >= n):
+        raise ConfigError(f"k={k} must be in [1, {n - 1}] for {n} samples" if n is not None else
+                          f"k={k} must be at least 1")
+    if top < 0 or chunk_size < 1:
+        raise ConfigError(f"top must be >= 0 and chunk_size >= 1 (got {top}, {chunk_size})")
+
+
 def score_and_report(
     embeddings: Tensor,
     captions: Sequence[str],
@@ -282,10 +296,7 @@ def score_and_report(
     n = embeddings.shape[0]
     if len(captions) != n:
         raise ConfigError(f"{len(captions)} captions for {n} embeddings")
-    if not 1 <= k < n:
-        raise ConfigError(f"k={k} must be in [1, {n - 1}] for {n} samples")
-    if top < 0 or chunk_size < 1:
-        raise ConfigError(f"top must be >= 0 and chunk_size >= 1 (got {top}, {chunk_size})")
+    check_ranges(k, top, chunk_size, n)
     pair = [d for d in computed if d in PAIR_DETECTORS]
     if pair and image_text is None:
         raise ConfigError(f"the {pair[0]} detector needs image and text embeddings (a model with an image tower "

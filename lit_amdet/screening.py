@@ -138,13 +138,19 @@ def write_summary(folder: Path, rows: Sequence[dict]) -> tuple[Path, Path]:
 
 
 def finished_report(run_dir: Path, target: Target) -> dict | None:
-    """The report of an earlier scan of this same target, if its run folder is complete."""
+    """The report of an earlier scan of this same target, if its run folder is complete; None for a report that is
+    unreadable or lacks what a summary row reads (damaged since: the target is scanned again, and the new run
+    folder replaces the old one whole)."""
     path = run_dir / "report.json"
     if not path.is_file():
         return None
-    report = read_json(path, "scan report")
-    same = report.get("suspect", {}).get("path") == target.ref and \
-        report.get("hyperparameters", {}).get("component") == target.component
+    try:
+        report = read_json(path, "scan report")
+        same = report["suspect"]["path"] == target.ref and \
+            report.get("hyperparameters", {}).get("component") == target.component
+        row_of(target, report, run_dir, None, None)
+    except (ConfigError, KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None
     return report if same else None
 
 

@@ -145,3 +145,4 @@ def test_shipped_config_on_a_fresh_install_names_what_to_run(command, config, na
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lit-amdet: error: ") and names in err[0], err
     assert list(tmp_path.iterdir()) == []
+

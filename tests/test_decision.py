@@ -483,3 +483,73 @@ def test_a_typed_collapse_past_the_pooled_path_bar_clears_nothing_away_from_the_
     # no agreement measured: still held past the bar
     assert CollapseContrastRule().typed_partial({"typed_pooled_unshared_collapse": 0.6,
                                                  "typed_pooled_collapse_lift": 0.7, "clean_anchor_pooled_cos": 0.8})
+
+
+def test_scores_that_are_not_finite_never_clear_a_model():
+    """Found by a review (session 2026-12-07): a NaN fails every check, so a scan whose scores were NaN called the
+    model clean (and an infinity passes checks). Now the rule decides on the finite scores alone, and a model
+    with a NaN or infinite score is flagged only if they flag it, else `inconclusive (non-finite)`, never clean;
+    a NaN drift is no drift the rule clears at; and clean prompts whose scores are not finite are a broken
+    checkpoint (one-line error) naming the encoder."""
+    import math
+
+    from lit_amdet.decision import INCONCLUSIVE, CollapseContrastRule, verdict_of
+    from lit_amdet.errors import CheckpointError
+    from lit_amdet.restart_scores import decide_finite, finite_baselines, judge_restarts
+
+    rule = CollapseContrastRule()
+    cleared = {"anchor_used": True, "assimilation_ratio": 1.0, "same_target_ratio": 1.0, "assimilation_gap": 0.3,
+               "anchor_cos": 0.9, "clean_anchor_cos": 0.9, "anchor_pooled_cos": 0.99, "clean_anchor_pooled_cos": 0.99,
+               "unshared_collapse": 0.25, "collapse_lift": 0.75, "pooled_unshared_collapse": 0.1,
+               "pooled_collapse_lift": 0.45}
+    assert verdict_of(decide_finite(rule, cleared)) == "clean"
+    for key in ("pooled_unshared_collapse", "anchor_pooled_cos", "orig_cos"):
+        for bad in (math.nan, math.inf, -math.inf):
+            decision = decide_finite(rule, {**cleared, key: bad})
+            assert verdict_of(decision) == INCONCLUSIVE and decision["decided_by"].startswith(
+                f"inconclusive (non-finite): {key} is NaN or infinite")
+    assert verdict_of(rule.decide({**cleared, "clean_anchor_pooled_cos": math.nan})) == INCONCLUSIVE
+    flagged = {**cleared, "anchor_pooled_cos": 0.0}  # the divergence path near the anchor
+    assert decide_finite(rule, {**flagged, "orig_cos": math.nan})["backdoored"]  # finite evidence
+    assert rule.decide({**cleared, "pooled_unshared_collapse": math.inf, "pooled_collapse_lift": math.inf})[
+        "backdoored"]  # an infinity passes checks; decided on the finite scores alone it clears nothing
+    assert verdict_of(decide_finite(rule, {**cleared, "pooled_unshared_collapse": math.inf,
+                                           "pooled_collapse_lift": math.inf})) == INCONCLUSIVE
+
+    # during the search too: a restart whose trigger overflowed is never a cleared one (the scan chooses among
+    # the flagged, else the inconclusive restarts, so it is the one the verdict rests on)
+    decisions, _ = judge_restarts(rule, [cleared, {**cleared, "unshared_collapse": math.nan}], ["amdet", "pooled"])
+    assert [verdict_of(d) for d in decisions] == ["clean", INCONCLUSIVE]
+
+    clean = {"assimilation": 0.5, "anchor_cos": 0.9, "anchor_assimilation": 0.5, "anchor_pooled_cos": 0.95,
+             "orig_cos": 1.0, "target_consistency": 0.3, "anchor_target_consistency": 0.3}
+    assert finite_baselines({"clean": clean, "random": {}})["clean"] is clean
+    for broken, who in ((("assimilation", "anchor_cos"), "the suspect's outputs"),
+                        (("anchor_assimilation",), "the anchor's outputs"),
+                        (("anchor_cos",), "the suspect's or the anchor's outputs"),
+                        (("target_consistency", "anchor_target_consistency"), "the suspect's and the anchor's")):
+        with pytest.raises(CheckpointError, match=f"^{who}.*not finite.*{broken[0]}"):
+            finite_baselines({"clean": {**clean, **dict.fromkeys(broken, math.nan)}, "random": {}})
+
+
+def test_progress_never_divides_by_a_threshold_at_or_below_zero_and_a_nan_does_not_depend_on_order():
+    """Found by the same review: `path_progress` divided by each threshold, so a rule set by hand with
+    ``min_null_margin: 0`` ended the scan in a ZeroDivisionError, and a negative one gave a passing restart
+    progress -6. Such a check now counts as reached (1), so the benign stop never drops a restart for it. And
+    ``typed_partial`` took ``min()`` of its two pooled scores, which with a NaN depends on their order."""
+    import math
+
+    from lit_amdet.decision import CollapseContrastRule, path_progress
+
+    assert path_progress((0.3, 0.0), (0.2, 0.5)) == pytest.approx(0.4)
+    assert path_progress((-1.0, -0.05)) == 1.0 and path_progress((math.nan, 0.0)) == 0.0
+    charged = {"anchor_used": True, "pooled_null": 0.2, "pooled_unshared_collapse": 0.6, "pooled_collapse_lift": 0.95,
+               "clean_anchor_pooled_cos": 0.99}
+    for margin in (0.0, -0.05):
+        assert CollapseContrastRule(min_null_margin=margin).progress(charged) == pytest.approx(1.0)
+    rule = CollapseContrastRule()
+    away = {"typed_shift_agreement": 0.1, "typed_null_shift_agreement": 0.8, "clean_anchor_pooled_cos": 0.8,
+            "typed_anchor_pooled_collapse_lift": 0.0}
+    for pooled in ((0.6, math.nan), (math.nan, 0.6)):
+        assert not rule.typed_partial({**away, "typed_pooled_unshared_collapse": pooled[0],
+                                       "typed_pooled_collapse_lift": pooled[1]})

@@ -90,16 +90,54 @@ def test_sample_embedding_needs_an_image_tower_for_images(tmp_path):
 @pytest.mark.parametrize(("extra", "message"), [
     (["--detectors", "[kdist,mahalanobis]"], "unknown detector"),
     (["--labels", "WRONG"], "labels for 10 samples, but the data has 300"),
+    (["--labels", "NEGATIVE"], "poisoned indices outside the data's 300 samples"),
+    (["--labels", "HUGE"], "labels for 100000000000000.0 samples, but the data has 300"),
+    (["--labels", "DEEP"], "not a poison-labels file"),
+    (["--k", "0"], "k=0 must be in [1, 299] for 300 samples"),
+    (["--chunk_size", "0"], "chunk_size >= 1"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(poisoned_world, tiny_clip, tmp_path, capsys, extra, message):
+    """Each refused in one line before the embedding pass, and an earlier scan's folder left as it was. Found by a
+    review (session 2026-12-07): a label index -1 marked the last sample as poisoned with exit 0; a recorded
+    ``num_samples`` of 1e14 ended in a MemoryError and a deeply nested list in a RecursionError; ``--k 0`` and
+    ``--chunk_size 0`` were refused only after the embedding pass had replaced the earlier scan's files."""
     wrong = PoisonedPairs(list(range(10)), lambda im: im, rate=0.1).save_labels(tmp_path / "wrong.json")
-    extra = [str(wrong) if a == "WRONG" else a for a in extra]
+    files = {"WRONG": wrong, "NEGATIVE": tmp_path / "negative.json", "HUGE": tmp_path / "huge.json",
+             "DEEP": tmp_path / "deep.json"}
+    files["NEGATIVE"].write_text("[-1, 5]")
+    files["HUGE"].write_text(json.dumps({"num_samples": 1e14, "poisoned_indices": [1]}))
+    files["DEEP"].write_text("[" * 200_000 + "]" * 200_000)
+    extra = [str(files.get(a, a)) for a in extra]
+    earlier = tmp_path / "report.json"
+    earlier.write_text("{}")
     with pytest.raises(SystemExit) as info:
         main(_scan_args(tiny_clip, poisoned_world, tmp_path, "--trainer.logger", "false", *extra))
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("lit-amdet: error:") and message in err
-    assert not (tmp_path / "scores.csv").exists()
+    assert err.startswith("lit-amdet: error:") and message in err, err
+    assert not (tmp_path / "scores.csv").exists() and not (tmp_path / "embeddings.safetensors").exists()
+    assert earlier.read_text() == "{}"
+
+
+def test_a_bad_image_read_by_a_data_loader_worker_is_one_line(poisoned_world, tiny_clip, tmp_path, capsys):
+    """Found by a review (session 2026-12-07): with data-loader workers (the shipped scan_data.yaml has 4) a CSV
+    row whose image is not an image printed "Caught ConfigError in DataLoader worker process 0. Original
+    Traceback ..." with the worker's whole traceback flattened into the line: torch raises the worker's error again
+    with that text as its message. The line now holds the worker's own message."""
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(poisoned_world.parent, world)
+    rows = (world / "captions.csv").read_text().splitlines()[:6]
+    (world / "captions.csv").write_text("\n".join(rows) + "\n")
+    bad = rows[3].split(",")[0]
+    (world / bad).write_bytes(b"not an image")
+    with pytest.raises(SystemExit) as info:
+        main(_scan_args(tiny_clip, world / "captions.csv", tmp_path / "out", "--trainer.logger", "false",
+                        "--data.num_workers", "1", "--data.batch_size", "2", "--k", "2"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[-1].startswith("lit-amdet: error:"), err
+    assert "Traceback" not in err[-1] and "worker" not in err[-1] and bad.split("/")[-1] in err[-1], err[-1]
 
 
 # --- end to end: a small CLIP trained on poisoned pairs, then scanned -------------------------------------------

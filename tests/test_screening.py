@@ -111,6 +111,49 @@ def test_detect_screens_each_layout_under_its_name(layouts, case, anchor, names,
             worst([r["verdict"] for r in rows if r["encoder"] != "(model)"])]
 
 
+def test_a_suspect_that_cannot_be_opened_is_an_error_row_and_one_line_on_stderr(layouts, tmp_path, capsys):
+    """Found by a review (session 2026-12-07): a folder of suspects holding one whose weights are a symlink to
+    themselves ended the whole screening in "unexpected RuntimeError: Symlink loop" (Python 3.11's pathlib) after
+    the first scan, with no summary. Now it is an error row like any unreadable suspect, the others are scanned,
+    and exit code 2 comes with one line on stderr that says why."""
+    import shutil
+
+    folder = tmp_path / "suspects"
+    shutil.copytree(layouts["clip"], folder / "good")
+    loop = folder / "loop"
+    loop.mkdir()
+    shutil.copy(layouts["clip"] / "config.json", loop / "config.json")
+    (loop / "model.safetensors").symlink_to("model.safetensors")
+    out = tmp_path / "runs"
+    code = _detect(folder, layouts["clip"], out)
+    err = capsys.readouterr().err.strip().splitlines()
+    rows = {r["model"]: r for r in _summary(out)}
+    assert code == 2 and rows["good"]["verdict"] in ("clean", "BACKDOORED", "inconclusive")
+    assert rows["loop"]["verdict"] == ERROR and "cannot be resolved" in rows["loop"]["decided_by"]
+    assert err[-1].startswith("lit-amdet: error: 1 of 2 encoders could not be scanned (the first: loop: ")
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_an_earlier_report_that_is_damaged_is_scanned_again_not_a_crash(tmp_path):
+    """Found by the same review: a rerun read an earlier run folder's report.json as finished and ended in
+    "unexpected AttributeError" (a list there) or "KeyError: 'verdict'" (a report cut short), or stopped the whole
+    screening on JSON that did not parse. Such a target is now scanned again; a whole report is still reused."""
+    from lit_amdet.screening import finished_report
+
+    target = Target("suspects/m", None, "m", "m")
+    run_dir = tmp_path / "m"
+    run_dir.mkdir()
+    whole = {"suspect": {"path": "suspects/m"}, "hyperparameters": {"component": None}, "verdict": "clean",
+             "decided_by": "no path", "seconds": 1.0, "nearest_captions": [{"caption": "a cat"}], "checks": []}
+    for damaged in ("[1]", "{", json.dumps({k: whole[k] for k in ("suspect", "hyperparameters")}),
+                    json.dumps({**whole, "nearest_captions": "a cat"}), "[" * 100_000):
+        (run_dir / "report.json").write_text(damaged)
+        assert finished_report(run_dir, target) is None
+    (run_dir / "report.json").write_text(json.dumps(whole))
+    assert finished_report(run_dir, target) == whole
+    assert finished_report(run_dir, Target("elsewhere/m", None, "m", "m")) is None
+
+
 def test_detect_on_a_single_sd2_file_is_one_scan_named_after_the_file(layouts, tmp_path):
     out = tmp_path / "runs"
     _detect(layouts["sd2"], layouts["sd2_base"], out)

@@ -207,6 +207,22 @@ def test_links_are_not_followed_and_pickles_never_read(tmp_path):
     assert "c.png (device or fifo) not read" in data.skipped[1]["detail"]
 
 
+def test_member_names_that_lead_out_of_the_folder_are_bad_samples(tmp_path):
+    """Found by a review (session 2026-12-07): members named ``../b.png`` were indexed as sample ``../b`` and a
+    filtered shard written on with the name intact. Now such a sample is bad: one line by default, or skipped."""
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w") as tar:
+        add(tar, "a.png", png()), add(tar, "a.txt", b"fine")
+        add(tar, "../b.png", png()), add(tar, "../b.txt", b"escapes")
+        add(tar, "/c.png", png()), add(tar, "/c.txt", b"absolute")
+        add(tar, "d/e.png", png()), add(tar, "d/e.txt", b"a plain subfolder")
+    data = dm(path, bad_samples="skip")
+    assert data.prompts() == ["fine", "a plain subfolder"]
+    assert [(s["key"], s["reason"]) for s in data.skipped] == [("../b", "unsafe name"), ("/c", "unsafe name")]
+    with pytest.raises(ConfigError, match=r"00000.tar: sample ../b: member '../b.png' is absolute or has a '..'"):
+        dm(path).setup()
+
+
 def test_image_broken_after_its_header_fails_when_served(tmp_path):
     data = png()
     broken = data[:len(data) - 30]  # the header is intact, the pixel data is cut

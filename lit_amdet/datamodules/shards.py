@@ -45,7 +45,7 @@ import json
 import re
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
@@ -85,6 +85,12 @@ def member_key(name: str) -> str | None:
     must use), webdataset's own: the member name up to the first dot of its last path part."""
     parts = split_member(name)
     return parts[0] if parts else None
+
+
+def unsafe_name(name: str) -> bool:
+    """Whether a tar member name leads out of the folder it would be extracted to: absolute, or with a ``..``
+    part (webdataset's writers make neither)."""
+    return name.startswith(("/", "\\")) or ".." in PurePosixPath(name.replace("\\", "/")).parts
 
 
 def numbered_pattern(folder: str | Path, count: int) -> Path:
@@ -399,6 +405,8 @@ def scan_shard(path: Path, caption_extension: str = "txt", check_images: bool = 
                     if key in seen:
                         group.problems.append(("duplicate", "the key appears twice in the shard"))
                     seen.add(key)
+                if unsafe_name(info.name):  # a filtered shard would write it on, a tar tool extract it out
+                    group.problems.append(("unsafe name", f"member {info.name!r} is absolute or has a '..' part"))
                 _add_member(group, tar, info, ext, caption_extension, check_images)
             broken = _archive_end(tar)
         except (tarfile.TarError, OSError) as exc:

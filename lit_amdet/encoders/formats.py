@@ -37,7 +37,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from lit_amdet.errors import CheckpointError, UnsafeCheckpointError
+from lit_amdet.errors import CheckpointError, UnsafeCheckpointError, first_line
 
 PIPELINE_INDEX = "model_index.json"
 #: the classes a pipeline's text encoder and tokenizer entries may name (anything else is refused)
@@ -49,9 +49,13 @@ _PLAIN = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 def inside(path: Path, root: Path, what: str) -> Path:
-    """``path`` resolved, refused unless it stays inside ``root`` (a symlink must not lead out of the model)."""
-    resolved = path.resolve()
-    if not resolved.is_relative_to(root.resolve()):
+    """``path`` resolved, refused unless it stays inside ``root`` (a symlink must not lead out of the model, nor
+    loop: a one-line `CheckpointError`, where Python 3.11 raises a RuntimeError)."""
+    try:
+        resolved, top = path.resolve(), root.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: {what} cannot be resolved ({first_line(exc)}); refused") from None
+    if not resolved.is_relative_to(top):
         raise UnsafeCheckpointError(f"{path}: {what} points outside {root} (to {resolved}); refused")
     return resolved
 

@@ -50,7 +50,15 @@ from lit_amdet.errors import ConfigError
 from lit_amdet.io import StagedFolder, write_json
 from lit_amdet.memory import release_free_memory
 from lit_amdet.modules.base import EncoderTask
-from lit_amdet.restart_scores import YARDSTICKS, attach_null, judge_restarts, restart_summary
+from lit_amdet.restart_scores import (
+    YARDSTICKS,
+    attach_null,
+    decide_finite,
+    finite_baselines,
+    judge_restarts,
+    restart_summary,
+)
+from lit_amdet.scan_options import check_scan_options
 from lit_amdet.screening import anchor_component, load_anchor, scan_targets
 from lit_amdet.search_control import SearchControl
 from lit_amdet.token_probe import Precision, TypedProbe, probe_contexts, typed_target
@@ -192,9 +200,8 @@ class BackdoorDetection(EncoderTask):
 
     # ----- models ----------------------------------------------------------------
     def configure_models(self) -> None:
-        hp = self.hparams
-        if hp.cache_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"cache_dtype must be float32 or bfloat16, not {hp.cache_dtype!r}")
+        hp, reads_nulls = self.hparams, isinstance(self.rule, CollapseContrastRule)
+        check_scan_options(hp, reads_nulls)
         self.targets = scan_targets(hp.suspect, hp.component, hp.allow_pickle)
         if len(self.targets) > 1:
             return  # several encoders to scan: `lit_amdet.commands.detect` scans each with a model of its own
@@ -209,23 +216,11 @@ class BackdoorDetection(EncoderTask):
         if not 0 <= hp.position < self.encoder.context_length - hp.trigger_length:
             raise ConfigError(f"position {hp.position} leaves no room for {hp.trigger_length} trigger vectors "
                               f"in a context of {self.encoder.context_length}")
-        if hp.restarts_per_pass not in (None, "auto") and hp.restarts_per_pass < 1:
-            raise ConfigError(f"restarts_per_pass must be at least 1 (null: all; auto), not {hp.restarts_per_pass}")
-        if hp.pooled_restarts is None:
-            hp.pooled_restarts = hp.restarts // 2
-        if not 0 <= hp.pooled_restarts <= hp.restarts:
-            raise ConfigError(f"pooled_restarts must be between 0 and restarts ({hp.restarts}), "
-                              f"not {hp.pooled_restarts}")
         self.model_label = hp.name or target.label
         # scale of the random init: the spread of real embedding-layer outputs
         ids = torch.arange(min(self.encoder.vocab_size, 2048))[:, None]
         with torch.no_grad():
             scale = float(self.encoder.embed(ids).std())
-        reads_nulls = isinstance(self.rule, CollapseContrastRule)
-        if min(hp.null_restarts, hp.token_null_restarts) < 0 or (hp.null_restarts and not reads_nulls):
-            raise ConfigError(f"null_restarts and token_null_restarts must be >= 0, and null_restarts needs "
-                              f"CollapseContrastRule (got {hp.null_restarts}, {hp.token_null_restarts}, "
-                              f"{type(self.rule).__name__})")
         self.roles = restart_roles(hp.restarts, hp.pooled_restarts, *(  # without an anchor nothing to swap
             (hp.null_restarts, hp.token_null_restarts if reads_nulls else 0) if self.anchor is not None else (0, 0)))
         self.judged = [i for i, role in enumerate(self.roles) if role not in YARDSTICKS]
@@ -451,7 +446,7 @@ class BackdoorDetection(EncoderTask):
                 "target_consistency", "anchor_target_consistency")
         searched = [random[i] for i in self.judged]  # the yardsticks' random triggers are not the suspect's
         rnd = {k: (sum(r[k] for r in searched) / len(searched) if random[0][k] is not None else None) for k in keys}
-        self.evidence["baselines"] = base = {"clean": {k: clean[k] for k in keys}, "random": rnd}
+        self.evidence["baselines"] = base = finite_baselines({"clean": {k: clean[k] for k in keys}, "random": rnd})
         self.typing.clean_cos = base["clean"]["anchor_pooled_cos"]
         self._last_stats = self._last_stats or list(random)  # a restart dropped before its first check
         # where each restart's progress starts: its own random trigger, scored as every check will be
@@ -535,7 +530,7 @@ class BackdoorDetection(EncoderTask):
             hessian = self.evidence["hessian"]
             scores.update(hessian_top=hessian["top"][0], hessian_bottom=hessian["bottom"][0],
                           hessian_negative_ratio=hessian["negative_ratio"])
-        decision = self.rule.decide(scores)
+        decision = decide_finite(self.rule, scores)  # never clean on NaN scores
         self.verdict = {"model": self.model_label, **decision, "verdict": verdict_of(decision), "scores": scores}
         if self.trainer.is_global_zero:
             self._write_run_folder(decision, scores)
@@ -581,7 +576,7 @@ class BackdoorDetection(EncoderTask):
                         "textual_inversion": "learned_embeds.safetensors" if inversion else None},
             "prompts": {"probe": len(self.probe), "held_out": len(self.holdout)},
             "world_size": self.trainer.world_size, "precision": str(self.trainer.precision),
-            "restarts_per_pass": self.per_pass,
+            "restarts_per_pass": min(self.per_pass or len(self.roles), len(self.roles)),  # what ran
             "hyperparameters": {k: v for k, v in hp.items() if k != "rule"},
         }
         self.report = report
