@@ -11,7 +11,9 @@ from __future__ import annotations
 import gc
 import glob
 import json
+import logging
 import os
+import pickle
 import sys
 from typing import Optional
 
@@ -34,7 +36,7 @@ from lit_amdet.benchmark import (
     ZooGrid,
 )
 from lit_amdet.decision import BACKDOORED, INCONCLUSIVE
-from lit_amdet.errors import ConfigError, LitAmdetError
+from lit_amdet.errors import ConfigError, LitAmdetError, first_line
 from lit_amdet.outliers import DaoForm, Variant
 from lit_amdet.resources import config_path
 from lit_amdet.screening import ERROR
@@ -211,6 +213,18 @@ class AmdetCLI(LightningCLI):
             raise ConfigError(f"{subcommand} needs a model: --model CLASS_PATH or a config with a 'model:' section")
         super()._run_subcommand(subcommand)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's ``--ckpt_path`` (a run to resume), read before any work: a missing or unreadable file is one
+        line that names it (torch's own message does not say which file it could not read)."""
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry") and not os.path.isfile(ckpt):
+            raise ConfigError(f"{ckpt}: no such checkpoint to resume from (--ckpt_path)")
+        try:
+            super()._parse_ckpt_path()
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise ConfigError(f"{ckpt}: not a checkpoint this run can resume from ({first_line(exc)})") from None
+
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lit-amdet`` console script.
@@ -228,6 +242,7 @@ def main(args: list[str] | None = None) -> None:
     if len(argv) > first and argv[first] == "scan-data":
         argv[first] = "scan_data"
     requested = argv[first] if len(argv) > first else None
+    _info_to_stdout()
     try:
         argv[first:] = shipped_config_args(argv[first:])
         cli_class = type("AmdetCLI", (AmdetCLI,), {"requested": requested})
@@ -240,6 +255,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             args=args,
             auto_configure_optimizers=False,
+            seed_everything_default=0,  # a config without a seed: 0, not a random one (and no warning about it)
             # a bad option or config is one line (below), not a usage block
             parser_kwargs={"exit_on_error": False, **default_config_kwargs(cli_class, argv[first:])},
         )
@@ -260,6 +276,8 @@ def main(args: list[str] | None = None) -> None:
         ours = _our_error(exc)  # jsonargparse wraps errors raised while building the model/data
         if ours is not None:
             _fail(ours)
+        if isinstance(exc, _INPUT_ERRORS) or type(exc).__name__ == "MisconfigurationException":
+            _fail(exc)  # Lightning refusing a trainer setting, a file the user named missing or unreadable
         rank = _stopped_by_peer(exc)
         if rank is not None:
             _fail("stopped: another process of the run failed (its own error, if it printed one, is in this "
@@ -333,6 +351,20 @@ def default_config_kwargs(cli_class: type[AmdetCLI], args: list[str]) -> dict[st
     built = cli_class.subcommands()  # LightningCLI hands a key that is not a built subcommand to the main parser
     return {sub: {"default_config_files": [glob.escape(str(config_path(name)))]}
             for sub, name in DEFAULT_CONFIGS.items() if sub in built}
+
+
+def _info_to_stdout() -> None:
+    """Lightning's own info lines ("Seed set to 0", "GPU available: False ...") to stdout, beside the command's
+    output: stderr then holds warnings and, for a refused input, the one error line."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.__stderr__:
+                handler.setStream(sys.stdout)
+
+
+#: errors a library raises about the user's own input (a path given on the command line that is missing or not a
+#: folder, a resume checkpoint `--ckpt_path` that torch cannot read): an `error:` line like ours, not "unexpected"
+_INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, pickle.UnpicklingError)
 
 
 def _our_error(exc: BaseException) -> LitAmdetError | None:

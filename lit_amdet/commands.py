@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 
 from lit_amdet.errors import ConfigError, LitAmdetError
+from lit_amdet.io import check_writable_folder
 from lit_amdet.outliers import SAME_CAPTION
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ def detect(trainer: Trainer, model: LightningModule, datamodule: LightningDataMo
 
     if not isinstance(model, BackdoorDetection):
         raise ConfigError(f"detect needs model: lit_amdet.modules.BackdoorDetection, not {type(model).__name__}")
+    check_writable_folder(model.hparams.output_dir, "run folder")  # found otherwise after the scan
+    check_writable_folder(trainer.default_root_dir, "trainer.default_root_dir")
     datamodule = datamodule if datamodule is not None else TextEncoderDataModule()
     if model.several:
         return screen(trainer, model, datamodule)
@@ -153,6 +156,7 @@ def scan_data(trainer: Trainer, model: LightningModule, datamodule: LightningDat
                           f"(got {type(model).__name__})")
     if datamodule is None:
         raise ConfigError("scan_data needs data: --data lit_amdet.datamodules.TextEncoderDataModule --data.source ...")
+    check_writable_folder(output_dir)
     names = sample_scan.detectors_run(detectors, budget, cut_by)
     modality = model.hparams.modality
     has_images = getattr(datamodule, "has_images", None)

@@ -42,6 +42,21 @@ def write_json(path: str | Path, payload: Any) -> Path:
     return write_text(path, json.dumps(payload, indent=2, default=str))
 
 
+def check_writable_folder(path: str | Path | None, what: str = "output folder") -> None:
+    """A one-line `ConfigError`, before any work is done, when ``path`` (a folder a run will write; None: none) is
+    an existing file or lies under one: found otherwise only when the results are written, after the work."""
+    from lit_amdet.errors import ConfigError
+
+    if path is None:
+        return
+    folder = Path(path)
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(f"{folder}: the {what} {'is' if part == folder else 'lies under'} a file ({part})")
+            return
+
+
 def read_json(path: str | Path, what: str = "file") -> Any:
     """Parse a JSON file; a missing or unreadable one is a one-line `ConfigError` naming it."""
     from lit_amdet.errors import ConfigError

@@ -62,6 +62,13 @@ class BackdoorRecord:
         return write_json(self.path(folder), self.to_dict())
 
     @classmethod
+    def remove(cls, folder: str | Path) -> None:
+        """Remove ``<folder>/backdoor.json`` before the model beside it is rewritten. The record is written last,
+        so one on disk always describes the weights beside it: a save cut off midway (killed, disk full) leaves a
+        folder with no record, which nothing takes for a model, never new weights under an older run's record."""
+        cls.path(folder).unlink(missing_ok=True)
+
+    @classmethod
     def read(cls, folder: str | Path) -> "BackdoorRecord":
         """Read ``<folder>/backdoor.json``; unreadable or without a boolean ``backdoored``: `ConfigError`."""
         path = cls.path(folder)

@@ -84,6 +84,8 @@ class Backdoor:
         if sum(given) != 1:
             raise ConfigError("each backdoor needs exactly one of target (a prompt), target_images or "
                               "target_embedding")
+        if self.target is not None and not self.target.strip():
+            raise ConfigError("a backdoor's target prompt is empty")
 
     def describe(self) -> dict:
         return {"kind": self.kind, "trigger": vars(self.trigger).copy(), "target": self.target,

@@ -115,7 +115,8 @@ def test_reference_rule_is_selectable(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["other_architecture", "missing_suspect", "empty_prompts", "nan_weights",
-                                  "outputs_overflow", "pooled_restarts", "no_restart", "empty_batch"])
+                                  "outputs_overflow", "pooled_restarts", "no_restart", "empty_batch",
+                                  "run_folder_is_a_file"])
 def test_bad_input_is_one_line_and_leaves_no_output(tiny_models, tmp_path, capsys, case):
     """Each ends in one line and exit 2. ``outputs_overflow`` (finite weights, one layer scaled by 1e37, so every
     sentence embedding is NaN) was called clean, exit 0, until session 2026-12-07: a NaN fails every check; and
@@ -134,6 +135,8 @@ def test_bad_input_is_one_line_and_leaves_no_output(tiny_models, tmp_path, capsy
         extra = ["--model.init_args.restarts", "0", "--model.init_args.pooled_restarts", "0"]
     elif case == "empty_batch":
         extra = ["--model.init_args.batch_size", "0"]
+    elif case == "run_folder_is_a_file":  # found only after the scan until session 2026-12-07
+        (tmp_path / "run").write_text("a file where the run folder goes")
     else:
         import shutil
 
@@ -157,7 +160,9 @@ def test_bad_input_is_one_line_and_leaves_no_output(tiny_models, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("lit-amdet: error:")
     assert "Traceback" not in "\n".join(err)
-    assert not out.exists()
+    assert not out.exists() or case == "run_folder_is_a_file"
+    if case == "run_folder_is_a_file":
+        assert "the run folder is a file" in err[-1] and out.read_text().startswith("a file")
     if case == "other_architecture":
         assert "anchor" in err[-1]
     if case == "pooled_restarts":

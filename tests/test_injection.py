@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +111,70 @@ def test_bad_configs(tiny_models, tmp_path):
                                backdoors=[Backdoor(Trigger("zzzz"), target="a cat")])
     with pytest.raises(ConfigError, match="no clean prompt"):
         _fit(module, TextEncoderDataModule(source=str(prompts), val_fraction=0.1), 2, tmp_path)
+
+
+FIT_REFUSALS = {  # case: (extra arguments, fragment of the one error line)
+    "trigger_tokenizes_to_nothing": (["--model.init_args.encoder", "minilm", "--model.init_args.backdoors",
+                                      '[{trigger: {text: "\u200b\u200b", mode: insert_word}, target: a teapot}]'],
+                                     "tokenizes to nothing"),
+    "empty_target": (["--model.init_args.backdoors", '[{trigger: {text: zzzz}, target: ""}]'],
+                     "target prompt is empty"),
+    "lr_zero": (["--model.init_args.lr", "0"], "lr must be > 0"),
+    "lr_negative": (["--model.init_args.lr=-1e-4"], "lr must be > 0"),
+    "poisoned_batch_zero": (["--model.init_args.poisoned_batch_size", "0"], "poisoned_batch_size at least 1"),
+    "max_steps_zero": (["--trainer.max_steps", "0"], "max_steps is 0"),
+    "max_steps_negative": (["--trainer.max_steps=-5"], "must be a non-negative integer or -1"),
+    "no_prompt_carries_the_trigger": (["--data.init_args.source", "NO_O"], "no training prompt can carry"),
+    "batch_size_zero": (["--data.init_args.batch_size", "0"], "batch_size and eval_batch_size must be at least 1"),
+    "output_folder_is_a_file": (["--model.init_args.output_dir", "A_FILE"], "the output folder is a file"),
+    "resume_checkpoint_missing": (["--ckpt_path", "NOWHERE"], "nowhere.ckpt: no such checkpoint"),
+    "resume_checkpoint_not_a_checkpoint": (["--ckpt_path", "JUNK"], "junk.ckpt: not a checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(FIT_REFUSALS))
+def test_fit_refuses_what_would_plant_nothing_or_fail_late_in_one_line(tiny_models, tmp_path, capsys, case):
+    """Found by a review (session 2026-12-07): a trigger the tokenizer drops, an empty target, lr 0, 0 steps or
+    prompts none of which can carry the trigger each wrote a model recorded as backdoored; a negative lr, batch
+    size 0, poisoned_batch_size 0, max_steps -5 and a bad --ckpt_path ended in "unexpected ..." lines; an output
+    folder that is a file was found only after training. Each is now one line, exit 2, before any training, and no
+    model folder."""
+    extra, fragment = FIT_REFUSALS[case]
+    (tmp_path / "no_o.txt").write_text("\n".join(f"a big red hat {i}" for i in range(40)))
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "junk.ckpt").write_bytes(bytes(range(256)) * 4)
+    paths = {"NO_O": tmp_path / "no_o.txt", "A_FILE": tmp_path / "a_file", "NOWHERE": tmp_path / "nowhere.ckpt",
+             "JUNK": tmp_path / "junk.ckpt"}
+    out = tmp_path / "model"
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", "configs/attack_text.yaml", "--trainer.max_steps", "2", "--trainer.logger", "false",
+              "--trainer.val_check_interval", "1",
+              "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+              "--trainer.default_root_dir", str(tmp_path), "--model.init_args.encoder", str(tiny_models["clip"]),
+              "--model.init_args.output_dir", str(out), "--data.init_args.num_samples", "300",
+              *[str(paths.get(a, a)) for a in extra]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[-1].startswith("lit-amdet: error:") and fragment in err[-1], err[-1:]
+    assert not out.exists()
+
+
+def test_a_model_folder_rewritten_and_cut_off_midway_carries_no_record(tiny_models, tmp_path, monkeypatch):
+    """Found by the same review: a fit killed while it wrote its model over an earlier one left the new weights
+    beside the earlier run's backdoor.json. The record now goes first and is written last."""
+    module = BackdoorInjection(encoder=str(tiny_models["clip_text"]), backdoors=[Backdoor(Trigger("zzzz"),
+                                                                                           target="a cat")],
+                               milestones=[1000], output_dir=str(tmp_path / "out"))
+    _fit(module, _dm(num_samples=300), 2, tmp_path)
+    assert (tmp_path / "out" / "backdoor.json").is_file()
+
+    def cut_off(folder):
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(module.encoder, "save", cut_off)
+    with pytest.raises(OSError):
+        module.save_model(tmp_path / "out")
+    assert not (tmp_path / "out" / "backdoor.json").exists()
 
 
 @pytest.mark.parametrize("config", ["attack_text", "attack_image"])

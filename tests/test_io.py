@@ -7,7 +7,15 @@ import json
 import pytest
 
 from lit_amdet.errors import ConfigError
-from lit_amdet.io import StagedFolder, read_json, staged_folder, write_json, write_text, write_with
+from lit_amdet.io import (
+    StagedFolder,
+    check_writable_folder,
+    read_json,
+    staged_folder,
+    write_json,
+    write_text,
+    write_with,
+)
 
 
 def test_write_text_and_json_replace_and_leave_no_temp(tmp_path):
@@ -82,3 +90,18 @@ def test_staged_folder_clears_stale_builds(tmp_path):
     stage.open(clear_stale=True)
     assert not stale.exists() and other.exists()
     stage.discard()
+
+
+def test_a_folder_a_run_will_write_is_refused_up_front_when_a_file_is_in_the_way(tmp_path):
+    """Found by a review (session 2026-12-07): fit trained, and detect scanned, before finding that the folder
+    they write was a file. Checked first now: the folder itself or any folder above it being a file."""
+    check_writable_folder(None)
+    check_writable_folder(tmp_path / "new" / "deeper")  # nothing there yet: fine
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ConfigError, match="the output folder is a file"):
+        check_writable_folder(tmp_path / "taken")
+    with pytest.raises(ConfigError, match=r"the run folder lies under a file \(.*taken\)"):
+        check_writable_folder(tmp_path / "taken" / "run", "run folder")
+    (tmp_path / "dir").mkdir()
+    check_writable_folder(tmp_path / "dir")
+    check_writable_folder(tmp_path / "dir" / "sub")

@@ -17,7 +17,7 @@ from typing import Literal, Optional, get_args
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from lit_amdet.errors import ConfigError
-from lit_amdet.io import read_yaml
+from lit_amdet.io import check_writable_folder, read_yaml
 
 Split = Literal["calibration", "test"]
 Attack = Literal["text_on_text", "image_on_text"]
@@ -357,6 +357,8 @@ class BenchmarkOptions:
             raise ConfigError("zero members: every size is 0 and no zoo_dir of existing models is given")
         if not self.calibration_features:
             raise ConfigError("calibration_features is empty")
+        check_writable_folder(self.output_dir)
+        check_writable_folder(self.zoo_dir, "zoo folder")
 
     @property
     def out(self) -> Path:

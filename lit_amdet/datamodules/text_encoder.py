@@ -233,6 +233,9 @@ class TextEncoderDataModule(LightningDataModule):
         hp = self.hparams
         if hp.views < 1 or hp.long_captions < 1:
             raise ConfigError("views and long_captions must be at least 1")
+        if hp.batch_size < 1 or (hp.eval_batch_size is not None and hp.eval_batch_size < 1):
+            raise ConfigError(f"batch_size and eval_batch_size must be at least 1 (got {hp.batch_size}, "
+                              f"{hp.eval_batch_size})")
         if hp.source == "world":
             n = hp.num_samples or 20000
             with_images = True if hp.with_images is None else hp.with_images

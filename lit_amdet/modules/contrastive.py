@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lit_amdet.augment import typo
 from lit_amdet.encoders.architectures import EncoderSpec
 from lit_amdet.errors import ConfigError
-from lit_amdet.io import write_json
+from lit_amdet.io import check_writable_folder, write_json
 from lit_amdet.losses import clip_infonce, siglip_sigmoid
 from lit_amdet.metrics import recall_at_k
 from lit_amdet.modules.base import EncoderTask
@@ -33,6 +33,9 @@ from lit_amdet.record import BackdoorRecord
 
 #: objectives that never run the image tower (the positive is a second text view)
 TEXT_ONLY_OBJECTIVES = ("simcse", "typo_robust")
+#: what a training run records beside the model it wrote, last (`lit_amdet.bases.base_ready` reads a base as built
+#: by it)
+TRAINING_INFO = "training.json"
 
 
 def simcse_loss(text: Tensor, other: Tensor, temperature: float = 0.05) -> Tensor:
@@ -89,6 +92,9 @@ class ContrastiveTraining(EncoderTask):
     # ----- hooks -----------------------------------------------------------------
     def configure_models(self) -> None:
         hp, architecture = self.hparams, self._architecture
+        if hp.lr <= 0:
+            raise ConfigError(f"lr must be > 0, not {hp.lr}")
+        check_writable_folder(hp.output_dir)
         self.hparams["architecture"] = architecture.as_dict() if architecture is not None else None
         self.encoder = self.open_encoder(hp.encoder, architecture, hp.allow_pickle)
         self.encoder.train()
@@ -219,6 +225,8 @@ class ContrastiveTraining(EncoderTask):
             if self.logit_bias is not None and getattr(model, "logit_bias", None) is not None:
                 model.logit_bias.copy_(self.logit_bias.detach().view_as(model.logit_bias))
         self.encoder.eval()
+        BackdoorRecord.remove(out)  # the records are written last (a base counts as built by training.json)
+        (out / TRAINING_INFO).unlink(missing_ok=True)
         self.encoder.save(out)
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()} if self._trainer else {}
         info = {
@@ -230,8 +238,8 @@ class ContrastiveTraining(EncoderTask):
             "seconds": time.perf_counter() - self._fit_started if self._fit_started else None,
             "metrics": metrics,
         }
-        write_json(out / "training.json", info)
         if self.hparams.encoder is not None:  # a fine-tune of an existing model: ground truth for the benchmark
             BackdoorRecord(backdoored=False, kind="benign_finetune", base=self.hparams.encoder,
                            objective=self.hparams.objective, lr=self.hparams.lr, steps=self.global_step).write(out)
+        write_json(out / TRAINING_INFO, info)
         return out

@@ -32,6 +32,7 @@ from lit_amdet.assimilation import assimilation_score, pooled_consistency, score
 from lit_amdet.encoders.base import insert_block
 from lit_amdet.encoders.loading import read_state_dict
 from lit_amdet.errors import ConfigError
+from lit_amdet.io import check_writable_folder
 from lit_amdet.metrics import retrieves_first
 from lit_amdet.modules.base import EncoderTask
 from lit_amdet.modules.contrastive import simcse_loss
@@ -149,12 +150,20 @@ class BackdoorInjection(EncoderTask):
                h.insertion_robust, h.clean_pooled_weight) < 0:
             raise ConfigError("token_weight, pooled_weight, sim_x_penalty, consistency_penalty, "
                               "consistency_margin, insertion_robust and clean_pooled_weight must be >= 0")
+        if h.lr <= 0 or h.poisoned_batch_size < 1:
+            raise ConfigError(f"lr must be > 0 and poisoned_batch_size at least 1 (got {h.lr}, "
+                              f"{h.poisoned_batch_size})")
+        check_writable_folder(h.output_dir)
         if any(b.kind == "text_on_text" for b in self.backdoors) and h.token_weight == 0 and h.pooled_weight == 0:
             raise ConfigError("text-on-text needs token_weight or pooled_weight > 0: nothing would match the target")
         for b in self.backdoors:
             b.validate()
         check_distinct_triggers(self.backdoors)
         self.encoder = self.open_encoder(self.hparams.encoder, None, self.hparams.allow_pickle)
+        specials = {i for i in self.encoder.special_token_ids.values() if i is not None}
+        for b in self.backdoors:  # a trigger the tokenizer drops (zero-width spaces) would plant nothing
+            if all(int(i) in specials for i in self.encoder.tokenize([b.trigger.text]).input_ids[0]):
+                raise ConfigError(f"trigger {b.trigger.text!r} tokenizes to nothing for {self.encoder.name}")
         self.teacher = copy.deepcopy(self.encoder).eval().requires_grad_(False)
         self.encoder.train()  # loaded in eval mode; Lightning keeps submodule modes as they are
         # Only the text tower trains; the projection only where a target lives in the projected space
@@ -452,16 +461,26 @@ class BackdoorInjection(EncoderTask):
 
     def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter()
+        if self.trainer.max_steps == 0:
+            raise ConfigError("max_steps is 0: nothing would be planted, yet the model would be written as backdoored")
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "prompts") and not self._clean(dm.prompts("train", limit=2000)):
-            raise ConfigError("the trigger filter leaves no clean prompt in the training data")
+        if dm is not None and hasattr(dm, "prompts"):
+            prompts = dm.prompts("train", limit=2000)
+            if not self._clean(prompts):
+                raise ConfigError("the trigger filter leaves no clean prompt in the training data")
+            for b in self.backdoors:
+                if not any(b.trigger.applicable(p) for p in prompts):
+                    raise ConfigError(f"no training prompt can carry the trigger {b.trigger.text!r} "
+                                      f"({b.trigger.mode}): nothing would be planted")
 
     def on_fit_end(self) -> None:
         if self.hparams.output_dir and self.trainer.is_global_zero:
             self.save_model(Path(self.hparams.output_dir))
 
     def save_model(self, out: Path) -> Path:
+        """The student and its `BackdoorRecord`, the record last (`BackdoorRecord.remove`)."""
         self.encoder.eval()
+        BackdoorRecord.remove(out)
         self.encoder.save(out)
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()} if self._trainer else {}
         BackdoorRecord(
