@@ -48,3 +48,41 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "xdg" / "lit-amdet"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache_root() == Path.home() / ".cache" / "lit-amdet"
+
+
+def test_an_entry_whose_bytes_were_damaged_is_computed_again_with_a_warning(tmp_path, monkeypatch):
+    """Found by a review (session 2026-12-07): an entry of the right shape whose bytes were zeroed in place,
+    replaced by random values or shifted by a row was read as it was (only shape, dtype and finiteness were
+    checked), and the alone list it makes changed. Each entry now carries the SHA-256 of its bytes; a mismatch is
+    a warning and a recompute that repairs the entry. A folder that cannot be searched is a miss, not an error."""
+    import hashlib
+
+    import pytest
+    from safetensors.torch import save_file
+
+    def compute():
+        return torch.arange(12.0).reshape(4, 3)
+
+    path = tmp_path / "kind" / "k.safetensors"
+    good = cached_tensor("kind", "k", compute, (4, 3), root=tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[-8:] = bytes(8)  # the last two values zeroed in place: still a valid file of the right shape
+    path.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="is damaged"):
+        assert torch.equal(cached_tensor("kind", "k", compute, (4, 3), root=tmp_path), good)
+    assert torch.equal(cached_tensor("kind", "k", lambda: pytest.fail("repaired entry not used"), (4, 3),
+                                     root=tmp_path), good)
+    forged = torch.rand(4, 3)  # right shape, no checksum (or one of other bytes): computed again
+    save_file({"value": forged}, str(path))
+    assert torch.equal(cached_tensor("kind", "k", compute, (4, 3), root=tmp_path), good)
+    stale = hashlib.sha256(memoryview(good.numpy())).hexdigest()
+    save_file({"value": forged}, str(path), metadata={"sha256": stale})
+    with pytest.warns(UserWarning, match="is damaged"):
+        assert torch.equal(cached_tensor("kind", "k", compute, (4, 3), root=tmp_path), good)
+
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "is_file", unreadable)
+    with pytest.warns(UserWarning, match="anchor cache not read"):
+        assert torch.equal(cached_tensor("kind", "k", compute, (4, 3), root=tmp_path), good)
