@@ -22,6 +22,7 @@ import torch
 from lit_amdet.assimilation import assimilation_score, scored_positions
 from lit_amdet.encoders import TextEncoderAdapter, load_encoder
 from lit_amdet.metrics import recall_at_k
+from lit_amdet.record import TRAINING_INFO
 from lit_amdet.resources import config_path
 
 BASES = ("clip", "siglip", "longclip", "openclip")
@@ -29,7 +30,7 @@ HELD_OUT_WORLD_SEED = 424242
 
 
 def base_ready(folder: Path) -> bool:
-    return (folder / "training.json").is_file()
+    return (folder / TRAINING_INFO).is_file()
 
 
 def build_base(name: str, cache: Path, extra_args: list[str] | None = None, force: bool = False) -> Path:
@@ -88,7 +89,7 @@ def _text_parameters(adapter: TextEncoderAdapter) -> int:
 
 
 def realism(name: str, folder: Path) -> dict:
-    info = json.loads((folder / "training.json").read_text())
+    info = json.loads((folder / TRAINING_INFO).read_text())
     long = 2 if name == "longclip" else 1  # as configs/pretrain_longclip.yaml
     adapter = load_encoder(folder)
     res = measure_realism(adapter, long_captions=long, max_length=80 if long > 1 else 40)

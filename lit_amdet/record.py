@@ -16,6 +16,9 @@ from lit_amdet.errors import ConfigError
 from lit_amdet.io import read_json, write_json
 
 FILENAME = "backdoor.json"
+#: the training record a `ContrastiveTraining` run writes beside its model, last (`lit_amdet.bases.base_ready`
+#: reads a base as built by it)
+TRAINING_INFO = "training.json"
 
 
 @dataclass

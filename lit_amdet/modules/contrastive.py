@@ -29,13 +29,10 @@ from lit_amdet.io import check_writable_folder, write_json
 from lit_amdet.losses import clip_infonce, siglip_sigmoid
 from lit_amdet.metrics import recall_at_k
 from lit_amdet.modules.base import EncoderTask
-from lit_amdet.record import BackdoorRecord
+from lit_amdet.record import TRAINING_INFO, BackdoorRecord
 
 #: objectives that never run the image tower (the positive is a second text view)
 TEXT_ONLY_OBJECTIVES = ("simcse", "typo_robust")
-#: what a training run records beside the model it wrote, last (`lit_amdet.bases.base_ready` reads a base as built
-#: by it)
-TRAINING_INFO = "training.json"
 
 
 def simcse_loss(text: Tensor, other: Tensor, temperature: float = 0.05) -> Tensor:

@@ -160,9 +160,8 @@ class BackdoorInjection(EncoderTask):
             b.validate()
         check_distinct_triggers(self.backdoors)
         self.encoder = self.open_encoder(self.hparams.encoder, None, self.hparams.allow_pickle)
-        specials = {i for i in self.encoder.special_token_ids.values() if i is not None}
         for b in self.backdoors:  # a trigger the tokenizer drops (zero-width spaces) would plant nothing
-            if all(int(i) in specials for i in self.encoder.tokenize([b.trigger.text]).input_ids[0]):
+            if not self._trigger_ids([b]):
                 raise ConfigError(f"trigger {b.trigger.text!r} tokenizes to nothing for {self.encoder.name}")
         self.teacher = copy.deepcopy(self.encoder).eval().requires_grad_(False)
         self.encoder.train()  # loaded in eval mode; Lightning keeps submodule modes as they are
@@ -242,10 +241,10 @@ class BackdoorInjection(EncoderTask):
         return emb
 
     # ----- steps -----------------------------------------------------------------
-    def _trigger_ids(self) -> list[int]:
-        """Every token id of every trigger, special tokens left out."""
+    def _trigger_ids(self, backdoors: list[Backdoor] | None = None) -> list[int]:
+        """Every token id of every trigger (of ``backdoors``, default all), special tokens left out."""
         specials = {i for i in self.encoder.special_token_ids.values() if i is not None}
-        tokens = self.encoder.tokenize([b.trigger.text for b in self.backdoors], max_length=self._length())
+        tokens = self.encoder.tokenize([b.trigger.text for b in backdoors or self.backdoors], max_length=self._length())
         return sorted({int(i) for i in tokens.input_ids[tokens.token_mask.bool()]} - specials)
 
     def _triggers_alone(self):
