@@ -282,7 +282,8 @@ def main(args: list[str] | None = None) -> None:
         if rank is not None:
             _fail("stopped: another process of the run failed (its own error, if it printed one, is in this "
                   "output)", prefix=f"process {rank}")
-        _fail(exc, prefix=f"unexpected {type(exc).__name__}")
+        root = _root_cause(exc)
+        _fail(root, prefix=f"unexpected {type(root).__name__}", limit=600)
     finally:
         if args is None:
             quick_exit()
@@ -375,6 +376,17 @@ def _our_error(exc: BaseException) -> LitAmdetError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first exception of ``exc``'s chain: jsonargparse wraps an error raised while it builds the model or
+    data in a ValueError whose message holds the whole parsed config ("Does not validate against any of the Union
+    subtypes ... Namespace(...)"); the error to name is the one it wraps."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    return exc
 
 
 def _stopped_by_peer(exc: BaseException) -> int | None:

@@ -71,10 +71,10 @@ def scan_targets(suspect: str | Sequence[str], component: str | None = None,
         try:
             name = resolve(ref).name
             held = text_encoder_components(ref, allow_pickle)
-        except LitAmdetError as exc:
+        except Exception as exc:  # noqa: BLE001 - one suspect's failure, whatever its type, is its row's
             if len(refs) == 1:
                 raise
-            targets.append(Target(ref, component, Path(ref).name, Path(ref).name, error=str(exc)))
+            targets.append(Target(ref, component, Path(ref).name, Path(ref).name, error=failure(exc)))
             continue
         for part in [component] if component else held or [None]:
             label = f"{name}.{part}" if len(held) > 1 else name
@@ -154,6 +154,12 @@ def finished_report(run_dir: Path, target: Target) -> dict | None:
     return report if same else None
 
 
+def failure(exc: Exception) -> str:
+    """One suspect's error as its row says it: ours as it is, any other with its type named ("unexpected ...")."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, LitAmdetError) else f"unexpected {type(exc).__name__}: {text}"
+
+
 def screen_share(targets: Sequence[Target], root: Path, scan_one: Callable[[Target, Path], dict],
                  rank: int = 0, world_size: int = 1) -> list[dict]:
     """Scan this process's round-robin share of ``targets``; a row per target (skipping finished ones)."""
@@ -166,8 +172,8 @@ def screen_share(targets: Sequence[Target], root: Path, scan_one: Callable[[Targ
             try:
                 scan_one(target, run_dir)
                 report, seconds = read_json(run_dir / "report.json", "scan report"), time.perf_counter() - started
-            except LitAmdetError as exc:
-                error = " ".join(str(exc).split())
+            except Exception as exc:  # noqa: BLE001 - a suspect that fails in a way no check foresaw is an error
+                error = failure(exc)  # row too; the others are still scanned and the summary is written
         row = row_of(target, report, run_dir, seconds, error)
         rows.append(row)
         print(f"{target.label}: {row['verdict']}" + (f" ({error})" if row["verdict"] == ERROR else ""), flush=True)
@@ -208,13 +214,14 @@ def anchors_loaded_once() -> Iterator[None]:
 
 
 def load_anchor(ref: str, component: str | None, model_name: str | None, allow_pickle: bool):
-    """The anchor encoder, loaded once per `anchors_loaded_once` block (every time outside one)."""
+    """The anchor encoder, loaded once per `anchors_loaded_once` block (every time outside one); of a whole CLIP or
+    SigLIP model only the text tower, as the suspect (`lit_amdet.encoders.load_encoder`'s ``text_only``)."""
     from lit_amdet.encoders import load_encoder
 
     key = (ref, component, model_name, allow_pickle)
     if _ANCHORS is not None and key in _ANCHORS:
         return _ANCHORS[key]
-    anchor = load_encoder(ref, model_name=model_name, allow_pickle=allow_pickle, component=component)
+    anchor = load_encoder(ref, model_name=model_name, allow_pickle=allow_pickle, component=component, text_only=True)
     if _ANCHORS is not None:
         _ANCHORS[key] = anchor
     return anchor
@@ -236,5 +243,5 @@ def anchor_component(anchor: str, suspect_component: str | None, allow_pickle: b
                       f"({suspect_component or 'a plain checkpoint'}) matches none: give the anchor's encoder")
 
 
-__all__ = ["ERROR", "Target", "anchor_component", "anchors_loaded_once", "load_anchor", "model_rows", "scan_targets",
-           "screen_share", "target_trainer", "worst", "write_summary"]
+__all__ = ["ERROR", "Target", "anchor_component", "anchors_loaded_once", "failure", "load_anchor", "model_rows",
+           "scan_targets", "screen_share", "target_trainer", "worst", "write_summary"]

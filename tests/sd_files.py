@@ -1,5 +1,6 @@
 """Tiny Stable Diffusion containers for tests: diffusers pipeline folders and single files in the SD 1.x, SD 2.x
-and SDXL key layouts, written from tiny models built by configs (`lit_amdet.tiny`).
+and SDXL key layouts, written from tiny models built by configs (`lit_amdet.tiny`); and a transformers
+checkpoint saved in safetensors shards (`sharded`), as the hub's larger models come.
 
 The single files are written with the inverse of the conversion `lit_amdet.encoders.formats` reads (open_clip's
 fused ``in_proj`` rebuilt from q, k, v is never needed: the open_clip towers are real open_clip models, saved
@@ -97,3 +98,17 @@ def pipeline(path: Path, encoders: dict[str, Path], classes: dict[str, str] | No
     (path / "scheduler" / "scheduler_config.json").write_text("{}")
     (path / "model_index.json").write_text(json.dumps(index))
     return path
+
+
+def sharded(source: Path, folder: Path, shard_size: str = "40KB") -> Path:
+    """``source`` (a transformers checkpoint folder) saved by transformers itself in safetensors shards (its
+    ``model.safetensors.index.json`` and ``model-0000i-of-n.safetensors``), its tokenizer and configs beside."""
+    import transformers
+
+    arch = json.loads((source / "config.json").read_text())["architectures"][0]
+    getattr(transformers, arch).from_pretrained(source).save_pretrained(folder, max_shard_size=shard_size)
+    for f in source.iterdir():
+        if not (folder / f.name).exists() and f.suffix != ".safetensors":
+            shutil.copy(f, folder / f.name)
+    assert not (folder / "model.safetensors").exists() and len(list(folder.glob("model-*.safetensors"))) > 1
+    return folder

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import yaml
+from lightning.pytorch import LightningModule
 
 from lit_amdet.cli import AmdetCLI, default_config_kwargs, main, shipped_config_args
 from lit_amdet.errors import ConfigError
@@ -30,6 +31,25 @@ def test_fit_accepts_any_lightning_module_by_class_path(tmp_path):
         "--trainer.default_root_dir", str(tmp_path),
         "--trainer.accelerator", "cpu",
     ])
+
+
+class Exploding(LightningModule):
+    """A module whose construction fails the way a library's error does inside jsonargparse's build."""
+
+    def __init__(self, width: int = 4) -> None:
+        raise RuntimeError("can't allocate memory: you tried to allocate 68719476736 bytes")
+
+
+def test_an_unexpected_error_while_the_model_is_built_names_it_not_the_parsed_config(tmp_path, capsys):
+    """jsonargparse wraps an error raised while it builds the model in a ValueError whose message holds the whole
+    parsed config ("Does not validate against any of the Union subtypes ... Namespace(...)"): a config.json
+    asking for 64 GiB matrices printed that giant line. The line names the wrapped error instead."""
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--model", "tests.test_cli.Exploding", "--trainer.fast_dev_run", "1",
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2
+    assert err == "lit-amdet: unexpected RuntimeError: can't allocate memory: you tried to allocate 68719476736 bytes"
 
 
 def test_inspect_prints_facts(tiny_models, capsys):

@@ -45,6 +45,8 @@ def test_clean_scan_writes_a_complete_run_folder(tiny_models, tmp_path, capsys):
     for check in report["checks"]:
         assert {"name", "value", "threshold", "op", "passed"} <= set(check)
     assert len(report["suspect"]["sha256"]) == 64 and report["seed"] == 0 and report["seconds"] > 0
+    # a whole CLIPModel: the scan builds and reads its text tower alone, and says so
+    assert report["suspect"]["text_tower_of"] == "CLIPModel" and report["suspect"]["has_image_tower"] is False
     assert report["landscape"]["grid"] == 5 and len(report["hessian"]["top"]) == 1
     assert len(report["nearest_tokens"]) == 1 and len(report["nearest_tokens"][0]) == 3
     # two searched restarts and the swapped one (the token path's yardstick), taken out at the start: a model
@@ -147,8 +149,8 @@ def test_bad_input_is_one_line_and_leaves_no_output(tiny_models, tmp_path, capsy
         suspect = tmp_path / "nan_model"
         shutil.copytree(tiny_models["clip"], suspect)
         state = load(str(suspect / "model.safetensors"))
-        if case == "nan_weights":
-            first = next(iter(state))
+        if case == "nan_weights":  # in the text tower: a scan reads no other (`tests/test_loading.py`)
+            first = next(k for k in state if k.startswith("text_model."))
             state[first] = torch.full_like(state[first], float("nan"))
         else:
             fc2 = next(k for k in state if k.endswith("layers.0.mlp.fc2.weight"))

@@ -84,7 +84,7 @@ def test_pipeline_folder_loads_its_text_encoder_with_the_sibling_tokenizer(parts
     assert not (folder / "text_encoder" / "tokenizer.json").exists()
     adapter = load_encoder(folder)
     assert adapter.name == "my-sd15-finetune" and adapter.component == "text_encoder"
-    assert adapter.source_path == folder / "text_encoder"
+    assert adapter.source_path == folder / "text_encoder" / "model.safetensors"  # the weights read
     _same(adapter, load_encoder(parts["clip"]))
 
 
@@ -125,9 +125,19 @@ def test_pipeline_index_naming_another_class_is_refused(parts, tmp_path):
         load_encoder(folder)
 
 
-def test_hf_cache_stand_in_and_offline_error(parts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["transformers", "in_shards", "open_clip", "pipeline"])
+def test_hf_cache_stand_in_and_offline_error(parts, tmp_path, monkeypatch, kind):
     """A hub id resolves from the local hub cache (its layout: refs/main, snapshots/<commit>, blobs) and records
-    the commit; an id that is not cached, offline, is one line naming it."""
+    the commit; an id that is not cached, offline, is one line naming it. The snapshot's files are links into
+    blobs/, out of the snapshot's folder but inside the repository's, for every kind of checkpoint: a transformers
+    folder, one in shards, an open_clip folder and a pipeline (the last two were refused as "points outside" until
+    session 2026-12-07 (k)'s review)."""
+    from lit_amdet.tiny import build_openclip
+
+    source = {"transformers": lambda: parts["clip"],
+              "in_shards": lambda: sd_files.sharded(parts["clip"], tmp_path / "sharded"),
+              "open_clip": lambda: build_openclip(tmp_path / "oc"),
+              "pipeline": lambda: sd_files.pipeline(tmp_path / "pipe", {"text_encoder": parts["clip"]})}[kind]()
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--someone--tiny-clip"
     (repo / "refs").mkdir(parents=True)
@@ -135,9 +145,12 @@ def test_hf_cache_stand_in_and_offline_error(parts, tmp_path, monkeypatch):
     snap, blobs = repo / "snapshots" / commit, repo / "blobs"
     snap.mkdir(parents=True)
     blobs.mkdir()
-    for f in parts["clip"].iterdir():  # the hub cache's own form: snapshot files are links into blobs/
-        (blobs / f.name).write_bytes(f.read_bytes())
-        (snap / f.name).symlink_to(blobs / f.name)
+    for f in source.rglob("*"):  # the hub cache's own form: snapshot files are links into blobs/
+        if f.is_file():
+            blob = blobs / f"{len(list(blobs.iterdir()))}-{f.name}"
+            blob.write_bytes(f.read_bytes())
+            (snap / f.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            (snap / f.relative_to(source)).symlink_to(blob)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as hub_constants
@@ -147,7 +160,7 @@ def test_hf_cache_stand_in_and_offline_error(parts, tmp_path, monkeypatch):
     adapter = load_encoder("someone/tiny-clip")
     assert adapter.name == "someone/tiny-clip"
     assert adapter.origin == {"hub_id": "someone/tiny-clip", "revision": commit, "requested": None}
-    _same(adapter, load_encoder(parts["clip"]))
+    _same(adapter, load_encoder(source))
     with pytest.raises(CheckpointError, match="someone/not-cached is not in the local hub cache"):
         load_encoder("someone/not-cached")
 

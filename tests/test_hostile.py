@@ -112,6 +112,48 @@ def corpus(tmp_path_factory):
     missing = sd_files.pipeline(root / "missing_pipe", {"text_encoder": clip})
     shutil.rmtree(missing / "text_encoder")
     cases["pipeline_folder_missing"] = (missing, "no text_encoder/ folder", None)
+    def config_case(name: str, text: str, fragment: str) -> None:
+        folder = shutil.copytree(clip, root / name)
+        (folder / "config.json").write_text(text)
+        cases[name] = (folder, fragment, None)
+
+    config = json.loads((clip / "config.json").read_text())
+    config_case("config_a_list", "[1, 2]", "config is not a mapping")
+    config_case("architectures_nested", json.dumps(config | {"architectures": [["CLIPTextModel"]]}),
+                "unknown architecture")
+    config_case("activation_names_no_function", json.dumps(config | {"hidden_act": "os.system"}),
+                "its config does not build a model")
+    config_case("fifty_thousand_layers", json.dumps(config | {"num_hidden_layers": 50000}),
+                "asks for 50000 layers")
+    preprocessor = shutil.copytree(clip, root / "preprocessor_config_broken")
+    (preprocessor / "preprocessor_config.json").write_text("{oops")
+    cases["preprocessor_config_broken"] = (preprocessor, "unreadable config", None)
+    binary = shutil.copytree(clip, root / "config_not_text")
+    (binary / "config.json").write_bytes(b"\xff\xfe\x00{")
+    cases["config_not_text"] = (binary, "unreadable config", None)
+
+    merges = shutil.copytree(clip, root / "merges_unfit")  # the Rust tokenizer panics on these
+    (merges / "tokenizer.json").unlink()
+    (merges / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    (merges / "merges.txt").write_text("#version\na b\n")
+    cases["tokenizer_merges_unfit"] = (merges, "tokenizer files present but unreadable", None)
+    sparse = shutil.copytree(clip, root / "ids_past_the_table")
+    tokenizer = json.loads((sparse / "tokenizer.json").read_text())
+    for i, token in enumerate(["a</w>", "the</w>", "of</w>", "on</w>", "in</w>"]):
+        tokenizer["model"]["vocab"][token] = 60000 + i
+    (sparse / "tokenizer.json").write_text(json.dumps(tokenizer))
+    cases["token_ids_past_the_table"] = (sparse, "does not fit the embedding table", None)
+
+    width0 = dict(state)
+    width0[key] = torch.zeros(state[key].shape[0], 0)
+    save_file(width0, str(root / "width0.safetensors"))
+    cases["single_file_width_0"] = (root / "width0.safetensors", "do not describe a text encoder", None)
+
+    huge = shutil.copytree(clip, root / "huge")  # 64 GiB a matrix: the allocator refuses it
+    config = json.loads((huge / "config.json").read_text())
+    (huge / "config.json").write_text(json.dumps(config | {"hidden_size": 65536, "intermediate_size": 262144,
+                                                           "num_hidden_layers": 2, "num_attention_heads": 64}))
+    cases["config_too_large"] = (huge, "its config does not build a model", None)
     return cases, clip
 
 
@@ -120,8 +162,15 @@ def corpus(tmp_path_factory):
                                   "no_known_layout", "pickle_payload", "symlink_out_of_folder",
                                   "pipeline_class_not_allowed", "pipeline_path_traversal",
                                   "pipeline_folder_is_a_link_out", "pipeline_index_not_json",
-                                  "pipeline_folder_missing"])
-def test_hostile_input_is_one_line_exit_2_and_writes_nothing(corpus, case, tmp_path, capsys, monkeypatch):
+                                  "pipeline_folder_missing", "config_too_large", "config_a_list",
+                                  "architectures_nested", "activation_names_no_function", "fifty_thousand_layers",
+                                  "config_not_text", "tokenizer_merges_unfit", "token_ids_past_the_table",
+                                  "single_file_width_0", "preprocessor_config_broken"])
+def test_hostile_input_is_one_line_exit_2_and_writes_nothing(corpus, case, tmp_path, capfd, monkeypatch):
+    """Each ends in one line on stderr, file descriptor 2 included (native code writes there itself: the Rust
+    tokenizer's panic message). The last ten cases are session 2026-12-07 (k)'s review: each ended in an
+    "unexpected ..." line, a Rust panic and a Python traceback with exit 1, or (50,000 layers) 67 s and 4.4 GB
+    of building before its error."""
     cases, clip = corpus
     path, fragment, marker = cases[case]
     monkeypatch.chdir(tmp_path)
@@ -130,7 +179,7 @@ def test_hostile_input_is_one_line_exit_2_and_writes_nothing(corpus, case, tmp_p
         main(["detect", "--config", str(config_path("scan.yaml")), "--model.init_args.suspect", str(path),
               "--model.init_args.anchor", str(clip), "--trainer.default_root_dir", str(out),
               "--trainer.logger", "false"])
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert info.value.code == 2
     assert len(err.splitlines()) == 1 and err.startswith("lit-amdet: error:"), err
     assert fragment in err, err

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from lit_amdet import CheckpointError, UnsafeCheckpointError, load_encoder
 from lit_amdet.cli import main
+from tests import sd_files
 
 
 class _Payload:
@@ -221,3 +222,154 @@ def test_a_model_built_without_initialisation_holds_the_checkpoint_and_the_usual
     for k, v in buffers.items():
         if k not in saved:
             assert torch.equal(v, usual[k]), k
+
+
+def test_a_checkpoint_saved_in_shards_loads_as_the_whole_one(tiny_models, tmp_path):
+    """transformers writes a checkpoint above its shard size as ``model-0000i-of-n.safetensors`` and an index
+    (the hub's larger CLIP and SigLIP models come that way); until session 2026-12-07 (k) that was refused."""
+    sharded = load_encoder(sd_files.sharded(tiny_models["clip"], tmp_path / "sharded"))
+    whole = load_encoder(tiny_models["clip"])
+    with torch.no_grad():
+        torch.testing.assert_close(sharded.encode_text(["a red cube", "two cats"]),
+                                   whole.encode_text(["a red cube", "two cats"]), rtol=0, atol=0)
+
+
+def _damage(folder, case):
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    if case == "index_not_json":
+        index_path.write_text('{"weight_map": ')
+    elif case == "shard_missing":
+        (folder / shards[1]).unlink()
+    elif case == "shard_truncated":
+        data = (folder / shards[0]).read_bytes()
+        (folder / shards[0]).write_bytes(data[: len(data) // 2])
+    elif case == "shard_outside":
+        outside = folder.parent / "outside.safetensors"
+        shutil.move(folder / shards[0], outside)
+        index["weight_map"] = {k: "../outside.safetensors" if v == shards[0] else v
+                               for k, v in index["weight_map"].items()}
+        index_path.write_text(json.dumps(index))
+    elif case == "shard_links_outside":
+        outside = folder.parent / "outside.safetensors"
+        shutil.move(folder / shards[0], outside)
+        (folder / shards[0]).symlink_to(outside)
+    elif case == "key_in_another_shard":
+        key = next(k for k, v in index["weight_map"].items() if v == shards[0])
+        index["weight_map"][key] = shards[1]
+        index_path.write_text(json.dumps(index))
+    elif case == "key_left_out_of_the_index":
+        index["weight_map"].pop(next(iter(index["weight_map"])))
+        index_path.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("index_not_json", "unreadable shard index"), ("shard_missing", "is missing"),
+    ("shard_truncated", "corrupt or truncated safetensors shard"), ("shard_outside", "not a safetensors file name"),
+    ("shard_links_outside", "points outside"), ("key_in_another_shard", "does not hold the keys"),
+    ("key_left_out_of_the_index", "does not hold the keys")])
+def test_a_damaged_or_hostile_shard_index_is_one_line(tiny_models, tmp_path, capsys, case, fragment):
+    folder = sd_files.sharded(tiny_models["clip"], tmp_path / "sharded")
+    _damage(folder, case)
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", "--checkpoint", str(folder)])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("lit-amdet: error:"), err
+    assert fragment in err, err
+
+
+@pytest.mark.parametrize("name", ["clip", "longclip", "siglip"])
+def test_the_text_tower_alone_encodes_as_the_whole_model_and_its_image_tower_is_never_read(tiny_models, tmp_path,
+                                                                                           name):
+    """A scan needs the text tower only (`load_encoder`'s ``text_only``): the same outputs, bit for bit, without
+    building or reading the image tower (a ViT-L/14 CLIP's is 1.2 GB of its 1.7). Shown by an image tower whose
+    weights are NaN, which the whole load refuses; a key of neither tower is still refused."""
+    whole = load_encoder(tiny_models[name])
+    text = load_encoder(tiny_models[name], text_only=True)
+    assert text.text_tower_of == whole.model.__class__.__name__ and not text.has_image_tower
+    with torch.no_grad():
+        a, b = whole.encode(["a red cube", "two cats on a mat"]), text.encode(["a red cube", "two cats on a mat"])
+    assert torch.equal(a.pooled, b.pooled) and torch.equal(a.token_features, b.token_features)
+    assert text.embed_dim == whole.embed_dim
+
+    broken = shutil.copytree(tiny_models[name], tmp_path / "nan_image_tower")
+    state = load_file(str(broken / "model.safetensors"))
+    key = next(k for k in state if k.startswith("vision_model.") and k.endswith("weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        load_encoder(broken)
+    with torch.no_grad():
+        assert torch.equal(load_encoder(broken, text_only=True).encode(["a red cube", "two cats on a mat"]).pooled,
+                           b.pooled)
+
+    save_file({**state, "payload": torch.zeros(2)}, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="1 unexpected"):
+        load_encoder(broken, text_only=True)
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("tokenizer_linked_out", "points outside"), ("config_linked_out", "points outside"),
+    ("asks_to_download_a_tower", "asks to download pretrained weights (vision_cfg.timm_model_pretrained)"),
+    ("model_cfg_a_list", "no 'model_cfg' mapping"), ("config_not_text", "unreadable config")])
+def test_an_open_clip_folder_is_held_to_its_folder_and_never_fetches_anything(tiny_models, tmp_path, capsys, case,
+                                                                             fragment):
+    """Session 2026-12-07 (k)'s review: an open_clip folder's tokenizer or config linked out of it was read from
+    there (a scan went on to `clean`), a config whose vision tower named timm weights to fetch sent the loader to
+    the network for a minute, and a broken config ended in "unexpected ..." lines."""
+    folder = shutil.copytree(tiny_models["openclip"], tmp_path / "oc")
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    if case == "tokenizer_linked_out":
+        shutil.rmtree(folder / "tokenizer")
+        (folder / "tokenizer").symlink_to(tiny_models["clip"])
+    elif case == "config_linked_out":
+        outside = tmp_path / "outside.json"
+        (folder / "open_clip_config.json").rename(outside)
+        (folder / "open_clip_config.json").symlink_to(outside)
+    elif case == "asks_to_download_a_tower":
+        config["model_cfg"]["vision_cfg"] |= {"timm_model_name": "vit_tiny_patch16_224",
+                                              "timm_model_pretrained": True}
+        (folder / "open_clip_config.json").write_text(json.dumps(config))
+    elif case == "model_cfg_a_list":
+        (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": [1]}))
+    else:
+        (folder / "open_clip_config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", "--checkpoint", str(folder)])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("lit-amdet: error:"), err
+    assert fragment in err, err
+
+
+def test_the_recorded_sha256_is_of_the_weights_read_and_follows_no_link_out(tiny_models, tmp_path, capsys):
+    """The report's (and `inspect`'s) SHA-256 hashed every weights file under the folder, following a link in a
+    subfolder out of it: the hash depended on a file never loaded (session 2026-12-07 (k)'s review). Now it is
+    the weights file the load read; for a checkpoint in shards, its index and shards."""
+    import hashlib
+
+    folder = shutil.copytree(tiny_models["clip"], tmp_path / "model")
+    (folder / "extra").mkdir()
+    (folder / "extra" / "x.safetensors").symlink_to(tiny_models["bert"] / "model.safetensors")
+    main(["inspect", "--checkpoint", str(folder)])
+    out = capsys.readouterr().out
+    facts = json.loads(out[out.index("{"):])
+    assert facts["sha256"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    sharded = sd_files.sharded(tiny_models["clip"], tmp_path / "sharded")
+    main(["inspect", "--checkpoint", str(sharded)])
+    out = capsys.readouterr().out
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files = ["model.safetensors.index.json", *sorted(set(index["weight_map"].values()))]
+    assert json.loads(out[out.index("{"):])["sha256"] == hashlib.sha256(
+        b"".join((sharded / f).read_bytes() for f in files)).hexdigest()
+
+
+@pytest.mark.parametrize("text, fragment", [("[1]", "is not a mapping"), ('{"max_seq_length": "long"}',
+                                                                          "is not a length")])
+def test_a_broken_sentence_transformers_config_is_one_line(tiny_models, tmp_path, text, fragment):
+    """``sentence_bert_config.json`` is the untrusted checkpoint's too (session 2026-12-07 (k)'s review: a broken
+    one ended in "unexpected JSONDecodeError" or "TypeError")."""
+    folder = shutil.copytree(tiny_models["bert"], tmp_path / "bert")
+    (folder / "sentence_bert_config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=fragment):
+        load_encoder(folder)

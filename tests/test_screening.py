@@ -134,6 +134,38 @@ def test_a_suspect_that_cannot_be_opened_is_an_error_row_and_one_line_on_stderr(
     assert "Traceback" not in "\n".join(err)
 
 
+def test_a_suspect_that_fails_in_a_way_no_check_foresaw_is_an_error_row_not_the_end(layouts, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """Found by session 2026-12-07 (k)'s review: a folder of suspects holding one whose config.json was a list
+    ended the whole screening after the first scan ("unexpected AttributeError", no summary), since only our own
+    errors became rows. That input is now refused in one line (`tests/test_hostile.py`); any other failure of
+    one suspect is its row too, named "unexpected <type>", and the rest are scanned."""
+    import shutil
+
+    from lit_amdet.modules import detection
+
+    folder = tmp_path / "suspects"
+    for name in ("a_good", "b_odd", "c_good"):
+        shutil.copytree(layouts["clip"], folder / name)
+    real = detection.load_encoder
+
+    def load(ref, **kw):
+        if "b_odd" in str(ref):
+            raise AttributeError("'list' object has no attribute 'get'")
+        return real(ref, **kw)
+
+    monkeypatch.setattr(detection, "load_encoder", load)
+    out = tmp_path / "runs"
+    code = _detect(folder, layouts["clip"], out)
+    err = capsys.readouterr().err.strip().splitlines()
+    rows = {r["model"]: r for r in _summary(out)}
+    assert code == 2 and set(rows) == {"a_good", "b_odd", "c_good"}
+    assert rows["c_good"]["verdict"] != ERROR and rows["a_good"]["verdict"] != ERROR
+    assert rows["b_odd"]["verdict"] == ERROR
+    assert rows["b_odd"]["decided_by"] == "unexpected AttributeError: 'list' object has no attribute 'get'"
+    assert err[-1].startswith("lit-amdet: error: 1 of 3 encoders could not be scanned (the first: b_odd: ")
+
+
 def test_an_earlier_report_that_is_damaged_is_scanned_again_not_a_crash(tmp_path):
     """Found by the same review: a rerun read an earlier run folder's report.json as finished and ended in
     "unexpected AttributeError" (a list there) or "KeyError: 'verdict'" (a report cut short), or stopped the whole

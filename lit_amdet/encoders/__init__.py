@@ -2,15 +2,10 @@
 
 from lit_amdet.encoders.base import EncoderOutput, TextEncoderAdapter, TokenBatch, insert_block
 from lit_amdet.encoders.hf import BertAdapter, CLIPAdapter, SiglipAdapter
-from lit_amdet.encoders.loading import (
-    check_same_architecture,
-    file_sha256,
-    load_encoder,
-    read_state_dict,
-    text_encoder_components,
-)
+from lit_amdet.encoders.loading import check_same_architecture, load_encoder, text_encoder_components
 from lit_amdet.encoders.openclip import OpenCLIPAdapter
 from lit_amdet.encoders.tokenizers import clip_bpe_tokenizer
+from lit_amdet.encoders.weights import file_sha256, read_state_dict
 
 __all__ = [
     "BertAdapter",

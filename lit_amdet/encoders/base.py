@@ -161,6 +161,8 @@ class TextEncoderAdapter(nn.Module, ABC):
         self.component: str | None = None
         #: where a hub download came from (``{"hub_id": ..., "revision": ...}``); None for a local checkpoint
         self.origin: dict | None = None
+        #: the class of the whole two-tower model whose text tower alone was loaded (``CLIPModel``); else None
+        self.text_tower_of: str | None = None
 
     # ----- facts about the model -------------------------------------------------
     @property
@@ -352,4 +354,5 @@ class TextEncoderAdapter(nn.Module, ABC):
             "pooling": self.pooling,
             "has_image_tower": self.has_image_tower,
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            **({"text_tower_of": self.text_tower_of} if self.text_tower_of else {}),
         }

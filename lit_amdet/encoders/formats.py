@@ -60,6 +60,19 @@ def inside(path: Path, root: Path, what: str) -> Path:
     return resolved
 
 
+def read_config(path: Path, what: str = "config") -> dict:
+    """A checkpoint's JSON config as a mapping; unreadable bytes, broken JSON, JSON nested past the parser's depth
+    or any other shape than an object are a one-line `CheckpointError` naming the file (the file is the untrusted
+    checkpoint's: a list where a mapping belongs ended loads in "unexpected AttributeError")."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: unreadable {what} ({first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: {what} is not a mapping")
+    return config
+
+
 # ----- diffusers pipeline folders ----------------------------------------------------
 def is_pipeline(folder: Path) -> bool:
     return folder.is_dir() and (folder / PIPELINE_INDEX).is_file()
@@ -69,19 +82,17 @@ def _tokenizer_of(component: str) -> str:
     return "tokenizer" + component.removeprefix("text_encoder")
 
 
-def pipeline_components(folder: Path) -> list[str]:
+def pipeline_components(folder: Path, root: Path | None = None) -> list[str]:
     """The text encoders a pipeline's ``model_index.json`` lists (``text_encoder``, ``text_encoder_2``), after
     checking every text-encoder and tokenizer entry names an allowed transformers class and a folder inside
-    the pipeline. Other components (UNet, VAE, scheduler) are never loaded, so only their form is checked."""
-    index_file = inside(folder / PIPELINE_INDEX, folder, PIPELINE_INDEX)
+    the pipeline. Other components (UNet, VAE, scheduler) are never loaded, so only their form is checked.
+    ``root`` (default: the folder) is what no file may lead out of: a hub snapshot's repository, whose
+    ``blobs/`` its files link into."""
+    root = root or folder
+    index_file = inside(folder / PIPELINE_INDEX, root, PIPELINE_INDEX)
     if index_file.stat().st_size > _MAX_INDEX_BYTES:
         raise CheckpointError(f"{folder / PIPELINE_INDEX}: larger than 1 MiB; not a pipeline index")
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder / PIPELINE_INDEX}: unreadable ({exc})") from None
-    if not isinstance(index, dict):
-        raise CheckpointError(f"{folder / PIPELINE_INDEX}: not a mapping")
+    index = read_config(index_file, PIPELINE_INDEX)
     components = []
     for key, entry in index.items():
         if key.startswith("_") or entry is None:
@@ -105,7 +116,7 @@ def pipeline_components(folder: Path) -> list[str]:
         sub = folder / key
         if not sub.is_dir():
             raise CheckpointError(f"{folder}: model_index.json lists {key} but there is no {key}/ folder")
-        inside(sub, folder, f"{key}/")
+        inside(sub, root, f"{key}/")
         if key.startswith("text_encoder"):
             components.append(key)
     if not components:
@@ -171,7 +182,7 @@ def single_file_layouts(keys: list[str], where: str) -> dict[str, Layout]:
 
 def text_state(tensors, layout: Layout) -> dict[str, Tensor]:
     """The text encoder's weights under transformers' CLIP names (diffusers' conversion); ``tensors`` is a
-    `lit_amdet.encoders.loading.TensorFile` (``keys()``, ``get(key)``, ``path``)."""
+    `lit_amdet.encoders.weights.TensorFile` (``keys()``, ``get(key)``, ``path``)."""
     raw = {k[len(layout.prefix):]: tensors.get(k) for k in tensors.keys() if k.startswith(layout.prefix)}
     if layout.form == "transformers":
         return raw
@@ -244,5 +255,5 @@ def text_config(state: dict[str, Tensor], layout: Layout, where: str):
                           max_position_embeddings=int(positions.shape[0]), hidden_act=layout.hidden_act, **extra)
 
 
-__all__ = ["LAYOUTS", "Layout", "inside", "is_pipeline", "pipeline_components", "pipeline_parts",
+__all__ = ["LAYOUTS", "Layout", "inside", "is_pipeline", "pipeline_components", "pipeline_parts", "read_config",
            "single_file_layouts", "text_config", "text_state"]

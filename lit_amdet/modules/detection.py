@@ -207,7 +207,7 @@ class BackdoorDetection(EncoderTask):
             return  # several encoders to scan: `lit_amdet.commands.detect` scans each with a model of its own
         target = self.targets[0]
         self.encoder = self._frozen(load_encoder(target.ref, model_name=hp.model_name, allow_pickle=hp.allow_pickle,
-                                                 component=target.component))
+                                                 component=target.component, text_only=True))
         self.anchor = None
         if hp.anchor is not None:
             part = anchor_component(hp.anchor, self.encoder.component, hp.allow_pickle)

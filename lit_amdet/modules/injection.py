@@ -30,7 +30,7 @@ from torchmetrics import MeanMetric
 from lit_amdet.amdet import masked_mean
 from lit_amdet.assimilation import assimilation_score, pooled_consistency, scored_positions
 from lit_amdet.encoders.base import insert_block
-from lit_amdet.encoders.loading import read_state_dict
+from lit_amdet.encoders.weights import read_state_dict
 from lit_amdet.errors import ConfigError
 from lit_amdet.io import check_writable_folder
 from lit_amdet.metrics import retrieves_first
