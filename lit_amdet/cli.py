@@ -383,7 +383,8 @@ def _root_cause(exc: BaseException) -> BaseException:
     data in a ValueError whose message holds the whole parsed config ("Does not validate against any of the Union
     subtypes ... Namespace(...)"); the error to name is the one it wraps."""
     seen = {id(exc)}
-    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+    while (inner := exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)) is not None \
+            and id(inner) not in seen:  # an error raised `from None` hid its context on purpose
         seen.add(id(inner))
         exc = inner
     return exc

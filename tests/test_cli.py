@@ -40,6 +40,23 @@ class Exploding(LightningModule):
         raise RuntimeError("can't allocate memory: you tried to allocate 68719476736 bytes")
 
 
+class ExplodingQuietly(LightningModule):
+    """A module whose construction fails with an error that hides its context on purpose (``from None``)."""
+
+    def __init__(self, width: int = 4) -> None:
+        try:
+            {}[width]
+        except KeyError:
+            raise RuntimeError("the config names no such layer") from None
+
+
+def test_an_unexpected_error_raised_from_none_is_named_not_the_context_it_hid(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "tests.test_cli.ExplodingQuietly", "--trainer.fast_dev_run", "1",
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
+    assert capsys.readouterr().err.strip() == "lit-amdet: unexpected RuntimeError: the config names no such layer"
+
+
 def test_an_unexpected_error_while_the_model_is_built_names_it_not_the_parsed_config(tmp_path, capsys):
     """jsonargparse wraps an error raised while it builds the model in a ValueError whose message holds the whole
     parsed config ("Does not validate against any of the Union subtypes ... Namespace(...)"): a config.json

@@ -193,18 +193,20 @@ def _native_stderr_held():
     """Hold what is written to file descriptor 2 while the block runs; write it out afterwards only if the block
     succeeded. The tokenizers library's Rust code writes its own panic message there (and a backtrace where
     ``RUST_BACKTRACE`` is set) before the panic reaches Python as an exception, which is then one line."""
-    sys.stderr.flush()
+    if sys.stderr is not None:
+        sys.stderr.flush()
     with tempfile.TemporaryFile() as held:
         saved = os.dup(2)
         os.dup2(held.fileno(), 2)
         try:
             yield
         finally:
-            sys.stderr.flush()
+            if sys.stderr is not None:
+                sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
         held.seek(0)
-        sys.stderr.write(held.read().decode(errors="replace"))
+        os.write(2, held.read())
 
 
 def _check_vocab(adapter: TextEncoderAdapter, where: str) -> None:
@@ -240,7 +242,8 @@ def _text_tower_state(model: nn.Module, tensors: TensorFile, others: tuple[str, 
     prefix = getattr(model, "base_model_prefix", "") or ""
     names = _align_keys({k: k for k in tensors.keys()}, own, tuple(p for p in ("text_model.", f"{prefix}.")
                                                                       if p != "."))
-    foreign = [k for a, k in names.items() if a not in own and not a.startswith(others)]
+    foreign = [k for a, k in names.items() if a not in own and not a.startswith(others)
+               and not a.endswith("position_ids")]  # a buffer transformers before 4.31 saved; `_load_into` drops it
     if foreign:
         raise CheckpointError(f"{tensors.path}: weights do not fit the architecture: {len(foreign)} unexpected "
                               f"(e.g. {foreign[0]})")

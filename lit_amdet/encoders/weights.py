@@ -38,6 +38,8 @@ def file_sha256(path: Path) -> str:
     if path.name == SHARD_INDEX:
         files += [path.parent / shard for shard in sorted(set(_shard_map(path).values()))]
     for f in files:
+        if not f.is_file():  # a shard gone since the load, or a FIFO, which would block the read for ever
+            raise CheckpointError(f"{f}: not a regular file; its checkpoint cannot be hashed")
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
@@ -124,11 +126,12 @@ def _safe_open(path: Path, what: str):
 
 class TensorFile:
     """The tensors of one weights file or shard index, read key by key: safetensors maps a file and copies out
-    only what is asked for, and a shard is opened only when one of its keys is. Each shard must hold exactly the
-    keys the index maps to it (a key missing from its shard, read from another or left out of the index is a
-    one-line error), and may be a link (a hub snapshot's files link into its ``blobs/``) but not out of ``root``
-    (default: the index's folder). Pickled files (only with ``allow_pickle``) go through
-    ``torch.load(weights_only=True, mmap=True)``, which runs no code and maps the storage instead of reading it."""
+    only what is asked for. Every shard of an index is opened and checked at once (its header only), those whose
+    keys are never read included: each must hold exactly the keys the index maps to it (a key missing from its
+    shard, read from another or left out of the index is a one-line error), and may be a link (a hub snapshot's
+    files link into its ``blobs/``) but not out of ``root`` (default: the index's folder). Pickled files (only
+    with ``allow_pickle``) go through ``torch.load(weights_only=True, mmap=True)``, which runs no code and maps
+    the storage instead of reading it."""
 
     def __init__(self, path: Path, allow_pickle: bool, root: Path | None = None) -> None:
         self.path, self._root = path, root or path.parent
@@ -136,6 +139,8 @@ class TensorFile:
         self._handles: dict[str, Any] = {}
         if path.name == SHARD_INDEX:
             self._shard_of = _shard_map(path)
+            for shard in sorted(set(self._shard_of.values())):  # every shard checked now, those a load of one
+                self._handle(shard)  # tower never reads included (their headers only: the data stays unread)
         elif path.suffix == ".safetensors":
             self._handles[path.name] = _safe_open(path, "file")
             self._shard_of = dict.fromkeys(self._handles[path.name].keys(), path.name)
@@ -161,7 +166,7 @@ class TensorFile:
         if shard not in self._handles:
             path = inside(self.path.parent / shard, self._root, "shard")
             if not path.is_file():
-                raise CheckpointError(f"{self.path}: shard {shard} is missing")
+                raise CheckpointError(f"{self.path}: shard {shard} is missing (or not a regular file)")
             handle = _safe_open(path, "shard")
             mapped = {k for k, s in self._shard_of.items() if s == shard}
             if set(handle.keys()) != mapped:
