@@ -168,9 +168,9 @@ def corpus(tmp_path_factory):
                                   "single_file_width_0", "preprocessor_config_broken"])
 def test_hostile_input_is_one_line_exit_2_and_writes_nothing(corpus, case, tmp_path, capfd, monkeypatch):
     """Each ends in one line on stderr, file descriptor 2 included (native code writes there itself: the Rust
-    tokenizer's panic message). The last ten cases are session 2026-12-07 (k)'s review: each ended in an
-    "unexpected ..." line, a Rust panic and a Python traceback with exit 1, or (50,000 layers) 67 s and 4.4 GB
-    of building before its error."""
+    tokenizer's panic message). The last ten cases are session 2026-12-07 (k)'s, nine of them found by its
+    review: each ended in an "unexpected ..." line, a Rust panic and a Python traceback with exit 1, or (50,000
+    layers) 67 s and 4.4 GB of building before its error."""
     cases, clip = corpus
     path, fragment, marker = cases[case]
     monkeypatch.chdir(tmp_path)
