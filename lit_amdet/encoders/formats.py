@@ -30,14 +30,14 @@ asked for, so a 7 GB SDXL file costs the text encoders' memory.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor
 
-from lit_amdet.errors import CheckpointError, UnsafeCheckpointError, first_line
+from lit_amdet.errors import CheckpointError, ConfigError, UnsafeCheckpointError, first_line
+from lit_amdet.io import read_json
 
 PIPELINE_INDEX = "model_index.json"
 #: the classes a pipeline's text encoder and tokenizer entries may name (anything else is refused)
@@ -65,9 +65,9 @@ def read_config(path: Path, what: str = "config") -> dict:
     or any other shape than an object are a one-line `CheckpointError` naming the file (the file is the untrusted
     checkpoint's: a list where a mapping belongs ended loads in "unexpected AttributeError")."""
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: unreadable {what} ({first_line(exc)})") from None
+        config = read_json(path, what)
+    except ConfigError as exc:  # the file is the checkpoint's: a checkpoint error, exit 2 all the same
+        raise CheckpointError(str(exc)) from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: {what} is not a mapping")
     return config

@@ -283,7 +283,7 @@ def _load_hf(folder: Path, allow_pickle: bool, tokenizer_folder: Path | None = N
     config._attn_implementation = "sdpa"
     model = _built(lambda: model_cls(config), str(folder))
     state = _text_tower_state(model, tensors, tower[1]) if tower is not None else \
-        {key: tensors.get(key) for key in tensors.keys()}
+        tensors.state()
     _load_into(model, state, str(weights))
     model.eval()
     text_cfg = getattr(config, "text_config", config)
@@ -345,7 +345,7 @@ def _load_openclip(folder: Path | None, model_name: str | None, weights: Path | 
     custom = cfg.pop("custom_text", False)
     cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
     model = _built(lambda: cls(**cfg), where)
-    state = {key: tensors.get(key) for key in tensors.keys()}
+    state = tensors.state()
     _load_into(model, state, str(weights))
     model.eval()
     text = getattr(model, "text", model)

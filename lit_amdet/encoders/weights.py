@@ -10,14 +10,13 @@ pickled files only with ``allow_pickle``, and then through ``torch.load(weights_
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lit_amdet.encoders.formats import inside
+from lit_amdet.encoders.formats import inside, read_config
 from lit_amdet.errors import CheckpointError, UnsafeCheckpointError, first_line
 
 SAFE_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
@@ -74,8 +73,7 @@ def read_state_dict(file: Path, allow_pickle: bool = False, mmap: bool = False,
     tensors used are paged in). A shard index reads its shards (`TensorFile`), none of which may lead out of
     ``root`` (default: the index's folder)."""
     if file.name == SHARD_INDEX:
-        shards = TensorFile(file, allow_pickle, root)
-        return {key: shards.get(key) for key in shards.keys()}
+        return TensorFile(file, allow_pickle, root).state()
     if file.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -103,11 +101,10 @@ def read_state_dict(file: Path, allow_pickle: bool = False, mmap: bool = False,
 def _shard_map(index: Path) -> dict[str, str]:
     """key -> shard file name, from a shard index; a name that is not a plain safetensors file name in the index's
     folder is refused (the index is the untrusted checkpoint's too)."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        items = list(weight_map.items())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{index}: unreadable shard index ({first_line(exc)})") from None
+    weight_map = read_config(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: unreadable shard index (no 'weight_map' mapping)")
+    items = list(weight_map.items())
     for _, shard in items:
         if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
             raise UnsafeCheckpointError(f"{index}: shard {shard!r} is not a safetensors file name in its folder; "
@@ -150,6 +147,10 @@ class TensorFile:
 
     def keys(self) -> list[str]:
         return list(self._shard_of)
+
+    def state(self) -> dict[str, Tensor]:
+        """Every tensor, by key."""
+        return {key: self.get(key) for key in self._shard_of}
 
     def get(self, key: str) -> Tensor:
         if self._state is not None:
