@@ -61,6 +61,6 @@ benchmark-world: $(STAMP)
 
 # every table of BENCHMARKS.md's detection-benchmark section, in one command: the quick MiniLM zoo with its figures
 # and the speed baseline, the MiniLM at the issue's size, the world bases and their four zoos. Resumable.
-# About 8-9 h on 2 free CPU cores from nothing (estimate: bases ~2 h, quick ~70 min, minilm ~2 h 25 min, world
-# ~2 h 40 min).
+# About 7-9 h on 2 free CPU cores from nothing (estimate: bases ~30 min to 2 h by the machine, quick ~70 min,
+# minilm ~2 h 25 min, world ~2 h 40 min).
 benchmarks: bases benchmark-quick benchmark-minilm benchmark-world

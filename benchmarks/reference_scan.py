@@ -482,12 +482,20 @@ def thread_env(threads: int) -> dict[str, str]:
 
 def run_child(argv: list[str], log_path: Path, threads: int = 1, ok_codes: tuple[int, ...] = (0,),
               cwd: Path = REPO) -> dict:
-    """Run ``python argv...`` in ``cwd`` to completion; its wall seconds and lifetime peak RSS (``wait4``, this child
-    only). ``ok_codes``: the exit codes that are results, not failures (``detect`` exits 1 on a backdoor, 3
-    inconclusive). ``python -m lit_amdet`` imports the package of ``cwd`` (another checkout's, say)."""
+    """Run ``python argv...`` in ``cwd`` to completion; its wall seconds and lifetime peak RSS. ``ok_codes``: the
+    exit codes that are results, not failures (``detect`` exits 1 on a backdoor, 3 inconclusive). ``python -m
+    lit_amdet`` imports the package of ``cwd`` (another checkout's, say).
+
+    The peak is GNU time's (``%M``), which forks the child from its own small process: Linux starts a child's
+    ``ru_maxrss`` at what its parent held, so ``wait4`` on a child of this script reported at least this
+    script's own peak (it builds and loads the timed models). Without ``/usr/bin/time``, ``wait4``'s, an upper
+    bound (``peak_rss_source`` says which)."""
+    timer = shutil.which("time", path="/usr/bin:/bin")
+    peak_file = log_path.with_name(log_path.name + ".peak")
+    prefix = [timer, "-f", "%M", "-o", str(peak_file)] if timer else []
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*prefix, sys.executable, *argv], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **thread_env(threads)})
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
@@ -495,7 +503,11 @@ def run_child(argv: list[str], log_path: Path, threads: int = 1, ok_codes: tuple
     if proc.returncode not in ok_codes:
         tail = log_path.read_text().strip().splitlines()[-5:]
         raise RuntimeError(f"{' '.join(argv[:3])} exited {proc.returncode}: {' | '.join(tail)}")
-    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024}  # ru_maxrss is KiB on Linux
+    peak_kib = usage.ru_maxrss  # KiB on Linux
+    if timer:  # its last line (an exit status other than 0 adds one before it)
+        peak_kib = int(peak_file.read_text().strip().splitlines()[-1])
+        peak_file.unlink()
+    return {"wall_s": wall, "peak_rss_mib": peak_kib / 1024, "peak_rss_source": "time" if timer else "wait4"}
 
 
 def accelerator_of(device: str) -> str:

@@ -37,6 +37,7 @@ from lit_amdet.benchmark import (
 )
 from lit_amdet.decision import BACKDOORED, INCONCLUSIVE
 from lit_amdet.errors import ConfigError, LitAmdetError, first_line
+from lit_amdet.io import removed_unless
 from lit_amdet.outliers import DaoForm, Variant
 from lit_amdet.resources import config_path
 from lit_amdet.screening import ERROR
@@ -211,7 +212,13 @@ class AmdetCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         if self.model is None and subcommand not in self.model_optional:
             raise ConfigError(f"{subcommand} needs a model: --model CLASS_PATH or a config with a 'model:' section")
-        super()._run_subcommand(subcommand)
+        if subcommand != "fit":
+            return super()._run_subcommand(subcommand)
+        # Lightning makes the logger's folder (an event file, config.yaml) before any hook can refuse the run
+        trainer = self.trainer
+        with removed_unless(lambda: trainer.global_step > 0 or not trainer.is_global_zero,
+                            trainer.log_dir, trainer.default_root_dir):
+            super()._run_subcommand(subcommand)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's ``--ckpt_path`` (a run to resume), read before any work: a missing or unreadable file is one

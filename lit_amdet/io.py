@@ -131,3 +131,32 @@ def staged_folder(final: str | Path, prefix: str = ".staging-", overwrite: bool 
         stage.commit()
     finally:
         stage.discard()
+
+
+@contextmanager
+def removed_unless(kept: Callable[[], bool], *paths: str | Path) -> Iterator[None]:
+    """Remove what the block created at ``paths`` when it raises and ``kept()`` is false.
+
+    For folders other code creates as a side effect before the first useful output (Lightning makes its
+    logger's version folder, with an event file and ``config.yaml``, before any ``setup`` hook can refuse
+    the run): the topmost missing ancestor of each path is noted on entry and removed on a failure, so a
+    refused run leaves nothing behind, while a folder that existed before is never touched.
+    """
+    fresh = {_topmost_missing(Path(p)) for p in paths if p is not None}
+    fresh.discard(None)
+    try:
+        yield
+    except BaseException:
+        if not kept():
+            for path in fresh:
+                shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _topmost_missing(path: Path) -> Path | None:
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path

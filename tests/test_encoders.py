@@ -261,3 +261,41 @@ def test_parameter_groups_match_the_old_prefix_rules(tiny_models, name):
     assert logit == {n for n in names if n.startswith("logit_")}
     assert not (image & projection) and not (image & logit)
     assert bool(image) == adapter.has_image_tower
+
+
+def test_a_sentence_encoder_that_pools_its_cls_token_is_scanned_on_that_embedding(tiny_models, tmp_path):
+    """sentence-transformers folders say how they pool (``1_Pooling/config.json``); BGE models read the [CLS]
+    token's feature. The loader ignored it and scanned the mean (session 2026-12-07 (l)): another embedding than
+    the model's users get. Now [CLS] pooling is read at position 0, with or without a trigger inserted after it,
+    against the native forward; it survives a save; a mode the scan does not support is one line."""
+    import json
+    import shutil
+
+    from lit_amdet import CheckpointError
+
+    folder = shutil.copytree(tiny_models["bert"], tmp_path / "cls")
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True,
+                                                                  "pooling_mode_mean_tokens": False}))
+    adapter, mean = load_encoder(folder), load_encoder(tiny_models["bert"])
+    assert adapter.pooling == "index" and mean.pooling == "mean" and adapter.describe()["pooling"] == "index"
+    batch = adapter.tokenize(PROMPTS)
+    block = torch.randn(2, adapter.width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        native = adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        torch.testing.assert_close(adapter.encode(batch).pooled, native[:, 0], atol=1e-5, rtol=1e-5)
+        out = adapter.encode_embeddings(adapter.embed(batch.input_ids), batch, insert=block, position=1)
+        torch.testing.assert_close(out.pooled, out.token_features[:, 0])
+        assert not torch.allclose(out.pooled, mean.encode_embeddings(mean.embed(batch.input_ids), batch,
+                                                                     insert=block, position=1).pooled)
+    saved = load_encoder(adapter.save(tmp_path / "saved"))
+    assert saved.pooling == "index"
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(CheckpointError, match="pooling_mode_max_tokens; the scan supports"):
+        load_encoder(folder)
+    outside = tmp_path / "elsewhere.json"  # like every file of a checkpoint, held to its folder
+    outside.write_text(json.dumps({"pooling_mode_cls_token": True}))
+    (folder / "1_Pooling" / "config.json").unlink()
+    (folder / "1_Pooling" / "config.json").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="pooling config points outside"):
+        load_encoder(folder)

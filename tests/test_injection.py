@@ -158,6 +158,23 @@ def test_fit_refuses_what_would_plant_nothing_or_fail_late_in_one_line(tiny_mode
     assert not out.exists()
 
 
+def test_a_refused_fit_leaves_no_logger_folder(tiny_models, tmp_path, capsys):
+    """Lightning creates the TensorBoard logger's version folder (an event file and config.yaml) before any hook
+    can refuse the run, so a refused fit left ``tb/version_0`` behind (session 2026-12-07 (k)). A run refused
+    before its first step now removes what it created, and nothing that was there before."""
+    prompts = tmp_path / "no_o.txt"
+    prompts.write_text("\n".join(f"a big red hat {i}" for i in range(40)))
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", "configs/attack_text.yaml", "--trainer.max_steps", "2", "--trainer.callbacks", "[]",
+              "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(runs / "root"),
+              "--trainer.logger.init_args.save_dir", str(runs / "logs"),
+              "--model.init_args.encoder", str(tiny_models["clip"]),
+              "--model.init_args.output_dir", str(tmp_path / "model"), "--data.init_args.source", str(prompts)])
+    assert info.value.code == 2 and "no training prompt can carry" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_o.txt"]
+
+
 def test_a_model_folder_rewritten_and_cut_off_midway_carries_no_record(tiny_models, tmp_path, monkeypatch):
     """Found by the same review: a fit killed while it wrote its model over an earlier one left the new weights
     beside the earlier run's backdoor.json. The record now goes first and is written last."""

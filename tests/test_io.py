@@ -11,6 +11,7 @@ from lit_amdet.io import (
     StagedFolder,
     check_writable_folder,
     read_json,
+    removed_unless,
     staged_folder,
     write_json,
     write_text,
@@ -105,3 +106,24 @@ def test_a_folder_a_run_will_write_is_refused_up_front_when_a_file_is_in_the_way
     (tmp_path / "dir").mkdir()
     check_writable_folder(tmp_path / "dir")
     check_writable_folder(tmp_path / "dir" / "sub")
+
+
+def test_removed_unless_removes_only_what_a_failed_block_created(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("x")
+    made = tmp_path / "new" / "deeper" / "version_0"
+    with pytest.raises(RuntimeError):
+        with removed_unless(lambda: False, made, tmp_path / "old" / "inner", None):
+            made.mkdir(parents=True)
+            (tmp_path / "old" / "inner").mkdir()
+            raise RuntimeError("refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["keep.txt"]
+    with pytest.raises(RuntimeError):  # kept: a run that got somewhere keeps its folder
+        with removed_unless(lambda: True, made):
+            made.mkdir(parents=True)
+            raise RuntimeError("late")
+    assert made.is_dir()
+    with removed_unless(lambda: False, tmp_path / "ok"):  # no failure: nothing removed
+        (tmp_path / "ok").mkdir()
+    assert (tmp_path / "ok").is_dir()

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from lit_amdet import CheckpointError, UnsafeCheckpointError, load_encoder
 from lit_amdet.cli import main
+from lit_amdet.errors import ConfigError
 from tests import sd_files
 
 
@@ -283,41 +284,55 @@ def test_a_damaged_or_hostile_shard_index_is_one_line(tiny_models, tmp_path, cap
         load_encoder(folder, text_only=True)
 
 
-@pytest.mark.parametrize("name", ["clip", "longclip", "siglip"])
+#: family: (weights file, the image tower's key prefix, how ``text_tower_of`` names the whole model's class)
+TOWER_FILES = {"clip": ("model.safetensors", "vision_model.", "{}"),
+               "longclip": ("model.safetensors", "vision_model.", "{}"),
+               "siglip": ("model.safetensors", "vision_model.", "{}"),
+               "openclip": ("open_clip_model.safetensors", "visual.", "open_clip {}"),
+               "openclip_custom": ("open_clip_model.safetensors", "visual.", "open_clip {}")}
+
+
+@pytest.mark.parametrize("name", list(TOWER_FILES))
 def test_the_text_tower_alone_encodes_as_the_whole_model_and_its_image_tower_is_never_read(tiny_models, tmp_path,
                                                                                            name):
     """A scan needs the text tower only (`load_encoder`'s ``text_only``): the same outputs, bit for bit, without
     building or reading the image tower (a ViT-L/14 CLIP's is 1.2 GB of its 1.7). Shown by an image tower whose
-    weights are NaN, which the whole load refuses; a key of neither tower is still refused."""
+    weights are NaN, which the whole load refuses; a key of neither tower is still refused. open_clip models
+    (session 2026-12-07 (l)) are built whole and their image tower dropped before any tensor is read."""
+    weights, image_prefix, tower_of = TOWER_FILES[name]
     whole = load_encoder(tiny_models[name])
     text = load_encoder(tiny_models[name], text_only=True)
-    assert text.text_tower_of == whole.model.__class__.__name__ and not text.has_image_tower
+    assert text.text_tower_of == tower_of.format(whole.model.__class__.__name__) and not text.has_image_tower
     with torch.no_grad():
         a, b = whole.encode(["a red cube", "two cats on a mat"]), text.encode(["a red cube", "two cats on a mat"])
     assert torch.equal(a.pooled, b.pooled) and torch.equal(a.token_features, b.token_features)
-    assert text.embed_dim == whole.embed_dim
+    assert text.embed_dim == whole.embed_dim and text.describe()["width"] == whole.describe()["width"]
 
     broken = shutil.copytree(tiny_models[name], tmp_path / "nan_image_tower")
-    state = load_file(str(broken / "model.safetensors"))
-    key = next(k for k in state if k.startswith("vision_model.") and k.endswith("weight"))
+    state = load_file(str(broken / weights))
+    key = next(k for k in state if k.startswith(image_prefix) and k.endswith("weight"))
     state[key] = torch.full_like(state[key], float("nan"))
-    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(broken / weights), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="NaN or inf"):
         load_encoder(broken)
     with torch.no_grad():
         assert torch.equal(load_encoder(broken, text_only=True).encode(["a red cube", "two cats on a mat"]).pooled,
                            b.pooled)
 
-    save_file({**state, "payload": torch.zeros(2)}, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    save_file({**state, "payload": torch.zeros(2)}, str(broken / weights), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="1 unexpected"):
         load_encoder(broken, text_only=True)
+    if name.startswith("openclip"):  # its config still names the image tower: saved, it would not load again
+        with pytest.raises(ConfigError, match="loaded alone"):
+            text.save(tmp_path / "saved")
+        return
 
     # transformers before 4.31 saved the position ids as a weight: such a checkpoint loads whole and text-only
     old = shutil.copytree(tiny_models[name], tmp_path / "with_position_ids")
-    state = load_file(str(old / "model.safetensors"))
+    state = load_file(str(old / weights))
     positions = whole.text.embeddings.position_embedding.weight.shape[0]
     state["text_model.embeddings.position_ids"] = torch.arange(positions)[None]
-    save_file(state, str(old / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(old / weights), metadata={"format": "pt"})
     with torch.no_grad():
         assert torch.equal(load_encoder(old, text_only=True).encode(["a red cube", "two cats on a mat"]).pooled,
                            b.pooled)
@@ -395,4 +410,30 @@ def test_a_broken_sentence_transformers_config_is_one_line(tiny_models, tmp_path
     folder = shutil.copytree(tiny_models["bert"], tmp_path / "bert")
     (folder / "sentence_bert_config.json").write_text(text)
     with pytest.raises(CheckpointError, match=fragment):
+        load_encoder(folder)
+
+
+def test_a_bert_saved_without_its_pooler_loads_and_scans_against_one_with_it(tiny_models, tmp_path):
+    """Found by a held-out red team (session 2026-12-07 (l)): a sentence encoder fine-tuned as
+    ``BertModel(add_pooling_layer=False)`` and saved has no ``pooler.`` weights, and was refused as "2 weights
+    missing", though mean pooling never reads them. It now loads as that architecture, encodes as the model with
+    its pooler does, and counts as the same architecture as an anchor that has one."""
+    from lit_amdet.encoders.loading import check_same_architecture
+
+    folder = shutil.copytree(tiny_models["bert"], tmp_path / "no_pooler")
+    state = load_file(str(folder / "model.safetensors"))
+    assert any(k.startswith("pooler.") for k in state)
+    save_file({k: v for k, v in state.items() if not k.startswith("pooler.")}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    with_pooler, without = load_encoder(tiny_models["bert"]), load_encoder(folder)
+    assert without.model.pooler is None and without.unused_parameter_names() == []
+    with torch.no_grad():
+        a, b = with_pooler.encode(["a red cube", "two cats"]), without.encode(["a red cube", "two cats"])
+    assert torch.equal(a.pooled, b.pooled) and torch.equal(a.token_features, b.token_features)
+    check_same_architecture(without, with_pooler)
+    check_same_architecture(with_pooler, without)
+    save_file({**{k: v for k, v in state.items() if not k.startswith("pooler.")},
+               "encoder.layer.0.output.dense.weight": state["pooler.dense.weight"][:, :1].contiguous()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="shape"):  # the other keys are held to the architecture as before
         load_encoder(folder)

@@ -114,3 +114,17 @@ def test_speed_reports_the_warm_cache_beside_the_cold_runs():
     assert s["speedup_warm_median"] == pytest.approx(7.5) and s["speedup_warm_min"] == 5.0
     assert s["ours_warm_correct"] == 2 and s["reference_correct"] == 1
     assert "| m1 (benign) | 100.0 | clean | 40.0 | clean | 10 | 2.50 | 1 | 10.0 | 10.00 |" in speed.table(rows)
+
+
+def test_a_childs_peak_memory_is_its_own_not_the_parents(tmp_path):
+    """Linux starts a child's ``ru_maxrss`` at what its parent held, so ``wait4`` on a child of a process that had
+    built a 1.7 GB model reported the builder's 2,390 MiB (session 2026-12-07 (l)). `run_child` reads the child's
+    own peak: a child that touches 64 MiB reports under 150 MiB however large this test process has grown (torch
+    imported, and 256 MiB more held while the child runs)."""
+    ballast = torch.ones(2**28, dtype=torch.uint8)
+    child = "b = bytearray(2**26)\nfor i in range(0, len(b), 4096): b[i] = 1"
+    measured = reference_scan.run_child(["-c", child], tmp_path / "child.log")
+    assert int(ballast[-1]) == 1
+    if measured["peak_rss_source"] == "time":
+        assert 64 < measured["peak_rss_mib"] < 150, measured
+    assert not list(tmp_path.glob("*.peak"))

@@ -240,7 +240,8 @@ class SiglipAdapter(HFAdapter):
 
 
 class BertAdapter(HFAdapter):
-    """HF ``BertModel`` sentence encoders (e.g. all-MiniLM-L6-v2): mean pooling over real tokens.
+    """HF ``BertModel`` sentence encoders (e.g. all-MiniLM-L6-v2): mean pooling over real tokens, or with
+    ``cls_pooling`` the ``[CLS]`` token's feature (sentence-transformers' ``pooling_mode_cls_token``, as BGE).
 
     H is the embedding layer's output, i.e. after its LayerNorm; BERT has no final
     norm after the last layer (each layer is post-norm).
@@ -249,9 +250,18 @@ class BertAdapter(HFAdapter):
     family = "bert"
     pooling = "mean"
 
-    def __init__(self, model: nn.Module, tokenizer, name: str = "encoder", max_seq_length: int | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer, name: str = "encoder", max_seq_length: int | None = None,
+                 cls_pooling: bool = False) -> None:
         super().__init__(model, tokenizer, name)
         self.max_seq_length = max_seq_length
+        if cls_pooling:  # read at a fixed index, 0: an insertion after [CLS] never moves it
+            self.pooling = "index"
+
+    def batch_from_ids(self, ids: Tensor, token_mask: Tensor) -> TokenBatch:
+        batch = super().batch_from_ids(ids, token_mask)
+        if self.pooling == "index":
+            batch.pool_index = torch.zeros_like(batch.pool_index)
+        return batch
 
     @property
     def context_length(self) -> int:
@@ -274,7 +284,7 @@ class BertAdapter(HFAdapter):
         return self.model.embeddings(input_ids=input_ids)
 
     def unused_parameter_names(self) -> list[str]:
-        # sentence encoders mean-pool; the [CLS] pooler head is never used
+        # sentence encoders pool the last layer's features (mean or [CLS]); the [CLS] pooler head is never used
         return [n for n, _ in self.model.named_parameters() if n.startswith("pooler.")]
 
     def position_embedding(self, positions: Tensor) -> None:
@@ -294,9 +304,9 @@ class BertAdapter(HFAdapter):
             (path / "sentence_bert_config.json").write_text(
                 json.dumps({"max_seq_length": self.max_seq_length, "do_lower_case": False})
             )
+        if self.max_seq_length or self.pooling == "index":  # the pooling a reload must read, not the default
             pool = path / "1_Pooling"
             pool.mkdir(exist_ok=True)
-            (pool / "config.json").write_text(
-                json.dumps({"word_embedding_dimension": self.width, "pooling_mode_mean_tokens": True})
-            )
+            mode = "pooling_mode_cls_token" if self.pooling == "index" else "pooling_mode_mean_tokens"
+            (pool / "config.json").write_text(json.dumps({"word_embedding_dimension": self.width, mode: True}))
         return path

@@ -281,7 +281,11 @@ def _load_hf(folder: Path, allow_pickle: bool, tokenizer_folder: Path | None = N
     tensors = TensorFile(weights, allow_pickle, root)
     _check_layers(config, len(tensors.keys()), str(folder))
     config._attn_implementation = "sdpa"
-    model = _built(lambda: model_cls(config), str(folder))
+    # a BERT saved without the [CLS] pooler no path uses (`add_pooling_layer=False`, as many fine-tuning scripts
+    # build it) is that architecture without it, not a checkpoint missing weights
+    extra = {"add_pooling_layer": False} if arch == "BertModel" and not any(
+        k.startswith(("pooler.", "bert.pooler.")) for k in tensors.keys()) else {}
+    model = _built(lambda: model_cls(config, **extra), str(folder))
     state = _text_tower_state(model, tensors, tower[1]) if tower is not None else \
         tensors.state()
     _load_into(model, state, str(weights))
@@ -294,7 +298,8 @@ def _load_hf(folder: Path, allow_pickle: bool, tokenizer_folder: Path | None = N
         max_len = formats.read_config(st_cfg).get("max_seq_length") if st_cfg.is_file() else None
         if max_len is not None and (not isinstance(max_len, int) or max_len < 2):
             raise CheckpointError(f"{st_cfg}: max_seq_length {max_len!r} is not a length")
-        adapter = BertAdapter(model, tokenizer, name=name, max_seq_length=max_len)
+        adapter = BertAdapter(model, tokenizer, name=name, max_seq_length=max_len,
+                              cls_pooling=_sentence_pooling(folder, root) == "cls")
     else:
         adapter = adapter_cls(model, tokenizer, name=name)
     adapter.text_tower_of, adapter.source_path = (arch if tower is not None else None), weights
@@ -305,10 +310,33 @@ def _load_hf(folder: Path, allow_pickle: bool, tokenizer_folder: Path | None = N
     return adapter
 
 
+#: sentence-transformers' pooling modes (``1_Pooling/config.json``) and what the scan makes of each
+ST_POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                    "pooling_mode_max_tokens": None, "pooling_mode_mean_sqrt_len_tokens": None,
+                    "pooling_mode_weightedmean_tokens": None, "pooling_mode_lasttoken": None}
+
+
+def _sentence_pooling(folder: Path, root: Path) -> str:
+    """The sentence embedding a sentence-transformers folder's users get: ``mean`` (no pooling config: the
+    default of sentence-transformers and of this scan) or ``cls`` (the ``[CLS]`` token's feature, as BGE models
+    pool). Other modes are refused: scanning a pooled embedding the model's users never see would judge another
+    model."""
+    cfg_path = folder / "1_Pooling" / "config.json"
+    if not cfg_path.is_file():
+        return "mean"
+    cfg = formats.read_config(inside(cfg_path, root, "pooling config"))
+    modes = [key for key in ST_POOLING_MODES if cfg.get(key)]
+    if len(modes) != 1 or ST_POOLING_MODES[modes[0]] is None:
+        raise CheckpointError(f"{cfg_path}: pooling {', '.join(modes) or 'none'}; the scan supports one of "
+                              "pooling_mode_mean_tokens and pooling_mode_cls_token")
+    return ST_POOLING_MODES[modes[0]]
+
+
 def _load_openclip(folder: Path | None, model_name: str | None, weights: Path | None,
-                   allow_pickle: bool, root: Path | None = None) -> OpenCLIPAdapter:
+                   allow_pickle: bool, root: Path | None = None, text_only: bool = False) -> OpenCLIPAdapter:
     """An open_clip ``local-dir`` folder (no file of which may lead out of ``root``, default the folder), or a
-    weights file and a model name open_clip knows."""
+    weights file and a model name open_clip knows. ``text_only``: drop the image tower (``visual``) once built,
+    before anything is read or checked, and read only the other tensors (`_text_tower_state`)."""
     import open_clip
 
     preprocess_cfg: dict = {}
@@ -345,7 +373,10 @@ def _load_openclip(folder: Path | None, model_name: str | None, weights: Path | 
     custom = cfg.pop("custom_text", False)
     cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
     model = _built(lambda: cls(**cfg), where)
-    state = tensors.state()
+    tower_of = f"open_clip {cls.__name__}" if text_only and getattr(model, "visual", None) is not None else None
+    if tower_of:  # built, never filled, so never resident; a ViT-L/14's image tower is 1.2 GB of its 1.7
+        model.visual = None
+    state = _text_tower_state(model, tensors, ("visual.",)) if tower_of else tensors.state()
     _load_into(model, state, str(weights))
     model.eval()
     text = getattr(model, "text", model)
@@ -360,7 +391,7 @@ def _load_openclip(folder: Path | None, model_name: str | None, weights: Path | 
         raise CheckpointError(f"{where}: no tokenizer saved and the vocabulary is not CLIP's BPE")
     name = folder.name if folder is not None else f"{model_name}:{weights.name}"
     adapter = OpenCLIPAdapter(model, tokenizer, model_cfg, preprocess_cfg, name=name)
-    adapter.source_path = weights
+    adapter.text_tower_of, adapter.source_path = tower_of, weights
     return adapter
 
 
@@ -464,17 +495,18 @@ def load_encoder(
 
     ``component`` picks one text encoder of a container that holds several (``text_encoder_2`` of SDXL). The
     family is chosen from the checkpoint's own config. ``text_only``: of a whole transformers CLIP or SigLIP
-    model, build and read only the text tower (what a scan needs; the adapter's ``text_tower_of`` names the
-    whole model's class). Raises `CheckpointError` (a `LitAmdetError`) with a one-line message on any bad input.
+    model, or an open_clip model, build and read only the text tower (what a scan needs; the adapter's
+    ``text_tower_of`` names the whole model's class). Raises `CheckpointError` (a `LitAmdetError`) with a
+    one-line message on any bad input.
     """
     ref = resolve(path_or_name)
     path = ref.path
     if path.is_file() and model_name:
-        adapter = _load_openclip(None, model_name, path, allow_pickle)
+        adapter = _load_openclip(None, model_name, path, allow_pickle, text_only=text_only)
     elif path.is_file() or formats.is_pipeline(path):
         adapter = _load_container(ref, component, allow_pickle)
     elif (path / OPENCLIP_CONFIG).is_file():
-        adapter = _load_openclip(path, None, None, allow_pickle, root=ref.root)
+        adapter = _load_openclip(path, None, None, allow_pickle, root=ref.root, text_only=text_only)
     elif (path / "config.json").is_file():
         adapter = _load_hf(path, allow_pickle, root=ref.root, text_only=text_only)
     else:
@@ -496,6 +528,11 @@ def load_encoder(
     return adapter
 
 
+def _used_shapes(adapter: TextEncoderAdapter) -> dict[str, torch.Size]:
+    unused = set(adapter.unused_parameter_names())
+    return {n: p.shape for n, p in adapter.model.named_parameters() if n not in unused}
+
+
 def check_same_architecture(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter) -> None:
     """A one-line `ConfigError` unless ``anchor`` has the suspect's architecture (family, sizes, parameter shapes)."""
     a, b = suspect.describe(), anchor.describe()
@@ -503,9 +540,9 @@ def check_same_architecture(suspect: TextEncoderAdapter, anchor: TextEncoderAdap
     diff = [f"{k} {a[k]} vs {b[k]}" for k in keys if a[k] != b[k]]
     if not diff and suspect.vocab_size != anchor.vocab_size:
         diff.append(f"vocabulary {suspect.vocab_size} vs {anchor.vocab_size}")
-    if not diff:
-        sa = {n: p.shape for n, p in suspect.model.named_parameters()}
-        sb = {n: p.shape for n, p in anchor.model.named_parameters()}
+    if not diff:  # parameters no path uses (BERT's pooler, which one of them may have been saved without) aside
+        sa = _used_shapes(suspect)
+        sb = _used_shapes(anchor)
         if sa != sb:
             diff.append("different parameter names/shapes")
     if diff:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch
-from lit_amdet.errors import CheckpointError, LitAmdetError
+from lit_amdet.errors import CheckpointError, ConfigError, LitAmdetError
 
 OPENCLIP_CONFIG = "open_clip_config.json"
 OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -174,6 +174,9 @@ class OpenCLIPAdapter(TextEncoderAdapter):
 
     def save(self, path: str | Path) -> Path:
         """Write an open_clip ``local-dir:`` folder: ``open_clip_config.json`` + safetensors weights."""
+        if self.text_tower_of:  # its config still describes the image tower the load left out
+            raise ConfigError(f"{self.name}: its text tower was loaded alone ({self.text_tower_of}); load the "
+                              "whole model to save it")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = {"model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg}
