@@ -250,14 +250,21 @@ def _text_tower_state(model: nn.Module, tensors: TensorFile, others: tuple[str, 
     return {a: tensors.get(k) for a, k in names.items() if a in own}
 
 
+def _files_inside(root: Path, *folders: Path | None) -> None:
+    """Every entry of each folder that exists (a missing or None one is skipped) held to ``root``."""
+    for folder in folders:
+        if folder is not None and folder.is_dir():
+            for f in folder.iterdir():
+                inside(f, root, "file")
+
+
 def _load_hf(folder: Path, allow_pickle: bool, tokenizer_folder: Path | None = None,
              root: Path | None = None, text_only: bool = False) -> TextEncoderAdapter:
     """A transformers checkpoint folder; the tokenizer from ``tokenizer_folder`` when given (a pipeline keeps it
     in a sibling folder). No file may lead out of ``root`` (default: the folder). ``text_only``: of a whole CLIP
     or SigLIP model, build and read the text tower alone (`TEXT_TOWERS`)."""
     root = root or folder
-    for f in [*folder.iterdir(), *(tokenizer_folder.iterdir() if tokenizer_folder is not None else ())]:
-        inside(f, root, "file")
+    _files_inside(root, folder, tokenizer_folder)
     cfg = formats.read_config(folder / "config.json")
     model_type = str(cfg.get("model_type", ""))
     archs = cfg.get("architectures") or [_DEFAULT_ARCH.get(model_type, "")]
@@ -342,8 +349,7 @@ def _load_openclip(folder: Path | None, model_name: str | None, weights: Path | 
     preprocess_cfg: dict = {}
     if folder is not None:
         root = root or folder
-        for f in [*folder.iterdir(), *((folder / "tokenizer").iterdir() if (folder / "tokenizer").is_dir() else ())]:
-            inside(f, root, "file")
+        _files_inside(root, folder, folder / "tokenizer")
         raw = formats.read_config(folder / OPENCLIP_CONFIG)
         if not isinstance(raw.get("model_cfg"), dict):
             raise CheckpointError(f"{folder / OPENCLIP_CONFIG}: no 'model_cfg' mapping")
