@@ -44,22 +44,38 @@ def _open_clip_keys(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("visual.") and k != "attn_mask"}
 
 
-def _filler(pad_mib: int) -> dict[str, torch.Tensor]:
+def _filler() -> dict[str, torch.Tensor]:
     # the UNet and VAE stand-in: never to be read by the loader
-    state = {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3),
-             "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3)}
-    if pad_mib:
-        state["model.diffusion_model.padding"] = torch.ones(pad_mib * 2**18)
-    return state
+    return {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3),
+            "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3)}
 
 
 def write_single_file(path: Path, parts: dict[str, dict[str, torch.Tensor]], pad_mib: int = 0) -> Path:
-    """``parts``: key prefix -> tensors under it; plus the UNet/VAE stand-in."""
-    state = _filler(pad_mib)
+    """``parts``: key prefix -> tensors under it; plus the UNet/VAE stand-in, and with ``pad_mib`` a float32 tensor
+    of that many MiB after every other tensor's bytes (`pad_safetensors`)."""
+    state = _filler()
     for prefix, tensors in parts.items():
         state.update({prefix + k: v.contiguous() for k, v in tensors.items()})
     save_file(state, str(path))
+    if pad_mib:
+        pad_safetensors(path, "model.diffusion_model.padding", pad_mib)
     return path
+
+
+def pad_safetensors(path: Path, key: str, mib: int) -> None:
+    """Append a zero float32 tensor ``key`` of ``mib`` MiB to a safetensors file as a hole (a sparse file): a
+    file as large as a UNet-padded checkpoint that takes no disk (the suite once ran CI out of /tmp). Its bytes
+    read as zeros, so a loader that reads them still pays the memory the test measures."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    data = raw[8 + size:]
+    header[key] = {"dtype": "F32", "shape": [mib * 2**18], "data_offsets": [len(data), len(data) + mib * 2**20]}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format's 8-byte alignment of the data
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little") + encoded + data)
+        f.truncate(8 + len(encoded) + len(data) + mib * 2**20)
 
 
 def sd1_file(path: Path, clip_dir: Path, pad_mib: int = 0) -> Path:
@@ -92,7 +108,7 @@ def pipeline(path: Path, encoders: dict[str, Path], classes: dict[str, str] | No
         index[component] = ["transformers", classes.get(component, "CLIPTextModel")]
         index[tokenizer] = ["transformers", "CLIPTokenizer"]
     (path / "unet").mkdir()
-    save_file(_filler(0), str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+    save_file(_filler(), str(path / "unet" / "diffusion_pytorch_model.safetensors"))
     (path / "unet" / "config.json").write_text("{}")
     (path / "scheduler").mkdir()
     (path / "scheduler" / "scheduler_config.json").write_text("{}")
