@@ -37,6 +37,7 @@ from lit_amdet.benchmark import (
 )
 from lit_amdet.decision import BACKDOORED, INCONCLUSIVE
 from lit_amdet.errors import ConfigError, LitAmdetError, first_line
+from lit_amdet.interrupts import Interrupted, interruption, signals_stop
 from lit_amdet.io import removed_unless
 from lit_amdet.outliers import DaoForm, Variant
 from lit_amdet.resources import config_path
@@ -251,31 +252,33 @@ def main(args: list[str] | None = None) -> None:
     requested = argv[first] if len(argv) > first else None
     _info_to_stdout()
     try:
-        argv[first:] = shipped_config_args(argv[first:])
-        cli_class = type("AmdetCLI", (AmdetCLI,), {"requested": requested})
-        cli_class(
-            LightningModule,
-            LightningDataModule,
-            trainer_class=AmdetTrainer,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            auto_configure_optimizers=False,
-            seed_everything_default=0,  # a config without a seed: 0, not a random one (and no warning about it)
-            # a bad option or config is one line (below), not a usage block
-            parser_kwargs={"exit_on_error": False, **default_config_kwargs(cli_class, argv[first:])},
-        )
-        leave_process_group()
+        with signals_stop():  # SIGINT and SIGTERM raise Interrupted wherever the command is (lit_amdet.interrupts)
+            argv[first:] = shipped_config_args(argv[first:])
+            cli_class = type("AmdetCLI", (AmdetCLI,), {"requested": requested})
+            cli_class(
+                LightningModule,
+                LightningDataModule,
+                trainer_class=AmdetTrainer,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                save_config_kwargs={"overwrite": True},
+                args=args,
+                auto_configure_optimizers=False,
+                seed_everything_default=0,  # a config without a seed: 0, not a random one (and no warning about it)
+                # a bad option or config is one line (below), not a usage block
+                parser_kwargs={"exit_on_error": False, **default_config_kwargs(cli_class, argv[first:])},
+            )
+            leave_process_group()
     except LitAmdetError as exc:
         _fail(exc)
     except ArgumentError as exc:
         _fail(exc, limit=600)
-    except SystemExit as exc:
-        if exc.code in (None, 0, EXIT_BACKDOORED, EXIT_INCONCLUSIVE):
+    except (SystemExit, KeyboardInterrupt) as exc:
+        stop = interruption(exc)  # Lightning answers an interrupt inside fit with sys.exit(1), BACKDOORED's code
+        if stop is not None:
+            _stopped(stop)
+        if isinstance(exc, SystemExit) and exc.code in (None, 0, EXIT_BACKDOORED, EXIT_INCONCLUSIVE):
             leave_process_group()  # a verdict is a normal end
-        raise
-    except KeyboardInterrupt:
         raise
     except Exception as exc:  # one line, not a traceback wall; LIT_AMDET_DEBUG=1 shows it
         if os.environ.get("LIT_AMDET_DEBUG"):
@@ -426,6 +429,13 @@ def _worker_unwrapped(message: str) -> str:
         return message
     last = message.rstrip().splitlines()[-1]
     return last.partition(": ")[2] or last
+
+
+def _stopped(stop: Interrupted) -> None:
+    """One line and exit 128 + the signal's number: a stopped command has no verdict and left no partial file."""
+    print(f"lit-amdet: stopped by {stop.name}: no verdict; files are written whole or not at all, so what was "
+          "not finished is not there", file=sys.stderr)
+    sys.exit(stop.exit_code)
 
 
 def _fail(exc: BaseException | str, prefix: str = "error", limit: int | None = None) -> None:

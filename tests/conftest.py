@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on this project's 2 cores: one thread each,
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # set before torch is imported (two threads each oversubscribe)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
