@@ -42,8 +42,7 @@ def build_base(name: str, cache: Path, extra_args: list[str] | None = None, forc
         return out
     config = config_path(f"pretrain_{name}.yaml")
     main(["fit", "--config", str(config), "--model.init_args.output_dir", str(out),
-          "--trainer.default_root_dir", str(cache / "runs" / name),
-          "--trainer.logger.init_args.save_dir", str(cache / "runs" / name), *(extra_args or [])])
+          "--trainer.default_root_dir", str(cache / "runs" / name), *(extra_args or [])])  # the logs under it too
     return out
 
 

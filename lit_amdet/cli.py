@@ -39,6 +39,7 @@ from lit_amdet.decision import BACKDOORED, INCONCLUSIVE
 from lit_amdet.errors import ConfigError, LitAmdetError, first_line
 from lit_amdet.interrupts import Interrupted, interruption, signals_stop
 from lit_amdet.io import removed_unless
+from lit_amdet.loggers import RunTensorBoardLogger
 from lit_amdet.outliers import DaoForm, Variant
 from lit_amdet.resources import config_path
 from lit_amdet.screening import ERROR
@@ -58,6 +59,9 @@ class AmdetTrainer(Trainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        for logger in self.loggers:  # the shipped configs' logger writes under the root, wherever it is moved
+            if isinstance(logger, RunTensorBoardLogger):
+                logger.follow(self.default_root_dir)
         #: its own arguments, so a screening of several suspects makes a fresh Trainer per scan like it
         self.init_kwargs = dict(kwargs)
 
