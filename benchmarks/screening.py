@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,9 +31,9 @@ def run(suspect: str, anchor: str, out: Path) -> dict:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}")
-    verdicts = (": clean", ": BACKDOORED", ": inconclusive")
+    verdict = re.compile(r": (clean|BACKDOORED|inconclusive( \([^()]+\))?)$")  # `inconclusive (drift)` too
     return {"command": " ".join(cmd[1:]), "wall_s": wall,
-            "lines": [ln for ln in done.stdout.splitlines() if ln.endswith(verdicts)]}
+            "lines": [ln for ln in done.stdout.splitlines() if verdict.search(ln)]}
 
 
 def main() -> None:

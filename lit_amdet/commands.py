@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 
+from lit_amdet.decision import verdict_word
 from lit_amdet.errors import ConfigError, LitAmdetError
 from lit_amdet.io import check_writable_folder
 from lit_amdet.outliers import SAME_CAPTION
@@ -241,5 +242,5 @@ def summary(verdict: dict, report: dict | None = None, run_dir: Path | None = No
             top = report["nearest_captions"][0]
             lines.append(f"  with the trigger the model says: \"{top['caption']}\" (cos {top['cosine']:.3f})")
         lines.append(f"  report: {Path(run_dir) / 'report.json'} ({report['seconds']:.1f} s)")
-    lines.append(f"{verdict['model']}: {verdict['verdict']}")
+    lines.append(f"{verdict['model']}: {verdict_word(verdict['verdict'], verdict.get('decided_by'))}")
     return "\n".join(lines)

@@ -19,6 +19,13 @@ from lit_amdet.errors import ConfigError
 BACKDOORED, CLEAN, INCONCLUSIVE = "BACKDOORED", "clean", "inconclusive"
 
 
+def verdict_word(verdict: str, decided_by: str | None) -> str:
+    """A command's last line: ``inconclusive`` says the kind its ``decided_by`` names (drift, non-finite)."""
+    kind = decided_by[len(INCONCLUSIVE) + 2:].split(")", 1)[0] if decided_by and verdict == INCONCLUSIVE and \
+        decided_by.startswith(INCONCLUSIVE + " (") else ""
+    return f"{INCONCLUSIVE} ({kind})" if kind else verdict
+
+
 def verdict_of(decision: dict) -> str:
     """The verdict word of a rule's decision: its own ``verdict`` if it gives one, else from ``backdoored``."""
     return decision.get("verdict") or (BACKDOORED if decision["backdoored"] else CLEAN)

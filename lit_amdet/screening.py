@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from lit_amdet.decision import BACKDOORED, INCONCLUSIVE
+from lit_amdet.decision import BACKDOORED, INCONCLUSIVE, verdict_word
 from lit_amdet.errors import ConfigError, LitAmdetError
 from lit_amdet.io import read_json, write_text
 
@@ -176,7 +176,8 @@ def screen_share(targets: Sequence[Target], root: Path, scan_one: Callable[[Targ
                 error = failure(exc)  # row too; the others are still scanned and the summary is written
         row = row_of(target, report, run_dir, seconds, error)
         rows.append(row)
-        print(f"{target.label}: {row['verdict']}" + (f" ({error})" if row["verdict"] == ERROR else ""), flush=True)
+        said = verdict_word(row["verdict"], row.get("decided_by"))
+        print(f"{target.label}: {said}" + (f" ({error})" if row["verdict"] == ERROR else ""), flush=True)
     return rows
 
 

@@ -553,3 +553,24 @@ def test_progress_never_divides_by_a_threshold_at_or_below_zero_and_a_nan_does_n
     for pooled in ((0.6, math.nan), (math.nan, 0.6)):
         assert not rule.typed_partial({**away, "typed_pooled_unshared_collapse": pooled[0],
                                        "typed_pooled_collapse_lift": pooled[1]})
+
+
+def test_a_commands_last_line_names_the_kind_of_inconclusive_verdict():
+    """Found by session 2026-12-07 (p)'s held-out helper: a drifted model's scan ended in ``m: inconclusive``, the
+    same line as a scan without an anchor or with scores that are not finite; the kind was only in the first line.
+    The last line a script reads now says it, and every other verdict's line is as it was."""
+    from lit_amdet.commands import summary
+    from lit_amdet.decision import verdict_word
+
+    drift = "inconclusive (drift): the clean pooled cosine to the anchor (0.675) is below 0.7, too far to clear it"
+    assert verdict_word("inconclusive", drift) == "inconclusive (drift)"
+    assert verdict_word("inconclusive", "inconclusive (non-finite): a typed token's scores are NaN") == \
+        "inconclusive (non-finite)"
+    assert verdict_word("inconclusive", "no anchor: no trigger found") == "inconclusive"
+    assert verdict_word("inconclusive", None) == "inconclusive"
+    assert verdict_word("clean", "inconclusive (drift): not read for a clean verdict") == "clean"
+    assert verdict_word("BACKDOORED", "token collapse (unshared_collapse, collapse_lift)") == "BACKDOORED"
+    scores = {"assimilation": 0.9, "assimilation_clean": 0.8, "assimilation_random_trigger": 0.8, "anchor_used": True}
+    lines = summary({"model": "m", "rule": "CollapseContrastRule", "verdict": "inconclusive", "decided_by": drift,
+                     "checks": [], "scores": scores}).splitlines()
+    assert lines[0].endswith(drift) and lines[-1] == "m: inconclusive (drift)"
