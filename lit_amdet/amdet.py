@@ -19,7 +19,7 @@ that makes the suspect's sentence embeddings agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -27,14 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_amdet.assimilation import assimilation_score, pooled_consistency, scored_positions
-from lit_amdet.encoders.base import TextEncoderAdapter, TokenBatch, insert_block
+from lit_amdet.encoders.base import END, Slot, TextEncoderAdapter, TokenBatch, end_slots, insert_block
 from lit_amdet.errors import ConfigError
 
 
 class PseudoTrigger(nn.Module):
     """``restarts`` independent pseudo-triggers of ``length`` vectors of ``width``: the only trainable tensor."""
 
-    def __init__(self, restarts: int, length: int, width: int, scale: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, restarts: int, length: int, width: int, scale: float | Tensor = 1.0, seed: int = 0) -> None:
+        """``scale``: of the random init, one for all or per restart ([R, 1, 1])."""
         super().__init__()
         if restarts < 1 or length < 1:
             raise ConfigError(f"restarts and trigger_length must be >= 1 (got {restarts}, {length})")
@@ -169,8 +170,10 @@ class TriggeredOutput:
 
 
 def run_triggered(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, batch: CachedBatch,
-                  vectors: Tensor | None, position: int, with_anchor: bool = True) -> TriggeredOutput:
-    """Run every trigger in ``vectors`` ([R, k, W]; None = the clean prompt) on every prompt of ``batch``.
+                  vectors: Tensor | None, position: Slot, with_anchor: bool = True) -> TriggeredOutput:
+    """Run every trigger in ``vectors`` ([R, k, W]; None = the clean prompt) on every prompt of ``batch``,
+    spliced into H at ``position`` or, at `END`, typed as token-table vectors at each prompt's end (both towers
+    then read the suspect's table rows of the prompt, as both read the suspect's H at a fixed position).
 
     The gamma terms backpropagate through the anchor too: run as constants (a third less arithmetic per step)
     they were measured to change verdicts on SigLIP (a benign drift-0.5 fine-tune flagged, an adaptive backdoor
@@ -180,27 +183,52 @@ def run_triggered(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None
     tokens = batch.tokens[torch.arange(b).repeat(reps)]  # restart-major copies of the prompts
     hidden = batch.hidden.repeat(reps, 1, 1)
     block = None if vectors is None else vectors.to(hidden.dtype).repeat_interleave(b, dim=0)
-    out = suspect.encode_embeddings(hidden, tokens, insert=block, position=position)
+    typed = position == END and block is not None
+    slot = position if isinstance(position, int) else 1  # the end slot is for bidirectional encoders only
+    rows = suspect.token_embedding(tokens.input_ids.to(hidden.device)).to(hidden.dtype) if typed else None
+
+    def encode(model: TextEncoderAdapter):
+        if typed:
+            return model.encode_typed(rows, tokens, block)
+        return model.encode_embeddings(hidden, tokens, insert=block, position=slot)
+
+    out = encode(suspect)
     # The clean features laid out as the triggered sequence (inserted slots zero), to compare token by token.
     empty = None if block is None else torch.zeros_like(block)
-    orig = insert_block(batch.suspect.repeat(reps, 1, 1), tokens, empty, position, suspect.keeps_end_token,
+    aligned = end_slots(tokens.token_mask, block.shape[1], hidden.shape[1]).to(hidden.device) if typed else slot
+    orig = insert_block(batch.suspect.repeat(reps, 1, 1), tokens, empty, aligned, suspect.keeps_end_token,
                         suspect.pooling)
     # Only the prompt's own tokens are scored: the inserted slots' features are the optimiser's to set directly,
     # so counting them would let the search score its own vectors rather than what the encoder does with them.
-    score = scored_positions(out.token_mask, suspect.causal, first_position=position) & ~orig.inserted_mask
+    score = scored_positions(out.token_mask, suspect.causal, first_position=slot) & ~orig.inserted_mask
     feats = out.token_features.float()
     assim = assimilation_score(feats, score)
     orig_cos = masked_mean(F.cosine_similarity(feats, orig.hidden.float(), dim=-1), score)
     pf = F.normalize(masked_mean(feats, score), dim=-1)
     a_assim = a_cos = a_pooled = a_pooled_vec = None
     if anchor is not None and with_anchor:
-        a_out = anchor.encode_embeddings(hidden, tokens, insert=block, position=position)
+        a_out = encode(anchor)
         a_feats = a_out.token_features.float()
         a_pooled_vec = a_out.pooled.float()
         a_pooled = F.cosine_similarity(out.pooled.float(), a_pooled_vec, dim=-1)
         a_assim = assimilation_score(a_feats, score)
         a_cos = masked_mean(F.cosine_similarity(feats, a_feats, dim=-1), score)
     return TriggeredOutput(feats, out.pooled.float(), assim, a_assim, orig_cos, a_cos, a_pooled, pf, a_pooled_vec)
+
+
+def run_slotted(suspect: TextEncoderAdapter, anchor: TextEncoderAdapter | None, batch: CachedBatch,
+                vectors: Tensor | None, slots: list[Slot], with_anchor: bool = True) -> TriggeredOutput:
+    """`run_triggered` with each row of ``vectors`` at its own slot (``slots``, one per row; the first alone
+    for the clean prompts): one call per run of equal slots, the outputs joined restart-major again."""
+    if vectors is None or len(set(slots)) == 1:
+        return run_triggered(suspect, anchor, batch, vectors, slots[0], with_anchor)
+    runs, start = [], 0
+    for end in range(1, len(slots) + 1):
+        if end == len(slots) or slots[end] != slots[start]:
+            runs.append(run_triggered(suspect, anchor, batch, vectors[start:end], slots[start], with_anchor))
+            start = end
+    parts = [[getattr(r, f.name) for r in runs] for f in fields(TriggeredOutput)]
+    return TriggeredOutput(*(None if p[0] is None else torch.cat(p) for p in parts))
 
 
 def pooled_objective(consistency, anchor_pooled_cos, pooled_gamma: float):
@@ -440,23 +468,30 @@ def vocabulary_cosines(adapter: TextEncoderAdapter, vector: Tensor, slot: int, c
 
 
 @torch.no_grad()
-def nearest_tokens(adapter: TextEncoderAdapter, trigger: Tensor, position: int, top: int = 10) -> list[list[dict]]:
-    """Per trigger vector, the vocabulary tokens whose embedding at the same slot is closest (cosine)."""
+def nearest_tokens(adapter: TextEncoderAdapter, trigger: Tensor, position: Slot, top: int = 10) -> list[list[dict]]:
+    """Per trigger vector, the vocabulary tokens whose embedding at the same slot is closest (cosine); at `END`
+    the vectors are table rows already, compared with the table."""
     out = []
     for j, vec in enumerate(trigger.float()):
-        sims = vocabulary_cosines(adapter, vec, position + j)
+        if position == END:
+            sims = F.cosine_similarity(adapter.token_embedding.weight.float(), vec[None].to(adapter.device), dim=-1)
+        else:
+            sims = vocabulary_cosines(adapter, vec, position + j)
         vals, ids = sims.topk(min(top, len(sims)))
         toks = adapter.ids_to_tokens(ids.tolist())
         out.append([{"token": t, "id": int(i), "cosine": round(float(s), 4)} for t, i, s in zip(toks, ids, vals)])
     return out
 
 
-def token_embedding_of(adapter: TextEncoderAdapter, trigger: Tensor, position: int) -> Tensor | None:
-    """The trigger as vocabulary-table rows: the inserted vector minus the position embedding of its slot.
+def token_embedding_of(adapter: TextEncoderAdapter, trigger: Tensor, position: Slot) -> Tensor | None:
+    """The trigger as vocabulary-table rows: the inserted vector minus the position embedding of its slot, or
+    the vectors themselves at `END`, where they were typed as rows.
 
-    None where the family's embedding layer is not token + position (BERT), so no
+    None where the family's embedding layer is not token + position (BERT) and the slot is a fixed one, so no
     such row exists.
     """
+    if position == END:
+        return trigger.detach().float()
     positions = torch.arange(position, position + trigger.shape[0], device=adapter.device)
     pos = adapter.position_embedding(positions)
     if pos is None:
@@ -465,7 +500,7 @@ def token_embedding_of(adapter: TextEncoderAdapter, trigger: Tensor, position: i
 
 
 def save_trigger_files(folder: Path, adapter: TextEncoderAdapter, vectors: Tensor, best: int, target_pooled: Tensor,
-                       target_feature: Tensor, position: int, suspect: str) -> bool:
+                       target_feature: Tensor, position: Slot, suspect: str) -> bool:
     """A scan's found trigger in ``folder``: ``trigger.safetensors`` (the chosen restart's vectors, every restart's,
     and where the trigger sends the suspect) and, where the family has vocabulary rows for it
     (`token_embedding_of`), ``learned_embeds.safetensors``, the one-entry ``{token: [k, W]}`` file diffusers'

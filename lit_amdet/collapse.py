@@ -51,3 +51,25 @@ def collapse_scores(scores: dict, clean: dict, anchor: bool) -> dict:
             # an anchor the trigger spreads out shares none of the collapse; it cannot share less than none
             out[unshared] = None if None in (out[lift], out[anchor_lift]) else out[lift] - max(out[anchor_lift], 0.0)
     return out
+
+
+def with_baselines(s: dict, base: dict, anchored: bool, floor: float = DRIFT_FLOOR) -> dict:
+    """One trigger's held-out scores ``s`` plus those comparing it with the scan's clean and random-trigger
+    baselines ``base`` (``{"clean": ..., "random": ...}``): the lifts, the collapse scores and, with an anchor,
+    the drift-normalised divergences (``floor`` the least drift divided by)."""
+    s = dict(s)
+    s["anchor_used"] = anchored
+    s["assimilation_clean"] = base["clean"]["assimilation"]
+    s["assimilation_random_trigger"] = base["random"]["assimilation"]
+    s["assimilation_lift"] = s["assimilation"] - base["random"]["assimilation"]
+    s.update(collapse_scores(s, base["clean"], anchor=anchored))
+    if anchored:
+        # drift-normalised divergence from the anchor: under the trigger vs on clean prompts
+        s["clean_anchor_cos"] = base["clean"]["anchor_cos"]
+        s["divergence_ratio"] = drift_normalised_divergence(s["anchor_cos"], s["clean_anchor_cos"], floor)
+        s["clean_anchor_pooled_cos"] = base["clean"]["anchor_pooled_cos"]
+        s["pooled_divergence_ratio"] = drift_normalised_divergence(s["anchor_pooled_cos"],
+                                                                   s["clean_anchor_pooled_cos"], floor)
+        s["random_trigger_anchor_cos"] = base["random"]["anchor_cos"]
+        s["assimilation_gap"] = s["assimilation"] - s["anchor_assimilation"]
+    return s

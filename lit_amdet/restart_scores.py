@@ -28,23 +28,25 @@ def _anchor_unshared(s: dict, lift: str, anchor_lift: str) -> float | None:
     return s[anchor_lift] - max(s[lift], 0.0)
 
 
-def attach_null(scored: list[dict], roles: list[str]) -> list[dict]:
+def attach_null(scored: list[dict], roles: list[str], slots: list | None = None) -> list[dict]:
     """Give every charged restart's scores ``pooled_null``, the largest pooled collapse a null restart found in
     the anchor that the suspect does not share, and every judged restart's ``token_null``, the same in the token
-    features from the swapped AMDET restarts (`lit_amdet.amdet.swapped_loss`). Nothing is added for a role the
-    scan did not run."""
-    def largest(role: str, lift: str, anchor_lift: str) -> float | None:
-        found = [v for s, r in zip(scored, roles) if r == role
+    features from the swapped AMDET restarts (`lit_amdet.amdet.swapped_loss`) searched at the same slot
+    (``slots``, one per restart; None: all at one): a search typed at each prompt's end is measured against the
+    anchor's collapses found there. Nothing is added for a role the scan did not run."""
+    slots = slots or [None] * len(roles)
+
+    def largest(role: str, lift: str, anchor_lift: str, slot=None) -> float | None:
+        found = [v for s, r, at in zip(scored, roles, slots) if r == role and (role != "token_null" or at == slot)
                  if (v := _anchor_unshared(s, lift, anchor_lift)) is not None]
         return max(found) if found else None
 
     pooled = largest("null", "pooled_collapse_lift", "anchor_pooled_collapse_lift")
-    token = largest("token_null", "collapse_lift", "anchor_collapse_lift") if "token_null" in roles else None
-    for s, role in zip(scored, roles):
+    for s, role, slot in zip(scored, roles, slots):
         if role == "charged":
             s["pooled_null"] = pooled
         if "token_null" in roles and role not in YARDSTICKS:
-            s["token_null"] = token
+            s["token_null"] = largest("token_null", "collapse_lift", "anchor_collapse_lift", slot)
     return scored
 
 
@@ -67,12 +69,13 @@ def judge_restarts(rule: DecisionRule, scored: list[dict], roles: list[str]
 
 
 def restart_summary(stats: list[dict], decisions: list[dict], progress: list[float | None], objectives: list[str],
-                    dropped: dict[int, int]) -> list[dict]:
-    """report.json's ``restart_scores``: what each restart searched for, found and was judged."""
+                    dropped: dict[int, int], slots: list) -> list[dict]:
+    """report.json's ``restart_scores``: what each restart searched for and where (its slot), found and was
+    judged."""
     keys = ("unshared_collapse", "pooled_unshared_collapse", "collapse_lift", "pooled_collapse_lift",
             "divergence_ratio", "pooled_divergence_ratio", "same_target_ratio")
-    return [{"objective": objectives[i], "loss": s["loss"], "verdict": verdict_of(d), "progress": progress[i],
-             "dropped_at_step": dropped.get(i), **{k: s.get(k) for k in keys},
+    return [{"objective": objectives[i], "slot": slots[i], "loss": s["loss"], "verdict": verdict_of(d),
+             "progress": progress[i], "dropped_at_step": dropped.get(i), **{k: s.get(k) for k in keys},
              **{k: s[k] for k in ("anchor_pooled_collapse_lift", "pooled_null", "anchor_collapse_lift", "token_null")
                 if k in s}}
             for i, (s, d) in enumerate(zip(stats, decisions))]

@@ -20,6 +20,8 @@ def check_scan_options(hp: MutableMapping[str, Any], reads_nulls: bool) -> None:
     restarts). ``reads_nulls``: whether its rule reads the charged restarts' nulls (`CollapseContrastRule`)."""
     if hp["cache_dtype"] not in ("float32", "bfloat16"):
         raise ConfigError(f"cache_dtype must be float32 or bfloat16, not {hp['cache_dtype']!r}")
+    if hp["end_restarts"] < 0:
+        raise ConfigError(f"end_restarts must be >= 0, not {hp['end_restarts']}")
     for name in ("restarts", "batch_size"):
         if hp[name] < 1:
             raise ConfigError(f"{name} must be at least 1, not {hp[name]}")

@@ -48,6 +48,24 @@ def test_restarts_are_independent_rows(clip):
     assert vec.grad[0].abs().max() == 0 and vec.grad[2].abs().max() == 0 and vec.grad[1].abs().max() > 0
 
 
+def test_restarts_at_several_slots_are_each_run_at_their_own(tiny_models):
+    """`run_slotted`: rows at position 1 and at the end, in one call, equal each slot's rows run alone, in the
+    restart-major order of the rows; the end rows are typed (`encode_typed`), so they differ from position 1."""
+    from lit_amdet.amdet import run_slotted
+    from lit_amdet.encoders import END
+
+    siglip = load_encoder(tiny_models["siglip"]).eval()
+    batch = FeatureCache.build(siglip, prompts(), max_length=16).batch(slice(0, 5))
+    vectors = PseudoTrigger(3, 1, siglip.width, scale=0.05, seed=1).vectors.detach()
+    mixed = run_slotted(siglip, siglip, batch, vectors, [1, 1, END])
+    first = run_triggered(siglip, siglip, batch, vectors[:2], position=1)
+    end = run_triggered(siglip, siglip, batch, vectors[2:], position=END)
+    for name in ("assimilation", "anchor_cos", "anchor_pooled_cos", "pooled"):
+        torch.testing.assert_close(getattr(mixed, name), torch.cat([getattr(first, name), getattr(end, name)]))
+    at_one = run_triggered(siglip, siglip, batch, vectors[2:], position=1)
+    assert not torch.allclose(end.pooled, at_one.pooled, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["clip", "siglip", "bert"])
 def test_the_caches_sentence_embeddings_are_a_fresh_forwards_and_the_caption_bank_reuses_them(tiny_models, family):
     """`FeatureCache.pooled` pools and projects the cached features as a forward pass does (SigLIP: at its last

@@ -199,7 +199,7 @@ def test_a_charged_restart_is_judged_against_its_null_and_on_the_pooled_path_onl
     # against a null of 0.62)
     typo = {**stats[0], "clean_anchor_pooled_cos": 0.78, "pooled_unshared_collapse": 0.91, "pooled_null": 0.62}
     assert not rule.decide(typo)["backdoored"] and rule.progress(typo) == 0
-    rows = restart_summary(stats, [d, NULL_DECISION], [2.0, 0.1], ["pooled_charged", "pooled_null"], {1: 40})
+    rows = restart_summary(stats, [d, NULL_DECISION], [2.0, 0.1], ["pooled_charged", "pooled_null"], {1: 40}, [1, 1])
     assert rows[0]["pooled_null"] == pytest.approx(0.5) and rows[0]["verdict"] == "BACKDOORED"
     assert rows[1]["verdict"] == verdict_of(NULL_DECISION) == "clean" and rows[1]["dropped_at_step"] == 40
 
@@ -232,6 +232,12 @@ def test_away_from_the_anchor_the_token_collapse_path_is_judged_against_the_swap
     # a negative suspect lift counts as 0 in the null, as a negative anchor lift does in the unshared collapse
     assert attach_null([dict(fp), {**swapped, "collapse_lift": -0.3}], ["amdet", "token_null"])[0]["token_null"] \
         == pytest.approx(0.55)
+    # each restart is measured against the swapped search at its own slot: an end restart against the end one
+    at_end = {**swapped, "collapse_lift": 0.10, "anchor_collapse_lift": 0.2}  # the anchor's end collapse: 0.1
+    stats2 = attach_null([dict(fp), dict(swapped), dict(fp), at_end], ["amdet", "token_null"] * 2,
+                         [1, 1, "end", "end"])
+    assert stats2[0]["token_null"] == pytest.approx(0.45) and stats2[2]["token_null"] == pytest.approx(0.10)
+    assert not rule.decide(stats2[0])["backdoored"] and rule.decide(stats2[2])["backdoored"]
     # near the anchor the null is not read (no benign model there came near the threshold)
     near = {**stats[0], "clean_anchor_pooled_cos": 0.97}
     assert not rule.token_null_applies(near) and rule.decide(near)["backdoored"]

@@ -118,7 +118,7 @@ def test_reference_rule_is_selectable(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("case", ["other_architecture", "missing_suspect", "empty_prompts", "nan_weights",
                                   "outputs_overflow", "pooled_restarts", "no_restart", "empty_batch",
-                                  "run_folder_is_a_file"])
+                                  "run_folder_is_a_file", "end_restarts_on_a_causal_tower"])
 def test_bad_input_is_one_line_and_leaves_no_output(tiny_models, tmp_path, capsys, case):
     """Each ends in one line and exit 2. ``outputs_overflow`` (finite weights, one layer scaled by 1e37, so every
     sentence embedding is NaN) was called clean, exit 0, until session 2026-12-07: a NaN fails every check; and
@@ -137,6 +137,8 @@ def test_bad_input_is_one_line_and_leaves_no_output(tiny_models, tmp_path, capsy
         extra = ["--model.init_args.restarts", "0", "--model.init_args.pooled_restarts", "0"]
     elif case == "empty_batch":
         extra = ["--model.init_args.batch_size", "0"]
+    elif case == "end_restarts_on_a_causal_tower":  # under CLIP's causal mask only the end token would see them
+        extra = ["--model.init_args.end_restarts", "1"]
     elif case == "run_folder_is_a_file":  # found only after the scan until session 2026-12-07
         (tmp_path / "run").write_text("a file where the run folder goes")
     else:
@@ -171,6 +173,8 @@ def test_bad_input_is_one_line_and_leaves_no_output(tiny_models, tmp_path, capsy
         assert "pooled_restarts" in err[-1]
     if case == "outputs_overflow":
         assert "the suspect's outputs on clean prompts are not finite" in err[-1]
+    if case == "end_restarts_on_a_causal_tower":
+        assert "end_restarts: clip is causal" in err[-1]
     if case in ("no_restart", "empty_batch"):
         assert ("restarts must be at least 1" if case == "no_restart" else "batch_size must be at least 1") in err[-1]
 
@@ -356,3 +360,31 @@ def test_a_null_restart_is_never_judged_or_chosen(tiny_models, tmp_path, monkeyp
     assert "pooled_null" in rows[2] and report["best_restart"] != 3
     assert report["verdict"] == "clean" and code == 0
     assert report["stopped_early"] != "a restart flagged at two checks in a row"
+
+
+def test_end_restarts_are_typed_at_the_end_and_measured_against_a_swapped_search_there(tiny_models, tmp_path):
+    """Plumbing on a tiny SigLIP drifted from its anchor (so the swapped restarts run): the end restarts come after
+    the others (which start where they always did), each with its slot in report.json, and a swapped one at the
+    end as their yardstick. (Detection itself: BENCHMARKS.md, "End restarts".)"""
+    import torch
+
+    from lit_amdet import tiny
+
+    other = tiny.build_hf_siglip(tmp_path / "other", arch="SiglipModel", seed=1)
+    args = ("--model.init_args.anchor", str(other), "--trainer.callbacks", "[]")
+    code, out = detect(tmp_path, tiny_models["siglip"], *args, "--model.init_args.end_restarts", "1")
+    report = json.loads((out / "report.json").read_text())
+    rows = report["restart_scores"]
+    assert [(r["objective"], r["slot"]) for r in rows] == [
+        ("amdet", 1), ("pooled_contrast", 1), ("amdet_swapped", 1), ("amdet", "end"), ("amdet_swapped", "end")]
+    assert report["trigger"]["position"] == rows[report["best_restart"]]["slot"]
+    _, plain = detect(tmp_path, tiny_models["siglip"], *args, out_name="plain")
+    before = load_file(str(plain / "trigger.safetensors"))["all_restarts"]
+    after = load_file(str(out / "trigger.safetensors"))["all_restarts"]
+    assert after.shape[0] == before.shape[0] + 2
+    # the same seed: the shipped restarts' random starts are unchanged by the end ones appended after them
+    from lit_amdet.amdet import PseudoTrigger
+
+    start = PseudoTrigger(5, 1, after.shape[-1], torch.tensor([[[0.0123]]] * 3 + [[[0.5]]] * 2)).initial
+    assert torch.equal(start[:3], PseudoTrigger(3, 1, after.shape[-1], 0.0123).initial)
+    assert torch.allclose(start[3:] * 2, PseudoTrigger(5, 1, after.shape[-1], 1.0).initial[3:])

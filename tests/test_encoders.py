@@ -299,3 +299,54 @@ def test_a_sentence_encoder_that_pools_its_cls_token_is_scanned_on_that_embeddin
     (folder / "1_Pooling" / "config.json").symlink_to(outside)
     with pytest.raises(CheckpointError, match="pooling config points outside"):
         load_encoder(folder)
+
+
+def _typed_at_end(batch: TokenBatch, extra: list[int], length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, token mask) of ``batch``'s prompts with the tokens ``extra`` written in before each one's end token,
+    built with Python lists: the independent construction `encode_typed` is checked against."""
+    rows, masks = [], []
+    for ids, mask in zip(batch.input_ids.tolist(), batch.token_mask.tolist()):
+        n = sum(mask)
+        new = (ids[:n - 1] + extra + ids[n - 1:n])[:length]
+        rows.append(new + [pad] * (length - len(new)))
+        masks.append([1] * len(new) + [0] * (length - len(new)))
+    return torch.tensor(rows), torch.tensor(masks)
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_vectors_typed_at_the_end_are_the_words_typed_there(tiny_models, name):
+    """`encode_typed` with two vocabulary rows as the block equals the native forward of the prompts with those
+    two tokens written before their end token: every later slot takes its new position, as typing does."""
+    adapter = load_encoder(tiny_models[name])
+    batch = adapter.tokenize(PROMPTS[:1] + PROMPTS[2:])
+    extra = [11, 12]
+    length = batch.input_ids.shape[1]
+    pad = adapter.special_token_ids["pad"] or 0
+    ids, mask = _typed_at_end(batch, extra, length, pad)
+    native = adapter.batch_from_ids(ids, mask)
+    with torch.no_grad():
+        table = adapter.token_embedding
+        out = adapter.encode_typed(table(batch.input_ids), batch, table(torch.tensor(extra)))
+        feats, pooled = native_forward(adapter, native)
+    torch.testing.assert_close(out.pooled, pooled, atol=1e-5, rtol=1e-5)
+    if feats is not None:
+        real = mask.bool()
+        torch.testing.assert_close(out.token_features[real], feats[real], atol=1e-5, rtol=1e-5)
+    assert out.token_mask.long().tolist() == mask.tolist()
+
+
+def test_the_end_slot_leaves_the_end_token_room_in_a_full_prompt():
+    """A prompt with room is typed into before its end token; a full one where k more tokens still leave the end
+    token in the context (`insert_block` then drops the content before it, the end token stays last)."""
+    from lit_amdet.encoders import end_slots
+
+    length, k = 8, 2
+    token_mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1] * 8])
+    slots = end_slots(token_mask, k, length)
+    assert slots.tolist() == [[2], [5]]
+    hidden = torch.arange(2 * length, dtype=torch.float).reshape(2, length, 1)
+    batch = TokenBatch(torch.zeros(2, length, dtype=torch.long), token_mask, token_mask, torch.tensor([2, 7]))
+    seq = insert_block(hidden, batch, -torch.ones(k, 1), slots, keep_end_token=True, pooling="index")
+    assert seq.hidden[0, :, 0].tolist() == [0, 1, -1, -1, 2, 3, 4, 5]
+    assert seq.hidden[1, :, 0].tolist() == [8, 9, 10, 11, 12, -1, -1, 15]
+    assert seq.pool_index.tolist() == [4, 7]

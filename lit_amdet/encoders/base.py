@@ -22,6 +22,10 @@ from torch import Tensor, nn
 from lit_amdet.errors import LitAmdetError
 
 Pooling = Literal["index", "last", "mean"]
+#: the slot at each prompt's own end, just before its end token, where a vector is typed as a word would be
+#: (`TextEncoderAdapter.encode_typed`) rather than spliced into H at a fixed position
+END = "end"
+Slot = int | Literal["end"]
 
 
 @dataclass
@@ -81,15 +85,22 @@ class InsertedSequence:
     inserted_mask: Tensor  # [B, L] True at the inserted positions
 
 
+def end_slots(token_mask: Tensor, k: int, length: int) -> Tensor:
+    """Per prompt ([B, 1]), the slot before its end token (EOS, SEP), or, where ``k`` more tokens would overflow
+    ``length``, the last slot that leaves the end token room (content tokens before it are then dropped)."""
+    return (token_mask.long().sum(1, keepdim=True) - 1).clamp(min=1, max=length - 1 - k)
+
+
 def insert_block(
     hidden: Tensor,
     batch: TokenBatch,
     block: Tensor | None,
-    position: int,
+    position: int | Tensor,
     keep_end_token: bool,
     pooling: Pooling,
 ) -> InsertedSequence:
-    """Insert ``block`` ([k, W] or [B, k, W]) into ``hidden`` ([B, L, W]) before ``position``.
+    """Insert ``block`` ([k, W] or [B, k, W]) into ``hidden`` ([B, L, W]) before ``position`` (one for every
+    prompt, or per prompt as [B, 1], as `end_slots` gives).
 
     The result is cut back to ``L``. Where the prompt would then overflow and the
     family pools from an end token (CLIP's EOS, BERT's SEP), content tokens just
@@ -105,7 +116,7 @@ def insert_block(
         block = block.unsqueeze(0)
     block = block.to(hidden.dtype).expand(bsz, -1, -1)
     k = block.shape[1]
-    if not 0 <= position < length:
+    if not bool(((torch.as_tensor(position) >= 0) & (torch.as_tensor(position) < length)).all()):
         raise LitAmdetError(f"insertion position {position} is outside the context (length {length})")
     device = hidden.device
     j = torch.arange(length, device=device).expand(bsz, length)
@@ -250,6 +261,11 @@ class TextEncoderAdapter(nn.Module, ABC):
         """Embedding-layer output H for ``input_ids`` (token + position embeddings)."""
 
     @abstractmethod
+    def embed_vectors(self, vectors: Tensor) -> Tensor:
+        """The embedding layer from token-table vectors ([B, L, W]) at positions 0..L-1: ``embed`` after its
+        table lookup (position embeddings added, and BERT's LayerNorm)."""
+
+    @abstractmethod
     def run_layers(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """The encoder after the embedding layer, up to and including the final norm."""
 
@@ -303,7 +319,18 @@ class TextEncoderAdapter(nn.Module, ABC):
         position: int = 1,
     ) -> EncoderOutput:
         """Run the encoder from H, optionally with ``insert`` ([k, W] or [B, k, W]) spliced in."""
-        seq = insert_block(hidden, batch, insert, position, self.keeps_end_token, self.pooling)
+        return self._run_sequence(insert_block(hidden, batch, insert, position, self.keeps_end_token, self.pooling))
+
+    def encode_typed(self, vectors: Tensor, batch: TokenBatch, insert: Tensor) -> EncoderOutput:
+        """Run the encoder with ``insert`` ([k, W] or [B, k, W], token-table vectors) typed at each prompt's end
+        (`end_slots`) into ``vectors``, the prompts' token-table rows ([B, L, W]): every slot then takes the
+        position embedding of where it is, the inserted ones included, and the tokens after them move on by k,
+        exactly as when the words are typed there (`encode_embeddings` splices H, whose position parts stay)."""
+        slots = end_slots(batch.token_mask, insert.shape[-2], vectors.shape[1]).to(vectors.device)
+        seq = insert_block(vectors, batch, insert, slots, self.keeps_end_token, self.pooling)
+        return self._run_sequence(replace(seq, hidden=self.embed_vectors(seq.hidden)))
+
+    def _run_sequence(self, seq: InsertedSequence) -> EncoderOutput:
         feats = self.run_layers(seq.hidden, seq.attention_mask)
         pooled = self.pool(feats, seq.attention_mask, seq.pool_index)
         return EncoderOutput(feats, self.project(pooled), seq.attention_mask, seq.token_mask, seq.pool_index)

@@ -73,6 +73,9 @@ class HFAdapter(TextEncoderAdapter):
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.text.embeddings(input_ids=input_ids)
 
+    def embed_vectors(self, vectors: Tensor) -> Tensor:
+        return self.text.embeddings(inputs_embeds=vectors)
+
     def position_embedding(self, positions: Tensor) -> Tensor:
         return self.text.embeddings.position_embedding(positions)
 
@@ -282,6 +285,9 @@ class BertAdapter(HFAdapter):
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embeddings(input_ids=input_ids)
+
+    def embed_vectors(self, vectors: Tensor) -> Tensor:
+        return self.model.embeddings(inputs_embeds=vectors)
 
     def unused_parameter_names(self) -> list[str]:
         # sentence encoders pool the last layer's features (mean or [CLS]); the [CLS] pooler head is never used

@@ -110,7 +110,11 @@ class OpenCLIPAdapter(TextEncoderAdapter):
     def embed(self, input_ids: Tensor) -> Tensor:
         cast = self.text.transformer.get_cast_dtype()
         x = self.text.token_embedding(input_ids).to(cast)
-        return x + self.text.positional_embedding[: input_ids.shape[1]].to(cast)
+        return self.embed_vectors(x)
+
+    def embed_vectors(self, vectors: Tensor) -> Tensor:
+        cast = self.text.transformer.get_cast_dtype()
+        return vectors.to(cast) + self.text.positional_embedding[: vectors.shape[1]].to(cast)
 
     def position_embedding(self, positions: Tensor) -> Tensor:
         return self.text.positional_embedding[positions]

@@ -38,14 +38,15 @@ from lit_amdet.amdet import (
     restart_roles,
     restarts_per_pass_for,
     role_losses,
+    run_slotted,
     run_triggered,
     save_trigger_files,
     step_in_passes,
 )
 from lit_amdet.captions import caption_bank, nearest_captions
-from lit_amdet.collapse import DRIFT_FLOOR, collapse_scores, drift_normalised_divergence
+from lit_amdet.collapse import DRIFT_FLOOR, with_baselines
 from lit_amdet.decision import INCONCLUSIVE, CollapseContrastRule, DecisionRule, verdict_of
-from lit_amdet.encoders import TextEncoderAdapter, check_same_architecture, file_sha256, load_encoder
+from lit_amdet.encoders import END, TextEncoderAdapter, check_same_architecture, file_sha256, load_encoder
 from lit_amdet.errors import ConfigError
 from lit_amdet.io import StagedFolder, write_json
 from lit_amdet.memory import release_free_memory
@@ -82,6 +83,9 @@ class BackdoorDetection(EncoderTask):
         component: which text encoder of a pipeline or single file (``text_encoder_2``); default: each of them.
         trigger_length: k, the number of inserted pseudo-token vectors.
         position: insertion slot (1 = right after BOS/CLS); a setting of its own, not tied to k.
+        end_restarts: extra AMDET restarts whose vectors are typed at each prompt's end instead (token-table
+            vectors with the position of where they land, `TextEncoderAdapter.encode_typed`), with a swapped one
+            at the end as their yardstick; for a trigger that fires only at the end. Bidirectional encoders only.
         restarts: R independent random initialisations optimised together; the best held-out loss (of each
             restart's own objective) wins when none is flagged.
         pooled_restarts: how many of the R restarts optimise the pooled collapse (`lit_amdet.amdet.role_objective`: the
@@ -150,6 +154,7 @@ class BackdoorDetection(EncoderTask):
         component: str | None = None,
         trigger_length: int = 1,
         position: int = 1,
+        end_restarts: int = 0,
         restarts: int = 4,
         pooled_restarts: int | None = None,
         beta: float = 0.1,
@@ -221,10 +226,17 @@ class BackdoorDetection(EncoderTask):
         ids = torch.arange(min(self.encoder.vocab_size, 2048))[:, None]
         with torch.no_grad():
             scale = float(self.encoder.embed(ids).std())
-        self.roles = restart_roles(hp.restarts, hp.pooled_restarts, *(  # without an anchor nothing to swap
-            (hp.null_restarts, hp.token_null_restarts if reads_nulls else 0) if self.anchor is not None else (0, 0)))
+        nulls = (hp.null_restarts, hp.token_null_restarts if reads_nulls else 0) if self.anchor is not None else (0, 0)
+        self.roles = restart_roles(hp.restarts, hp.pooled_restarts, *nulls)  # without an anchor nothing to swap
+        self.slots = [hp.position] * len(self.roles) + [END] * (hp.end_restarts + nulls[1] * bool(hp.end_restarts))
+        self.roles += restart_roles(hp.end_restarts, 0, 0, nulls[1] * bool(hp.end_restarts))
+        if hp.end_restarts and self.encoder.causal:
+            raise ConfigError(f"end_restarts: {self.encoder.family} is causal, so only its end token would see a "
+                              "trigger typed at the end; use position instead")
         self.judged = [i for i, role in enumerate(self.roles) if role not in YARDSTICKS]
-        self.trigger = PseudoTrigger(len(self.roles), hp.trigger_length, self.encoder.width, scale, hp.seed)
+        table = float(self.encoder.token_embedding(ids).std())  # the end restarts' vectors are table rows
+        self.trigger = PseudoTrigger(len(self.roles), hp.trigger_length, self.encoder.width,
+                                     torch.tensor([[[scale if s != END else table]] for s in self.slots]), hp.seed)
         self._last_stats: list[dict] = []
         self.search: SearchControl | None = None  # made at fit start, when the step limit is known
         self._checked_at = -1
@@ -307,9 +319,11 @@ class BackdoorDetection(EncoderTask):
                           drop_last=n > self.hparams.batch_size)
 
     # ----- the search ---------------------------------------------------------------
-    def _run(self, cache: FeatureCache, rows, vectors: Tensor | None, with_anchor: bool = True):
-        return run_triggered(self.encoder, self.anchor, cache.batch(rows), vectors, self.hparams.position,
-                             with_anchor)
+    def _run(self, cache: FeatureCache, rows, vectors: Tensor | None, with_anchor: bool = True,
+             restarts: list[int] | None = None):
+        """``vectors`` (None: the clean prompts), each at its restart's slot (``restarts``: default all, in order)."""
+        slots = [self.hparams.position] if vectors is None else [self.slots[r] for r in restarts or range(len(vectors))]
+        return run_slotted(self.encoder, self.anchor, cache.batch(rows), vectors, slots, with_anchor)
 
     def training_step(self, rows: Tensor, batch_idx: int) -> Tensor:
         if not self.search.active:  # every restart dropped, and the trainer refused to stop (min_steps)
@@ -323,7 +337,7 @@ class BackdoorDetection(EncoderTask):
 
     def _restart_losses(self, rows: Tensor, vectors: Tensor, restarts: list[int]) -> tuple[Tensor, Tensor]:
         """Each of ``restarts``' loss on the probe ``rows`` ([len(restarts)]) and their mean assimilation."""
-        out = self._run(self.train_cache, rows, vectors)
+        out = self._run(self.train_cache, rows, vectors, restarts=restarts)
         hp, roles = self.hparams, [self.roles[r] for r in restarts]
         return role_losses(out, roles, hp.beta, hp.gamma, hp.pooled_gamma, hp.null_charge), out.assimilation.mean()
 
@@ -354,7 +368,7 @@ class BackdoorDetection(EncoderTask):
 
     def _judge(self, stats: list[dict]) -> tuple[list[dict], list[dict], list[float | None]]:
         """Every restart's scores (with `attach_null`), the rule's decision and progress (`judge_restarts`)."""
-        scored = attach_null([self._with_baselines(st) for st in stats], self.roles)
+        scored = attach_null([self._with_baselines(st) for st in stats], self.roles, self.slots)
         return (scored, *judge_restarts(self.rule, scored, self.roles))
 
     def _check(self) -> list[dict]:
@@ -377,7 +391,7 @@ class BackdoorDetection(EncoderTask):
         hp = self.hparams
         cache = self.holdout_cache
         reps = 1 if vectors is None else vectors.shape[0]
-        ref = self._run(cache, slice(0, 1), vectors, with_anchor=False).prompt_feature  # [R, W]
+        ref = self._run(cache, slice(0, 1), vectors, False, restarts).prompt_feature  # [R, W]
         world, rank = self.trainer.world_size if self._trainer else 1, self.global_rank if self._trainer else 0
         rows = torch.arange(len(cache))[rank::world]
         sums = torch.zeros(reps, len(HELD_OUT_SUMS), device=self.device, dtype=torch.float64)
@@ -386,7 +400,7 @@ class BackdoorDetection(EncoderTask):
         feature = torch.zeros(reps, self.encoder.width, device=self.device, dtype=torch.float64)
         bs = max(1, 4 * hp.batch_size // reps)
         for i in range(0, len(rows), bs):
-            out = self._run(cache, rows[i:i + bs], vectors)
+            out = self._run(cache, rows[i:i + bs], vectors, restarts=restarts)
             b = len(rows[i:i + bs])
             same = (out.prompt_feature.view(reps, b, -1) * ref[:, None]).sum(-1)  # [R, B]
             loss = out.loss(hp.beta, hp.gamma, hp.pooled_gamma)
@@ -419,32 +433,16 @@ class BackdoorDetection(EncoderTask):
         return results
 
     def _with_baselines(self, s: dict) -> dict:
-        """Scores of one trigger plus those comparing it with the clean and random-trigger baselines."""
-        s = dict(s)
-        base = self.evidence.get("baselines") or self._baselines()
-        s["anchor_used"] = self.anchor is not None
-        s["assimilation_clean"] = base["clean"]["assimilation"]
-        s["assimilation_random_trigger"] = base["random"]["assimilation"]
-        s["assimilation_lift"] = s["assimilation"] - base["random"]["assimilation"]
-        s.update(collapse_scores(s, base["clean"], anchor=self.anchor is not None))
-        if self.anchor is not None:
-            # drift-normalised divergence from the anchor: under the trigger vs on clean prompts
-            floor = getattr(self.rule, "drift_floor", DRIFT_FLOOR)
-            s["clean_anchor_cos"] = base["clean"]["anchor_cos"]
-            s["divergence_ratio"] = drift_normalised_divergence(s["anchor_cos"], s["clean_anchor_cos"], floor)
-            s["clean_anchor_pooled_cos"] = base["clean"]["anchor_pooled_cos"]
-            s["pooled_divergence_ratio"] = drift_normalised_divergence(s["anchor_pooled_cos"],
-                                                                       s["clean_anchor_pooled_cos"], floor)
-            s["random_trigger_anchor_cos"] = base["random"]["anchor_cos"]
-            s["assimilation_gap"] = s["assimilation"] - s["anchor_assimilation"]
-        return s
+        return with_baselines(s, self.evidence.get("baselines") or self._baselines(), self.anchor is not None,
+                              getattr(self.rule, "drift_floor", DRIFT_FLOOR))
 
     def _baselines(self) -> dict:
         clean = self.evaluate(None)[0]
         random = self.evaluate(self.trigger.initial)
         keys = ("assimilation", "anchor_cos", "anchor_assimilation", "anchor_pooled_cos", "orig_cos",
                 "target_consistency", "anchor_target_consistency")
-        searched = [random[i] for i in self.judged]  # the yardsticks' random triggers are not the suspect's
+        # the yardsticks' random triggers are not the suspect's; the end restarts' are not at the position
+        searched = [random[i] for i in self.judged if self.slots[i] == self.hparams.position]
         rnd = {k: (sum(r[k] for r in searched) / len(searched) if random[0][k] is not None else None) for k in keys}
         self.evidence["baselines"] = base = finite_baselines({"clean": {k: clean[k] for k in keys}, "random": rnd})
         self.typing.clean_cos = base["clean"]["anchor_pooled_cos"]
@@ -479,7 +477,7 @@ class BackdoorDetection(EncoderTask):
         self.typing.until_flagged(self.judge)
         self.evidence["restart_scores"] = restart_summary(stats, decisions, progress,
                                                           [OBJECTIVES[role] for role in self.roles],
-                                                          self.search.dropped)
+                                                          self.search.dropped, self.slots)
         self.best_restart = best
         chosen = stats[best]
         self.evidence.update(restart_losses=losses, passing_restarts=passed, best_restart=best, steps=self.global_step)
@@ -510,7 +508,8 @@ class BackdoorDetection(EncoderTask):
         def loss_fn(triggers: Tensor) -> Tensor:
             out = []
             for i in range(0, len(triggers), per_call):
-                res = run_triggered(self.encoder, self.anchor, batch, triggers[i:i + per_call], hp.position)
+                res = run_triggered(self.encoder, self.anchor, batch, triggers[i:i + per_call],
+                                    self.slots[self.best_restart])
                 loss = res.loss(hp.beta, hp.gamma, hp.pooled_gamma)
                 out.append(per_restart(loss, len(triggers[i:i + per_call])).mean(1))
             return torch.cat(out)
@@ -536,13 +535,13 @@ class BackdoorDetection(EncoderTask):
             self._write_run_folder(decision, scores)
 
     def _write_run_folder(self, decision: dict, scores: dict) -> None:
-        hp, stage = self.hparams, self._stage.path
+        hp, stage, slot = self.hparams, self._stage.path, self.slots[self.best_restart]
         trigger = self.best_trigger().float().cpu()
         inversion = save_trigger_files(stage, self.encoder, self.trigger.vectors, self.best_restart,
-                                       self._target_pooled, self._target_feature, hp.position, hp.suspect)
+                                       self._target_pooled, self._target_feature, slot, hp.suspect)
         if hp.save_cache:
             self.holdout_cache.save(stage / "holdout_features.safetensors")
-        tokens = nearest_tokens(self.encoder, trigger.to(self.device), hp.position, hp.top_tokens)
+        tokens = nearest_tokens(self.encoder, trigger.to(self.device), slot, hp.top_tokens)
         typing = deciding_typing(self.typing.typings, self.judge, scores)  # a typed token decided alone: its target
         target = self._target_pooled if typing is None else typed_target(
             self.encoder, self.holdout_cache.tokens, typing["ids"], typing.get("position", hp.position))
@@ -572,7 +571,7 @@ class BackdoorDetection(EncoderTask):
             "baselines": self.evidence.get("baselines"), "landscape": self.evidence.get("landscape"),
             "hessian": self.evidence.get("hessian"), "nearest_tokens": tokens, "nearest_captions": captions,
             "nearest_captions_of": "search" if typing is None else f"typed token {typing['token']!r}",
-            "trigger": {"length": hp.trigger_length, "position": hp.position, "norm": float(trigger.norm()),
+            "trigger": {"length": hp.trigger_length, "position": slot, "norm": float(trigger.norm()),
                         "textual_inversion": "learned_embeds.safetensors" if inversion else None},
             "prompts": {"probe": len(self.probe), "held_out": len(self.holdout)},
             "world_size": self.trainer.world_size, "precision": str(self.trainer.precision),
