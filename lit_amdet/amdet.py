@@ -447,8 +447,9 @@ def step_in_passes(param: Tensor, restarts: list[int], per_pass: int | None, los
 
 
 @torch.no_grad()
-def vocabulary_cosines(adapter: TextEncoderAdapter, vector: Tensor, slot: int, chunk: int = 4096) -> Tensor:
-    """Cosine of ``vector`` ([W]) with the H row every vocabulary token would have at position ``slot`` ([V]).
+def vocabulary_cosines(adapter: TextEncoderAdapter, vector: Tensor, slot: Slot, chunk: int = 4096) -> Tensor:
+    """Cosine of ``vector`` ([W]) with the H row every vocabulary token would have at position ``slot`` ([V]), or
+    at `END`, where vectors are typed as table rows, with the table rows themselves.
 
     The rows are built through ``embed``, so that families whose embedding layer is not a plain sum (BERT's
     LayerNorm) are compared in the same space as the inserted vector, ``chunk`` tokens at a time: the [V, W]
@@ -461,6 +462,9 @@ def vocabulary_cosines(adapter: TextEncoderAdapter, vector: Tensor, slot: int, c
     sims = []
     for start in range(0, v, chunk):
         ids = torch.arange(start, min(start + chunk, v), device=adapter.device)
+        if slot == END:
+            sims.append(F.cosine_similarity(adapter.token_embedding(ids).float(), vector, dim=-1))
+            continue
         seq = torch.full((len(ids), slot + 1), pad, dtype=torch.long, device=adapter.device)
         seq[:, slot] = ids
         sims.append(F.cosine_similarity(adapter.embed(seq)[:, slot].float(), vector, dim=-1))
@@ -473,10 +477,7 @@ def nearest_tokens(adapter: TextEncoderAdapter, trigger: Tensor, position: Slot,
     the vectors are table rows already, compared with the table."""
     out = []
     for j, vec in enumerate(trigger.float()):
-        if position == END:
-            sims = F.cosine_similarity(adapter.token_embedding.weight.float(), vec[None].to(adapter.device), dim=-1)
-        else:
-            sims = vocabulary_cosines(adapter, vec, position + j)
+        sims = vocabulary_cosines(adapter, vec, END if position == END else position + j)
         vals, ids = sims.topk(min(top, len(sims)))
         toks = adapter.ids_to_tokens(ids.tolist())
         out.append([{"token": t, "id": int(i), "cosine": round(float(s), 4)} for t, i, s in zip(toks, ids, vals)])

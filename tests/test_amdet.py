@@ -64,6 +64,11 @@ def test_restarts_at_several_slots_are_each_run_at_their_own(tiny_models):
         torch.testing.assert_close(getattr(mixed, name), torch.cat([getattr(first, name), getattr(end, name)]))
     at_one = run_triggered(siglip, siglip, batch, vectors[2:], position=1)
     assert not torch.allclose(end.pooled, at_one.pooled, atol=1e-4)
+    # an end restart's trigger is a table row: its nearest tokens are read off the table, in chunks
+    from lit_amdet.amdet import vocabulary_cosines
+
+    whole = torch.nn.functional.cosine_similarity(siglip.token_embedding.weight, vectors[2], dim=-1)
+    torch.testing.assert_close(vocabulary_cosines(siglip, vectors[2, 0], END, chunk=1000), whole)
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip", "bert"])

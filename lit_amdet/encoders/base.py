@@ -116,7 +116,8 @@ def insert_block(
         block = block.unsqueeze(0)
     block = block.to(hidden.dtype).expand(bsz, -1, -1)
     k = block.shape[1]
-    if not bool(((torch.as_tensor(position) >= 0) & (torch.as_tensor(position) < length)).all()):
+    slots = torch.as_tensor(position)
+    if not bool(((slots >= 0) & (slots < length)).all()):
         raise LitAmdetError(f"insertion position {position} is outside the context (length {length})")
     device = hidden.device
     j = torch.arange(length, device=device).expand(bsz, length)
@@ -256,9 +257,10 @@ class TextEncoderAdapter(nn.Module, ABC):
         return self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
 
     # ----- the split forward -----------------------------------------------------
-    @abstractmethod
     def embed(self, input_ids: Tensor) -> Tensor:
-        """Embedding-layer output H for ``input_ids`` (token + position embeddings)."""
+        """Embedding-layer output H for ``input_ids`` (token + position embeddings): their table rows through
+        `embed_vectors`, the one home of each family's embedding layer."""
+        return self.embed_vectors(self.token_embedding(input_ids))
 
     @abstractmethod
     def embed_vectors(self, vectors: Tensor) -> Tensor:

@@ -70,9 +70,6 @@ class HFAdapter(TextEncoderAdapter):
     def token_embedding(self) -> nn.Embedding:
         return self.text.embeddings.token_embedding
 
-    def embed(self, input_ids: Tensor) -> Tensor:
-        return self.text.embeddings(input_ids=input_ids)
-
     def embed_vectors(self, vectors: Tensor) -> Tensor:
         return self.text.embeddings(inputs_embeds=vectors)
 
@@ -282,9 +279,6 @@ class BertAdapter(HFAdapter):
     @property
     def token_embedding(self) -> nn.Embedding:
         return self.model.embeddings.word_embeddings
-
-    def embed(self, input_ids: Tensor) -> Tensor:
-        return self.model.embeddings(input_ids=input_ids)
 
     def embed_vectors(self, vectors: Tensor) -> Tensor:
         return self.model.embeddings(inputs_embeds=vectors)

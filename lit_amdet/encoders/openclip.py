@@ -107,11 +107,6 @@ class OpenCLIPAdapter(TextEncoderAdapter):
             batch.pool_index = torch.zeros_like(batch.pool_index)
         return batch
 
-    def embed(self, input_ids: Tensor) -> Tensor:
-        cast = self.text.transformer.get_cast_dtype()
-        x = self.text.token_embedding(input_ids).to(cast)
-        return self.embed_vectors(x)
-
     def embed_vectors(self, vectors: Tensor) -> Tensor:
         cast = self.text.transformer.get_cast_dtype()
         return vectors.to(cast) + self.text.positional_embedding[: vectors.shape[1]].to(cast)
